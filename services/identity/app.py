@@ -1,0 +1,46 @@
+"""Identity service wiring: which topics it consumes and with which handlers."""
+
+from __future__ import annotations
+
+from services.identity.handlers import IdentityHandlers
+from services.identity.store import AccountStore
+from shared.consumer import Route
+from shared.hashing import SecretHasher
+from shared.runtime import Service
+from shared.schemas import OperatorCommand, PasswordUpdated, RecoveryRequested
+from shared.settings import Settings, get_settings
+from shared.topics import IDENTITY_COMMANDS, PASSWORD_UPDATED, RECOVERY_REQUESTS, EventType
+
+NAME = "identity"
+
+
+def make_store(settings: Settings) -> AccountStore:
+    return AccountStore(settings.mongodb_uri, settings.db_name(NAME), settings.ip_window_s)
+
+
+def build(settings: Settings | None = None) -> Service:
+    settings = settings or get_settings()
+    service = Service(NAME, make_store(settings), settings)
+    hasher = SecretHasher(settings)
+    handlers = IdentityHandlers(service.store, hasher, settings, service.metrics)  # type: ignore[arg-type]
+    service.consume(
+        RECOVERY_REQUESTS,
+        {EventType.RECOVERY_REQUESTED: Route(RecoveryRequested, handlers.recovery_requested)},
+    )
+    service.consume(
+        PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)}
+    )
+    service.consume(
+        IDENTITY_COMMANDS,
+        {
+            EventType.OPERATOR_UNLOCK: Route(OperatorCommand, handlers.operator_unlock),
+            EventType.OPERATOR_EMAIL_UPDATE: Route(OperatorCommand, handlers.operator_email_update),
+            EventType.OPERATOR_SEND_RECOVERY: Route(OperatorCommand, handlers.operator_send_recovery),
+        },
+    )
+
+    async def close_hasher() -> None:
+        hasher.close()
+
+    service.on_stop(close_hasher)
+    return service

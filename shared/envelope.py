@@ -1,0 +1,129 @@
+"""The CloudEvents 1.0 envelope (structured JSON mode) and its strict parser.
+
+`parse_event` turns raw Kafka bytes into a `CloudEvent` or raises `BadInput`
+with one of the stable DLQ reason codes below, so a consumer never crashes on
+what a producer sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+
+
+class DeadLetterReason:
+    """Why a message went to a `.dlq` topic (header `clave-dlq-reason`)."""
+
+    TOO_LARGE = "too_large"
+    MALFORMED_JSON = "malformed_json"
+    NOT_CLOUDEVENT = "not_cloudevent"
+    WRONG_SPECVERSION = "wrong_specversion"
+    UNKNOWN_TYPE = "unknown_type"
+    SCHEMA_INVALID = "schema_invalid"
+    DUPLICATE_EVENT = "duplicate_event"
+    UNDECRYPTABLE = "undecryptable"
+
+
+class BadInput(Exception):
+    """A message that can never be processed; it goes to the DLQ with `reason`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class CloudEvent(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: str
+    id: str = Field(min_length=1, max_length=128)
+    source: str = Field(min_length=1, max_length=256)
+    type: str = Field(min_length=1, max_length=128)
+    time: datetime
+    subject: str | None = Field(default=None, max_length=256)
+    datacontenttype: str = "application/json"
+    correlationid: str = Field(min_length=1, max_length=128)
+    causationid: str | None = Field(default=None, max_length=128)
+    data: dict[str, Any]
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("time must carry a timezone (RFC 3339)")
+        return value
+
+    @model_validator(mode="after")
+    def _extensions(self) -> CloudEvent:
+        # CloudEvents extension names are lowercase alphanumerics; values must be scalars.
+        for name, value in (self.model_extra or {}).items():
+            if not _EXTENSION_NAME.match(name) or not isinstance(value, str | int | bool):
+                raise ValueError(f"invalid extension attribute {name!r}")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            self.model_dump(mode="json", exclude_none=True), separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+
+def new_event(
+    *,
+    type: str,
+    source: str,
+    data: dict[str, Any],
+    correlationid: str,
+    causationid: str | None = None,
+    subject: str | None = None,
+) -> CloudEvent:
+    return CloudEvent(
+        specversion=SPECVERSION,
+        id=str(uuid.uuid4()),
+        source=source,
+        type=type,
+        time=datetime.now(UTC),
+        subject=subject,
+        correlationid=correlationid,
+        causationid=causationid,
+        data=data,
+    )
+
+
+def parse_event(raw: bytes, *, max_bytes: int, known_types: set[str] | frozenset[str]) -> CloudEvent:
+    if len(raw) > max_bytes:
+        raise BadInput(DeadLetterReason.TOO_LARGE, f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(DeadLetterReason.MALFORMED_JSON, f"not JSON: {exc.__class__.__name__}") from None
+    if not isinstance(doc, dict) or not {"specversion", "id", "source", "type"} <= doc.keys():
+        raise BadInput(DeadLetterReason.NOT_CLOUDEVENT, "missing specversion/id/source/type")
+    if doc["specversion"] != SPECVERSION:
+        raise BadInput(
+            DeadLetterReason.WRONG_SPECVERSION, f"specversion {str(doc['specversion'])[:16]!r} != 1.0"
+        )
+    if doc["type"] not in known_types:
+        raise BadInput(DeadLetterReason.UNKNOWN_TYPE, f"type {str(doc['type'])[:64]!r} not consumed here")
+    try:
+        return CloudEvent.model_validate(doc)
+    except ValidationError as exc:
+        raise BadInput(DeadLetterReason.NOT_CLOUDEVENT, describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Field paths and messages only: never the offending input values (they may be secrets)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

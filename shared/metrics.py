@@ -1,0 +1,105 @@
+"""Prometheus metrics and the per-service HTTP endpoint (/metrics, /healthz, /readyz).
+
+Labels carry only bounded, non-personal values (topic, event type, reason
+code): never an ID, an address or a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServiceMetrics:
+    """Metrics every service has; services add their business counters on `registry`."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "clave_events_consumed_total", "Events handled", ["topic", "type"], registry=r
+        )
+        self.failures = Counter(
+            "clave_handler_failures_total", "Handler runs that raised (redelivered)", ["topic", "error"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "clave_handler_seconds", "Handler processing time", ["topic"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "clave_dlq_messages_total", "Messages sent to a DLQ", ["topic", "reason"], registry=r
+        )
+        self.outbox_published = Counter(
+            "clave_outbox_published_total", "Events relayed from the outbox to Kafka", registry=r
+        )
+        self.outbox_pending = Gauge("clave_outbox_pending", "Outbox events not yet relayed", registry=r)
+        self.relay_errors = Counter("clave_relay_errors_total", "Relay failures (retried)", registry=r)
+        self.consumer_lag = Gauge(
+            "clave_consumer_lag_messages", "Messages behind the log end, per topic", ["topic"], registry=r
+        )
+
+    def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:
+        return Counter(name, doc, labels or [], registry=self.registry)
+
+    def histogram(self, name: str, doc: str, labels: list[str] | None = None) -> Histogram:
+        return Histogram(name, doc, labels or [], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+class HealthServer:
+    """A minimal HTTP/1.1 server on asyncio: three GET routes, no dependencies."""
+
+    def __init__(self, metrics: ServiceMetrics, ready: ReadyCheck, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.host = host
+        self.port = port
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            path = request.split(b" ", 2)[1].decode("ascii", "replace").split("?")[0]
+            if path == "/metrics":
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+            elif path == "/healthz":
+                status, ctype, body = 200, "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok = await self.ready()
+                status, ctype, body = (200 if ok else 503), "text/plain", b"ready\n" if ok else b"not ready\n"
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, IndexError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,211 @@
+"""Payload (`data`) models of every event type: the schemas of the topic contract.
+
+Validation here is about shape only (types, lengths, enumerations). Business
+rules (is this cédula valid? does this answer match?) live in each service's
+domain. Unknown fields are rejected so a typo in a producer is loud.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.topics import EventType
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+RequestId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+AccountId = Field(min_length=1, max_length=64)
+Locale = Literal["es", "en"]
+
+
+# ---- portal-facing ---------------------------------------------------------------------------
+
+
+class RecoveryRequested(Payload):
+    request_id: str = RequestId
+    profile: Literal["affiliate", "employer"]
+    national_id: str = Field(min_length=1, max_length=32)
+    representative_id: str | None = Field(default=None, max_length=32)
+    email: str = Field(min_length=3, max_length=254)
+    answers: dict[str, str] = Field(max_length=16)
+    captcha_passed: bool
+    locale: Locale = "es"
+    client_ip: str = Field(max_length=45)
+
+    @field_validator("answers")
+    @classmethod
+    def _answer_sizes(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, answer in value.items():
+            if not 1 <= len(key) <= 64 or len(answer) > 256:
+                raise ValueError("answer keys must be 1-64 characters and answers at most 256")
+        return value
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+
+class ResetSubmitted(Payload):
+    request_id: str = RequestId
+    token: str | None = Field(default=None, min_length=1, max_length=128)
+    code: str | None = Field(default=None, pattern=r"^[0-9]{6}$")
+    new_password: str = Field(min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ResetSubmitted:
+        if (self.token is None) == (self.code is None):
+            raise ValueError("give exactly one of token or code")
+        return self
+
+
+class RecoveryOutcome(Payload):
+    request_id: str = RequestId
+    stage: Literal["request", "reset"]
+    status: Literal["accepted", "completed", "rejected"]
+    reasons: list[str] = Field(default_factory=list)
+
+
+# ---- identity --------------------------------------------------------------------------------
+
+
+class Recipient(Payload):
+    """Where and how to write to a citizen (the registered address, never the typed one)."""
+
+    email: str
+    name: str
+    locale: Locale
+
+
+class IdentityVerified(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    recipient: Recipient
+    actor: str = "system"
+
+
+class IdentityLocked(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    recipient: Recipient
+    locked_until: datetime
+
+
+class EmailChanged(Payload):
+    command_id: str
+    account_id: str = AccountId
+    old_recipient: Recipient
+    new_recipient: Recipient
+    operator_id: str
+
+
+class AccountRegistered(Payload):
+    """A new account from the registry: its initial key, sealed for the password service."""
+
+    account_id: str = AccountId
+    sealed_initial_key: str
+
+
+class OperatorCommand(Payload):
+    command_id: str = Field(min_length=1, max_length=64)
+    operator_id: str = Field(min_length=1, max_length=64)
+    reason: str = Field(min_length=3, max_length=500)
+    national_id: str = Field(min_length=1, max_length=32)
+    new_email: str | None = Field(default=None, max_length=254)
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+
+
+class TokensIssued(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    token_id: str
+    recipient: Recipient
+    link_expires_at: datetime
+    code_expires_at: datetime
+    sealed_secrets: str  # {"token", "code"} sealed for the notifier
+
+
+class TokensRedeemed(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    token_id: str
+    recipient: Recipient
+    sealed_new_key: str  # {"new_password"} sealed for the password service
+
+
+# ---- password --------------------------------------------------------------------------------
+
+
+class PasswordUpdated(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    token_id: str
+    recipient: Recipient
+    changed_at: datetime
+
+
+class PasswordRejected(Payload):
+    request_id: str = RequestId
+    account_id: str = AccountId
+    token_id: str
+    reasons: list[str]
+
+
+# ---- notifier --------------------------------------------------------------------------------
+
+
+class NotificationResult(Payload):
+    notification_id: str
+    kind: str
+    account_id: str | None = None
+    request_id: str | None = None
+    attempts: int
+    error: str | None = None
+
+
+# ---- audit -----------------------------------------------------------------------------------
+
+
+class AuditRecord(Payload):
+    """One audited state change. Never carries a secret; a national ID only as a keyed hash."""
+
+    service: str
+    action: str
+    outcome: Literal["success", "rejected", "failed", "info"]
+    actor: str = "system"
+    account_id: str | None = None
+    subject_ref: str | None = None  # keyed hash of a national ID when no account is known
+    request_id: str | None = None
+    reasons: list[str] = Field(default_factory=list)
+    details: dict[str, str | int | bool | None] = Field(default_factory=dict)
+    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, mac
+
+
+SCHEMAS: dict[str, type[Payload]] = {
+    EventType.RECOVERY_REQUESTED: RecoveryRequested,
+    EventType.RESET_SUBMITTED: ResetSubmitted,
+    EventType.RECOVERY_OUTCOME: RecoveryOutcome,
+    EventType.IDENTITY_VERIFIED: IdentityVerified,
+    EventType.IDENTITY_LOCKED: IdentityLocked,
+    EventType.IDENTITY_EMAIL_CHANGED: EmailChanged,
+    EventType.ACCOUNT_REGISTERED: AccountRegistered,
+    EventType.OPERATOR_EMAIL_UPDATE: OperatorCommand,
+    EventType.OPERATOR_UNLOCK: OperatorCommand,
+    EventType.OPERATOR_SEND_RECOVERY: OperatorCommand,
+    EventType.TOKENS_ISSUED: TokensIssued,
+    EventType.TOKENS_REDEEMED: TokensRedeemed,
+    EventType.PASSWORD_UPDATED: PasswordUpdated,
+    EventType.PASSWORD_REJECTED: PasswordRejected,
+    EventType.NOTIFIER_SENT: NotificationResult,
+    EventType.NOTIFIER_FAILED: NotificationResult,
+    EventType.AUDIT: AuditRecord,
+}

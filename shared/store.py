@@ -1,0 +1,153 @@
+"""The Mongo side every service shares: connection, transactions, the
+idempotent-consumer record and the transactional outbox.
+
+A handler's state change, the record that its incoming event was processed,
+and the events it publishes are written in ONE multi-document transaction.
+The relay (shared.relay) then publishes the outbox to Kafka. A crash at any
+point therefore neither loses nor doubles an effect: either all of it is
+stored, or none, and the incoming event is redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from bson import ObjectId
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+
+from shared.envelope import CONTENT_TYPE, CloudEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROCESSED = "processed_events"
+OUTBOX = "outbox"
+LEASES = "leases"
+OUTBOX_KEEP_S = 7 * 24 * 3600
+
+
+class DuplicateEvent(Exception):
+    """This consumer already processed this event id."""
+
+
+@dataclass
+class Outgoing:
+    """An event waiting in the outbox for the relay."""
+
+    topic: str
+    key: str
+    event: CloudEvent
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "_id": ObjectId(),  # monotonic per process: the relay publishes in this order
+            "event_id": self.event.id,
+            "topic": self.topic,
+            "key": self.key,
+            "value": self.event.to_bytes(),
+            "headers": {"content-type": CONTENT_TYPE, **self.headers},
+            "is_audit": self.event.type.startswith("ec.clave.audit."),
+            "created_at": datetime.now(UTC),
+            "sent": False,
+        }
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PyMongoError) and (
+        exc.has_error_label("TransientTransactionError")
+        or exc.has_error_label("UnknownTransactionCommitResult")
+    ):
+        return True
+    if isinstance(exc, OperationFailure) and exc.code == 112:  # WriteConflict
+        return True
+    return isinstance(exc, ConnectionFailure)
+
+
+class ServiceStore:
+    """Base of every service's repository: one database per service."""
+
+    def __init__(self, uri: str, db_name: str) -> None:
+        self.client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000
+        )
+        self.db: AsyncDatabase[dict[str, Any]] = self.client[db_name]
+
+    async def ensure_indexes(self) -> None:
+        """Create every index at start-up: an unindexed query scans the collection."""
+        await self.db[PROCESSED].create_index([("consumer", ASCENDING), ("event_id", ASCENDING)], unique=True)
+        await self.db[PROCESSED].create_index("processed_at", expireAfterSeconds=30 * 24 * 3600)
+        await self.db[OUTBOX].create_index([("sent", ASCENDING), ("_id", ASCENDING)])
+        await self.db[OUTBOX].create_index("sent_at", expireAfterSeconds=OUTBOX_KEEP_S)
+        await self.ensure_service_indexes()
+
+    async def ensure_service_indexes(self) -> None:  # pragma: no cover - overridden
+        return None
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def in_transaction(
+        self, work: Callable[[AsyncClientSession], Awaitable[T]], *, attempts: int = 8
+    ) -> T:
+        """Run `work` in a transaction, retrying transient failures (write conflicts, failover)."""
+        delay = 0.05
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.client.start_session() as session:
+                    async with await session.start_transaction():
+                        return await work(session)
+            except DuplicateKeyError:
+                raise
+            except PyMongoError as exc:
+                if attempt == attempts or not is_transient(exc):
+                    raise
+                log.warning("transient store error (attempt %d): %s", attempt, exc.__class__.__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    async def commit(
+        self,
+        *,
+        consumer: str | None,
+        event_id: str | None,
+        writes: Callable[[AsyncClientSession], Awaitable[None]] | None,
+        outgoing: list[Outgoing],
+    ) -> None:
+        """Mark the event processed, apply the writes and queue the outgoing events, atomically."""
+
+        async def work(session: AsyncClientSession) -> None:
+            if consumer is not None and event_id is not None:
+                try:
+                    await self.db[PROCESSED].insert_one(
+                        {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)},
+                        session=session,
+                    )
+                except DuplicateKeyError:
+                    raise DuplicateEvent(event_id) from None
+            if writes is not None:
+                await writes(session)
+            if outgoing:
+                await self.db[OUTBOX].insert_many([o.to_document() for o in outgoing], session=session)
+
+        await self.in_transaction(work)
+
+    async def was_processed(self, consumer: str, event_id: str) -> bool:
+        doc = await self.db[PROCESSED].find_one({"consumer": consumer, "event_id": event_id}, {"_id": 1})
+        return doc is not None

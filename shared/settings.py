@@ -19,6 +19,7 @@ DEV_PASSWORD_KEY = "ZGV2LXBhc3N3b3JkLWtleS1ub3QtZm9yLXByb2QtMDE="
 DEV_DLQ_KEY = "ZGV2LWRscS1wYXlsb2FkLWtleS1ub3QtZm9yLXByb2Q="
 DEV_AUDIT_KEY = "dev-audit-hmac-key-not-for-production"
 DEV_PSEUDONYM_KEY = "dev-pseudonym-key-not-for-production"
+DEV_CODE_KEY = "dev-code-hmac-key-not-for-production"
 
 
 class Settings(BaseSettings):
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     dlq_keys: str = DEV_DLQ_KEY
     audit_hmac_key: str = DEV_AUDIT_KEY
     pseudonym_key: str = DEV_PSEUDONYM_KEY
+    code_hmac_key: str = DEV_CODE_KEY
 
     # Identity rules
     security_questions: str = "birth_date,fingerprint_code,mother_surname"
@@ -104,6 +106,7 @@ class Settings(BaseSettings):
             "DLQ_KEYS": (self.dlq_keys, DEV_DLQ_KEY),
             "AUDIT_HMAC_KEY": (self.audit_hmac_key, DEV_AUDIT_KEY),
             "PSEUDONYM_KEY": (self.pseudonym_key, DEV_PSEUDONYM_KEY),
+            "CODE_HMAC_KEY": (self.code_hmac_key, DEV_CODE_KEY),
         }
         return [name for name, (value, default) in dev.items() if value == default]
 

@@ -1,0 +1,29 @@
+"""Notifier service wiring: four consumed topics and the SMTP sender loop."""
+
+from __future__ import annotations
+
+from services.notifier.handlers import MailSender, NotifierHandlers
+from services.notifier.store import NotificationStore
+from shared.consumer import Route
+from shared.runtime import Service
+from shared.schemas import EmailChanged, IdentityLocked, PasswordUpdated, TokensIssued
+from shared.settings import Settings, get_settings
+from shared.topics import IDENTITY_EMAIL_CHANGED, IDENTITY_LOCKED, PASSWORD_UPDATED, TOKENS_ISSUED, EventType
+
+NAME = "notifier"
+
+
+def build(settings: Settings | None = None) -> Service:
+    settings = settings or get_settings()
+    store = NotificationStore(settings.mongodb_uri, settings.db_name(NAME))
+    service = Service(NAME, store, settings)
+    sender = MailSender(store, settings, service.metrics, on_outbox=service.relay.wake)
+    h = NotifierHandlers(store, settings, wake_sender=sender.wake.set)
+    service.consume(TOKENS_ISSUED, {EventType.TOKENS_ISSUED: Route(TokensIssued, h.tokens_issued)})
+    service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
+    service.consume(IDENTITY_LOCKED, {EventType.IDENTITY_LOCKED: Route(IdentityLocked, h.identity_locked)})
+    service.consume(
+        IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)}
+    )
+    service.every("mail-sender", 1.0, sender.run_forever)
+    return service

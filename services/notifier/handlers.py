@@ -1,0 +1,238 @@
+"""Notifier handlers queue e-mails (one document per mail, in the event's transaction);
+`MailSender` delivers them over SMTP with retries, outside the consumer, so an SMTP
+outage never blocks a partition and a queued mail survives a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiosmtplib
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from services.notifier import domain
+from services.notifier.domain import RetryPolicy, State
+from services.notifier.rendering import MailRenderer, build_message, mask_email
+from services.notifier.store import NotificationStore
+from shared.audit import audit_event
+from shared.consumer import HandlerContext
+from shared.crypto import SealError, SecretBox
+from shared.envelope import BadInput, DeadLetterReason, new_event
+from shared.metrics import ServiceMetrics
+from shared.schemas import (
+    AuditRecord,
+    EmailChanged,
+    IdentityLocked,
+    NotificationResult,
+    PasswordUpdated,
+    Recipient,
+    TokensIssued,
+)
+from shared.settings import Settings
+from shared.store import Outgoing
+from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, EventType
+
+log = logging.getLogger(__name__)
+SOURCE = "/clave/notifier"
+KEEP_SENT = timedelta(days=30)
+
+
+class NotifierHandlers:
+    def __init__(self, store: NotificationStore, settings: Settings, wake_sender: Any) -> None:
+        self.store = store
+        self.settings = settings
+        self.box = SecretBox(settings.notifier_keys)
+        self.wake_sender = wake_sender
+
+    def _doc(self, ctx: HandlerContext, kind: str, to: Recipient, *, account_id: str,
+             request_id: str | None, context: dict[str, Any], sealed: str | None = None) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return {
+            "_id": domain.notification_id(ctx.event.id, kind),
+            "kind": kind,
+            "to": to.email,
+            "name": to.name,
+            "locale": to.locale,
+            "context": context,
+            "sealed": sealed,  # the link and code, still sealed; removed once sent
+            "account_id": account_id,
+            "request_id": request_id,
+            "correlationid": ctx.event.correlationid,
+            "causationid": ctx.event.id,
+            "event_time": ctx.event.time,
+            "state": State.PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "purge_at": now + KEEP_SENT,
+        }
+
+    async def _queue(self, ctx: HandlerContext, docs: list[dict[str, Any]]) -> None:
+        async def writes(s: AsyncClientSession) -> None:
+            await self.store.add(docs, s)
+
+        await ctx.commit(writes)
+        self.wake_sender()
+
+    async def tokens_issued(self, ctx: HandlerContext, evt: TokensIssued) -> None:
+        try:
+            self.box.open(evt.sealed_secrets)  # fail now (DLQ) rather than at send time
+        except SealError:
+            raise BadInput(DeadLetterReason.UNDECRYPTABLE, "sealed secrets do not open with NOTIFIER_KEYS") from None
+        await self._queue(ctx, [self._doc(
+            ctx, "recovery_link", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
+            context={"link_minutes": self.settings.link_ttl_s // 60,
+                     "code_minutes": self.settings.code_ttl_s // 60},
+            sealed=evt.sealed_secrets,
+        )])
+
+    async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
+        await self._queue(ctx, [self._doc(
+            ctx, "password_changed", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
+            context={"changed_at": evt.changed_at.strftime("%Y-%m-%d %H:%M UTC")},
+        )])
+
+    async def identity_locked(self, ctx: HandlerContext, evt: IdentityLocked) -> None:
+        minutes = max(1, int((evt.locked_until - datetime.now(UTC)).total_seconds() // 60))
+        await self._queue(ctx, [self._doc(
+            ctx, "account_locked", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
+            context={"unlock_minutes": minutes},
+        )])
+
+    async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
+        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
+        await self._queue(ctx, [
+            self._doc(ctx, "email_changed_old", evt.old_recipient, account_id=evt.account_id, request_id=None,
+                      context={"changed_at": when, "new_email_masked": mask_email(evt.new_recipient.email)}),
+            self._doc(ctx, "email_changed_new", evt.new_recipient, account_id=evt.account_id, request_id=None,
+                      context={"changed_at": when}),
+        ])
+
+
+class MailSender:
+    """Delivers queued notifications. Several instances may run: each claims atomically."""
+
+    def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics,
+                 on_outbox: Any) -> None:
+        self.store = store
+        self.settings = settings
+        self.on_outbox = on_outbox
+        self.box = SecretBox(settings.notifier_keys)
+        self.renderer = MailRenderer(settings.templates_dir or None)
+        self.retry = RetryPolicy(settings.smtp_max_attempts, settings.smtp_backoff_initial_s,
+                                 settings.smtp_backoff_max_s)
+        self.wake = asyncio.Event()
+        self.sent = metrics.counter("clave_mails_sent_total", "E-mails accepted by SMTP", ["kind"])
+        self.failed = metrics.counter("clave_mails_failed_total", "E-mails given up", ["kind"])
+        self.retried = metrics.counter("clave_mails_retried_total", "Temporary SMTP failures", ["kind"])
+        self.latency = metrics.histogram(
+            "clave_event_to_mail_seconds", "From the triggering event to the mail accepted by SMTP", ["kind"]
+        )
+
+    async def run_forever(self) -> None:
+        while True:
+            delivered = await self.deliver_due()
+            if not delivered:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+
+    async def deliver_due(self) -> int:
+        count = 0
+        while (doc := await self.store.claim_due(datetime.now(UTC))) is not None:
+            await self._deliver(doc)
+            count += 1
+        return count
+
+    def _render_context(self, doc: dict[str, Any]) -> dict[str, Any]:
+        context = {"name": doc["name"], **doc["context"]}
+        if doc.get("sealed"):
+            secrets = self.box.open(doc["sealed"])
+            context["link"] = domain.recovery_link(
+                self.settings.portal_base_url, doc["request_id"], secrets["token"]
+            )
+            context["code"] = secrets["code"]
+        return context
+
+    async def _deliver(self, doc: dict[str, Any]) -> None:
+        now = datetime.now(UTC)
+        code: int | None = None
+        error: str | None = None
+        try:
+            rendered = self.renderer.render(doc["kind"], doc["locale"], **self._render_context(doc))
+            message = build_message(
+                rendered, to=doc["to"], mail_from=self.settings.mail_from, reply_to=self.settings.mail_reply_to,
+                message_id=domain.message_id(doc["_id"]), date=now,
+            )
+            await aiosmtplib.send(
+                message,
+                hostname=self.settings.smtp_host,
+                port=self.settings.smtp_port,
+                username=self.settings.smtp_username or None,
+                password=self.settings.smtp_password or None,
+                start_tls=self.settings.smtp_starttls,
+                timeout=self.settings.smtp_timeout_s,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            code = min(r.code for r in exc.recipients)
+            error = f"recipient refused ({code})"
+        except aiosmtplib.SMTPResponseException as exc:
+            code, error = exc.code, f"SMTP {exc.code}"
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            error = exc.__class__.__name__
+        except SealError:
+            code, error = 554, "sealed secrets do not open"
+        if error is None:
+            await self._settle(doc, State.SENT, None, now)
+            self.sent.labels(doc["kind"]).inc()
+            self.latency.labels(doc["kind"]).observe((datetime.now(UTC) - doc["event_time"]).total_seconds())
+            return
+        state, next_at = self.retry.after_failure(doc["attempts"], domain.is_permanent(code), now)
+        log.warning("mail %s attempt %d: %s -> %s", doc["_id"], doc["attempts"], error, state)
+        if state == State.PENDING:
+            self.retried.labels(doc["kind"]).inc()
+            await self.store.in_transaction(lambda s: self.store.finish(
+                doc["_id"], {"$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error}}, s
+            ))
+        else:
+            await self._settle(doc, State.FAILED, error, now)
+            self.failed.labels(doc["kind"]).inc()
+
+    async def _settle(self, doc: dict[str, Any], state: str, error: str | None, now: datetime) -> None:
+        """Record the final state, drop the sealed secrets, and announce it (event + audit)."""
+        result = NotificationResult(
+            notification_id=doc["_id"], kind=doc["kind"], account_id=doc["account_id"],
+            request_id=doc["request_id"], attempts=doc["attempts"], error=error,
+        )
+        sent = state == State.SENT
+        event = new_event(
+            type=EventType.NOTIFIER_SENT if sent else EventType.NOTIFIER_FAILED, source=SOURCE,
+            data=result.model_dump(mode="json"), correlationid=doc["correlationid"],
+            causationid=doc["causationid"],
+        )
+        record = AuditRecord(
+            service="notifier", action="mail_sent" if sent else "mail_failed",
+            outcome="success" if sent else "failed", account_id=doc["account_id"],
+            request_id=doc["request_id"], reasons=[] if sent else ["smtp_gave_up"],
+            details={"kind": doc["kind"], "attempts": doc["attempts"], "notification_id": doc["_id"]},
+        )
+        outgoing = [
+            Outgoing(NOTIFIER_SENT if sent else NOTIFIER_FAILED, doc["account_id"], event),
+            audit_event(record, correlationid=doc["correlationid"], causationid=doc["causationid"],
+                        source=SOURCE),
+        ]
+
+        async def writes(s: AsyncClientSession) -> None:
+            await self.store.finish(
+                doc["_id"],
+                {"$set": {"state": state, "finished_at": now, "last_error": error},
+                 "$unset": {"sealed": "", "lease_until": ""}},
+                s,
+            )
+
+        await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
+        self.on_outbox()

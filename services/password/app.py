@@ -1,0 +1,34 @@
+"""Password service wiring."""
+
+from __future__ import annotations
+
+from services.password.handlers import PasswordHandlers
+from services.password.policy import policy_from_name
+from services.password.store import CredentialStore
+from shared.consumer import Route
+from shared.hashing import SecretHasher
+from shared.runtime import Service
+from shared.schemas import AccountRegistered, TokensRedeemed
+from shared.settings import Settings, get_settings
+from shared.topics import IDENTITY_ACCOUNT_REGISTERED, TOKENS_REDEEMED, EventType
+
+NAME = "password"
+
+
+def build(settings: Settings | None = None) -> Service:
+    settings = settings or get_settings()
+    store = CredentialStore(settings.mongodb_uri, settings.db_name(NAME))
+    service = Service(NAME, store, settings)
+    hasher = SecretHasher(settings)
+    h = PasswordHandlers(store, hasher, policy_from_name(settings.password_policy), settings, service.metrics)
+    service.consume(TOKENS_REDEEMED, {EventType.TOKENS_REDEEMED: Route(TokensRedeemed, h.tokens_redeemed)})
+    service.consume(
+        IDENTITY_ACCOUNT_REGISTERED,
+        {EventType.ACCOUNT_REGISTERED: Route(AccountRegistered, h.account_registered)},
+    )
+
+    async def close_hasher() -> None:
+        hasher.close()
+
+    service.on_stop(close_hasher)
+    return service

@@ -1,0 +1,43 @@
+"""Tokens service wiring."""
+
+from __future__ import annotations
+
+from services.tokens.handlers import TokenHandlers
+from services.tokens.store import TokenStore
+from shared.consumer import Route
+from shared.runtime import Service
+from shared.schemas import EmailChanged, IdentityVerified, PasswordRejected, PasswordUpdated, ResetSubmitted
+from shared.settings import Settings, get_settings
+from shared.topics import (
+    IDENTITY_EMAIL_CHANGED,
+    IDENTITY_VERIFIED,
+    PASSWORD_REJECTED,
+    PASSWORD_UPDATED,
+    RECOVERY_RESETS,
+    EventType,
+)
+
+NAME = "tokens"
+
+
+def build(settings: Settings | None = None) -> Service:
+    settings = settings or get_settings()
+    store = TokenStore(settings.mongodb_uri, settings.db_name(NAME))
+    service = Service(NAME, store, settings)
+    h = TokenHandlers(store, settings, service.metrics)
+    service.consume(IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)})
+    service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)})
+    service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
+    service.consume(
+        PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)}
+    )
+    service.consume(
+        IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)}
+    )
+
+    async def release_overdue() -> None:
+        await h.release_overdue()
+        service.relay.wake()
+
+    service.every("release-overdue-reservations", 5.0, release_overdue)
+    return service

@@ -115,8 +115,9 @@ class Service:
         await self.store.ensure_indexes()
         for fn in self._starters:
             await fn()
-        for name, value in [("insecure default", n) for n in self.settings.insecure_defaults()]:
-            log.warning("%s: %s is at its development default; set it in production", name, value)
+        insecure = self.settings.insecure_defaults()
+        if insecure:
+            log.warning("development keys in use (%s): set them in production", ", ".join(insecure))
 
     async def _wait_for_store(self) -> None:
         for _ in range(60):
@@ -150,7 +151,6 @@ class Service:
             on_startup=[self._startup],
             after_startup=[self._after_startup],
             on_shutdown=[self._shutdown],
-            title=f"clave-{self.name}",
         )
 
     def run(self) -> None:

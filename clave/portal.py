@@ -1,0 +1,188 @@
+"""A stand-in for the upstream portal, speaking only the public topic contract.
+
+Used by `make demo` and the end-to-end tests: it publishes recovery requests and
+reset submissions exactly as the real portal must, reads `recovery.outcomes`,
+and reads the captured e-mails from the mail catcher's folder (`MAIL_DIR`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import re
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from shared.envelope import CONTENT_TYPE, new_event
+from shared.kafka import client_kwargs
+from shared.schemas import RecoveryRequested, ResetSubmitted
+from shared.settings import Settings
+from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS, EventType
+
+SOURCE = "/portal/tests"
+
+
+class Portal:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.outcomes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(RECOVERY_OUTCOMES)
+        if not partitions:
+            await self._consumer._client.force_metadata_update()  # noqa: SLF001
+            partitions = self._consumer.partitions_for_topic(RECOVERY_OUTCOMES) or set()
+        tps = [TopicPartition(RECOVERY_OUTCOMES, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the end position now, so nothing published later is missed
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._collect())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer:
+            await self._consumer.stop()
+        if self._producer:
+            await self._producer.stop()
+
+    async def _collect(self) -> None:
+        import json
+
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                for msg in messages:
+                    doc = json.loads(msg.value)
+                    self.outcomes[doc["data"]["request_id"]].append(doc)
+            if batch:
+                self._changed.set()
+
+    async def _send(self, topic: str, key: str, event_type: str, data: dict[str, Any], request_id: str) -> str:
+        assert self._producer is not None
+        event = new_event(type=event_type, source=SOURCE, data=data, correlationid=request_id)
+        await self._producer.send_and_wait(
+            topic, event.to_bytes(), key=key.encode(), headers=[("content-type", CONTENT_TYPE.encode())]
+        )
+        return event.id
+
+    async def request_recovery(
+        self,
+        *,
+        national_id: str,
+        email_address: str,
+        answers: dict[str, str],
+        profile: str = "affiliate",
+        representative_id: str | None = None,
+        captcha_passed: bool = True,
+        locale: str = "es",
+        client_ip: str = "198.51.100.7",
+        request_id: str | None = None,
+    ) -> str:
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        data = RecoveryRequested(
+            request_id=request_id, profile=profile, national_id=national_id,  # type: ignore[arg-type]
+            representative_id=representative_id, email=email_address, answers=answers,
+            captcha_passed=captcha_passed, locale=locale, client_ip=client_ip,  # type: ignore[arg-type]
+        ).model_dump(mode="json")
+        # Keyed by national ID (contract): one citizen's requests stay in order.
+        await self._send(RECOVERY_REQUESTS, national_id, EventType.RECOVERY_REQUESTED, data, request_id)
+        return request_id
+
+    async def submit_reset(
+        self, request_id: str, new_password: str, *, token: str | None = None, code: str | None = None
+    ) -> None:
+        data = ResetSubmitted(
+            request_id=request_id, token=token, code=code, new_password=new_password
+        ).model_dump(mode="json", exclude_none=True)
+        await self._send(RECOVERY_RESETS, request_id, EventType.RESET_SUBMITTED, data, request_id)
+
+    async def wait_outcome(
+        self, request_id: str, stage: str, timeout: float = 60.0, count: int = 1
+    ) -> dict[str, Any]:
+        """The `count`-th outcome of `stage` for the request, waiting up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [o["data"] for o in self.outcomes.get(request_id, []) if o["data"]["stage"] == stage]
+            if len(found) >= count:
+                return found[count - 1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {stage} outcome #{count} for {request_id} within {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+
+
+class Mailbox:
+    """The mail catcher's folder: one .eml file per accepted message."""
+
+    def __init__(self, mail_dir: str | Path) -> None:
+        self.dir = Path(mail_dir)
+
+    def messages(self) -> list[tuple[Path, EmailMessage]]:
+        out = []
+        for path in sorted(self.dir.glob("*.eml")):
+            with path.open("rb") as fh:
+                msg = email.message_from_binary_file(fh, policy=email.policy.default)
+            out.append((path, msg))  # type: ignore[arg-type]
+        return out
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for _, m in self.messages() if address.lower() in str(m["To"]).lower()]
+
+    async def wait_for(
+        self, predicate: Callable[[EmailMessage], bool], timeout: float = 60.0, count: int = 1
+    ) -> list[EmailMessage]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for _, m in self.messages() if predicate(m)]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(found)}/{count} matching e-mails within {timeout}s")
+            await asyncio.sleep(0.1)  # polling a folder: the condition is re-checked until the deadline
+
+
+def body_text(msg: EmailMessage) -> str:
+    part = msg.get_body(preferencelist=("plain",))
+    return part.get_content() if part is not None else ""  # type: ignore[no-any-return]
+
+
+def extract_link(msg: EmailMessage) -> tuple[str, str, str]:
+    """(link, request_id, token) from a recovery e-mail."""
+    match = re.search(r"https?://\S+recuperar\?\S+", body_text(msg))
+    if match is None:
+        raise ValueError("no recovery link in the e-mail")
+    link = match.group(0).rstrip(".)>")
+    query = parse_qs(urlsplit(link).query)
+    return link, query["request_id"][0], query["token"][0]
+
+
+def extract_code(msg: EmailMessage) -> str:
+    match = re.search(r"\b(\d{6})\b", body_text(msg))
+    if match is None:
+        raise ValueError("no 6-digit code in the e-mail")
+    return match.group(1)

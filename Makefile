@@ -1,0 +1,59 @@
+# Clave: entry points for people and CI.  `make` alone lists the targets.
+#
+# The local stack (Kafka, SecantusDB, mail catcher, the four services) is run by
+# deploy/local/stack.sh.  test/demo/bench/test-faults go through `stack.sh run -- CMD`:
+# start whatever is not running yet, run CMD with the stack's environment, then stop
+# exactly what was started for it (a stack you started with `make up` stays up), and
+# exit with CMD's status.
+
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STACK       := deploy/local/stack.sh
+PYTEST_ARGS ?=
+
+.PHONY: help install up down status test test-faults demo bench lint
+
+help: ## list the targets
+	@echo "Clave make targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
+	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), PYTHON=$(PYTHON) (to create .venv)"
+
+install: $(VENV)/.installed ## create .venv and install the project (re-runs pip only when pyproject.toml or requirements.lock changed)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# requirements.lock pins the transitive dependencies (pip constraints).
+$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
+	$(PY) -m pip install -c requirements.lock -e '.[dev]'
+	@touch $@
+
+up: install ## start the local stack (Kafka, store, mail catcher, services) and leave it running
+	@$(STACK) up
+
+down: ## stop the local stack
+	@$(STACK) down
+
+status: ## show each component of the local stack
+	@$(STACK) status
+
+test: install ## run the whole test suite against the real local stack
+	@$(STACK) run -- $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-faults: install ## run the fault tests (tests/faults, marker "faults")
+	@$(STACK) run -- $(PY) -m pytest -q -m faults tests/faults $(PYTEST_ARGS)
+
+demo: install ## run one recovery end to end, as the portal would
+	@$(STACK) run -- $(PY) -m clave.demo
+
+bench: install ## throughput/latency benchmark against the local stack
+	@$(STACK) run -- $(PY) -m clave.bench
+
+lint: install ## ruff + mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy shared services clave

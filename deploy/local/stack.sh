@@ -1,0 +1,552 @@
+#!/usr/bin/env bash
+# Local Clave stack without Docker: Kafka (KRaft, jars from Maven Central), SecantusDB
+# (MongoDB protocol), an SMTP capture server and the four services, each one a plain
+# process with a pid file under $VAR_DIR/run and a log under $VAR_DIR/log.
+#
+# Usage: deploy/local/stack.sh COMMAND [ARGS]
+#
+#   up                    start everything that is not running, wait until all is ready
+#   down [--only-started] stop services, mail catcher, store, Kafka (only the pids in our
+#                         pid files); --only-started: only what `ensure` started
+#   status                one line per component; exit 0 when all run, 3 otherwise
+#   ensure                like `up`, but prints "already running" when nothing is missing
+#                         and records what it started in $VAR_DIR/run/started-by-ensure
+#   run -- CMD [ARG...]   ensure, run CMD with the stack's environment, then stop what
+#                         ensure started; exits with CMD's status (make test/demo/bench)
+#   infra-up              store + Kafka (+ topics) + mail catcher only
+#   services-up           the four services only (infra must be up)
+#   services-down         stop the four services
+#   kafka-restart         stop Kafka (SIGTERM, clean shutdown) and start it again
+#   store-stop | store-start
+#   start-service NAME | stop-service NAME | restart-service NAME
+#   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher)
+#   topics                create missing topics and list every topic's configuration
+#   kafka-fetch           only fetch the Kafka jars into the cache (skipped when complete)
+#
+# Components: store kafka mailcatcher identity tokens notifier password.
+#
+# Environment (defaults in brackets; relative paths are relative to the repository root):
+#   VAR_DIR [var]  MAIL_DIR [$VAR_DIR/mail]  CLAVE_CACHE [~/.cache/clave] (Kafka jars)
+#   KAFKA_PORT [9092]  KAFKA_CONTROLLER_PORT [9093]  STORE_PORT [27017]
+#   SMTP_HOST [127.0.0.1]  SMTP_PORT [1025]  METRICS_HOST [127.0.0.1]
+#   IDENTITY_METRICS_PORT [9401] TOKENS_METRICS_PORT [9402] NOTIFIER_METRICS_PORT [9403]
+#   PASSWORD_METRICS_PORT [9404]
+#   KAFKA_BOOTSTRAP_SERVERS, MONGODB_URI: derived from the ports above unless set
+#   KAFKA_HEAP_OPTS [-Xms256m -Xmx1g]  CLAVE_PYTHON [.venv/bin/python]
+#   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] seconds
+# Every process inherits this environment, so the services, the tests run through
+# `run` and the infrastructure agree on addresses.
+#
+# Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
+# (see mailcatcher.py); `down` removes them together with the mail catcher.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$ROOT/deploy/local
+cd "$ROOT"
+
+VAR_DIR=${VAR_DIR:-var}
+mkdir -p "$VAR_DIR"
+VAR_DIR=$(cd "$VAR_DIR" && pwd)
+RUN_DIR=$VAR_DIR/run
+LOG_DIR=$VAR_DIR/log
+MAIL_DIR=${MAIL_DIR:-$VAR_DIR/mail}
+KAFKA_DATA=$VAR_DIR/kafka-data
+STORE_DATA=$VAR_DIR/store-data
+STARTED_FILE=$RUN_DIR/started-by-ensure
+mkdir -p "$RUN_DIR" "$LOG_DIR" "$MAIL_DIR"
+
+PY=${CLAVE_PYTHON:-$ROOT/.venv/bin/python}
+VENV_BIN=$(dirname "$PY")
+
+KAFKA_PORT=${KAFKA_PORT:-9092}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+STORE_PORT=${STORE_PORT:-27017}
+SMTP_HOST=${SMTP_HOST:-127.0.0.1}
+SMTP_PORT=${SMTP_PORT:-1025}
+METRICS_HOST=${METRICS_HOST:-127.0.0.1}
+KAFKA_BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$KAFKA_PORT}
+MONGODB_URI=${MONGODB_URI:-mongodb://127.0.0.1:$STORE_PORT/?replicaSet=secantus}
+export VAR_DIR MAIL_DIR SMTP_HOST SMTP_PORT METRICS_HOST KAFKA_BOOTSTRAP_SERVERS MONGODB_URI
+
+KAFKA_POM=$HERE/kafka/pom.xml
+KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")
+KAFKA_CACHE=${CLAVE_CACHE:-$HOME/.cache/clave}/kafka-$KAFKA_VERSION
+KAFKA_LIBS=$KAFKA_CACHE/libs
+KAFKA_PROPS=$RUN_DIR/kafka-server.properties
+KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}
+KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true}
+read -r -a KAFKA_JAVA <<<"java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS"
+KAFKA_JAVA+=("-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$LOG_DIR" -cp "$KAFKA_LIBS/*")
+
+INFRA=(store kafka mailcatcher)
+SERVICES=(identity tokens notifier password)
+ALL=("${INFRA[@]}" "${SERVICES[@]}")
+STOP_ORDER=("${SERVICES[@]}" mailcatcher store kafka)
+
+# ---------------------------------------------------------------------------- helpers
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
+now_ms() { date +%s%3N; }
+since() { local ms=$(($(now_ms) - $1)); printf '%d.%ds' $((ms / 1000)) $((ms % 1000 / 100)); }
+
+is_component() { local c; for c in "${ALL[@]}"; do [[ $c == "$1" ]] && return 0; done; return 1; }
+is_service() { local c; for c in "${SERVICES[@]}"; do [[ $c == "$1" ]] && return 0; done; return 1; }
+
+# One lock per VAR_DIR so two commands never start/stop the same stack at once.
+# fd 9 is closed in every process we launch, so a daemon never inherits the lock.
+lock() { exec 9>"$RUN_DIR/stack.lock"; flock -w 900 9 || die "another stack.sh holds $RUN_DIR/stack.lock"; }
+unlock() { exec 9>&-; }
+
+pidfile() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
+
+# What /proc/PID/cmdline must contain for the pid file to still be ours (pid reuse).
+signature() {
+  case $1 in
+    kafka) printf 'kafka.Kafka' ;;
+    store) printf 'secantusd-py' ;;
+    mailcatcher) printf 'mailcatcher.py' ;;
+    *) printf -- '-m services.%s' "$1" ;;
+  esac
+}
+
+pid_alive() {
+  local pid=$1 state
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ $state != Z ]]
+}
+
+# Prints the pid and succeeds when the component runs under our pid file.
+running_pid() {
+  local file pid
+  file=$(pidfile "$1")
+  [[ -s $file ]] || return 1
+  pid=$(<"$file")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  pid_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$(signature "$1")" || return 1
+  printf '%s' "$pid"
+}
+
+metrics_port() {
+  local var
+  var="$(tr '[:lower:]' '[:upper:]' <<<"$1")_METRICS_PORT"
+  case $1 in
+    identity) printf '%s' "${!var:-9401}" ;;
+    tokens) printf '%s' "${!var:-9402}" ;;
+    notifier) printf '%s' "${!var:-9403}" ;;
+    password) printf '%s' "${!var:-9404}" ;;
+  esac
+}
+
+# host:port pairs the component listens on (checked free before a start).
+listen_addrs() {
+  case $1 in
+    kafka) printf '127.0.0.1:%s 127.0.0.1:%s' "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" ;;
+    store) printf '127.0.0.1:%s' "$STORE_PORT" ;;
+    mailcatcher) printf '%s:%s' "$SMTP_HOST" "$SMTP_PORT" ;;
+    *) printf '%s:%s' "$METRICS_HOST" "$(metrics_port "$1")" ;;
+  esac
+}
+
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
+
+logs_of() {
+  case $1 in
+    kafka) printf '%s\n' "$LOG_DIR/kafka.log" "$LOG_DIR/kafka-console.log" ;;
+    *) printf '%s\n' "$LOG_DIR/$1.log" ;;
+  esac
+}
+
+show_logs() {
+  local f
+  while read -r f; do
+    [[ -s $f ]] || continue
+    printf '%s\n' "----- last lines of $f -----" >&2
+    tail -n "${2:-40}" "$f" >&2
+  done < <(logs_of "$1")
+  printf '%s\n' "-----" >&2
+}
+
+need_python() {
+  [[ -x $PY ]] || die "$PY not found: run 'make install' first"
+}
+
+# probe COMPONENT TIMEOUT [PID]: wait (up to TIMEOUT s) until it answers; prints a detail.
+probe() {
+  local c=$1 timeout=$2 pid=${3:-0}
+  local args=(--timeout "$timeout" --pid "$pid")
+  case $c in
+    kafka) "$PY" "$HERE/probe.py" kafka "$KAFKA_BOOTSTRAP_SERVERS" "${args[@]}" ;;
+    store) "$PY" "$HERE/probe.py" store "$MONGODB_URI" "${args[@]}" ;;
+    mailcatcher) "$PY" "$HERE/probe.py" smtp "$SMTP_HOST" "$SMTP_PORT" "${args[@]}" ;;
+    *)
+      # /healthz: the process serves; /readyz: its store and broker connections work.
+      local base="http://$METRICS_HOST:$(metrics_port "$c")"
+      "$PY" "$HERE/probe.py" http "$base/healthz" "$base/readyz" "${args[@]}" ;;
+  esac
+}
+
+ready_timeout() {
+  case $1 in
+    kafka) printf '%s' "${KAFKA_READY_TIMEOUT:-120}" ;;
+    store) printf '%s' "${STORE_READY_TIMEOUT:-60}" ;;
+    mailcatcher) printf '%s' "${SMTP_READY_TIMEOUT:-30}" ;;
+    *) printf '%s' "${SERVICE_READY_TIMEOUT:-90}" ;;
+  esac
+}
+
+stop_timeout() {
+  case $1 in
+    kafka) printf '60' ;;
+    *) printf '20' ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------- Kafka
+
+# Fetch the broker's class path once into the cache; a marker holding the POM's hash
+# says the copy is complete, so later starts (and other clones) skip Maven entirely.
+kafka_libs() {
+  local want marker=$KAFKA_LIBS/.complete tmp t0
+  want=$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)
+  if [[ -f $marker && $(<"$marker") == "$want" ]]; then return 0; fi
+  command -v mvn >/dev/null || die "mvn not found (needed once to fetch Kafka $KAFKA_VERSION from Maven Central)"
+  mkdir -p "$KAFKA_CACHE"
+  (
+    flock -w 900 8 || die "cannot lock $KAFKA_CACHE/.lock"
+    if [[ -f $marker && $(<"$marker") == "$want" ]]; then exit 0; fi  # fetched meanwhile
+    say "kafka: fetching Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS ..."
+    t0=$(now_ms)
+    tmp=$(mktemp -d "$KAFKA_CACHE/libs.tmp.XXXXXX")
+    if ! mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$LOG_DIR/kafka-fetch.log" 2>&1; then
+      rm -rf "$tmp"
+      cat "$LOG_DIR/kafka-fetch.log" >&2
+      die "mvn could not fetch the Kafka jars (log: $LOG_DIR/kafka-fetch.log)"
+    fi
+    [[ -f $tmp/kafka_2.13-$KAFKA_VERSION.jar ]] || { rm -rf "$tmp"; die "fetch incomplete: kafka_2.13-$KAFKA_VERSION.jar missing"; }
+    if compgen -G "$tmp/slf4j-api-1.*.jar" >/dev/null; then
+      rm -rf "$tmp"; die "slf4j-api 1.x on the class path: the broker would log nothing (check $KAFKA_POM)"
+    fi
+    printf '%s\n' "$want" >"$tmp/.complete"
+    rm -rf "$KAFKA_LIBS"
+    mv "$tmp" "$KAFKA_LIBS"
+    say "kafka: fetched $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $(since "$t0")"
+  ) 8>"$KAFKA_CACHE/.lock"
+}
+
+kafka_java() { "${KAFKA_JAVA[@]}" "$@"; }
+
+kafka_prepare() {
+  command -v java >/dev/null || die "java not found (Kafka needs Java 17+)"
+  kafka_libs
+  cat >"$KAFKA_PROPS" <<EOF
+# Written by deploy/local/stack.sh at each start: single-node KRaft, static quorum.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_DATA
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+EOF
+  if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
+    local cluster_id
+    mkdir -p "$KAFKA_DATA"
+    cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOG_DIR/kafka-console.log")
+    say "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
+      >>"$LOG_DIR/kafka-console.log" 2>&1 || { show_logs kafka; die "kafka: storage format failed"; }
+  fi
+}
+
+# ---------------------------------------------------------------------------- start / stop
+
+command_of() {
+  case $1 in
+    kafka) CMD=("${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_PROPS") ;;
+    store)
+      [[ -x $VENV_BIN/secantusd-py ]] || die "$VENV_BIN/secantusd-py not found: run 'make install'"
+      CMD=("$VENV_BIN/secantusd-py" --host 127.0.0.1 --port "$STORE_PORT"
+        --storage-path "$STORE_DATA" --log-level WARNING) ;;
+    mailcatcher) CMD=("$PY" "$HERE/mailcatcher.py") ;;
+    *) CMD=("$PY" -m "services.$1") ;;
+  esac
+}
+
+# launch COMPONENT: start it in the background (own session, so a Ctrl-C in the
+# terminal that ran `make up` does not reach it) and write its pid file.
+launch() {
+  local c=$1 addr log
+  for addr in $(listen_addrs "$c"); do
+    if port_open "${addr%:*}" "${addr##*:}"; then
+      die "$c: $addr is already in use by a process this stack did not start (see: ss -ltnp | grep ${addr##*:}); stop it or choose other ports"
+    fi
+  done
+  case $c in
+    kafka) kafka_prepare; mkdir -p "$KAFKA_DATA"; log=$LOG_DIR/kafka-console.log ;;
+    store) mkdir -p "$STORE_DATA"; log=$LOG_DIR/store.log ;;
+    *) log=$LOG_DIR/$c.log ;;
+  esac
+  command_of "$c"
+  printf '===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$c" >>"$log"
+  PYTHONUNBUFFERED=1 setsid "${CMD[@]}" </dev/null >>"$log" 2>&1 9>&- &
+  printf '%s\n' "$!" >"$(pidfile "$c")"
+}
+
+# start_one COMPONENT: launches it unless it already runs (then appends it to STARTED,
+# and to the ensure record when RECORD is set).  Never called in a condition, so that
+# `set -e` stays in force inside.
+start_one() {
+  local c=$1 pid
+  if pid=$(running_pid "$c"); then
+    say "$c: already running (pid $pid)"
+    return 0
+  fi
+  rm -f "$(pidfile "$c")"
+  if [[ -n ${RECORD:-} ]]; then printf '%s\n' "$c" >>"$STARTED_FILE"; fi
+  launch "$c"
+  STARTED+=("$c")
+}
+
+# wait_ready COMPONENT T0: waits for readiness; on failure shows its log and exits 1.
+wait_ready() {
+  local c=$1 t0=$2 pid detail rc=0
+  pid=$(running_pid "$c") || { show_logs "$c"; die "$c: exited right after start"; }
+  detail=$(probe "$c" "$(ready_timeout "$c")" "$pid") || rc=$?
+  if ((rc != 0)); then
+    show_logs "$c"
+    if ((rc == 2)); then die "$c: exited before it was ready - $detail"; fi
+    die "$c: not ready within $(ready_timeout "$c")s ($detail); pid $pid left running, 'stack.sh down' stops it"
+  fi
+  say "$c: ready (pid $pid, $(since "$t0")) - $detail"
+}
+
+# start COMPONENT...: launch all that are missing, then wait for each of them.
+start() {
+  local c t0
+  t0=$(now_ms)
+  STARTED=()
+  for c in "$@"; do start_one "$c"; done
+  for c in "$@"; do wait_ready "$c" "$t0"; done
+}
+
+create_topics() {
+  local t0
+  t0=$(now_ms)
+  "$PY" "$HERE/create_topics.py" "$@" || die "topic creation failed"
+  say "topics: done in $(since "$t0")"
+}
+
+infra_up() {
+  local c kafka_started=0
+  need_python
+  start "${INFRA[@]}"
+  for c in "${STARTED[@]}"; do [[ $c == kafka ]] && kafka_started=1; done
+  if ((kafka_started)) || [[ ${1:-} == always-topics ]]; then create_topics; fi
+}
+
+services_up() {
+  need_python
+  start "${SERVICES[@]}"
+}
+
+# stop COMPONENT...: SIGTERM to all of them at once, wait (per-component deadline),
+# then SIGKILL what is left.  Only pids from our pid files are ever signalled.
+stop() {
+  local c pid deadline left
+  local -A pids=()
+  for c in "$@"; do
+    if pid=$(running_pid "$c"); then
+      pids[$c]=$pid
+      kill -TERM "$pid" 2>/dev/null || true
+    else
+      rm -f "$(pidfile "$c")"
+    fi
+  done
+  for c in "$@"; do
+    [[ -n ${pids[$c]:-} ]] || continue
+    pid=${pids[$c]}
+    deadline=$(($(date +%s) + $(stop_timeout "$c")))
+    while pid_alive "$pid" && (($(date +%s) < deadline)); do sleep 0.2; done
+    if pid_alive "$pid"; then
+      say "$c: still running $(stop_timeout "$c")s after SIGTERM, sending SIGKILL (pid $pid)"
+      kill -KILL "$pid" 2>/dev/null || true
+      left=50
+      while pid_alive "$pid" && ((left-- > 0)); do sleep 0.1; done
+    fi
+    rm -f "$(pidfile "$c")"
+    say "$c: stopped (pid $pid)"
+    [[ $c == mailcatcher ]] && rm -f "$RUN_DIR/smtp-tempfail" "$RUN_DIR/smtp-permfail"
+  done
+  return 0
+}
+
+kill_one() {
+  local c=$1 pid left=100
+  if pid=$(running_pid "$c"); then
+    kill -KILL "$pid" 2>/dev/null || true
+    while pid_alive "$pid" && ((left-- > 0)); do sleep 0.05; done
+    rm -f "$(pidfile "$c")"
+    say "$c: killed (SIGKILL, pid $pid)"
+  else
+    rm -f "$(pidfile "$c")"
+    say "$c: not running"
+  fi
+}
+
+# Components in stop order, keeping only those named in the arguments.
+in_stop_order() {
+  local c w
+  for c in "${STOP_ORDER[@]}"; do
+    for w in "$@"; do [[ $c == "$w" ]] && { printf '%s\n' "$c"; break; }; done
+  done
+}
+
+all_running() {
+  local c
+  for c in "${ALL[@]}"; do running_pid "$c" >/dev/null || return 1; done
+}
+
+# ---------------------------------------------------------------------------- commands
+
+cmd_up() {
+  RECORD=""
+  infra_up always-topics
+  services_up
+  rm -f "$STARTED_FILE"  # whoever ran `up` owns the whole stack now
+  summary
+}
+
+cmd_ensure() {
+  local t0 c
+  t0=$(now_ms)
+  need_python
+  if all_running; then
+    # Running: still make sure everything answers (it may be booting right now).
+    for c in "${ALL[@]}"; do
+      probe "$c" "$(ready_timeout "$c")" "$(running_pid "$c")" >/dev/null \
+        || { show_logs "$c"; die "$c: running but not answering"; }
+    done
+    say "already running"
+    return 0
+  fi
+  RECORD=1
+  infra_up
+  services_up
+  RECORD=""
+  say "stack: ready in $(since "$t0"); started by ensure: $(sort -u "$STARTED_FILE" 2>/dev/null | tr '\n' ' ')"
+}
+
+cmd_down() {
+  local targets=()
+  if [[ ${1:-} == --only-started ]]; then
+    if [[ ! -s $STARTED_FILE ]]; then
+      say "nothing was started by ensure"
+      rm -f "$STARTED_FILE"
+      return 0
+    fi
+    mapfile -t targets < <(in_stop_order $(sort -u "$STARTED_FILE"))
+  else
+    targets=("${STOP_ORDER[@]}")
+  fi
+  stop "${targets[@]}"
+  rm -f "$STARTED_FILE"
+}
+
+cmd_status() {
+  local c pid detail all=0
+  for c in "${ALL[@]}"; do
+    if pid=$(running_pid "$c"); then
+      if [[ -x $PY ]] && detail=$(probe "$c" 0 2>/dev/null); then
+        printf '%-12s running (pid %s) - %s\n' "$c" "$pid" "$detail"
+      else
+        printf '%-12s running (pid %s) - NOT ANSWERING: %s\n' "$c" "$pid" "${detail:-no probe}"
+        all=1
+      fi
+    else
+      printf '%-12s stopped\n' "$c"
+      all=1
+    fi
+  done
+  [[ -s $STARTED_FILE ]] && printf 'started by ensure: %s\n' "$(sort -u "$STARTED_FILE" | tr '\n' ' ')"
+  ((all == 0)) || return 3
+}
+
+cmd_run() {
+  [[ ${1:-} == -- ]] && shift
+  (($# > 0)) || die "usage: stack.sh run -- COMMAND [ARG...]"
+  local rc=0 self=${BASH_SOURCE[0]}
+  # Ctrl-C reaches ensure / the command (same process group) and stops them; this
+  # script only has to survive it to clean up.
+  trap 'say "stack: interrupted, cleaning up" >&2' INT TERM
+  # ensure and down run as their own stack.sh processes (each takes the lock), so the
+  # command in between may call stack.sh itself (fault tests restart components).
+  if ! "$self" ensure; then
+    say "stack: ensure failed; stopping what it started" >&2
+    "$self" down --only-started || true
+    exit 1
+  fi
+  "$@" || rc=$?
+  "$self" down --only-started || true
+  exit "$rc"
+}
+
+summary() {
+  local c
+  say ""
+  say "Clave local stack is up."
+  say "  KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
+  say "  MONGODB_URI=$MONGODB_URI"
+  say "  SMTP: $SMTP_HOST:$SMTP_PORT  captured mail (.eml): $MAIL_DIR"
+  for c in "${SERVICES[@]}"; do
+    say "  $c: http://$METRICS_HOST:$(metrics_port "$c")/metrics"
+  done
+  say "  logs: $LOG_DIR   pids: $RUN_DIR   stop: make down"
+}
+
+need_component() {
+  [[ -n ${1:-} ]] && is_component "$1" || die "expected a component name: ${ALL[*]}"
+}
+
+main() {
+  local cmd=${1:-help}
+  shift || true
+  case $cmd in
+    up) lock; cmd_up ;;
+    down) lock; cmd_down "$@" ;;
+    status) cmd_status ;;
+    ensure) lock; cmd_ensure ;;
+    run) cmd_run "$@" ;;
+    infra-up) lock; infra_up always-topics ;;
+    services-up) lock; services_up ;;
+    services-down) lock; stop "${SERVICES[@]}" ;;
+    kafka-restart) lock; need_python; stop kafka; start kafka ;;
+    store-stop) lock; stop store ;;
+    store-start) lock; need_python; start store ;;
+    start-service) need_component "${1:-}"; lock; need_python; start "$1" ;;
+    stop-service) need_component "${1:-}"; lock; stop "$1" ;;
+    restart-service) need_component "${1:-}"; lock; need_python; stop "$1"; start "$1" ;;
+    kill-service) need_component "${1:-}"; lock; kill_one "$1" ;;
+    topics) need_python; create_topics --describe ;;
+    kafka-fetch) kafka_libs; say "kafka: jars in $KAFKA_LIBS" ;;
+    help | -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
+    *) die "unknown command '$cmd' (try: stack.sh help)" ;;
+  esac
+}
+
+main "$@"

@@ -223,7 +223,7 @@ kafka_libs() {
     say "kafka: fetching Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS ..."
     t0=$(now_ms)
     tmp=$(mktemp -d "$KAFKA_CACHE/libs.tmp.XXXXXX")
-    if ! mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies \
+    if ! mvn -B -q -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies \
         -DincludeScope=runtime -DoutputDirectory="$tmp" >"$LOG_DIR/kafka-fetch.log" 2>&1; then
       rm -rf "$tmp"
       cat "$LOG_DIR/kafka-fetch.log" >&2

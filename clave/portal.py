@@ -153,12 +153,17 @@ class Mailbox:
     def to(self, address: str) -> list[EmailMessage]:
         return [m for _, m in self.messages() if address.lower() in str(m["To"]).lower()]
 
+    def snapshot(self) -> set[Path]:
+        """The messages already here, to ignore in a later `wait_for(..., after=...)`."""
+        return set(self.dir.glob("*.eml"))
+
     async def wait_for(
-        self, predicate: Callable[[EmailMessage], bool], timeout: float = 60.0, count: int = 1
+        self, predicate: Callable[[EmailMessage], bool], timeout: float = 60.0, count: int = 1,
+        after: set[Path] | None = None,
     ) -> list[EmailMessage]:
         deadline = time.monotonic() + timeout
         while True:
-            found = [m for _, m in self.messages() if predicate(m)]
+            found = [m for p, m in self.messages() if (after is None or p not in after) and predicate(m)]
             if len(found) >= count:
                 return found
             if time.monotonic() > deadline:

@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import json
 import re
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -32,25 +32,26 @@ from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS,
 SOURCE = "/portal/tests"
 
 
-class Portal:
-    def __init__(self, settings: Settings) -> None:
+class TopicWatcher:
+    """Collects every record published to some topics from the moment it starts."""
+
+    def __init__(self, settings: Settings, topics: list[str]) -> None:
         self.settings = settings
-        self.outcomes: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self._producer: AIOKafkaProducer | None = None
+        self.topics = topics
+        self.records: list[tuple[str, dict[str, str], dict[str, Any]]] = []  # topic, headers, event
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
-        await self._producer.start()
         self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(RECOVERY_OUTCOMES)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
-            partitions = self._consumer.partitions_for_topic(RECOVERY_OUTCOMES) or set()
-        tps = [TopicPartition(RECOVERY_OUTCOMES, p) for p in sorted(partitions)]
+        await self._consumer._client.force_metadata_update()  # noqa: SLF001 - no public call
+        tps = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(self._consumer.partitions_for_topic(topic) or set())
+        ]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # resolve the end position now, so nothing published later is missed
@@ -64,21 +65,60 @@ class Portal:
                 await self._task
         if self._consumer:
             await self._consumer.stop()
-        if self._producer:
-            await self._producer.stop()
 
     async def _collect(self) -> None:
-        import json
-
         assert self._consumer is not None
         while True:
             batch = await self._consumer.getmany(timeout_ms=500)
             for messages in batch.values():
                 for msg in messages:
-                    doc = json.loads(msg.value)
-                    self.outcomes[doc["data"]["request_id"]].append(doc)
+                    try:
+                        doc = json.loads(msg.value)
+                    except (ValueError, TypeError):
+                        doc = {"unparseable": True}
+                    headers = {k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])}
+                    self.records.append((msg.topic, headers, doc))
             if batch:
                 self._changed.set()
+
+    def matching(self, predicate: Callable[[str, dict[str, str], dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        return [doc for topic, headers, doc in list(self.records) if predicate(topic, headers, doc)]
+
+    async def wait(
+        self,
+        predicate: Callable[[str, dict[str, str], dict[str, Any]], bool],
+        timeout: float = 60.0,
+        count: int = 1,
+    ) -> list[dict[str, Any]]:
+        """At least `count` records matching `predicate`, waiting up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.matching(predicate)
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(found)}/{count} matching records on {self.topics} in {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+
+
+class Portal:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.watcher = TopicWatcher(settings, [RECOVERY_OUTCOMES])
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
+        await self._producer.start()
+        await self.watcher.start()
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+        if self._producer:
+            await self._producer.stop()
 
     async def _send(self, topic: str, key: str, event_type: str, data: dict[str, Any], request_id: str) -> str:
         assert self._producer is not None
@@ -123,17 +163,16 @@ class Portal:
         self, request_id: str, stage: str, timeout: float = 60.0, count: int = 1
     ) -> dict[str, Any]:
         """The `count`-th outcome of `stage` for the request, waiting up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [o["data"] for o in self.outcomes.get(request_id, []) if o["data"]["stage"] == stage]
-            if len(found) >= count:
-                return found[count - 1]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {stage} outcome #{count} for {request_id} within {timeout}s")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+        found = await self.watcher.wait(
+            lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id
+            and doc["data"].get("stage") == stage,
+            timeout=timeout, count=count,
+        )
+        return found[count - 1]["data"]  # type: ignore[no-any-return]
+
+    def outcomes(self, request_id: str) -> list[dict[str, Any]]:
+        return [d["data"] for d in self.watcher.matching(
+            lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id)]
 
 
 class Mailbox:

@@ -52,6 +52,9 @@ class ServiceMetrics:
     def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:
         return Counter(name, doc, labels or [], registry=self.registry)
 
+    def gauge(self, name: str, doc: str, labels: list[str] | None = None) -> Gauge:
+        return Gauge(name, doc, labels or [], registry=self.registry)
+
     def histogram(self, name: str, doc: str, labels: list[str] | None = None) -> Histogram:
         return Histogram(name, doc, labels or [], buckets=LATENCY_BUCKETS, registry=self.registry)
 

@@ -25,6 +25,10 @@ def build(settings: Settings | None = None) -> Service:
     store = TokenStore(settings.mongodb_uri, settings.db_name(NAME))
     service = Service(NAME, store, settings)
     h = TokenHandlers(store, settings, service.metrics)
+    # Configuration as a metric: operators (and tests) can see the lifetimes in force.
+    ttl = service.metrics.gauge("clave_tokens_ttl_seconds", "Configured token lifetime", ["kind"])
+    ttl.labels("link").set(settings.link_ttl_s)
+    ttl.labels("code").set(settings.code_ttl_s)
     service.consume(IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)})
     service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)})
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})

@@ -1,0 +1,184 @@
+"""End-to-end fixtures: the real services, the real Kafka broker, the real store, the real
+SMTP capture server. `make test` starts them; these fixtures only check they answer and
+never stand anything in for them."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from clave.testdata import Citizen, new_citizen, write_jsonl
+from shared.crypto import keyed_hash
+from shared.settings import Settings, get_settings
+from shared.topics import AUDIT_EVENTS, CONSUMED, dlq
+
+SERVICES = ("identity", "tokens", "notifier", "password")
+pytestmark = pytest.mark.e2e
+
+
+def metrics_url(settings: Settings, service: str, path: str = "/metrics") -> str:
+    port = getattr(settings, f"{service}_metrics_port")
+    return f"http://{settings.metrics_host}:{port}{path}"
+
+
+def fetch(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Settings:
+    """Wait (with a deadline) until all four services are ready; fail clearly otherwise."""
+    deadline = time.monotonic() + 90
+    missing: list[str] = list(SERVICES)
+    while missing and time.monotonic() < deadline:
+        missing = [s for s in SERVICES if not fetch_ok(metrics_url(settings, s, "/readyz"))]
+        if missing:
+            time.sleep(0.5)
+    if missing:
+        pytest.fail(f"services not ready: {missing}. Run the suite with `make test` (it starts the stack).")
+    return settings
+
+
+def fetch_ok(url: str) -> bool:
+    try:
+        return fetch(url, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+async def portal(stack: Settings) -> AsyncIterator[Portal]:
+    p = Portal(stack)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture(scope="session")
+async def audit_log(stack: Settings) -> AsyncIterator[TopicWatcher]:
+    """Every audit event published during the session."""
+    w = TopicWatcher(stack, [AUDIT_EVENTS])
+    await w.start()
+    yield w
+    await w.stop()
+
+
+@pytest.fixture(scope="session")
+async def dead_letters(stack: Settings) -> AsyncIterator[TopicWatcher]:
+    w = TopicWatcher(stack, [dlq(t) for t in CONSUMED])
+    await w.start()
+    yield w
+    await w.stop()
+
+
+@pytest.fixture(scope="session")
+def mailbox(stack: Settings) -> Mailbox:
+    return Mailbox(stack.mail_dir)
+
+
+def clave_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True,
+                            check=False, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"clave {' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")
+    return result
+
+
+class World:
+    """Test helpers that act like the people who use Clave: operator, portal, citizen."""
+
+    def __init__(self, settings: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher,
+                 dead_letters: TopicWatcher) -> None:
+        self.settings = settings
+        self.portal = portal
+        self.mailbox = mailbox
+        self.audit_log = audit_log
+        self.dead_letters = dead_letters
+
+    async def register(self, *citizens: Citizen) -> list[str]:
+        """Import citizens with the operator's CLI; wait until their initial keys are stored.
+        Returns their internal account ids."""
+        path = write_jsonl(list(citizens), Path(tempfile.mkdtemp()) / "accounts.jsonl")
+        await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-tests")
+        refs = {keyed_hash(self.settings.pseudonym_key, c.national_id) for c in citizens}
+        imported = await self.audit_log.wait(
+            lambda _t, _h, d: d["data"].get("action") == "account_imported" and d["data"].get("subject_ref") in refs,
+            count=len(citizens), timeout=60,
+        )
+        by_ref = {d["data"]["subject_ref"]: d["data"]["account_id"] for d in imported}
+        ids = [by_ref[keyed_hash(self.settings.pseudonym_key, c.national_id)] for c in citizens]
+        await self.audit_log.wait(
+            lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") in ids,
+            count=len(ids), timeout=60,
+        )
+        return ids
+
+    async def citizen(self, **kwargs: Any) -> Citizen:
+        c = new_citizen(**kwargs)
+        await self.register(c)
+        return c
+
+    async def request(self, c: Citizen, **overrides: Any) -> str:
+        args: dict[str, Any] = {
+            "national_id": c.national_id, "email_address": c.email, "answers": dict(c.answers),
+            "profile": c.profile, "representative_id": c.representative_id, "locale": c.locale,
+        }
+        args.update(overrides)
+        return await self.portal.request_recovery(**args)
+
+    async def audited(self, request_id: str, action: str = "recovery_requested",
+                      timeout: float = 60) -> dict[str, Any]:
+        found = await self.audit_log.wait(
+            lambda _t, _h, d: d["data"].get("request_id") == request_id and d["data"].get("action") == action,
+            timeout=timeout,
+        )
+        return found[0]["data"]  # type: ignore[no-any-return]
+
+    async def recovery_mail(self, request_id: str, timeout: float = 60) -> tuple[Any, str]:
+        mails = await self.mailbox.wait_for(lambda m: request_id in body_text(m), timeout=timeout)
+        assert len(mails) == 1, f"expected exactly one recovery e-mail for {request_id}, got {len(mails)}"
+        _, _, token = extract_link(mails[0])
+        return mails[0], token
+
+    def mails_to(self, address: str) -> list[Any]:
+        return self.mailbox.to(address)
+
+
+@pytest.fixture
+def world(stack: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher,
+          dead_letters: TopicWatcher) -> World:
+    return World(stack, portal, mailbox, audit_log, dead_letters)

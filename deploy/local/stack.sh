@@ -478,6 +478,10 @@ cmd_status() {
         printf '%-12s running (pid %s) - NOT ANSWERING: %s\n' "$c" "$pid" "${detail:-no probe}"
         all=1
       fi
+    elif [[ -s $(pidfile "$c") ]]; then
+      printf '%-12s stopped - exited on its own or was killed (stale pid file; see %s)\n' \
+        "$c" "$(logs_of "$c" | head -n 1)"
+      all=1
     else
       printf '%-12s stopped\n' "$c"
       all=1
@@ -523,9 +527,19 @@ need_component() {
   [[ -n ${1:-} ]] && is_component "$1" || die "expected a component name: ${ALL[*]}"
 }
 
+# One line per command that starts or stops something, with its caller: who stopped
+# my services? is answered by var/log/stack.log.
+audit_line() {
+  local caller
+  caller=$(tr '\0' ' ' <"/proc/$PPID/cmdline" 2>/dev/null | cut -c1-160) || caller="?"
+  printf '%s pid=%s stack.sh %s (caller pid=%s: %s)\n' \
+    "$(date -u +%FT%T.%3NZ)" "$$" "$*" "$PPID" "$caller" >>"$LOG_DIR/stack.log"
+}
+
 main() {
   local cmd=${1:-help}
   shift || true
+  case $cmd in status | topics | help | -h | --help) ;; *) audit_line "$cmd" "$@" ;; esac
   case $cmd in
     up) lock; cmd_up ;;
     down) lock; cmd_down "$@" ;;

@@ -1,4 +1,8 @@
-"""Password handlers: the initial key of a new account, and the key change itself."""
+"""Password handlers: the initial key of a new account, and the key change itself.
+
+The portal's reset outcome is published by the tokens service once it has
+spent or released the token, so "rejected" always means "the link works again".
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,10 @@ from shared.schemas import (
     AccountRegistered,
     PasswordRejected,
     PasswordUpdated,
-    RecoveryOutcome,
     TokensRedeemed,
 )
 from shared.settings import Settings
-from shared.topics import PASSWORD_REJECTED, PASSWORD_UPDATED, RECOVERY_OUTCOMES, EventType
+from shared.topics import PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
 
 
 class PasswordHandlers:
@@ -95,10 +98,6 @@ class PasswordHandlers:
             PasswordUpdated(request_id=evt.request_id, account_id=evt.account_id, token_id=evt.token_id,
                             recipient=evt.recipient, changed_at=now),
         )
-        ctx.emit(
-            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
-            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="completed"),
-        )
         ctx.audit("key_changed", "success", account_id=evt.account_id, request_id=evt.request_id,
                   details={"token_id": evt.token_id, "policy": self.policy.name})
 
@@ -114,10 +113,6 @@ class PasswordHandlers:
             PASSWORD_REJECTED, evt.account_id, EventType.PASSWORD_REJECTED,
             PasswordRejected(request_id=evt.request_id, account_id=evt.account_id, token_id=evt.token_id,
                              reasons=reasons),
-        )
-        ctx.emit(
-            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
-            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="rejected", reasons=reasons),
         )
         ctx.audit("key_rejected", "rejected", account_id=evt.account_id, request_id=evt.request_id,
                   reasons=reasons, details={"token_id": evt.token_id, "policy": self.policy.name})

@@ -157,29 +157,46 @@ class TokenHandlers:
     async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
         ctx.audit("token_spent", "success", account_id=evt.account_id, request_id=evt.request_id,
                   details={"token_id": evt.token_id})
+        ctx.emit(
+            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
+            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="completed"),
+        )
 
         async def spend(s: AsyncClientSession) -> None:
-            await self.store.transition(
-                evt.token_id, [State.RESERVED, State.LIVE],
-                {"$set": {"state": State.SPENT, "spent_at": datetime.now(UTC)},
-                 "$unset": {"reserved_until": ""}}, s,
-            )
+            await self._spend(evt.token_id, s)
 
         await ctx.commit(spend)
         self.settled.labels("spent").inc()
 
+    async def _spend(self, token_id: str, s: AsyncClientSession) -> None:
+        await self.store.transition(
+            token_id, [State.RESERVED, State.LIVE],
+            {"$set": {"state": State.SPENT, "spent_at": datetime.now(UTC)}, "$unset": {"reserved_until": ""}},
+            s,
+        )
+
     async def password_rejected(self, ctx: HandlerContext, evt: PasswordRejected) -> None:
-        ctx.audit("token_released", "info", account_id=evt.account_id, request_id=evt.request_id,
-                  reasons=evt.reasons, details={"token_id": evt.token_id})
+        # The portal hears "rejected" only now, with the token live again (or spent, if the
+        # password service had already used it: a late answer after a timed-out reservation).
+        already_used = Reason.TOKEN_USED in evt.reasons
+        ctx.audit("token_spent" if already_used else "token_released", "info", account_id=evt.account_id,
+                  request_id=evt.request_id, reasons=evt.reasons, details={"token_id": evt.token_id})
+        ctx.emit(
+            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
+            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="rejected", reasons=evt.reasons),
+        )
 
         async def release(s: AsyncClientSession) -> None:
-            await self.store.transition(
-                evt.token_id, [State.RESERVED],
-                {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}}, s,
-            )
+            if already_used:
+                await self._spend(evt.token_id, s)
+            else:
+                await self.store.transition(
+                    evt.token_id, [State.RESERVED],
+                    {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}}, s,
+                )
 
         await ctx.commit(release)
-        self.settled.labels("released").inc()
+        self.settled.labels("spent" if already_used else "released").inc()
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         live = await self.store.live_ids(evt.account_id)

@@ -39,6 +39,9 @@
 #
 # Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 # (see mailcatcher.py); `down` removes them together with the mail catcher.
+# $VAR_DIR/log/stack.log gets one line per start/stop command, with its caller.
+# What `ensure` started stays recorded (and is stopped by `down --only-started`) until
+# a stop; `up` takes ownership of the whole stack and clears the record.
 
 set -euo pipefail
 
@@ -365,9 +368,24 @@ services_up() {
   start "${SERVICES[@]}"
 }
 
-# stop COMPONENT...: SIGTERM to all of them at once, wait (per-component deadline),
-# then SIGKILL what is left.  Only pids from our pid files are ever signalled.
+# stop COMPONENT...: stops them tier by tier in STOP_ORDER - the services (together),
+# then the mail catcher, the store, Kafka - so each tier shuts down cleanly while
+# what it talks to is still up.  SIGTERM, wait up to the tier's deadline, then
+# SIGKILL.  Only pids from our pid files are ever signalled.
 stop() {
+  local tier c
+  local -a members
+  for tier in services mailcatcher store kafka; do
+    members=()
+    for c in "$@"; do
+      if [[ $tier == services ]] && is_service "$c" || [[ $c == "$tier" ]]; then members+=("$c"); fi
+    done
+    ((${#members[@]})) && stop_together "${members[@]}"
+  done
+  return 0
+}
+
+stop_together() {
   local c pid deadline left
   local -A pids=()
   for c in "$@"; do
@@ -382,7 +400,7 @@ stop() {
     [[ -n ${pids[$c]:-} ]] || continue
     pid=${pids[$c]}
     deadline=$(($(date +%s) + $(stop_timeout "$c")))
-    while pid_alive "$pid" && (($(date +%s) < deadline)); do sleep 0.2; done
+    while pid_alive "$pid" && (($(date +%s) < deadline)); do sleep 0.1; done
     if pid_alive "$pid"; then
       say "$c: still running $(stop_timeout "$c")s after SIGTERM, sending SIGKILL (pid $pid)"
       kill -KILL "$pid" 2>/dev/null || true
@@ -391,9 +409,8 @@ stop() {
     fi
     rm -f "$(pidfile "$c")"
     say "$c: stopped (pid $pid)"
-    [[ $c == mailcatcher ]] && rm -f "$RUN_DIR/smtp-tempfail" "$RUN_DIR/smtp-permfail"
+    if [[ $c == mailcatcher ]]; then rm -f "$RUN_DIR/smtp-tempfail" "$RUN_DIR/smtp-permfail"; fi
   done
-  return 0
 }
 
 kill_one() {

@@ -42,6 +42,12 @@ class SecretBox:
     def seal_bytes(self, payload: bytes) -> str:
         return self._fernet.encrypt(payload).decode()
 
+    def open_bytes(self, sealed: str) -> bytes:
+        try:
+            return self._fernet.decrypt(sealed.encode())
+        except InvalidToken:
+            raise SealError("cannot open sealed payload") from None
+
 
 def keyed_hash(key: str, value: str) -> str:
     """Pseudonym for a personal value (e.g. a national ID): stable, not reversible without the key."""

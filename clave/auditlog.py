@@ -16,8 +16,9 @@ from shared.settings import Settings
 from shared.topics import AUDIT_EVENTS
 
 
-def _matches(doc: dict[str, Any], request_id: str | None, account_id: str | None, action: str | None,
-             correlationid: str | None) -> bool:
+def _matches(
+    doc: dict[str, Any], request_id: str | None, account_id: str | None, action: str | None, correlationid: str | None
+) -> bool:
     data = doc.get("data") or {}
     if request_id and request_id not in (data.get("request_id"), doc.get("correlationid")):
         return False
@@ -48,7 +49,7 @@ async def collect(
             bar.advance(task)
             try:
                 doc = json.loads(record.value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 doc = {"id": f"unparseable@{record.partition}/{record.offset}", "data": {}}
             if _matches(doc, request_id, account_id, action, correlationid):
                 out.append(doc)
@@ -91,7 +92,7 @@ def html_page(request_id: str, events: list[dict[str, Any]]) -> str:
     rows = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(e)) + "</tr>" for e in in_time_order(events)
     )
-    head = "".join(f"<th scope=\"col\">{h}</th>" for h in HEADERS)
+    head = "".join(f'<th scope="col">{h}</th>' for h in HEADERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Clave timeline {html.escape(request_id)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}

@@ -72,14 +72,19 @@ def import_accounts(
     raise typer.Exit(1 if report.errors else 0)
 
 
-def _command(event_type: str, national_id: str, operator: str, reason: str, new_email: str | None,
-             wait: float) -> None:
+def _command(event_type: str, national_id: str, operator: str, reason: str, new_email: str | None, wait: float) -> None:
     settings = get_settings()
     command_id = uuid.uuid4().hex
-    data = OperatorCommand(command_id=command_id, operator_id=operator, reason=reason,
-                           national_id=national_id, new_email=new_email)
-    event = new_event(type=event_type, source="/clave/cli", data=data.model_dump(mode="json"),
-                      correlationid=command_id, subject=operator)
+    data = OperatorCommand(
+        command_id=command_id, operator_id=operator, reason=reason, national_id=national_id, new_email=new_email
+    )
+    event = new_event(
+        type=event_type,
+        source="/clave/cli",
+        data=data.model_dump(mode="json"),
+        correlationid=command_id,
+        subject=operator,
+    )
     started = datetime.now(UTC) - timedelta(seconds=5)
     asyncio.run(publish(settings, IDENTITY_COMMANDS, national_id, event))
     console.print(f"command {command_id} sent")
@@ -138,9 +143,17 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
     """Replay audit.events from the start (or --since), filtered."""
-    events = asyncio.run(auditlog.collect(get_settings(), since=_when(since), until=_when(until),
-                                          request_id=request, account_id=account, action=action,
-                                          progress=not as_json))
+    events = asyncio.run(
+        auditlog.collect(
+            get_settings(),
+            since=_when(since),
+            until=_when(until),
+            request_id=request,
+            account_id=account,
+            action=action,
+            progress=not as_json,
+        )
+    )
     if as_json:
         for e in events:
             sys.stdout.write(json.dumps(e, ensure_ascii=False) + "\n")
@@ -163,8 +176,10 @@ def verify(
     count, breaks = auditlog.verify(events, settings.audit_hmac_key, from_start=since is None)
     if breaks:
         first = breaks[0]
-        err.print(f"BROKEN at event {first.event_id} (position {first.position}, producer {first.producer}): "
-                  f"{first.problem}; {len(breaks)} problem(s) in {count} events")
+        err.print(
+            f"BROKEN at event {first.event_id} (position {first.position}, producer {first.producer}): "
+            f"{first.problem}; {len(breaks)} problem(s) in {count} events"
+        )
         raise typer.Exit(1)
     console.print(f"OK: {count} audit events verified, chains intact")
 
@@ -183,7 +198,6 @@ def timeline(
     if html is not None:
         html.write_text(auditlog.html_page(request_id, events), encoding="utf-8")
         console.print(f"written {html}")
-
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Prints each step with its time; exits non-zero if any step fails.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,6 @@ from pathlib import Path
 from clave.portal import Mailbox, Portal, body_text, extract_link
 from clave.testdata import new_citizen, new_key, write_jsonl
 from shared.settings import get_settings
-
 
 
 class Steps:
@@ -31,16 +31,19 @@ class Steps:
         print(f"[{time.monotonic() - self.t0:7.2f}s] {self.n}. {text}", flush=True)
 
 
-async def run() -> None:
+async def run() -> str:
     settings = get_settings()
     steps = Steps()
     # A fresh citizen each run, so a second demo is not refused by the first one's limits.
     citizen = new_citizen()
     workdir = Path(tempfile.mkdtemp(prefix="clave-demo-"))
     accounts = write_jsonl([citizen], workdir / "accounts.jsonl")
-    result = subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
+    result = await asyncio.to_thread(
+        subprocess.run,  # our own CLI, fixed arguments
         [sys.executable, "-m", "clave.cli", "accounts", "import", str(accounts), "--operator", "demo"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"import failed: {result.stdout}{result.stderr}")
@@ -52,7 +55,8 @@ async def run() -> None:
     await portal.start()
     try:
         request_id = await portal.request_recovery(
-            national_id=citizen.national_id, email_address=citizen.email,
+            national_id=citizen.national_id,
+            email_address=citizen.email,
             # As a citizen types them: other case and spacing than on file.
             answers={k: f" {v.upper()} " for k, v in citizen.answers.items()},
         )
@@ -62,7 +66,7 @@ async def run() -> None:
 
         mails = await mailbox.wait_for(lambda m: request_id in body_text(m), timeout=60, after=before)
         link, _, token = extract_link(mails[0])
-        steps.say(f"recovery e-mail captured for {mails[0]['To']}: \"{mails[0]['Subject']}\"")
+        steps.say(f'recovery e-mail captured for {mails[0]["To"]}: "{mails[0]["Subject"]}"')
         steps.say(f"citizen opened the link {link[:60]}...")
 
         await portal.submit_reset(request_id, new_key(), token=token)
@@ -74,25 +78,34 @@ async def run() -> None:
 
         changed = await mailbox.wait_for(
             lambda m: citizen.email in str(m["To"]) and "recuperar?" not in body_text(m),
-            timeout=60, after=before,
+            timeout=60,
+            after=before,
         )
-        steps.say(f"\"key changed\" e-mail captured: \"{changed[-1]['Subject']}\"")
+        steps.say(f'"key changed" e-mail captured: "{changed[-1]["Subject"]}"')
     finally:
         await portal.stop()
+    return request_id
+
+
+def summary(request_id: str) -> None:
+    settings = get_settings()
     print()
-    print(f"Captured e-mails: {Path(settings.mail_dir).resolve()}")
-    print(f"Metrics: http://{settings.metrics_host}:{settings.identity_metrics_port}/metrics "
-          f"(identity), :{settings.tokens_metrics_port} (tokens), :{settings.notifier_metrics_port} "
-          f"(notifier), :{settings.password_metrics_port} (password)")
+    print(f"Captured e-mails: {os.path.abspath(settings.mail_dir)}")
+    print(
+        f"Metrics: http://{settings.metrics_host}:{settings.identity_metrics_port}/metrics (identity), "
+        f":{settings.tokens_metrics_port} (tokens), :{settings.notifier_metrics_port} (notifier), "
+        f":{settings.password_metrics_port} (password)"
+    )
     print(f"Audit trail of this recovery: .venv/bin/clave audit timeline {request_id}")
 
 
 def main() -> None:
     try:
-        asyncio.run(run())
+        request_id = asyncio.run(run())
     except Exception as exc:  # a demo step failed: say which, exit non-zero
         print(f"DEMO FAILED: {exc}", file=sys.stderr)
         sys.exit(1)
+    summary(request_id)
     print("Demo completed: the recovery went through every service.")
 
 

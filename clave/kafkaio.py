@@ -79,7 +79,9 @@ async def read_topic(
                         done = True
                         break
                     yield Record(
-                        topic=topic, partition=tp.partition, offset=msg.offset,
+                        topic=topic,
+                        partition=tp.partition,
+                        offset=msg.offset,
                         key=msg.key.decode("utf-8", "replace") if msg.key else None,
                         value=msg.value or b"",
                         headers={k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])},

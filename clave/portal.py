@@ -13,6 +13,7 @@ import email
 import email.policy
 import json
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -138,14 +139,24 @@ class Portal:
         representative_id: str | None = None,
         captcha_passed: bool = True,
         locale: str = "es",
-        client_ip: str = "198.51.100.7",
+        client_ip: str | None = None,
         request_id: str | None = None,
     ) -> str:
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        data = RecoveryRequested(
-            request_id=request_id, profile=profile, national_id=national_id,  # type: ignore[arg-type]
-            representative_id=representative_id, email=email_address, answers=answers,
-            captcha_passed=captcha_passed, locale=locale, client_ip=client_ip,  # type: ignore[arg-type]
+        # Citizens come from many addresses; a fixed one would trip the per-IP limit in tests.
+        client_ip = client_ip or f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+        data = RecoveryRequested.model_validate(
+            {
+                "request_id": request_id,
+                "profile": profile,
+                "national_id": national_id,
+                "representative_id": representative_id,
+                "email": email_address,
+                "answers": answers,
+                "captcha_passed": captcha_passed,
+                "locale": locale,
+                "client_ip": client_ip,
+            }
         ).model_dump(mode="json")
         # Keyed by national ID (contract): one citizen's requests stay in order.
         await self._send(RECOVERY_REQUESTS, national_id, EventType.RECOVERY_REQUESTED, data, request_id)
@@ -154,25 +165,27 @@ class Portal:
     async def submit_reset(
         self, request_id: str, new_password: str, *, token: str | None = None, code: str | None = None
     ) -> None:
-        data = ResetSubmitted(
-            request_id=request_id, token=token, code=code, new_password=new_password
-        ).model_dump(mode="json", exclude_none=True)
+        data = ResetSubmitted(request_id=request_id, token=token, code=code, new_password=new_password).model_dump(
+            mode="json", exclude_none=True
+        )
         await self._send(RECOVERY_RESETS, request_id, EventType.RESET_SUBMITTED, data, request_id)
 
-    async def wait_outcome(
-        self, request_id: str, stage: str, timeout: float = 60.0, count: int = 1
-    ) -> dict[str, Any]:
+    async def wait_outcome(self, request_id: str, stage: str, timeout: float = 60.0, count: int = 1) -> dict[str, Any]:
         """The `count`-th outcome of `stage` for the request, waiting up to `timeout` seconds."""
         found = await self.watcher.wait(
-            lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id
-            and doc["data"].get("stage") == stage,
-            timeout=timeout, count=count,
+            lambda _t, _h, doc: (
+                doc.get("data", {}).get("request_id") == request_id and doc["data"].get("stage") == stage
+            ),
+            timeout=timeout,
+            count=count,
         )
         return found[count - 1]["data"]  # type: ignore[no-any-return]
 
     def outcomes(self, request_id: str) -> list[dict[str, Any]]:
-        return [d["data"] for d in self.watcher.matching(
-            lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id)]
+        return [
+            d["data"]
+            for d in self.watcher.matching(lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id)
+        ]
 
 
 class Mailbox:
@@ -180,14 +193,18 @@ class Mailbox:
 
     def __init__(self, mail_dir: str | Path) -> None:
         self.dir = Path(mail_dir)
+        self._cache: dict[Path, EmailMessage] = {}
 
     def messages(self) -> list[tuple[Path, EmailMessage]]:
         out = []
         for path in sorted(self.dir.glob("*.eml")):
-            with path.open("rb") as fh:
-                msg = email.message_from_binary_file(fh, policy=email.policy.default)
-            out.append((path, msg))  # type: ignore[arg-type]
-        return out
+            msg = self._cache.get(path)
+            if msg is None:  # files appear whole (written, then renamed) and never change
+                with path.open("rb") as fh:
+                    msg = email.message_from_binary_file(fh, policy=email.policy.default)  # type: ignore[assignment]
+                self._cache[path] = msg  # type: ignore[assignment]
+            out.append((path, msg))
+        return out  # type: ignore[return-value]
 
     def to(self, address: str) -> list[EmailMessage]:
         return [m for _, m in self.messages() if address.lower() in str(m["To"]).lower()]
@@ -197,7 +214,10 @@ class Mailbox:
         return set(self.dir.glob("*.eml"))
 
     async def wait_for(
-        self, predicate: Callable[[EmailMessage], bool], timeout: float = 60.0, count: int = 1,
+        self,
+        predicate: Callable[[EmailMessage], bool],
+        timeout: float = 60.0,
+        count: int = 1,
         after: set[Path] | None = None,
     ) -> list[EmailMessage]:
         deadline = time.monotonic() + timeout

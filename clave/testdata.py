@@ -48,8 +48,12 @@ class Citizen:
 
     def record(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "national_id": self.national_id, "profile": self.profile, "name": self.name,
-            "email": self.email, "locale": self.locale, "answers": self.answers,
+            "national_id": self.national_id,
+            "profile": self.profile,
+            "name": self.name,
+            "email": self.email,
+            "locale": self.locale,
+            "answers": self.answers,
             "password": self.password,
         }
         if self.representative_id:
@@ -61,17 +65,30 @@ def new_citizen(profile: str = "affiliate", locale: str = "es", domain: str = "e
     tag = uuid.uuid4().hex[:10]
     if profile == "employer":
         return Citizen(
-            national_id=random_ruc(), email=f"empresa.{tag}@{domain}", name=f"Empresa {tag} S.A.",
-            answers={"birth_date": "1975-06-01", "fingerprint_code": f"E{tag[:4].upper()}I{tag[4:8]}",
-                     "mother_surname": "Zambrano"},
-            password=f"Inicial{secrets.randbelow(10**4):04d}", profile="employer",
-            representative_id=random_cedula(), locale=locale,
+            national_id=random_ruc(),
+            email=f"empresa.{tag}@{domain}",
+            name=f"Empresa {tag} S.A.",
+            answers={
+                "birth_date": "1975-06-01",
+                "fingerprint_code": f"E{tag[:4].upper()}I{tag[4:8]}",
+                "mother_surname": "Zambrano",
+            },
+            password=f"Inicial{secrets.randbelow(10**4):04d}",
+            profile="employer",
+            representative_id=random_cedula(),
+            locale=locale,
         )
     return Citizen(
-        national_id=random_cedula(), email=f"ciudadano.{tag}@{domain}", name=f"José Núñez {tag[:4]}",
-        answers={"birth_date": "1984-03-09", "fingerprint_code": f"V{tag[:4].upper()}V{tag[4:8]}",
-                 "mother_surname": "Andrade"},
-        password=f"Inicial{secrets.randbelow(10**4):04d}", locale=locale,
+        national_id=random_cedula(),
+        email=f"ciudadano.{tag}@{domain}",
+        name=f"José Núñez {tag[:4]}",
+        answers={
+            "birth_date": "1984-03-09",
+            "fingerprint_code": f"V{tag[:4].upper()}V{tag[4:8]}",
+            "mother_surname": "Andrade",
+        },
+        password=f"Inicial{secrets.randbelow(10**4):04d}",
+        locale=locale,
     )
 
 
@@ -81,6 +98,5 @@ def new_key() -> str:
 
 
 def write_jsonl(citizens: list[Citizen], path: Path) -> Path:
-    path.write_text("".join(json.dumps(c.record(), ensure_ascii=False) + "\n" for c in citizens),
-                    encoding="utf-8")
+    path.write_text("".join(json.dumps(c.record(), ensure_ascii=False) + "\n" for c in citizens), encoding="utf-8")
     return path

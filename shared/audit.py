@@ -29,9 +29,7 @@ from shared.topics import AUDIT_EVENTS, EventType
 GENESIS = "0" * 64
 
 
-def audit_event(
-    record: AuditRecord, *, correlationid: str, causationid: str | None, source: str
-) -> Outgoing:
+def audit_event(record: AuditRecord, *, correlationid: str, causationid: str | None, source: str) -> Outgoing:
     event = new_event(
         type=EventType.AUDIT,
         source=source,
@@ -64,9 +62,7 @@ class Break:
     problem: str
 
 
-def verify_chain(
-    events: Iterable[dict[str, Any]], *, key: str, from_start: bool = True
-) -> tuple[int, list[Break]]:
+def verify_chain(events: Iterable[dict[str, Any]], *, key: str, from_start: bool = True) -> tuple[int, list[Break]]:
     """Check MACs and per-producer chains over events in log order.
 
     Exact redeliveries of the same sealed event (same id, same bytes; an
@@ -105,8 +101,12 @@ def verify_chain(
             continue
         if seq != last_seq + 1:
             breaks.append(
-                Break(position, event_id, producer, f"sequence {seq} after {last_seq}: missing, "
-                      "inserted or reordered event")
+                Break(
+                    position,
+                    event_id,
+                    producer,
+                    f"sequence {seq} after {last_seq}: missing, inserted or reordered event",
+                )
             )
         elif not constant_time_equal(prev, last_hash):
             breaks.append(Break(position, event_id, producer, "previous-hash mismatch"))

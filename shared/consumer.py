@@ -94,14 +94,11 @@ class HandlerContext:
             details=details or {},
         )
         self.outgoing.append(
-            audit_event(record, correlationid=self.event.correlationid, causationid=self.event.id,
-                        source=self.source)
+            audit_event(record, correlationid=self.event.correlationid, causationid=self.event.id, source=self.source)
         )
 
     async def commit(self, writes: Writes | None = None) -> None:
-        await self.store.commit(
-            consumer=self.consumer, event_id=self.event.id, writes=writes, outgoing=self.outgoing
-        )
+        await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=writes, outgoing=self.outgoing)
         self.committed = True
 
 
@@ -130,6 +127,7 @@ class EventPipeline:
         self.topic = topic
         self.consumer = f"{service}:{topic}"
         self.routes = routes
+        self.known_types = frozenset(routes)
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -156,7 +154,7 @@ class EventPipeline:
 
     async def _process(self, record: ConsumerRecord[Any, Any], raw: bytes) -> None:
         try:
-            event = parse_event(raw, max_bytes=self.settings.max_event_bytes, known_types=self.routes.keys())
+            event = parse_event(raw, max_bytes=self.settings.max_event_bytes, known_types=self.known_types)
             route = self.routes[event.type]
             try:
                 data = route.model.model_validate(event.data)
@@ -188,8 +186,11 @@ class EventPipeline:
             "sealed_payload": self.dlq_box.seal_bytes(raw),
         }
         letter = new_event(
-            type=EventType.DEAD_LETTER, source=f"/clave/{self.service}", data=data,
-            correlationid=correlation, subject=bad.reason,
+            type=EventType.DEAD_LETTER,
+            source=f"/clave/{self.service}",
+            data=data,
+            correlationid=correlation,
+            subject=bad.reason,
         )
         key = record.key.decode("utf-8", "replace") if record.key else origin
         headers = {
@@ -200,20 +201,19 @@ class EventPipeline:
             "clave-origin-offset": str(record.offset),
         }
         record_audit = AuditRecord(
-            service=self.service, action="message_dead_lettered", outcome="rejected",
+            service=self.service,
+            action="message_dead_lettered",
+            outcome="rejected",
             reasons=[bad.reason],
             details={"topic": record.topic, "partition": record.partition, "offset": record.offset},
         )
         outgoing = [
             Outgoing(topic=dlq(record.topic), key=key, event=letter, headers=headers),
-            audit_event(record_audit, correlationid=correlation, causationid=None,
-                        source=f"/clave/{self.service}"),
+            audit_event(record_audit, correlationid=correlation, causationid=None, source=f"/clave/{self.service}"),
         ]
         try:
             # Keyed by position, so a redelivered bad record is parked once.
-            await self.store.commit(
-                consumer=f"{self.consumer}:dlq", event_id=origin, writes=None, outgoing=outgoing
-            )
+            await self.store.commit(consumer=f"{self.consumer}:dlq", event_id=origin, writes=None, outgoing=outgoing)
         except DuplicateEvent:
             return
         self.metrics.dead_letters.labels(record.topic, bad.reason).inc()

@@ -32,9 +32,7 @@ class SecretHasher:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._hasher.hash, secret)
 
     async def verify(self, stored_hash: str, secret: str) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._verify_sync, stored_hash, secret
-        )
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._verify_sync, stored_hash, secret)
 
     def _verify_sync(self, stored_hash: str, secret: str) -> bool:
         try:

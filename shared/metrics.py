@@ -26,15 +26,18 @@ class ServiceMetrics:
         self.service = service
         self.registry = CollectorRegistry()
         r = self.registry
-        self.consumed = Counter(
-            "clave_events_consumed_total", "Events handled", ["topic", "type"], registry=r
-        )
+        self.consumed = Counter("clave_events_consumed_total", "Events handled", ["topic", "type"], registry=r)
         self.failures = Counter(
-            "clave_handler_failures_total", "Handler runs that raised (redelivered)", ["topic", "error"],
+            "clave_handler_failures_total",
+            "Handler runs that raised (redelivered)",
+            ["topic", "error"],
             registry=r,
         )
         self.duration = Histogram(
-            "clave_handler_seconds", "Handler processing time", ["topic"], buckets=LATENCY_BUCKETS,
+            "clave_handler_seconds",
+            "Handler processing time",
+            ["topic"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.dead_letters = Counter(
@@ -101,8 +104,7 @@ class HealthServer:
                 + body
             )
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, IndexError,
-                ConnectionError):
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, IndexError, ConnectionError):
             pass
         finally:
             writer.close()

@@ -135,6 +135,7 @@ class OutboxRelay:
 
     async def _seal_audit(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Give each unsealed audit event its place in the chain, durably, before publishing."""
+
         async def work(session: AsyncClientSession) -> list[dict[str, Any]]:
             head = await self.store.db[LEASES].find_one({"_id": CHAIN_ID}, session=session) or {
                 "seq": 0,

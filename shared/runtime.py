@@ -65,8 +65,13 @@ class Service:
 
     def consume(self, topic: str, routes: dict[str, Route]) -> None:
         pipeline = EventPipeline(
-            service=self.name, topic=topic, routes=routes, store=self.store, settings=self.settings,
-            metrics=self.metrics, on_committed=self.relay.wake,
+            service=self.name,
+            topic=topic,
+            routes=routes,
+            store=self.store,
+            settings=self.settings,
+            metrics=self.metrics,
+            on_committed=self.relay.wake,
         )
 
         @self.broker.subscriber(

@@ -63,8 +63,7 @@ class Outgoing:
 
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PyMongoError) and (
-        exc.has_error_label("TransientTransactionError")
-        or exc.has_error_label("UnknownTransactionCommitResult")
+        exc.has_error_label("TransientTransactionError") or exc.has_error_label("UnknownTransactionCommitResult")
     ):
         return True
     if isinstance(exc, OperationFailure) and exc.code == 112:  # WriteConflict
@@ -102,9 +101,7 @@ class ServiceStore:
     async def close(self) -> None:
         await self.client.close()
 
-    async def in_transaction(
-        self, work: Callable[[AsyncClientSession], Awaitable[T]], *, attempts: int = 8
-    ) -> T:
+    async def in_transaction(self, work: Callable[[AsyncClientSession], Awaitable[T]], *, attempts: int = 8) -> T:
         """Run `work` in a transaction, retrying transient failures (write conflicts, failover)."""
         delay = 0.05
         for attempt in range(1, attempts + 1):

@@ -20,16 +20,15 @@ def make_store(settings: Settings) -> AccountStore:
 
 def build(settings: Settings | None = None) -> Service:
     settings = settings or get_settings()
-    service = Service(NAME, make_store(settings), settings)
+    store = make_store(settings)
+    service = Service(NAME, store, settings)
     hasher = SecretHasher(settings)
-    handlers = IdentityHandlers(service.store, hasher, settings, service.metrics)  # type: ignore[arg-type]
+    handlers = IdentityHandlers(store, hasher, settings, service.metrics)
     service.consume(
         RECOVERY_REQUESTS,
         {EventType.RECOVERY_REQUESTED: Route(RecoveryRequested, handlers.recovery_requested)},
     )
-    service.consume(
-        PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)}
-    )
+    service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})
     service.consume(
         IDENTITY_COMMANDS,
         {

@@ -39,9 +39,7 @@ def recipient(account: Account, email: str | None = None) -> Recipient:
 
 
 class IdentityHandlers:
-    def __init__(
-        self, store: AccountStore, hasher: SecretHasher, settings: Settings, metrics: ServiceMetrics
-    ) -> None:
+    def __init__(self, store: AccountStore, hasher: SecretHasher, settings: Settings, metrics: ServiceMetrics) -> None:
         self.store = store
         self.hasher = hasher
         self.settings = settings
@@ -69,12 +67,13 @@ class IdentityHandlers:
         now = datetime.now(UTC)
         if await self.store.request_seen(req.request_id):
             # Same request_id under a new event id: the first copy already had its effect.
-            ctx.audit("recovery_requested", "rejected", request_id=req.request_id,
-                      reasons=[Reason.DUPLICATE_REQUEST])
+            ctx.audit("recovery_requested", "rejected", request_id=req.request_id, reasons=[Reason.DUPLICATE_REQUEST])
             return
         # Whatever happens next, the portal sees the same answer (no account enumeration).
         ctx.emit(
-            RECOVERY_OUTCOMES, req.request_id, EventType.RECOVERY_OUTCOME,
+            RECOVERY_OUTCOMES,
+            req.request_id,
+            EventType.RECOVERY_OUTCOME,
             RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
         )
         ip_ref = self.ref(req.client_ip)
@@ -95,9 +94,10 @@ class IdentityHandlers:
         representative_ok = self._representative_ok(account, req.representative_id)
 
         decision = domain.decide(
-            Evidence(req.captcha_passed, id_valid, account, answers_ok, email_ok, representative_ok,
-                     ip_limited),
-            now, self.lockout, self.mailbox,
+            Evidence(req.captcha_passed, id_valid, account, answers_ok, email_ok, representative_ok, ip_limited),
+            now,
+            self.lockout,
+            self.mailbox,
         )
         subject_ref = self.ref(national_id)
         account_id = account.account_id if account else None
@@ -105,26 +105,51 @@ class IdentityHandlers:
         if decision.verified:
             assert account is not None
             ctx.emit(
-                IDENTITY_VERIFIED, account.account_id, EventType.IDENTITY_VERIFIED,
-                IdentityVerified(request_id=req.request_id, account_id=account.account_id,
-                                 recipient=recipient(account)),
+                IDENTITY_VERIFIED,
+                account.account_id,
+                EventType.IDENTITY_VERIFIED,
+                IdentityVerified(
+                    request_id=req.request_id, account_id=account.account_id, recipient=recipient(account)
+                ),
             )
-            ctx.audit("recovery_requested", "success", account_id=account_id, request_id=req.request_id,
-                      details={"profile": req.profile})
+            ctx.audit(
+                "recovery_requested",
+                "success",
+                account_id=account_id,
+                request_id=req.request_id,
+                details={"profile": req.profile},
+            )
         else:
-            ctx.audit("recovery_requested", "rejected", account_id=account_id,
-                      subject_ref=None if account_id else subject_ref, request_id=req.request_id,
-                      reasons=decision.reasons, details={"profile": req.profile})
+            ctx.audit(
+                "recovery_requested",
+                "rejected",
+                account_id=account_id,
+                subject_ref=None if account_id else subject_ref,
+                request_id=req.request_id,
+                reasons=decision.reasons,
+                details={"profile": req.profile},
+            )
         if decision.lock:
-            ctx.audit("account_locked", "info", account_id=account_id, request_id=req.request_id,
-                      reasons=decision.reasons,
-                      details={"locked_until": locked_until.isoformat() if locked_until else None})
+            ctx.audit(
+                "account_locked",
+                "info",
+                account_id=account_id,
+                request_id=req.request_id,
+                reasons=decision.reasons,
+                details={"locked_until": locked_until.isoformat() if locked_until else None},
+            )
         if decision.send_locked_notice and account is not None:
             until = locked_until or account.locked_until or now
             ctx.emit(
-                IDENTITY_LOCKED, account.account_id, EventType.IDENTITY_LOCKED,
-                IdentityLocked(request_id=req.request_id, account_id=account.account_id,
-                               recipient=recipient(account), locked_until=until),
+                IDENTITY_LOCKED,
+                account.account_id,
+                EventType.IDENTITY_LOCKED,
+                IdentityLocked(
+                    request_id=req.request_id,
+                    account_id=account.account_id,
+                    recipient=recipient(account),
+                    locked_until=until,
+                ),
             )
 
         async def writes(s: AsyncClientSession) -> None:
@@ -178,8 +203,13 @@ class IdentityHandlers:
             await self.store.unlock(evt.account_id, s)
 
         if was_locked:
-            ctx.audit("account_unlocked", "success", account_id=evt.account_id, request_id=evt.request_id,
-                      details={"by": "key_change"})
+            ctx.audit(
+                "account_unlocked",
+                "success",
+                account_id=evt.account_id,
+                request_id=evt.request_id,
+                details={"by": "key_change"},
+            )
         await ctx.commit(writes)
 
     # ---- identity.commands: operator actions --------------------------------------------------
@@ -191,15 +221,26 @@ class IdentityHandlers:
                 cmd.national_id,
             )
         except domain.InvalidId:
-            ctx.audit(action, "rejected", actor=cmd.operator_id, subject_ref=self.ref(cmd.national_id),
-                      reasons=[Reason.ID_INVALID], details={"reason": cmd.reason, "command_id": cmd.command_id})
+            ctx.audit(
+                action,
+                "rejected",
+                actor=cmd.operator_id,
+                subject_ref=self.ref(cmd.national_id),
+                reasons=[Reason.ID_INVALID],
+                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            )
             self.operator_commands.labels(action, "rejected").inc()
             return None
         account = await self.store.by_national_id(national_id)
         if account is None:
-            ctx.audit(action, "rejected", actor=cmd.operator_id, subject_ref=self.ref(national_id),
-                      reasons=[Reason.ACCOUNT_UNKNOWN],
-                      details={"reason": cmd.reason, "command_id": cmd.command_id})
+            ctx.audit(
+                action,
+                "rejected",
+                actor=cmd.operator_id,
+                subject_ref=self.ref(national_id),
+                reasons=[Reason.ACCOUNT_UNKNOWN],
+                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            )
             self.operator_commands.labels(action, "rejected").inc()
         return account
 
@@ -211,8 +252,13 @@ class IdentityHandlers:
         async def writes(s: AsyncClientSession) -> None:
             await self.store.unlock(account.account_id, s)
 
-        ctx.audit("operator_unlock", "success", actor=cmd.operator_id, account_id=account.account_id,
-                  details={"reason": cmd.reason, "command_id": cmd.command_id})
+        ctx.audit(
+            "operator_unlock",
+            "success",
+            actor=cmd.operator_id,
+            account_id=account.account_id,
+            details={"reason": cmd.reason, "command_id": cmd.command_id},
+        )
         await ctx.commit(writes)
         self.operator_commands.labels("operator_unlock", "success").inc()
 
@@ -223,20 +269,39 @@ class IdentityHandlers:
         try:
             new_email = domain.normalize_email(cmd.new_email or "")
         except ValueError:
-            ctx.audit("operator_email_update", "rejected", actor=cmd.operator_id,
-                      account_id=account.account_id, reasons=["email_invalid"],
-                      details={"reason": cmd.reason, "command_id": cmd.command_id})
+            ctx.audit(
+                "operator_email_update",
+                "rejected",
+                actor=cmd.operator_id,
+                account_id=account.account_id,
+                reasons=["email_invalid"],
+                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            )
             self.operator_commands.labels("operator_email_update", "rejected").inc()
             return
         ctx.emit(
-            IDENTITY_EMAIL_CHANGED, account.account_id, EventType.IDENTITY_EMAIL_CHANGED,
-            EmailChanged(command_id=cmd.command_id, account_id=account.account_id,
-                         old_recipient=recipient(account), new_recipient=recipient(account, new_email),
-                         operator_id=cmd.operator_id),
+            IDENTITY_EMAIL_CHANGED,
+            account.account_id,
+            EventType.IDENTITY_EMAIL_CHANGED,
+            EmailChanged(
+                command_id=cmd.command_id,
+                account_id=account.account_id,
+                old_recipient=recipient(account),
+                new_recipient=recipient(account, new_email),
+                operator_id=cmd.operator_id,
+            ),
         )
-        ctx.audit("operator_email_update", "success", actor=cmd.operator_id, account_id=account.account_id,
-                  details={"reason": cmd.reason, "command_id": cmd.command_id,
-                           "new_email_masked": domain.mask_email(new_email)})
+        ctx.audit(
+            "operator_email_update",
+            "success",
+            actor=cmd.operator_id,
+            account_id=account.account_id,
+            details={
+                "reason": cmd.reason,
+                "command_id": cmd.command_id,
+                "new_email_masked": domain.mask_email(new_email),
+            },
+        )
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.set_email(account.account_id, new_email, s)
@@ -251,19 +316,37 @@ class IdentityHandlers:
         now = datetime.now(UTC)
         request_id = f"op-{cmd.command_id}"
         if not self.mailbox.allows(account.mails_sent, now):
-            ctx.audit("operator_send_recovery", "rejected", actor=cmd.operator_id,
-                      account_id=account.account_id, request_id=request_id, reasons=[Reason.RATE_LIMITED],
-                      details={"reason": cmd.reason, "command_id": cmd.command_id})
+            ctx.audit(
+                "operator_send_recovery",
+                "rejected",
+                actor=cmd.operator_id,
+                account_id=account.account_id,
+                request_id=request_id,
+                reasons=[Reason.RATE_LIMITED],
+                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            )
             self.operator_commands.labels("operator_send_recovery", "rejected").inc()
             return
         # The mail goes to the registered address only; the operator never sees the link.
         ctx.emit(
-            IDENTITY_VERIFIED, account.account_id, EventType.IDENTITY_VERIFIED,
-            IdentityVerified(request_id=request_id, account_id=account.account_id,
-                             recipient=recipient(account), actor=cmd.operator_id),
+            IDENTITY_VERIFIED,
+            account.account_id,
+            EventType.IDENTITY_VERIFIED,
+            IdentityVerified(
+                request_id=request_id,
+                account_id=account.account_id,
+                recipient=recipient(account),
+                actor=cmd.operator_id,
+            ),
         )
-        ctx.audit("operator_send_recovery", "success", actor=cmd.operator_id, account_id=account.account_id,
-                  request_id=request_id, details={"reason": cmd.reason, "command_id": cmd.command_id})
+        ctx.audit(
+            "operator_send_recovery",
+            "success",
+            actor=cmd.operator_id,
+            account_id=account.account_id,
+            request_id=request_id,
+            details={"reason": cmd.reason, "command_id": cmd.command_id},
+        )
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.record_mail(account.account_id, now, s)

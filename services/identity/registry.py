@@ -110,9 +110,7 @@ async def import_accounts(
         except ValueError as exc:
             report.errors.append((number, str(exc)))
             continue
-        hashes = {
-            q: await hasher.hash(domain.normalize_answer(a)) for q, a in sorted(record.answers.items())
-        }
+        hashes = {q: await hasher.hash(domain.normalize_answer(a)) for q, a in sorted(record.answers.items())}
         existing = await store.raw_by_national_id(clean["national_id"])
         account_id = existing["_id"] if existing else uuid.uuid4().hex
         registry_fields = {
@@ -128,7 +126,9 @@ async def import_accounts(
         outgoing: list[Outgoing] = []
         if existing is None and record.password is not None:
             event = new_event(
-                type=EventType.ACCOUNT_REGISTERED, source=SOURCE, correlationid=command_id,
+                type=EventType.ACCOUNT_REGISTERED,
+                source=SOURCE,
+                correlationid=command_id,
                 data=AccountRegistered(
                     account_id=account_id,
                     sealed_initial_key=password_box.seal({"password": record.password}),
@@ -138,20 +138,35 @@ async def import_accounts(
         action = "account_updated" if existing else "account_imported"
         outgoing.append(
             audit_event(
-                AuditRecord(service="identity", action=action, outcome="success", actor=operator_id,
-                            account_id=account_id,
-                            subject_ref=keyed_hash(settings.pseudonym_key, clean["national_id"]),
-                            details={"profile": record.profile, "line": number}),
-                correlationid=command_id, causationid=None, source=SOURCE,
+                AuditRecord(
+                    service="identity",
+                    action=action,
+                    outcome="success",
+                    actor=operator_id,
+                    account_id=account_id,
+                    subject_ref=keyed_hash(settings.pseudonym_key, clean["national_id"]),
+                    details={"profile": record.profile, "line": number},
+                ),
+                correlationid=command_id,
+                causationid=None,
+                source=SOURCE,
             )
         )
 
-        async def writes(s: AsyncClientSession, account_id: str = account_id,
-                         fields: dict[str, Any] = registry_fields) -> None:
+        async def writes(
+            s: AsyncClientSession, account_id: str = account_id, fields: dict[str, Any] = registry_fields
+        ) -> None:
             await store.db[ACCOUNTS].update_one(
                 {"_id": account_id},
-                {"$set": fields, "$setOnInsert": {"failures": [], "locked_until": None, "mails_sent": [],
-                                                  "created_at": datetime.now(UTC)}},
+                {
+                    "$set": fields,
+                    "$setOnInsert": {
+                        "failures": [],
+                        "locked_until": None,
+                        "mails_sent": [],
+                        "created_at": datetime.now(UTC),
+                    },
+                },
                 upsert=True,
                 session=s,
             )

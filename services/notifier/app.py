@@ -22,8 +22,6 @@ def build(settings: Settings | None = None) -> Service:
     service.consume(TOKENS_ISSUED, {EventType.TOKENS_ISSUED: Route(TokensIssued, h.tokens_issued)})
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(IDENTITY_LOCKED, {EventType.IDENTITY_LOCKED: Route(IdentityLocked, h.identity_locked)})
-    service.consume(
-        IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)}
-    )
+    service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
     service.every("mail-sender", 1.0, sender.run_forever)
     return service

@@ -28,7 +28,7 @@ class RetryPolicy:
     maximum: float = 30.0
 
     def next_delay(self, attempts: int) -> float:
-        return min(self.initial * 2 ** max(attempts - 1, 0), self.maximum)
+        return min(self.initial * 2 ** min(max(attempts - 1, 0), 64), self.maximum)
 
     def after_failure(self, attempts: int, permanent: bool, now: datetime) -> tuple[str, datetime | None]:
         """New state and next attempt time after the `attempts`-th attempt failed."""

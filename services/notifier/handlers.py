@@ -46,8 +46,17 @@ class NotifierHandlers:
         self.box = SecretBox(settings.notifier_keys)
         self.wake_sender = wake_sender
 
-    def _doc(self, ctx: HandlerContext, kind: str, to: Recipient, *, account_id: str,
-             request_id: str | None, context: dict[str, Any], sealed: str | None = None) -> dict[str, Any]:
+    def _doc(
+        self,
+        ctx: HandlerContext,
+        kind: str,
+        to: Recipient,
+        *,
+        account_id: str,
+        request_id: str | None,
+        context: dict[str, Any],
+        sealed: str | None = None,
+    ) -> dict[str, Any]:
         now = datetime.now(UTC)
         return {
             "_id": domain.notification_id(ctx.event.id, kind),
@@ -81,48 +90,92 @@ class NotifierHandlers:
             self.box.open(evt.sealed_secrets)  # fail now (DLQ) rather than at send time
         except SealError:
             raise BadInput(DeadLetterReason.UNDECRYPTABLE, "sealed secrets do not open with NOTIFIER_KEYS") from None
-        await self._queue(ctx, [self._doc(
-            ctx, "recovery_link", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
-            context={"link_minutes": self.settings.link_ttl_s // 60,
-                     "code_minutes": self.settings.code_ttl_s // 60},
-            sealed=evt.sealed_secrets,
-        )])
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "recovery_link",
+                    evt.recipient,
+                    account_id=evt.account_id,
+                    request_id=evt.request_id,
+                    context={
+                        "link_minutes": self.settings.link_ttl_s // 60,
+                        "code_minutes": self.settings.code_ttl_s // 60,
+                    },
+                    sealed=evt.sealed_secrets,
+                )
+            ],
+        )
 
     async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
-        await self._queue(ctx, [self._doc(
-            ctx, "password_changed", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
-            context={"changed_at": evt.changed_at.strftime("%Y-%m-%d %H:%M UTC")},
-        )])
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "password_changed",
+                    evt.recipient,
+                    account_id=evt.account_id,
+                    request_id=evt.request_id,
+                    context={"changed_at": evt.changed_at.strftime("%Y-%m-%d %H:%M UTC")},
+                )
+            ],
+        )
 
     async def identity_locked(self, ctx: HandlerContext, evt: IdentityLocked) -> None:
         minutes = max(1, int((evt.locked_until - datetime.now(UTC)).total_seconds() // 60))
-        await self._queue(ctx, [self._doc(
-            ctx, "account_locked", evt.recipient, account_id=evt.account_id, request_id=evt.request_id,
-            context={"unlock_minutes": minutes},
-        )])
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "account_locked",
+                    evt.recipient,
+                    account_id=evt.account_id,
+                    request_id=evt.request_id,
+                    context={"unlock_minutes": minutes},
+                )
+            ],
+        )
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
-        await self._queue(ctx, [
-            self._doc(ctx, "email_changed_old", evt.old_recipient, account_id=evt.account_id, request_id=None,
-                      context={"changed_at": when, "new_email_masked": mask_email(evt.new_recipient.email)}),
-            self._doc(ctx, "email_changed_new", evt.new_recipient, account_id=evt.account_id, request_id=None,
-                      context={"changed_at": when}),
-        ])
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "email_changed_old",
+                    evt.old_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={"changed_at": when, "new_email_masked": mask_email(evt.new_recipient.email)},
+                ),
+                self._doc(
+                    ctx,
+                    "email_changed_new",
+                    evt.new_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={"changed_at": when},
+                ),
+            ],
+        )
 
 
 class MailSender:
     """Delivers queued notifications. Several instances may run: each claims atomically."""
 
-    def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics,
-                 on_outbox: Any) -> None:
+    def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics, on_outbox: Any) -> None:
         self.store = store
         self.settings = settings
         self.on_outbox = on_outbox
         self.box = SecretBox(settings.notifier_keys)
         self.renderer = MailRenderer(settings.templates_dir or None)
-        self.retry = RetryPolicy(settings.smtp_max_attempts, settings.smtp_backoff_initial_s,
-                                 settings.smtp_backoff_max_s)
+        self.retry = RetryPolicy(
+            settings.smtp_max_attempts, settings.smtp_backoff_initial_s, settings.smtp_backoff_max_s
+        )
         self.wake = asyncio.Event()
         self.sent = metrics.counter("clave_mails_sent_total", "E-mails accepted by SMTP", ["kind"])
         self.failed = metrics.counter("clave_mails_failed_total", "E-mails given up", ["kind"])
@@ -152,9 +205,7 @@ class MailSender:
         context = {"name": doc["name"], **doc["context"]}
         if doc.get("sealed"):
             secrets = self.box.open(doc["sealed"])
-            context["link"] = domain.recovery_link(
-                self.settings.portal_base_url, doc["request_id"], secrets["token"]
-            )
+            context["link"] = domain.recovery_link(self.settings.portal_base_url, doc["request_id"], secrets["token"])
             context["code"] = secrets["code"]
         return context
 
@@ -165,8 +216,12 @@ class MailSender:
         try:
             rendered = self.renderer.render(doc["kind"], doc["locale"], **self._render_context(doc))
             message = build_message(
-                rendered, to=doc["to"], mail_from=self.settings.mail_from, reply_to=self.settings.mail_reply_to,
-                message_id=domain.message_id(doc["_id"]), date=now,
+                rendered,
+                to=doc["to"],
+                mail_from=self.settings.mail_from,
+                reply_to=self.settings.mail_reply_to,
+                message_id=domain.message_id(doc["_id"]),
+                date=now,
             )
             await aiosmtplib.send(
                 message,
@@ -195,9 +250,11 @@ class MailSender:
         log.warning("mail %s attempt %d: %s -> %s", doc["_id"], doc["attempts"], error, state)
         if state == State.PENDING:
             self.retried.labels(doc["kind"]).inc()
-            await self.store.in_transaction(lambda s: self.store.finish(
-                doc["_id"], {"$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error}}, s
-            ))
+            await self.store.in_transaction(
+                lambda s: self.store.finish(
+                    doc["_id"], {"$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error}}, s
+                )
+            )
         else:
             await self._settle(doc, State.FAILED, error, now)
             self.failed.labels(doc["kind"]).inc()
@@ -205,32 +262,42 @@ class MailSender:
     async def _settle(self, doc: dict[str, Any], state: str, error: str | None, now: datetime) -> None:
         """Record the final state, drop the sealed secrets, and announce it (event + audit)."""
         result = NotificationResult(
-            notification_id=doc["_id"], kind=doc["kind"], account_id=doc["account_id"],
-            request_id=doc["request_id"], attempts=doc["attempts"], error=error,
+            notification_id=doc["_id"],
+            kind=doc["kind"],
+            account_id=doc["account_id"],
+            request_id=doc["request_id"],
+            attempts=doc["attempts"],
+            error=error,
         )
         sent = state == State.SENT
         event = new_event(
-            type=EventType.NOTIFIER_SENT if sent else EventType.NOTIFIER_FAILED, source=SOURCE,
-            data=result.model_dump(mode="json"), correlationid=doc["correlationid"],
+            type=EventType.NOTIFIER_SENT if sent else EventType.NOTIFIER_FAILED,
+            source=SOURCE,
+            data=result.model_dump(mode="json"),
+            correlationid=doc["correlationid"],
             causationid=doc["causationid"],
         )
         record = AuditRecord(
-            service="notifier", action="mail_sent" if sent else "mail_failed",
-            outcome="success" if sent else "failed", account_id=doc["account_id"],
-            request_id=doc["request_id"], reasons=[] if sent else ["smtp_gave_up"],
+            service="notifier",
+            action="mail_sent" if sent else "mail_failed",
+            outcome="success" if sent else "failed",
+            account_id=doc["account_id"],
+            request_id=doc["request_id"],
+            reasons=[] if sent else ["smtp_gave_up"],
             details={"kind": doc["kind"], "attempts": doc["attempts"], "notification_id": doc["_id"]},
         )
         outgoing = [
             Outgoing(NOTIFIER_SENT if sent else NOTIFIER_FAILED, doc["account_id"], event),
-            audit_event(record, correlationid=doc["correlationid"], causationid=doc["causationid"],
-                        source=SOURCE),
+            audit_event(record, correlationid=doc["correlationid"], causationid=doc["causationid"], source=SOURCE),
         ]
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.finish(
                 doc["_id"],
-                {"$set": {"state": state, "finished_at": now, "last_error": error},
-                 "$unset": {"sealed": "", "lease_until": ""}},
+                {
+                    "$set": {"state": state, "finished_at": now, "last_error": error},
+                    "$unset": {"sealed": "", "lease_until": ""},
+                },
                 s,
             )
 

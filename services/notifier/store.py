@@ -27,10 +27,12 @@ class NotificationStore(ServiceStore):
     async def claim_due(self, now: datetime) -> dict[str, Any] | None:
         """Atomically take one due notification (or one whose sender died mid-send)."""
         return await self.db[NOTIFICATIONS].find_one_and_update(
-            {"$or": [
-                {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
-                {"state": State.SENDING, "lease_until": {"$lt": now}},
-            ]},
+            {
+                "$or": [
+                    {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
+                    {"state": State.SENDING, "lease_until": {"$lt": now}},
+                ]
+            },
             {"$set": {"state": State.SENDING, "lease_until": now + SENDING_LEASE}, "$inc": {"attempts": 1}},
             sort=[("next_attempt_at", 1)],
             return_document=ReturnDocument.AFTER,

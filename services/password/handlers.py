@@ -31,7 +31,11 @@ from shared.topics import PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
 
 class PasswordHandlers:
     def __init__(
-        self, store: CredentialStore, hasher: SecretHasher, policy: PasswordPolicy, settings: Settings,
+        self,
+        store: CredentialStore,
+        hasher: SecretHasher,
+        policy: PasswordPolicy,
+        settings: Settings,
         metrics: ServiceMetrics,
     ) -> None:
         self.store = store
@@ -56,8 +60,7 @@ class PasswordHandlers:
 
     async def account_registered(self, ctx: HandlerContext, evt: AccountRegistered) -> None:
         if await self.store.exists(evt.account_id):
-            ctx.audit("initial_key_skipped", "info", account_id=evt.account_id,
-                      reasons=["credential_exists"])
+            ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
             return
         key = self._open(evt.sealed_initial_key, "password")
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
@@ -81,9 +84,7 @@ class PasswordHandlers:
         if not reasons:
             # Every past hash is checked, not stopping at the first match: constant work.
             normalized = domain.hashable(candidate)
-            matches = await asyncio.gather(
-                *(self.hasher.verify(h, normalized) for h in history.hashes(self.depth))
-            )
+            matches = await asyncio.gather(*(self.hasher.verify(h, normalized) for h in history.hashes(self.depth)))
             reused = any(matches)
         reasons = domain.assess(self.policy, candidate, reused)
         if reasons:
@@ -94,12 +95,24 @@ class PasswordHandlers:
             return
         new_history = history.rotate(await self.hasher.hash(domain.hashable(candidate)), self.depth)
         ctx.emit(
-            PASSWORD_UPDATED, evt.account_id, EventType.PASSWORD_UPDATED,
-            PasswordUpdated(request_id=evt.request_id, account_id=evt.account_id, token_id=evt.token_id,
-                            recipient=evt.recipient, changed_at=now),
+            PASSWORD_UPDATED,
+            evt.account_id,
+            EventType.PASSWORD_UPDATED,
+            PasswordUpdated(
+                request_id=evt.request_id,
+                account_id=evt.account_id,
+                token_id=evt.token_id,
+                recipient=evt.recipient,
+                changed_at=now,
+            ),
         )
-        ctx.audit("key_changed", "success", account_id=evt.account_id, request_id=evt.request_id,
-                  details={"token_id": evt.token_id, "policy": self.policy.name})
+        ctx.audit(
+            "key_changed",
+            "success",
+            account_id=evt.account_id,
+            request_id=evt.request_id,
+            details={"token_id": evt.token_id, "policy": self.policy.name},
+        )
 
         async def save(s: AsyncClientSession) -> None:
             await self.store.save(evt.account_id, new_history, now, s, token_id=evt.token_id)
@@ -110,12 +123,21 @@ class PasswordHandlers:
 
     def _reject(self, ctx: HandlerContext, evt: TokensRedeemed, reasons: list[str]) -> None:
         ctx.emit(
-            PASSWORD_REJECTED, evt.account_id, EventType.PASSWORD_REJECTED,
-            PasswordRejected(request_id=evt.request_id, account_id=evt.account_id, token_id=evt.token_id,
-                             reasons=reasons),
+            PASSWORD_REJECTED,
+            evt.account_id,
+            EventType.PASSWORD_REJECTED,
+            PasswordRejected(
+                request_id=evt.request_id, account_id=evt.account_id, token_id=evt.token_id, reasons=reasons
+            ),
         )
-        ctx.audit("key_rejected", "rejected", account_id=evt.account_id, request_id=evt.request_id,
-                  reasons=reasons, details={"token_id": evt.token_id, "policy": self.policy.name})
+        ctx.audit(
+            "key_rejected",
+            "rejected",
+            account_id=evt.account_id,
+            request_id=evt.request_id,
+            reasons=reasons,
+            details={"token_id": evt.token_id, "policy": self.policy.name},
+        )
 
 
 __all__ = ["PasswordHandlers", "Reason"]

@@ -190,9 +190,7 @@ class NistPolicy:
         return reasons
 
 
-def nist_policy(
-    min_len: int = 15, max_len: int = 64, blocklist: Iterable[str] | None = None
-) -> PasswordPolicy:
+def nist_policy(min_len: int = 15, max_len: int = 64, blocklist: Iterable[str] | None = None) -> PasswordPolicy:
     """NIST profile; ``blocklist`` replaces the shipped list (entries are normalised here)."""
     keys = None if blocklist is None else frozenset(blocklist_key(e) for e in blocklist)
     return NistPolicy(min_len=min_len, max_len=max_len, blocklist=keys)

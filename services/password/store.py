@@ -30,7 +30,11 @@ class CredentialStore(ServiceStore):
         return await self.db[USED_TOKENS].find_one({"_id": token_id}, {"_id": 1}) is not None
 
     async def save(
-        self, account_id: str, history: KeyHistory, now: datetime, s: AsyncClientSession,
+        self,
+        account_id: str,
+        history: KeyHistory,
+        now: datetime,
+        s: AsyncClientSession,
         token_id: str | None = None,
     ) -> None:
         await self.db[CREDENTIALS].update_one(

@@ -32,12 +32,8 @@ def build(settings: Settings | None = None) -> Service:
     service.consume(IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)})
     service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)})
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
-    service.consume(
-        PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)}
-    )
-    service.consume(
-        IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)}
-    )
+    service.consume(PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)})
+    service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
 
     async def release_overdue() -> None:
         await h.release_overdue()

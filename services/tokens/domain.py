@@ -81,9 +81,7 @@ def redeem_by_token(token: TokenView | None, now: datetime) -> Redemption:
     return Redemption(True)
 
 
-def redeem_by_code(
-    token: TokenView | None, code: str, now: datetime, key: str, max_attempts: int
-) -> Redemption:
+def redeem_by_code(token: TokenView | None, code: str, now: datetime, key: str, max_attempts: int) -> Redemption:
     if token is None or token.state == State.REVOKED:
         return Redemption(False, Reason.TOKEN_INVALID)
     if token.state == State.DEAD or token.code_attempts >= max_attempts:

@@ -40,19 +40,20 @@ class TokenHandlers:
         self.password_box = SecretBox(settings.password_keys)
         self.issued = metrics.counter("clave_tokens_issued_total", "Tokens issued")
         self.redeemed = metrics.counter("clave_tokens_redeemed_total", "Tokens reserved for a key change")
-        self.rejected = metrics.counter(
-            "clave_tokens_rejected_total", "Reset submissions refused", ["reason"]
-        )
-        self.settled = metrics.counter(
-            "clave_tokens_settled_total", "Reservations settled", ["result"]
-        )
+        self.rejected = metrics.counter("clave_tokens_rejected_total", "Reset submissions refused", ["reason"])
+        self.settled = metrics.counter("clave_tokens_settled_total", "Reservations settled", ["result"])
 
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
     async def identity_verified(self, ctx: HandlerContext, evt: IdentityVerified) -> None:
         if await self.store.by_request(evt.request_id) is not None:
-            ctx.audit("token_issue_skipped", "info", account_id=evt.account_id,
-                      request_id=evt.request_id, reasons=["duplicate_request"])
+            ctx.audit(
+                "token_issue_skipped",
+                "info",
+                account_id=evt.account_id,
+                request_id=evt.request_id,
+                reasons=["duplicate_request"],
+            )
             return
         now = datetime.now(UTC)
         secrets = domain.new_secrets()
@@ -73,15 +74,27 @@ class TokenHandlers:
             "recipient": evt.recipient.model_dump(),
         }
         ctx.emit(
-            TOKENS_ISSUED, evt.account_id, EventType.TOKENS_ISSUED,
+            TOKENS_ISSUED,
+            evt.account_id,
+            EventType.TOKENS_ISSUED,
             TokensIssued(
-                request_id=evt.request_id, account_id=evt.account_id, token_id=token_id,
-                recipient=evt.recipient, link_expires_at=link_exp, code_expires_at=code_exp,
+                request_id=evt.request_id,
+                account_id=evt.account_id,
+                token_id=token_id,
+                recipient=evt.recipient,
+                link_expires_at=link_exp,
+                code_expires_at=code_exp,
                 sealed_secrets=self.notifier_box.seal({"token": secrets.token, "code": secrets.code}),
             ),
         )
-        ctx.audit("token_issued", "success", account_id=evt.account_id, request_id=evt.request_id,
-                  actor=evt.actor, details={"token_id": token_id, "revoked_earlier": len(earlier)})
+        ctx.audit(
+            "token_issued",
+            "success",
+            account_id=evt.account_id,
+            request_id=evt.request_id,
+            actor=evt.actor,
+            details={"token_id": token_id, "revoked_earlier": len(earlier)},
+        )
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.revoke(earlier, s)
@@ -100,8 +113,11 @@ class TokenHandlers:
         else:
             doc = await self.store.by_request(reset.request_id)
             verdict = domain.redeem_by_code(
-                to_view(doc) if doc else None, reset.code or "", now,
-                self.settings.code_hmac_key, self.settings.code_max_attempts,
+                to_view(doc) if doc else None,
+                reset.code or "",
+                now,
+                self.settings.code_hmac_key,
+                self.settings.code_max_attempts,
             )
         account_id = doc["account_id"] if doc else None
         # Everything downstream is labelled with the request_id the portal sent (from its link).
@@ -122,21 +138,32 @@ class TokenHandlers:
             return
         assert doc is not None
         ctx.emit(
-            TOKENS_REDEEMED, doc["account_id"], EventType.TOKENS_REDEEMED,
+            TOKENS_REDEEMED,
+            doc["account_id"],
+            EventType.TOKENS_REDEEMED,
             TokensRedeemed(
-                request_id=request_id, account_id=doc["account_id"], token_id=doc["_id"],
+                request_id=request_id,
+                account_id=doc["account_id"],
+                token_id=doc["_id"],
                 recipient=Recipient.model_validate(doc["recipient"]),
                 sealed_new_key=self.password_box.seal({"new_password": reset.new_password}),
             ),
         )
-        ctx.audit("token_reserved", "success", account_id=doc["account_id"], request_id=request_id,
-                  details={"token_id": doc["_id"], "by": "token" if reset.token else "code"})
+        ctx.audit(
+            "token_reserved",
+            "success",
+            account_id=doc["account_id"],
+            request_id=request_id,
+            details={"token_id": doc["_id"], "by": "token" if reset.token else "code"},
+        )
         until = now + timedelta(seconds=self.settings.reservation_timeout_s)
 
         async def reserve(s: AsyncClientSession) -> None:
             ok = await self.store.transition(
-                doc["_id"], [State.LIVE],
-                {"$set": {"state": State.RESERVED, "reserved_until": until}}, s,
+                doc["_id"],
+                [State.LIVE],
+                {"$set": {"state": State.RESERVED, "reserved_until": until}},
+                s,
             )
             if not ok:  # raced with another redemption: let redelivery decide again
                 raise RuntimeError("token changed state during redemption")
@@ -146,19 +173,27 @@ class TokenHandlers:
 
     def _reject(self, ctx: HandlerContext, request_id: str, reasons: list[str], account_id: str | None) -> None:
         ctx.emit(
-            RECOVERY_OUTCOMES, request_id, EventType.RECOVERY_OUTCOME,
+            RECOVERY_OUTCOMES,
+            request_id,
+            EventType.RECOVERY_OUTCOME,
             RecoveryOutcome(request_id=request_id, stage="reset", status="rejected", reasons=reasons),
         )
-        ctx.audit("reset_rejected", "rejected", account_id=account_id, request_id=request_id,
-                  reasons=reasons)
+        ctx.audit("reset_rejected", "rejected", account_id=account_id, request_id=request_id, reasons=reasons)
 
     # ---- saga: password.updated spends, password.rejected releases ----------------------------
 
     async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
-        ctx.audit("token_spent", "success", account_id=evt.account_id, request_id=evt.request_id,
-                  details={"token_id": evt.token_id})
+        ctx.audit(
+            "token_spent",
+            "success",
+            account_id=evt.account_id,
+            request_id=evt.request_id,
+            details={"token_id": evt.token_id},
+        )
         ctx.emit(
-            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
+            RECOVERY_OUTCOMES,
+            evt.request_id,
+            EventType.RECOVERY_OUTCOME,
             RecoveryOutcome(request_id=evt.request_id, stage="reset", status="completed"),
         )
 
@@ -170,7 +205,8 @@ class TokenHandlers:
 
     async def _spend(self, token_id: str, s: AsyncClientSession) -> None:
         await self.store.transition(
-            token_id, [State.RESERVED, State.LIVE],
+            token_id,
+            [State.RESERVED, State.LIVE],
             {"$set": {"state": State.SPENT, "spent_at": datetime.now(UTC)}, "$unset": {"reserved_until": ""}},
             s,
         )
@@ -179,10 +215,18 @@ class TokenHandlers:
         # The portal hears "rejected" only now, with the token live again (or spent, if the
         # password service had already used it: a late answer after a timed-out reservation).
         already_used = Reason.TOKEN_USED in evt.reasons
-        ctx.audit("token_spent" if already_used else "token_released", "info", account_id=evt.account_id,
-                  request_id=evt.request_id, reasons=evt.reasons, details={"token_id": evt.token_id})
+        ctx.audit(
+            "token_spent" if already_used else "token_released",
+            "info",
+            account_id=evt.account_id,
+            request_id=evt.request_id,
+            reasons=evt.reasons,
+            details={"token_id": evt.token_id},
+        )
         ctx.emit(
-            RECOVERY_OUTCOMES, evt.request_id, EventType.RECOVERY_OUTCOME,
+            RECOVERY_OUTCOMES,
+            evt.request_id,
+            EventType.RECOVERY_OUTCOME,
             RecoveryOutcome(request_id=evt.request_id, stage="reset", status="rejected", reasons=evt.reasons),
         )
 
@@ -191,8 +235,10 @@ class TokenHandlers:
                 await self._spend(evt.token_id, s)
             else:
                 await self.store.transition(
-                    evt.token_id, [State.RESERVED],
-                    {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}}, s,
+                    evt.token_id,
+                    [State.RESERVED],
+                    {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}},
+                    s,
                 )
 
         await ctx.commit(release)
@@ -200,8 +246,12 @@ class TokenHandlers:
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         live = await self.store.live_ids(evt.account_id)
-        ctx.audit("tokens_revoked", "info", account_id=evt.account_id,
-                  details={"count": len(live), "cause": "email_changed", "command_id": evt.command_id})
+        ctx.audit(
+            "tokens_revoked",
+            "info",
+            account_id=evt.account_id,
+            details={"count": len(live), "cause": "email_changed", "command_id": evt.command_id},
+        )
 
         async def revoke(s: AsyncClientSession) -> None:
             await self.store.revoke(live, s)
@@ -214,8 +264,11 @@ class TokenHandlers:
         now = datetime.now(UTC)
         for doc in await self.store.overdue_reservations(now):
             record = AuditRecord(
-                service="tokens", action="reservation_expired", outcome="info",
-                account_id=doc["account_id"], request_id=doc["request_id"],
+                service="tokens",
+                action="reservation_expired",
+                outcome="info",
+                account_id=doc["account_id"],
+                request_id=doc["request_id"],
                 details={"token_id": doc["_id"]},
             )
 
@@ -225,8 +278,11 @@ class TokenHandlers:
                 )
 
             await self.store.commit(
-                consumer=None, event_id=None, writes=release,
-                outgoing=[audit_event(record, correlationid=doc["request_id"], causationid=None,
-                                      source="/clave/tokens")],
+                consumer=None,
+                event_id=None,
+                writes=release,
+                outgoing=[
+                    audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
+                ],
             )
             self.settled.labels("timed_out").inc()

@@ -52,7 +52,8 @@ class TokenStore(ServiceStore):
     async def revoke(self, token_ids: list[str], s: AsyncClientSession) -> None:
         if token_ids:
             await self.db[TOKENS].update_many(
-                {"_id": {"$in": token_ids}, "state": State.LIVE}, {"$set": {"state": State.REVOKED}},
+                {"_id": {"$in": token_ids}, "state": State.LIVE},
+                {"$set": {"state": State.REVOKED}},
                 session=s,
             )
 
@@ -63,9 +64,7 @@ class TokenStore(ServiceStore):
     async def transition(
         self, token_id: str, from_states: list[str], update: dict[str, Any], s: AsyncClientSession
     ) -> bool:
-        result = await self.db[TOKENS].update_one(
-            {"_id": token_id, "state": {"$in": from_states}}, update, session=s
-        )
+        result = await self.db[TOKENS].update_one({"_id": token_id, "state": {"$in": from_states}}, update, session=s)
         return result.modified_count == 1
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:

@@ -111,8 +111,9 @@ def mailbox(stack: Settings) -> Mailbox:
 
 
 def clave_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True,
-                            check=False, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True, check=False, timeout=120
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"clave {' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")
     return result
@@ -121,8 +122,9 @@ def clave_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
 class World:
     """Test helpers that act like the people who use Clave: operator, portal, citizen."""
 
-    def __init__(self, settings: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher,
-                 dead_letters: TopicWatcher) -> None:
+    def __init__(
+        self, settings: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
+    ) -> None:
         self.settings = settings
         self.portal = portal
         self.mailbox = mailbox
@@ -137,13 +139,15 @@ class World:
         refs = {keyed_hash(self.settings.pseudonym_key, c.national_id) for c in citizens}
         imported = await self.audit_log.wait(
             lambda _t, _h, d: d["data"].get("action") == "account_imported" and d["data"].get("subject_ref") in refs,
-            count=len(citizens), timeout=60,
+            count=len(citizens),
+            timeout=60,
         )
         by_ref = {d["data"]["subject_ref"]: d["data"]["account_id"] for d in imported}
         ids = [by_ref[keyed_hash(self.settings.pseudonym_key, c.national_id)] for c in citizens]
         await self.audit_log.wait(
             lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") in ids,
-            count=len(ids), timeout=60,
+            count=len(ids),
+            timeout=60,
         )
         return ids
 
@@ -154,14 +158,17 @@ class World:
 
     async def request(self, c: Citizen, **overrides: Any) -> str:
         args: dict[str, Any] = {
-            "national_id": c.national_id, "email_address": c.email, "answers": dict(c.answers),
-            "profile": c.profile, "representative_id": c.representative_id, "locale": c.locale,
+            "national_id": c.national_id,
+            "email_address": c.email,
+            "answers": dict(c.answers),
+            "profile": c.profile,
+            "representative_id": c.representative_id,
+            "locale": c.locale,
         }
         args.update(overrides)
         return await self.portal.request_recovery(**args)
 
-    async def audited(self, request_id: str, action: str = "recovery_requested",
-                      timeout: float = 60) -> dict[str, Any]:
+    async def audited(self, request_id: str, action: str = "recovery_requested", timeout: float = 60) -> dict[str, Any]:
         found = await self.audit_log.wait(
             lambda _t, _h, d: d["data"].get("request_id") == request_id and d["data"].get("action") == action,
             timeout=timeout,
@@ -179,6 +186,7 @@ class World:
 
 
 @pytest.fixture
-def world(stack: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher,
-          dead_letters: TopicWatcher) -> World:
+def world(
+    stack: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
+) -> World:
     return World(stack, portal, mailbox, audit_log, dead_letters)

@@ -20,7 +20,8 @@ async def lock(world: World, c: Citizen) -> None:
         rid = await world.request(c, answers={**c.answers, "birth_date": "1900-01-01"})
         assert "answers_wrong" in (await world.audited(rid))["reasons"]
     await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "account_locked" and d["data"].get("request_id") == rid)
+        lambda _t, _h, d: d["data"].get("action") == "account_locked" and d["data"].get("request_id") == rid
+    )
     await world.mailbox.wait_for(lambda m: c.email in str(m["To"]) and "recuperar?" not in body_text(m))
 
 
@@ -35,11 +36,16 @@ async def test_lockout_then_operator_unlock(world: World) -> None:
     await world.mailbox.wait_for(lambda m: c.email in str(m["To"]), count=locked_notices + 1)
 
     result = await asyncio.to_thread(
-        clave_cli, "accounts", "unlock", c.national_id, "--operator", "op-17", "--reason", "ID checked at office")
+        clave_cli, "accounts", "unlock", c.national_id, "--operator", "op-17", "--reason", "ID checked at office"
+    )
     assert "success" in result.stdout
     audit = await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "operator_unlock" and d["data"].get("actor") == "op-17"
-        and d["data"].get("outcome") == "success")
+        lambda _t, _h, d: (
+            d["data"].get("action") == "operator_unlock"
+            and d["data"].get("actor") == "op-17"
+            and d["data"].get("outcome") == "success"
+        )
+    )
     assert audit[-1]["data"]["details"]["reason"] == "ID checked at office"
     rid = await world.request(c)
     await world.recovery_mail(rid)
@@ -50,16 +56,22 @@ async def test_locked_account_unlocked_by_a_key_change(world: World) -> None:
     await lock(world, c)
     # The office sends a recovery e-mail on the citizen's behalf; the key change unlocks.
     await asyncio.to_thread(
-        clave_cli, "accounts", "send-recovery", c.national_id, "--operator", "op-9", "--reason", "case 4411")
+        clave_cli, "accounts", "send-recovery", c.national_id, "--operator", "op-9", "--reason", "case 4411"
+    )
     sent = await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "operator_send_recovery" and d["data"].get("actor") == "op-9"
-        and d["data"].get("outcome") == "success")
+        lambda _t, _h, d: (
+            d["data"].get("action") == "operator_send_recovery"
+            and d["data"].get("actor") == "op-9"
+            and d["data"].get("outcome") == "success"
+        )
+    )
     rid = sent[-1]["data"]["request_id"]
     _, token = await world.recovery_mail(rid)
     await world.portal.submit_reset(rid, new_key(), token=token)
     assert (await world.portal.wait_outcome(rid, "reset"))["status"] == "completed"
     await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "account_unlocked" and d["data"].get("request_id") == rid)
+        lambda _t, _h, d: d["data"].get("action") == "account_unlocked" and d["data"].get("request_id") == rid
+    )
     rid2 = await world.request(c)
     await world.recovery_mail(rid2)
 
@@ -70,11 +82,21 @@ async def test_operator_updates_email_revokes_links_and_notifies_both(world: Wor
     _, old_token = await world.recovery_mail(rid)
     new_email = f"nuevo.{uuid.uuid4().hex[:8]}@example.org"
     await asyncio.to_thread(
-        clave_cli, "accounts", "update-email", c.national_id, new_email, "--operator", "op-3",
-        "--reason", "in person, cédula checked")
+        clave_cli,
+        "accounts",
+        "update-email",
+        c.national_id,
+        new_email,
+        "--operator",
+        "op-3",
+        "--reason",
+        "in person, cédula checked",
+    )
     await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "tokens_revoked"
-        and d["data"].get("details", {}).get("cause") == "email_changed")
+        lambda _t, _h, d: (
+            d["data"].get("action") == "tokens_revoked" and d["data"].get("details", {}).get("cause") == "email_changed"
+        )
+    )
     old_mail = await world.mailbox.wait_for(lambda m: c.email in str(m["To"]) and "***" in body_text(m))
     assert new_email not in body_text(old_mail[0])  # only a masked form goes to the old address
     await world.mailbox.wait_for(lambda m: new_email in str(m["To"]))
@@ -94,8 +116,8 @@ async def test_operator_command_for_unknown_citizen_is_refused_and_audited(world
     from clave.testdata import random_cedula
 
     result = await asyncio.to_thread(
-        clave_cli, "accounts", "unlock", random_cedula(), "--operator", "op-1", "--reason", "typo test",
-        check=False)
+        clave_cli, "accounts", "unlock", random_cedula(), "--operator", "op-1", "--reason", "typo test", check=False
+    )
     assert result.returncode == 1
     assert "account_unknown" in result.stdout
 

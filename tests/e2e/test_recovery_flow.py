@@ -11,10 +11,13 @@ from tests.e2e.conftest import World, fetch, metric_value, metrics_url
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize(("profile", "locale", "subject_word"), [
-    ("affiliate", "es", "recuperación"),
-    ("employer", "en", "reset your"),
-])
+@pytest.mark.parametrize(
+    ("profile", "locale", "subject_word"),
+    [
+        ("affiliate", "es", "recuperación"),
+        ("employer", "en", "reset your"),
+    ],
+)
 async def test_recovery_by_link_completes_for_both_profiles_and_languages(
     world: World, profile: str, locale: str, subject_word: str
 ) -> None:
@@ -22,7 +25,9 @@ async def test_recovery_by_link_completes_for_both_profiles_and_languages(
     # Typed differently from the registry: case, spacing, dashes in the ID.
     typed_id = citizen.national_id[:4] + "-" + citizen.national_id[4:]
     rid = await world.request(
-        citizen, national_id=typed_id, email_address=citizen.email.upper(),
+        citizen,
+        national_id=typed_id,
+        email_address=citizen.email.upper(),
         answers={k: f"  {v.upper()} " for k, v in citizen.answers.items()},
     )
     assert (await world.portal.wait_outcome(rid, "request"))["status"] == "accepted"
@@ -38,7 +43,8 @@ async def test_recovery_by_link_completes_for_both_profiles_and_languages(
     outcome = await world.portal.wait_outcome(rid, "reset")
     assert outcome == {"request_id": rid, "stage": "reset", "status": "completed", "reasons": []}
     changed = await world.mailbox.wait_for(
-        lambda m: citizen.email in str(m["To"]) and "recuperar?" not in body_text(m), count=1)
+        lambda m: citizen.email in str(m["To"]) and "recuperar?" not in body_text(m), count=1
+    )
     assert len(world.mails_to(citizen.email)) == before + 1
     assert changed[0]["Message-ID"] != mail["Message-ID"]
 

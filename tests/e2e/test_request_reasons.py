@@ -27,14 +27,16 @@ async def assert_refused_quietly(world: World, rid: str, reason: str, to: str | 
 async def test_invalid_check_digit_is_id_invalid(world: World) -> None:
     good = random_cedula()
     bad = good[:-1] + str((int(good[-1]) + 1) % 10)
-    rid = await world.portal.request_recovery(national_id=bad, email_address="x@example.org",
-                                              answers={"birth_date": "2000-01-01"})
+    rid = await world.portal.request_recovery(
+        national_id=bad, email_address="x@example.org", answers={"birth_date": "2000-01-01"}
+    )
     await assert_refused_quietly(world, rid, "id_invalid")
 
 
 async def test_unknown_account(world: World) -> None:
-    rid = await world.portal.request_recovery(national_id=random_cedula(), email_address="nobody@example.org",
-                                              answers={"birth_date": "1990-01-01"})
+    rid = await world.portal.request_recovery(
+        national_id=random_cedula(), email_address="nobody@example.org", answers={"birth_date": "1990-01-01"}
+    )
     audit = await assert_refused_quietly(world, rid, "account_unknown")
     assert "account_id" not in audit and len(audit["subject_ref"]) == 64  # a keyed hash, not the ID
 
@@ -87,8 +89,9 @@ async def test_client_ip_rate_limit(world: World) -> None:
     ip = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
     limit = world.settings.ip_max_requests
     for _ in range(limit):
-        rid = await world.portal.request_recovery(national_id=random_cedula(), email_address="x@example.org",
-                                                  answers={}, client_ip=ip)
+        rid = await world.portal.request_recovery(
+            national_id=random_cedula(), email_address="x@example.org", answers={}, client_ip=ip
+        )
         await world.audited(rid)
     c = await world.citizen()
     rid = await world.request(c, client_ip=ip)  # even correct data is refused from that address
@@ -101,6 +104,7 @@ async def test_same_request_id_twice_has_one_effect(world: World) -> None:
     await world.recovery_mail(rid)
     await world.request(c, request_id=rid)
     dup = await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("request_id") == rid and "duplicate_request" in d["data"].get("reasons", []))
+        lambda _t, _h, d: d["data"].get("request_id") == rid and "duplicate_request" in d["data"].get("reasons", [])
+    )
     assert dup
     await world.recovery_mail(rid)  # still exactly one e-mail for it

@@ -40,7 +40,10 @@ async def test_policy_rejection_lists_every_reason_and_releases_the_token(world:
     first = await world.portal.wait_outcome(rid, "reset")
     assert first["status"] == "rejected"
     assert set(first["reasons"]) == {
-        "password_too_short", "password_not_alphanumeric", "password_needs_letter_and_digit"}
+        "password_too_short",
+        "password_not_alphanumeric",
+        "password_needs_letter_and_digit",
+    }
     await world.portal.submit_reset(rid, "x" * 16 + "1", token=token)
     second = await world.portal.wait_outcome(rid, "reset", count=2)
     assert second["reasons"] == ["password_too_long"]
@@ -90,8 +93,10 @@ async def test_expired_link_and_code(world: World) -> None:
     link_ttl = metric_value(text, "clave_tokens_ttl_seconds", kind="link")
     code_ttl = metric_value(text, "clave_tokens_ttl_seconds", kind="code")
     if max(link_ttl, code_ttl) > 60:
-        pytest.skip(f"the running stack has long token lifetimes ({link_ttl:.0f}s/{code_ttl:.0f}s); "
-                    "`make test` starts it with short ones")
+        pytest.skip(
+            f"the running stack has long token lifetimes ({link_ttl:.0f}s/{code_ttl:.0f}s); "
+            "`make test` starts it with short ones"
+        )
     c = await world.citizen()
     rid = await world.request(c)
     mail, token = await world.recovery_mail(rid)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from pymongo.asynchronous.client_session import AsyncClientSession
 
@@ -34,10 +35,13 @@ from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_err
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
 from shared.settings import Settings
-from shared.store import DuplicateEvent, Outgoing, ServiceStore
+from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
 from shared.topics import EventType, dlq
 
 log = logging.getLogger(__name__)
+
+HANDLER_ATTEMPTS = 3
+HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same way HANDLER_ATTEMPTS times
 
 Writes = Callable[[AsyncClientSession], Awaitable[None]]
 
@@ -134,16 +138,29 @@ class EventPipeline:
         self.on_committed = on_committed
         self.dlq_box = SecretBox(settings.dlq_keys)
         self._failure_streak = 0
+        self._attempts: dict[tuple[int, int], int] = {}
 
     async def process(self, record: ConsumerRecord[Any, Any], raw: bytes) -> None:
         started = time.perf_counter()
         try:
             await self._process(record, raw)
             self._failure_streak = 0
+            self._attempts.pop((record.partition, record.offset), None)
         except Exception as exc:
-            # Not the message's fault (store or broker trouble): back off, then let Kafka redeliver.
             self._failure_streak += 1
             self.metrics.failures.labels(self.topic, exc.__class__.__name__).inc()
+            position = (record.partition, record.offset)
+            self._attempts[position] = self._attempts.get(position, 0) + 1
+            if not _is_outage(exc) and self._attempts[position] >= HANDLER_ATTEMPTS:
+                # Deterministic failure (a bug, not an outage): retrying forever would block the
+                # partition. Park the record, with the error class, and go on.
+                log.error("%s: %s on %s/%s, dead-lettering", self.consumer, exc.__class__.__name__, *position)
+                await self.dead_letter(record, raw, BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}"))
+                self._attempts.pop(position, None)
+                self._failure_streak = 0
+                self.on_committed()
+                return
+            # Store or broker trouble: back off, then let Kafka redeliver (at-least-once).
             delay = min(0.1 * 2 ** min(self._failure_streak, 6), 5.0)
             log.warning("%s: %s (redelivery in %.1fs)", self.consumer, exc.__class__.__name__, delay)
             await asyncio.sleep(delay)
@@ -218,6 +235,11 @@ class EventPipeline:
             return
         self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
         log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Errors of the store, the broker or the network: retried for as long as they last."""
+    return is_transient(exc) or isinstance(exc, KafkaError | OSError | TimeoutError)
 
 
 def _peek_correlation(raw: bytes) -> str | None:

@@ -31,6 +31,7 @@ class DeadLetterReason:
     SCHEMA_INVALID = "schema_invalid"
     DUPLICATE_EVENT = "duplicate_event"
     UNDECRYPTABLE = "undecryptable"
+    HANDLER_ERROR = "handler_error"
 
 
 class BadInput(Exception):

@@ -186,7 +186,7 @@ class AuditRecord(Payload):
     subject_ref: str | None = None  # keyed hash of a national ID when no account is known
     request_id: str | None = None
     reasons: list[str] = Field(default_factory=list)
-    details: dict[str, str | int | bool | None] = Field(default_factory=dict)
+    details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, mac
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -64,6 +65,7 @@ class IdentityHandlers:
     # ---- recovery.requests -------------------------------------------------------------------
 
     async def recovery_requested(self, ctx: HandlerContext, req: RecoveryRequested) -> None:
+        started = time.perf_counter()
         now = datetime.now(UTC)
         if await self.store.request_seen(req.request_id):
             # Same request_id under a new event id: the first copy already had its effect.
@@ -102,6 +104,9 @@ class IdentityHandlers:
         subject_ref = self.ref(national_id)
         account_id = account.account_id if account else None
         locked_until = now + self.lockout.duration if decision.lock else None
+        rehashed = await self._rehashed_answers(account, req.answers) if decision.verified else {}
+        # Audited so the equal cost of known and unknown accounts can be measured, not assumed.
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
         if decision.verified:
             assert account is not None
             ctx.emit(
@@ -117,7 +122,7 @@ class IdentityHandlers:
                 "success",
                 account_id=account_id,
                 request_id=req.request_id,
-                details={"profile": req.profile},
+                details={"profile": req.profile, "elapsed_ms": elapsed_ms, "answers_rehashed": len(rehashed)},
             )
         else:
             ctx.audit(
@@ -127,7 +132,7 @@ class IdentityHandlers:
                 subject_ref=None if account_id else subject_ref,
                 request_id=req.request_id,
                 reasons=decision.reasons,
-                details={"profile": req.profile},
+                details={"profile": req.profile, "elapsed_ms": elapsed_ms},
             )
         if decision.lock:
             ctx.audit(
@@ -157,7 +162,13 @@ class IdentityHandlers:
             if not decision.verified and Reason.RATE_LIMITED not in decision.reasons:
                 await self.store.record_ip_failure(ip_ref, now, s)
             if account is None:
+                if id_valid and decision.reasons == [Reason.ACCOUNT_UNKNOWN]:
+                    # The same write as a known account's failure: equal cost, and guesses at
+                    # IDs that do not exist are on record too.
+                    await self.store.record_subject_failure(subject_ref, now, s)
                 return
+            if rehashed:
+                await self.store.set_answer_hashes(account.account_id, rehashed, s)
             if decision.count_failure:
                 await self.store.record_failure(account.account_id, now, locked_until, s)
             if decision.verified or decision.send_locked_notice:
@@ -179,6 +190,17 @@ class IdentityHandlers:
         results = await asyncio.gather(*checks)
         complete = account is not None and all(q in account.answer_hashes for q in self.questions)
         return complete and all(results) and set(self.questions) <= answers.keys()
+
+    async def _rehashed_answers(self, account: Account | None, answers: dict[str, str]) -> dict[str, str]:
+        """New hashes for answers stored with outdated argon2 parameters (we hold the plain
+        answer only now, after it verified)."""
+        if account is None:
+            return {}
+        return {
+            q: await self.hasher.hash(domain.normalize_answer(answers[q]))
+            for q in self.questions
+            if self.hasher.needs_rehash(account.answer_hashes[q])
+        }
 
     @staticmethod
     def _representative_ok(account: Account | None, given: str | None) -> bool:

@@ -13,6 +13,7 @@ from shared.store import ServiceStore
 
 ACCOUNTS = "accounts"
 IP_FAILURES = "ip_failures"
+SUBJECT_FAILURES = "subject_failures"  # failed requests for IDs with no account, by keyed hash
 REQUESTS = "requests"
 KEEP_TIMESTAMPS = 20  # bounded arrays: enough for any configured window
 
@@ -43,6 +44,7 @@ class AccountStore(ServiceStore):
         await self.db[IP_FAILURES].create_index([("ip_ref", ASCENDING), ("at", ASCENDING)])
         await self.db[IP_FAILURES].create_index("at", expireAfterSeconds=self.ip_window_s)
         await self.db[REQUESTS].create_index("at", expireAfterSeconds=7 * 24 * 3600)
+        await self.db[SUBJECT_FAILURES].create_index("last_at", expireAfterSeconds=24 * 3600)
 
     async def by_national_id(self, national_id: str) -> Account | None:
         doc = await self.db[ACCOUNTS].find_one({"national_id": national_id})
@@ -74,6 +76,19 @@ class AccountStore(ServiceStore):
         if locked_until is not None:
             update["$set"] = {"locked_until": locked_until}
         await self.db[ACCOUNTS].update_one({"_id": account_id}, update, session=s)
+
+    async def record_subject_failure(self, subject_ref: str, now: datetime, s: AsyncClientSession) -> None:
+        await self.db[SUBJECT_FAILURES].update_one(
+            {"_id": subject_ref},
+            {"$push": {"failures": {"$each": [now], "$slice": -KEEP_TIMESTAMPS}}, "$set": {"last_at": now}},
+            upsert=True,
+            session=s,
+        )
+
+    async def set_answer_hashes(self, account_id: str, hashes: dict[str, str], s: AsyncClientSession) -> None:
+        await self.db[ACCOUNTS].update_one(
+            {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}, session=s
+        )
 
     async def record_mail(self, account_id: str, now: datetime, s: AsyncClientSession) -> None:
         await self.db[ACCOUNTS].update_one(

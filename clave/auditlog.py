@@ -7,6 +7,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -43,7 +44,8 @@ async def collect(
     """Audit events in log order (per producer partition), filtered; a request matches by
     `data.request_id` or by correlation id."""
     out: list[dict[str, Any]] = []
-    with Progress(transient=True, disable=not progress) as bar:
+    # Progress goes to stderr, so `--json` output on stdout stays clean JSON lines.
+    with Progress(transient=True, disable=not progress, console=Console(stderr=True)) as bar:
         task = bar.add_task("reading audit.events", total=None)
         async for record in read_topic(settings, AUDIT_EVENTS, since=since, until=until):
             bar.advance(task)
@@ -54,6 +56,30 @@ async def collect(
             if _matches(doc, request_id, account_id, action, correlationid):
                 out.append(doc)
     return out
+
+
+async def from_read_model(settings: Settings, request_id: str) -> list[dict[str, Any]]:
+    """One recovery's audit events from the audit service's read model (indexed, fast), in
+    the same shape as events read from the log."""
+    from services.audit.app import make_store
+
+    store = make_store(settings)
+    try:
+        docs = await store.find({"$or": [{"request_id": request_id}, {"correlationid": request_id}]})
+    finally:
+        await store.close()
+    return [
+        {
+            "id": d["_id"],
+            "time": d["time"],
+            "correlationid": d.get("correlationid"),
+            "data": {
+                k: d.get(k)
+                for k in ("service", "action", "outcome", "actor", "account_id", "request_id", "reasons", "details")
+            },
+        }
+        for d in docs
+    ]
 
 
 def verify(events: list[dict[str, Any]], key: str, from_start: bool = True) -> tuple[int, list[Break]]:

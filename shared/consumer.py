@@ -57,6 +57,7 @@ class HandlerContext:
     store: ServiceStore
     outgoing: list[Outgoing] = field(default_factory=list)
     committed: bool = False
+    raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
 
     @property
     def source(self) -> str:
@@ -177,7 +178,7 @@ class EventPipeline:
                 data = route.model.model_validate(event.data)
             except ValidationError as exc:
                 raise BadInput(DeadLetterReason.SCHEMA_INVALID, describe_errors(exc)) from None
-            ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store)
+            ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
             try:
                 await route.handler(ctx, data)
                 if not ctx.committed:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     tokens_metrics_port: int = 9402
     notifier_metrics_port: int = 9403
     password_metrics_port: int = 9404
+    audit_metrics_port: int = 9405
     log_level: str = "INFO"
 
     # Secrets (rotatable: comma-separated, the first encrypts, all decrypt)

@@ -23,14 +23,14 @@
 #   topics                create missing topics and list every topic's configuration
 #   kafka-fetch           only fetch the Kafka jars into the cache (skipped when complete)
 #
-# Components: store kafka mailcatcher identity tokens notifier password.
+# Components: store kafka mailcatcher identity tokens notifier password audit.
 #
 # Environment (defaults in brackets; relative paths are relative to the repository root):
 #   VAR_DIR [var]  MAIL_DIR [$VAR_DIR/mail]  CLAVE_CACHE [~/.cache/clave] (Kafka jars)
 #   KAFKA_PORT [9092]  KAFKA_CONTROLLER_PORT [9093]  STORE_PORT [27017]
 #   SMTP_HOST [127.0.0.1]  SMTP_PORT [1025]  METRICS_HOST [127.0.0.1]
 #   IDENTITY_METRICS_PORT [9401] TOKENS_METRICS_PORT [9402] NOTIFIER_METRICS_PORT [9403]
-#   PASSWORD_METRICS_PORT [9404]
+#   PASSWORD_METRICS_PORT [9404] AUDIT_METRICS_PORT [9405]
 #   KAFKA_BOOTSTRAP_SERVERS, MONGODB_URI: derived from the ports above unless set
 #   KAFKA_HEAP_OPTS [-Xms256m -Xmx1g]  CLAVE_PYTHON [.venv/bin/python]
 #   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] seconds
@@ -85,7 +85,7 @@ read -r -a KAFKA_JAVA <<<"java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS"
 KAFKA_JAVA+=("-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$LOG_DIR" -cp "$KAFKA_LIBS/*")
 
 INFRA=(store kafka mailcatcher)
-SERVICES=(identity tokens notifier password)
+SERVICES=(identity tokens notifier password audit)
 ALL=("${INFRA[@]}" "${SERVICES[@]}")
 STOP_ORDER=("${SERVICES[@]}" mailcatcher store kafka)
 
@@ -143,6 +143,7 @@ metrics_port() {
     tokens) printf '%s' "${!var:-9402}" ;;
     notifier) printf '%s' "${!var:-9403}" ;;
     password) printf '%s' "${!var:-9404}" ;;
+    audit) printf '%s' "${!var:-9405}" ;;
   esac
 }
 

@@ -22,7 +22,7 @@ from shared.crypto import keyed_hash
 from shared.settings import Settings, get_settings
 from shared.topics import AUDIT_EVENTS, CONSUMED, dlq
 
-SERVICES = ("identity", "tokens", "notifier", "password")
+SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e
 
 

@@ -585,17 +585,22 @@ def print_report(results: dict[str, Any], e2e: EndToEnd | None, threads: int) ->
     )
 
     t = Table(title="1. argon2id with the configured parameters")
-    for col in ("measure", "ops", "ms/op", "ops/s", "CPU/wall"):
+    for col in ("measure", "ops", "wall ms/op", "CPU ms/op", "ops/s", "CPU/wall"):
         t.add_column(col, justify="right" if col != "measure" else "left")
     for key, row in results["argon2"].items():
         t.add_row(
             key,
             str(row["ops"]),
             f"{row['ms_per_op']:.2f}",
+            f"{row['cpu_ms_per_op']:.2f}",
             f"{row['ops_per_s']:.1f}",
             f"{row['cpu_s'] / row['wall_s']:.2f}",
         )
     console.print(t)
+    console.print(
+        "CPU/wall below the thread count means other processes took the CPU meanwhile: the floor "
+        "below uses CPU ms/op, which does not depend on them."
+    )
 
     floor = results["floor"]
     t = Table(title="Hashing floor of one recovery")

@@ -89,6 +89,7 @@ class IdentityVerified(Payload):
     account_id: str = AccountId
     recipient: Recipient
     actor: str = "system"
+    requested_at: datetime | None = None  # when the portal published the request (end-to-end latency)
 
 
 class IdentityLocked(Payload):
@@ -132,6 +133,7 @@ class TokensIssued(Payload):
     link_expires_at: datetime
     code_expires_at: datetime
     sealed_secrets: str  # {"token", "code"} sealed for the notifier
+    requested_at: datetime | None = None
 
 
 class TokensRedeemed(Payload):
@@ -140,6 +142,7 @@ class TokensRedeemed(Payload):
     token_id: str
     recipient: Recipient
     sealed_new_key: str  # {"new_password"} sealed for the password service
+    submitted_at: datetime | None = None  # when the portal published the reset (end-to-end latency)
 
 
 # ---- password --------------------------------------------------------------------------------

@@ -114,7 +114,10 @@ class IdentityHandlers:
                 account.account_id,
                 EventType.IDENTITY_VERIFIED,
                 IdentityVerified(
-                    request_id=req.request_id, account_id=account.account_id, recipient=recipient(account)
+                    request_id=req.request_id,
+                    account_id=account.account_id,
+                    recipient=recipient(account),
+                    requested_at=ctx.event.time,
                 ),
             )
             ctx.audit(

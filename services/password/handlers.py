@@ -46,7 +46,7 @@ class PasswordHandlers:
         self.changed = metrics.counter("clave_password_changed_total", "Keys changed")
         self.rejected = metrics.counter("clave_password_rejected_total", "Keys refused", ["reason"])
         self.latency = metrics.histogram(
-            "clave_reset_to_key_changed_seconds", "From the portal's reset submission to the key stored"
+            "clave_reset_to_key_changed_seconds", "From the portal's reset submission to the new key decided"
         )
 
     def _open(self, sealed: str, field: str) -> str:
@@ -119,7 +119,7 @@ class PasswordHandlers:
 
         await ctx.commit(save)
         self.changed.inc()
-        self.latency.observe((now - ctx.event.time).total_seconds())
+        self.latency.observe((now - (evt.submitted_at or ctx.event.time)).total_seconds())
 
     def _reject(self, ctx: HandlerContext, evt: TokensRedeemed, reasons: list[str]) -> None:
         ctx.emit(

@@ -85,6 +85,7 @@ class TokenHandlers:
                 link_expires_at=link_exp,
                 code_expires_at=code_exp,
                 sealed_secrets=self.notifier_box.seal({"token": secrets.token, "code": secrets.code}),
+                requested_at=evt.requested_at,
             ),
         )
         ctx.audit(
@@ -147,6 +148,7 @@ class TokenHandlers:
                 token_id=doc["_id"],
                 recipient=Recipient.model_validate(doc["recipient"]),
                 sealed_new_key=self.password_box.seal({"new_password": reset.new_password}),
+                submitted_at=ctx.event.time,
             ),
         )
         ctx.audit(

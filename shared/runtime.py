@@ -17,6 +17,7 @@ from faststream.message import StreamMessage
 
 from shared.consumer import EventPipeline, Route
 from shared.kafka import make_broker
+from shared.lag import LagMonitor
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
 from shared.settings import Settings, get_settings
@@ -53,6 +54,7 @@ class Service:
         self.broker: KafkaBroker = make_broker(self.settings, name)
         self.relay = OutboxRelay(name, store, self.settings, self.metrics)
         self._periodic: list[tuple[str, float, Periodic]] = []
+        self._consumed_topics: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._health: HealthServer | None = None
         self._starters: list[Callable[[], Awaitable[None]]] = []
@@ -64,6 +66,7 @@ class Service:
         return f"clave-{self.name}"
 
     def consume(self, topic: str, routes: dict[str, Route]) -> None:
+        self._consumed_topics.append(topic)
         pipeline = EventPipeline(
             service=self.name,
             topic=topic,
@@ -133,6 +136,9 @@ class Service:
 
     async def _after_startup(self) -> None:
         await self.relay.start()
+        lag = LagMonitor(self.settings, self.group_id, self._consumed_topics, self.metrics)
+        self._periodic.append(("consumer-lag", 15.0, lag.measure))
+        self._stoppers.append(lag.close)
         for name, seconds, job in self._periodic:
             self._tasks.append(asyncio.create_task(self._loop(name, seconds, job), name=name))
         log.info("%s service ready", self.name)

@@ -94,3 +94,6 @@ async def test_counters_move_through_the_flow(world: World) -> None:
     assert moved("notifier", "clave_mails_sent_total", kind="recovery_link") >= 1
     for service in before:
         assert "national_id" not in after[service] and citizen.email not in after[service]
+    # Lag is measured for every consumed topic (a gauge, present from start-up).
+    assert 'clave_consumer_lag_messages{topic="recovery.requests"}' in after["identity"]
+    assert 'clave_consumer_lag_messages{topic="recovery.resets"}' in after["tokens"]

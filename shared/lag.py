@@ -1,0 +1,52 @@
+"""Consumer lag per topic: how far a service's consumer group is behind the log end."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.kafka import client_kwargs
+from shared.metrics import ServiceMetrics
+from shared.settings import Settings
+
+
+class LagMonitor:
+    def __init__(self, settings: Settings, group_id: str, topics: list[str], metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.group_id = group_id
+        self.topics = topics
+        self.metrics = metrics
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def measure(self) -> None:
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(**client_kwargs(self.settings))
+            await self._admin.start()
+            self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+            await self._consumer.start()
+        assert self._consumer is not None
+        await self._consumer._client.force_metadata_update()  # noqa: SLF001 - an unsubscribed consumer has none
+        committed = await self._admin.list_consumer_group_offsets(self.group_id)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(self._consumer.partitions_for_topic(topic) or set())
+        ]
+        ends = await self._consumer.end_offsets(partitions)
+        starts = await self._consumer.beginning_offsets(partitions)
+        for topic in self.topics:
+            lag = 0
+            for tp in (tp for tp in partitions if tp.topic == topic):
+                offset = committed.get(tp)
+                position = offset.offset if offset is not None and offset.offset >= 0 else starts[tp]
+                lag += max(ends[tp] - position, 0)
+            self.metrics.consumer_lag.labels(topic).set(lag)
+
+    async def close(self) -> None:
+        for client in (self._consumer, self._admin):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close() if isinstance(client, AIOKafkaAdminClient) else await client.stop()

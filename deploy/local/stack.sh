@@ -6,8 +6,9 @@
 # Usage: deploy/local/stack.sh COMMAND [ARGS]
 #
 #   up                    start everything that is not running, wait until all is ready
-#   down [--only-started] stop services, mail catcher, store, Kafka (only the pids in our
-#                         pid files); --only-started: only what `ensure` started
+#                         (PROMETHEUS=1: also a local Prometheus, see below)
+#   down [--only-started] stop Prometheus, services, mail catcher, store, Kafka (only the
+#                         pids in our pid files); --only-started: only what `ensure` started
 #   status                one line per component; exit 0 when all run, 3 otherwise
 #   ensure                like `up`, but prints "already running" when nothing is missing
 #                         and records what it started in $VAR_DIR/run/started-by-ensure
@@ -22,6 +23,8 @@
 #   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher)
 #   topics                create missing topics and list every topic's configuration
 #   kafka-fetch           only fetch the Kafka jars into the cache (skipped when complete)
+#   prometheus-start | prometheus-stop
+#                         start (as with PROMETHEUS=1) or stop the local Prometheus alone
 #
 # Components: store kafka mailcatcher identity tokens notifier password audit.
 #
@@ -33,9 +36,18 @@
 #   PASSWORD_METRICS_PORT [9404] AUDIT_METRICS_PORT [9405]
 #   KAFKA_BOOTSTRAP_SERVERS, MONGODB_URI: derived from the ports above unless set
 #   KAFKA_HEAP_OPTS [-Xms256m -Xmx1g]  CLAVE_PYTHON [.venv/bin/python]
-#   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] seconds
+#   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] PROMETHEUS [60] seconds
+#   PROMETHEUS [0]  PROMETHEUS_PORT [9090]  PROMETHEUS_BIN [prometheus]
 # Every process inherits this environment, so the services, the tests run through
 # `run` and the infrastructure agree on addresses.
+#
+# Local Prometheus (optional): `PROMETHEUS=1 make up` (or PROMETHEUS=1 for `up`, `ensure`,
+# `run`) also starts the machine's `prometheus` binary (Debian/Ubuntu: apt-get install -y
+# prometheus) with deploy/prometheus/prometheus.yml and alerts.yml, the scrape targets
+# rewritten to the *_METRICS_PORT values above ($VAR_DIR/run/prometheus.yml), data in
+# $VAR_DIR/prometheus, on http://127.0.0.1:$PROMETHEUS_PORT.  If the binary is missing or
+# the port is taken (the Debian package's own prometheus.service listens on 9090), it says
+# so and the stack starts without it.  `status` shows it; `down` stops it.
 #
 # Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 # (see mailcatcher.py); `down` removes them together with the mail catcher.
@@ -58,6 +70,12 @@ MAIL_DIR=${MAIL_DIR:-$VAR_DIR/mail}
 KAFKA_DATA=$VAR_DIR/kafka-data
 STORE_DATA=$VAR_DIR/store-data
 STARTED_FILE=$RUN_DIR/started-by-ensure
+PROMETHEUS=${PROMETHEUS:-0}
+PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
+PROMETHEUS_BIN=${PROMETHEUS_BIN:-prometheus}
+PROM_DIR=$ROOT/deploy/prometheus
+PROM_CONFIG=$RUN_DIR/prometheus.yml
+PROM_DATA=$VAR_DIR/prometheus
 mkdir -p "$RUN_DIR" "$LOG_DIR" "$MAIL_DIR"
 
 PY=${CLAVE_PYTHON:-$ROOT/.venv/bin/python}
@@ -87,7 +105,7 @@ KAFKA_JAVA+=("-Dlog4j2.configurationFile=$KAFKA_LOG4J" "-Dkafka.logs.dir=$LOG_DI
 INFRA=(store kafka mailcatcher)
 SERVICES=(identity tokens notifier password audit)
 ALL=("${INFRA[@]}" "${SERVICES[@]}")
-STOP_ORDER=("${SERVICES[@]}" mailcatcher store kafka)
+STOP_ORDER=(prometheus "${SERVICES[@]}" mailcatcher store kafka)  # prometheus: optional
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -112,6 +130,7 @@ signature() {
     kafka) printf 'kafka.Kafka' ;;
     store) printf 'secantusd-py' ;;
     mailcatcher) printf 'mailcatcher.py' ;;
+    prometheus) printf -- '--config.file=%s' "$PROM_CONFIG" ;;
     *) printf -- '-m services.%s' "$1" ;;
   esac
 }
@@ -153,6 +172,7 @@ listen_addrs() {
     kafka) printf '127.0.0.1:%s 127.0.0.1:%s' "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" ;;
     store) printf '127.0.0.1:%s' "$STORE_PORT" ;;
     mailcatcher) printf '%s:%s' "$SMTP_HOST" "$SMTP_PORT" ;;
+    prometheus) printf '127.0.0.1:%s' "$PROMETHEUS_PORT" ;;
     *) printf '%s:%s' "$METRICS_HOST" "$(metrics_port "$1")" ;;
   esac
 }
@@ -188,6 +208,9 @@ probe() {
     kafka) "$PY" "$HERE/probe.py" kafka "$KAFKA_BOOTSTRAP_SERVERS" "${args[@]}" ;;
     store) "$PY" "$HERE/probe.py" store "$MONGODB_URI" "${args[@]}" ;;
     mailcatcher) "$PY" "$HERE/probe.py" smtp "$SMTP_HOST" "$SMTP_PORT" "${args[@]}" ;;
+    prometheus)
+      "$PY" "$HERE/probe.py" http "http://127.0.0.1:$PROMETHEUS_PORT/-/healthy" \
+        "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" "${args[@]}" ;;
     *)
       # /healthz: the process serves; /readyz: its store and broker connections work.
       local base="http://$METRICS_HOST:$(metrics_port "$c")"
@@ -200,6 +223,7 @@ ready_timeout() {
     kafka) printf '%s' "${KAFKA_READY_TIMEOUT:-120}" ;;
     store) printf '%s' "${STORE_READY_TIMEOUT:-60}" ;;
     mailcatcher) printf '%s' "${SMTP_READY_TIMEOUT:-30}" ;;
+    prometheus) printf '%s' "${PROMETHEUS_READY_TIMEOUT:-60}" ;;
     *) printf '%s' "${SERVICE_READY_TIMEOUT:-90}" ;;
   esac
 }
@@ -288,6 +312,9 @@ command_of() {
       CMD=("$VENV_BIN/secantusd-py" --host 127.0.0.1 --port "$STORE_PORT"
         --storage-path "$STORE_DATA" --log-level WARNING) ;;
     mailcatcher) CMD=("$PY" "$HERE/mailcatcher.py") ;;
+    prometheus)
+      CMD=("$PROMETHEUS_BIN" "--config.file=$PROM_CONFIG" "--storage.tsdb.path=$PROM_DATA"
+        "--web.listen-address=127.0.0.1:$PROMETHEUS_PORT") ;;
     *) CMD=("$PY" -m "services.$1") ;;
   esac
 }
@@ -304,6 +331,7 @@ launch() {
   case $c in
     kafka) kafka_prepare; mkdir -p "$KAFKA_DATA"; log=$LOG_DIR/kafka-console.log ;;
     store) mkdir -p "$STORE_DATA"; log=$LOG_DIR/store.log ;;
+    prometheus) prometheus_config; mkdir -p "$PROM_DATA"; log=$LOG_DIR/prometheus.log ;;
     *) log=$LOG_DIR/$c.log ;;
   esac
   command_of "$c"
@@ -376,7 +404,7 @@ services_up() {
 stop() {
   local tier c
   local -a members
-  for tier in services mailcatcher store kafka; do
+  for tier in prometheus services mailcatcher store kafka; do
     members=()
     for c in "$@"; do
       if [[ $tier == services ]] && is_service "$c" || [[ $c == "$tier" ]]; then members+=("$c"); fi
@@ -440,12 +468,80 @@ all_running() {
   for c in "${ALL[@]}"; do running_pid "$c" >/dev/null || return 1; done
 }
 
+# ---------------------------------------------------------------------------- Prometheus
+
+# deploy/prometheus/prometheus.yml scrapes the default metrics ports: write a copy whose
+# targets are the ports this stack really uses, with the rule files found next to the original.
+prometheus_config() {
+  local c var default host map=""
+  host=$METRICS_HOST
+  [[ $host == 0.0.0.0 ]] && host=127.0.0.1
+  for c in "${SERVICES[@]}"; do
+    var="$(tr '[:lower:]' '[:upper:]' <<<"$c")_METRICS_PORT"
+    default=$(unset "$var"; metrics_port "$c")
+    grep -qF "\"127.0.0.1:$default\"" "$PROM_DIR/prometheus.yml" \
+      || say "prometheus: warning: $PROM_DIR/prometheus.yml has no target 127.0.0.1:$default ($c is not scraped)"
+    map+=" 127.0.0.1:$default=$host:$(metrics_port "$c")"
+  done
+  awk -v dir="$PROM_DIR" -v map="$map" '
+    BEGIN { n = split(map, pairs, " "); for (i = 1; i <= n; i++) { split(pairs[i], kv, "="); to[kv[1]] = kv[2] } }
+    /^rule_files:/ { rules = 1; print; next }
+    /^[^[:space:]#]/ { rules = 0 }
+    rules && /^[[:space:]]*-[[:space:]]*[^[:space:]\/#]/ { sub(/-[[:space:]]*/, "- " dir "/") }
+    { for (from in to) gsub("\"" from "\"", "\"" to[from] "\""); print }
+  ' "$PROM_DIR/prometheus.yml" >"$PROM_CONFIG.tmp"
+  mv "$PROM_CONFIG.tmp" "$PROM_CONFIG"
+}
+
+# prometheus_up: start the local Prometheus when PROMETHEUS=1.  Optional: a missing binary,
+# a taken port or a failed start is reported and the stack goes on without it.
+prometheus_up() {
+  local pid t0 detail rc=0 owner
+  [[ $PROMETHEUS == 1 ]] || return 0
+  if pid=$(running_pid prometheus); then
+    say "prometheus: already running (pid $pid)"
+    return 0
+  fi
+  if ! command -v "$PROMETHEUS_BIN" >/dev/null; then
+    say "prometheus: '$PROMETHEUS_BIN' not found, continuing without it. To install it (Debian/Ubuntu):"
+    say "  sudo apt-get install -y prometheus   # then, if its own service took port 9090:"
+    say "  sudo systemctl disable --now prometheus   (or choose another PROMETHEUS_PORT)"
+    return 0
+  fi
+  if port_open 127.0.0.1 "$PROMETHEUS_PORT"; then
+    owner=$(ss -ltnpH "sport = :$PROMETHEUS_PORT" 2>/dev/null | grep -o 'users:.*' | head -n 1) || true
+    say "prometheus: 127.0.0.1:$PROMETHEUS_PORT is already in use by a process this stack did not start" \
+      "(${owner:-see: ss -ltnp | grep $PROMETHEUS_PORT}); continuing without ours."
+    if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+      say "  The prometheus package's own service is active: sudo systemctl disable --now prometheus"
+    fi
+    say "  Or choose another port: PROMETHEUS_PORT=19090 PROMETHEUS=1 make up"
+    return 0
+  fi
+  t0=$(now_ms)
+  start_one prometheus
+  if ! pid=$(running_pid prometheus); then
+    show_logs prometheus
+    say "prometheus: exited right after start, continuing without it"
+    return 0
+  fi
+  detail=$(probe prometheus "$(ready_timeout prometheus)" "$pid") || rc=$?
+  if ((rc != 0)); then
+    show_logs prometheus
+    say "prometheus: not ready ($detail); stopping it, continuing without it"
+    stop prometheus
+    return 0
+  fi
+  say "prometheus: ready (pid $pid, $(since "$t0")) - http://127.0.0.1:$PROMETHEUS_PORT/targets"
+}
+
 # ---------------------------------------------------------------------------- commands
 
 cmd_up() {
   RECORD=""
   infra_up always-topics
   services_up
+  prometheus_up
   rm -f "$STARTED_FILE"  # whoever ran `up` owns the whole stack now
   summary
 }
@@ -460,12 +556,14 @@ cmd_ensure() {
       probe "$c" "$(ready_timeout "$c")" "$(running_pid "$c")" >/dev/null \
         || { show_logs "$c"; die "$c: running but not answering"; }
     done
+    RECORD=1 prometheus_up
     say "already running"
     return 0
   fi
   RECORD=1
   infra_up
   services_up
+  prometheus_up
   RECORD=""
   say "stack: ready in $(since "$t0"); started by ensure: $(sort -u "$STARTED_FILE" 2>/dev/null | tr '\n' ' ')"
 }
@@ -505,6 +603,25 @@ cmd_status() {
       all=1
     fi
   done
+  # Optional: counts against the exit status only when it should run (PROMETHEUS=1 or
+  # started and died).
+  if pid=$(running_pid prometheus); then
+    if [[ -x $PY ]] && detail=$(probe prometheus 0 2>/dev/null); then
+      printf '%-12s running (pid %s) - http://127.0.0.1:%s\n' prometheus "$pid" "$PROMETHEUS_PORT"
+    else
+      printf '%-12s running (pid %s) - NOT ANSWERING: %s\n' prometheus "$pid" "${detail:-no probe}"
+      all=1
+    fi
+  elif [[ -s $(pidfile prometheus) ]]; then
+    printf '%-12s stopped - exited on its own or was killed (stale pid file; see %s)\n' \
+      prometheus "$LOG_DIR/prometheus.log"
+    all=1
+  elif [[ $PROMETHEUS == 1 ]]; then
+    printf '%-12s stopped\n' prometheus
+    all=1
+  else
+    printf '%-12s not started (optional: PROMETHEUS=1 make up)\n' prometheus
+  fi
   [[ -s $STARTED_FILE ]] && printf 'started by ensure: %s\n' "$(sort -u "$STARTED_FILE" | tr '\n' ' ')"
   ((all == 0)) || return 3
 }
@@ -529,7 +646,7 @@ cmd_run() {
 }
 
 summary() {
-  local c
+  local c pid
   say ""
   say "Clave local stack is up."
   say "  KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
@@ -538,6 +655,11 @@ summary() {
   for c in "${SERVICES[@]}"; do
     say "  $c: http://$METRICS_HOST:$(metrics_port "$c")/metrics"
   done
+  if pid=$(running_pid prometheus); then
+    say "  prometheus: http://127.0.0.1:$PROMETHEUS_PORT (config $PROM_CONFIG, data $PROM_DATA)"
+  else
+    say "  prometheus: not running (PROMETHEUS=1 make up starts one)"
+  fi
   say "  logs: $LOG_DIR   pids: $RUN_DIR   stop: make down"
 }
 
@@ -576,6 +698,8 @@ main() {
     kill-service) need_component "${1:-}"; lock; kill_one "$1" ;;
     topics) need_python; create_topics --describe ;;
     kafka-fetch) kafka_libs; say "kafka: jars in $KAFKA_LIBS" ;;
+    prometheus-start) lock; need_python; PROMETHEUS=1 prometheus_up ;;
+    prometheus-stop) lock; stop prometheus ;;
     help | -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: stack.sh help)" ;;
   esac

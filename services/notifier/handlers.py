@@ -11,11 +11,12 @@ from typing import Any
 
 import aiosmtplib
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import PyMongoError
 
 from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
 from services.notifier.rendering import MailRenderer, build_message, mask_email
-from services.notifier.store import NotificationStore
+from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
 from shared.crypto import SealError, SecretBox
@@ -164,8 +165,21 @@ class NotifierHandlers:
         )
 
 
+class LostClaim(Exception):
+    """Another sender took this notification over (this one stalled past its lease)."""
+
+
 class MailSender:
-    """Delivers queued notifications. Several instances may run: each claims atomically."""
+    """Delivers queued notifications. Several instances may run: each claims atomically.
+
+    Exactly-once is not possible over SMTP: between the final "." of DATA and the
+    recording of the server's 250 reply, a crash leaves the outcome unknown (RFC 1047).
+    That window is kept as small as it can be: the 250 is recorded at once, in one small
+    write (`accepted`), before QUIT and before the `sent` transaction; an accepted mail
+    is never sent again.  A notification whose sender died inside the window is sent
+    again after its lease, with the same Message-ID and link (a recovery e-mail must not
+    be lost; an identical copy is the lesser harm), and audited as `in_doubt_resend`.
+    """
 
     def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics, on_outbox: Any) -> None:
         self.store = store
@@ -176,6 +190,11 @@ class MailSender:
         self.retry = RetryPolicy(
             settings.smtp_max_attempts, settings.smtp_backoff_initial_s, settings.smtp_backoff_max_s
         )
+        # One SMTP conversation may take at most `smtp_deadline`; the claim outlives it by a
+        # margin for recording the result, so a live sender never loses its claim, and a
+        # dead sender's mail waits at most `lease` before another attempt.
+        self.smtp_deadline = max(2 * settings.smtp_timeout_s, 5.0)
+        self.lease = timedelta(seconds=self.smtp_deadline + 10)
         self.wake = asyncio.Event()
         self.sent = metrics.counter("clave_mails_sent_total", "E-mails accepted by SMTP", ["kind"])
         self.failed = metrics.counter("clave_mails_failed_total", "E-mails given up", ["kind"])
@@ -196,8 +215,17 @@ class MailSender:
 
     async def deliver_due(self) -> int:
         count = 0
-        while (doc := await self.store.claim_due(datetime.now(UTC))) is not None:
-            await self._deliver(doc)
+        while (doc := await self.store.claim_due(datetime.now(UTC), self.lease)) is not None:
+            try:
+                if doc["state"] == ACCEPTED:
+                    # Its sender died after the SMTP server accepted it: record it, never resend.
+                    log.warning("mail %s: accepted before its sender stopped; recording it as sent", doc["_id"])
+                    await self._settle(doc, State.SENT, None, datetime.now(UTC))
+                    self.sent.labels(doc["kind"]).inc()
+                else:
+                    await self._deliver(doc)
+            except LostClaim:
+                log.warning("mail %s: claim taken over by another sender", doc["_id"])
             count += 1
         return count
 
@@ -209,10 +237,32 @@ class MailSender:
             context["code"] = secrets["code"]
         return context
 
+    async def _smtp_send(self, message: Any) -> aiosmtplib.SMTP:
+        """Connect and send; returns the open connection once the server accepted the message."""
+        smtp = aiosmtplib.SMTP(
+            hostname=self.settings.smtp_host,
+            port=self.settings.smtp_port,
+            username=self.settings.smtp_username or None,
+            password=self.settings.smtp_password or None,
+            start_tls=self.settings.smtp_starttls,
+            timeout=self.settings.smtp_timeout_s,
+        )
+        try:
+            async with asyncio.timeout(self.smtp_deadline):
+                await smtp.connect()
+                await smtp.send_message(message)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
     async def _deliver(self, doc: dict[str, Any]) -> None:
         now = datetime.now(UTC)
         code: int | None = None
         error: str | None = None
+        smtp: aiosmtplib.SMTP | None = None
+        if doc.get("in_doubt"):
+            log.warning("mail %s: its sender stopped during the SMTP conversation; sending it again", doc["_id"])
         try:
             rendered = self.renderer.render(doc["kind"], doc["locale"], **self._render_context(doc))
             message = build_message(
@@ -221,17 +271,9 @@ class MailSender:
                 mail_from=self.settings.mail_from,
                 reply_to=self.settings.mail_reply_to,
                 message_id=domain.message_id(doc["_id"]),
-                date=now,
+                date=doc.get("created_at") or now,  # stable: a resend is the same message
             )
-            await aiosmtplib.send(
-                message,
-                hostname=self.settings.smtp_host,
-                port=self.settings.smtp_port,
-                username=self.settings.smtp_username or None,
-                password=self.settings.smtp_password or None,
-                start_tls=self.settings.smtp_starttls,
-                timeout=self.settings.smtp_timeout_s,
-            )
+            smtp = await self._smtp_send(message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             code = min(r.code for r in exc.recipients)
             error = f"recipient refused ({code})"
@@ -242,7 +284,12 @@ class MailSender:
         except SealError:
             code, error = 554, "sealed secrets do not open"
         if error is None:
-            await self._settle(doc, State.SENT, None, now)
+            assert smtp is not None
+            try:
+                await self._record_accepted(doc, now)
+                await self._settle(doc, State.SENT, None, now)
+            finally:
+                await self._quit(smtp)
             self.sent.labels(doc["kind"]).inc()
             self.latency.labels(doc["kind"]).observe((datetime.now(UTC) - doc["event_time"]).total_seconds())
             return
@@ -250,17 +297,53 @@ class MailSender:
         log.warning("mail %s attempt %d: %s -> %s", doc["_id"], doc["attempts"], error, state)
         if state == State.PENDING:
             self.retried.labels(doc["kind"]).inc()
-            await self.store.in_transaction(
-                lambda s: self.store.finish(
-                    doc["_id"], {"$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error}}, s
-                )
-            )
+
+            async def back_to_pending(s: AsyncClientSession) -> None:
+                update = {
+                    "$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error},
+                    "$unset": {"lease_until": "", "claim": ""},
+                }
+                if not await self.store.finish(doc["_id"], doc["claim"], update, s):
+                    raise LostClaim(doc["_id"])
+
+            await self.store.in_transaction(back_to_pending)
         else:
             await self._settle(doc, State.FAILED, error, now)
             self.failed.labels(doc["kind"]).inc()
 
+    async def _record_accepted(self, doc: dict[str, Any], now: datetime) -> None:
+        """Record the server's acceptance at once. The store may be briefly away (failover,
+        restart): keep trying while our claim lasts; past it the mail is in doubt."""
+        deadline = asyncio.get_running_loop().time() + self.lease.total_seconds() - self.smtp_deadline
+        delay = 0.05
+        while True:
+            try:
+                if not await self.store.mark_accepted(doc["_id"], doc["claim"], now):
+                    raise LostClaim(doc["_id"])
+                return
+            except PyMongoError as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    log.error("mail %s: accepted by SMTP but not recorded (%s)", doc["_id"], exc.__class__.__name__)
+                    raise
+                log.warning("mail %s: recording acceptance failed (%s), retrying", doc["_id"], exc.__class__.__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @staticmethod
+    async def _quit(smtp: aiosmtplib.SMTP) -> None:
+        # The message is accepted and recorded: QUIT is a courtesy, bounded, errors ignored.
+        try:
+            async with asyncio.timeout(2.0):
+                await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            smtp.close()
+
     async def _settle(self, doc: dict[str, Any], state: str, error: str | None, now: datetime) -> None:
-        """Record the final state, drop the sealed secrets, and announce it (event + audit)."""
+        """Record the final state, drop the sealed secrets, and announce it (event + audit).
+        Exactly once per notification: the transaction aborts unless this sender still holds
+        the claim, so a retried commit or a second sender cannot announce it twice."""
         result = NotificationResult(
             notification_id=doc["_id"],
             kind=doc["kind"],
@@ -277,6 +360,14 @@ class MailSender:
             correlationid=doc["correlationid"],
             causationid=doc["causationid"],
         )
+        details: dict[str, str | int | float | bool | None] = {
+            "kind": doc["kind"],
+            "attempts": doc["attempts"],
+            "notification_id": doc["_id"],
+        }
+        if doc.get("in_doubt"):
+            # Sent again after its sender stopped mid-conversation: a copy may exist.
+            details["in_doubt_resend"] = True
         record = AuditRecord(
             service="notifier",
             action="mail_sent" if sent else "mail_failed",
@@ -284,7 +375,7 @@ class MailSender:
             account_id=doc["account_id"],
             request_id=doc["request_id"],
             reasons=[] if sent else ["smtp_gave_up"],
-            details={"kind": doc["kind"], "attempts": doc["attempts"], "notification_id": doc["_id"]},
+            details=details,
         )
         outgoing = [
             Outgoing(NOTIFIER_SENT if sent else NOTIFIER_FAILED, doc["account_id"], event),
@@ -292,14 +383,12 @@ class MailSender:
         ]
 
         async def writes(s: AsyncClientSession) -> None:
-            await self.store.finish(
-                doc["_id"],
-                {
-                    "$set": {"state": state, "finished_at": now, "last_error": error},
-                    "$unset": {"sealed": "", "lease_until": ""},
-                },
-                s,
-            )
+            update = {
+                "$set": {"state": state, "finished_at": now, "last_error": error},
+                "$unset": {"sealed": "", "lease_until": "", "claim": ""},
+            }
+            if not await self.store.finish(doc["_id"], doc["claim"], update, s):
+                raise LostClaim(doc["_id"])
 
         await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
         self.on_outbox()

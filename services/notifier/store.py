@@ -1,7 +1,20 @@
-"""NotificationStore: the notifier's own database (one document per e-mail to send)."""
+"""NotificationStore: the notifier's own database (one document per e-mail to send).
+
+A notification moves pending -> sending -> accepted -> sent (or back to pending for a
+retry, or failed).  `sending` is a claim: a lease (`lease_until`) and a fencing token
+(`claim`) that every later write of that sender must match, so a sender that lost its
+claim (it stalled past the lease and another took over) cannot overwrite the new owner.
+`accepted` is written, in one small update, the moment the SMTP server accepted the
+message; recording `sent` (state, event, audit) follows in a transaction.  After a crash:
+- `accepted` is only settled, never sent again;
+- `sending` with an expired lease is *in doubt* (the sender died during the SMTP
+  conversation, perhaps after the server accepted): it is sent again, with the same
+  Message-ID, and flagged `in_doubt` so the resend is audited as such.
+"""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,7 +25,11 @@ from services.notifier.domain import State
 from shared.store import ServiceStore
 
 NOTIFICATIONS = "notifications"
-SENDING_LEASE = timedelta(seconds=60)
+# Default claim length; the sender passes one derived from its SMTP deadline.
+SENDING_LEASE = timedelta(seconds=30)
+# An accepted mail is settled by its sender within milliseconds; after this, by anyone.
+ACCEPTED_GRACE = timedelta(seconds=5)
+ACCEPTED = "accepted"  # SMTP accepted the message; `sent` not yet recorded
 
 
 class NotificationStore(ServiceStore):
@@ -24,19 +41,48 @@ class NotificationStore(ServiceStore):
     async def add(self, docs: list[dict[str, Any]], s: AsyncClientSession) -> None:
         await self.db[NOTIFICATIONS].insert_many(docs, session=s)
 
-    async def claim_due(self, now: datetime) -> dict[str, Any] | None:
-        """Atomically take one due notification (or one whose sender died mid-send)."""
-        return await self.db[NOTIFICATIONS].find_one_and_update(
-            {
-                "$or": [
-                    {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
-                    {"state": State.SENDING, "lease_until": {"$lt": now}},
-                ]
-            },
-            {"$set": {"state": State.SENDING, "lease_until": now + SENDING_LEASE}, "$inc": {"attempts": 1}},
+    async def claim_due(self, now: datetime, lease: timedelta = SENDING_LEASE) -> dict[str, Any] | None:
+        """Atomically take one notification to work on, with a fresh fencing token:
+        first one accepted but not settled (its sender died), then one whose sender died
+        mid-send (in doubt), then the next due one."""
+        coll = self.db[NOTIFICATIONS]
+        claim = uuid.uuid4().hex
+        doc = await coll.find_one_and_update(
+            {"state": ACCEPTED, "lease_until": {"$lt": now}},
+            {"$set": {"lease_until": now + lease, "claim": claim}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return doc
+        doc = await coll.find_one_and_update(
+            {"state": State.SENDING, "lease_until": {"$lt": now}},
+            {"$set": {"lease_until": now + lease, "claim": claim, "in_doubt": True}, "$inc": {"attempts": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return doc
+        return await coll.find_one_and_update(
+            {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
+            {"$set": {"state": State.SENDING, "lease_until": now + lease, "claim": claim}, "$inc": {"attempts": 1}},
             sort=[("next_attempt_at", 1)],
             return_document=ReturnDocument.AFTER,
         )
 
-    async def finish(self, nid: str, update: dict[str, Any], s: AsyncClientSession) -> None:
-        await self.db[NOTIFICATIONS].update_one({"_id": nid, "state": State.SENDING}, update, session=s)
+    async def mark_accepted(self, nid: str, claim: str, now: datetime) -> bool:
+        """One small write right after the SMTP server's 250: from here on the mail is never
+        sent again. The sealed link and code are dropped with it."""
+        result = await self.db[NOTIFICATIONS].update_one(
+            {"_id": nid, "state": State.SENDING, "claim": claim},
+            {
+                "$set": {"state": ACCEPTED, "accepted_at": now, "lease_until": now + ACCEPTED_GRACE},
+                "$unset": {"sealed": ""},
+            },
+        )
+        return result.modified_count == 1
+
+    async def finish(self, nid: str, claim: str, update: dict[str, Any], s: AsyncClientSession) -> bool:
+        """Apply `update` if this sender still holds the claim; False when it lost it."""
+        result = await self.db[NOTIFICATIONS].update_one(
+            {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim}, update, session=s
+        )
+        return result.modified_count == 1

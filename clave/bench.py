@@ -710,14 +710,36 @@ def print_report(results: dict[str, Any], e2e: EndToEnd | None, threads: int) ->
             console.print(f"[red]{rec.status}[/red] {rec.request_id or rec.citizen.national_id}: {rec.error}")
 
     if "dlq" in results:
-        d = results["dlq"]
-        rate = "-" if d["events_per_s"] is None else f"{d['events_per_s']:.0f} events/s"
-        console.print(
-            f"3. DLQ path of recovery.requests: {d['messages']} malformed records published in "
-            f"{d['published_s']:.2f}s, all dead-lettered after {d['elapsed_s'] or 0:.2f}s -> {rate}; "
-            f"identity CPU {d['identity_cpu_ms_per_event']:.2f} ms/event, whole stack "
-            f"{d['stack_cpu_ms_per_event']:.2f} ms/event"
+        print_dlq(results["dlq"])
+    if e2e is not None:
+        eff = results["efficiency"]
+        busiest = max(
+            (row for row in results["metrics"] if row["busy"] is not None), key=lambda row: row["busy"], default=None
         )
+        console.print(
+            f"[bold]Summary[/bold]: the hashing floor allows {eff['floor_recoveries_per_s']:.1f} recoveries/s on "
+            f"{threads} cores; measured {eff['measured_recoveries_per_s'] or 0:.2f}/s; efficiency "
+            f"{(eff['throughput_efficiency'] or 0) * 100:.0f}%; argon2 is "
+            f"{(eff['argon2_share_stack'] or 0) * 100:.0f}% of the stack's CPU per recovery"
+            + (
+                f"; busiest consumer: {busiest['service']} on {busiest['labels'].get('topic')} "
+                f"({busiest['busy'] * 100:.0f}% busy, mean {busiest['mean_s'] * 1000:.0f} ms)"
+                if busiest
+                else ""
+            )
+        )
+
+
+def print_dlq(d: dict[str, Any]) -> None:
+    if d["events_per_s"] is None:
+        done = "not all dead-lettered within the timeout"
+    else:
+        done = f"all dead-lettered after {d['elapsed_s']:.2f}s -> {d['events_per_s']:.0f} events/s"
+    console.print(
+        f"3. DLQ path of recovery.requests: {d['messages']} malformed records published in "
+        f"{d['published_s']:.2f}s, {done}; identity CPU {d['identity_cpu_ms_per_event']:.2f} ms/event, "
+        f"whole stack {d['stack_cpu_ms_per_event']:.2f} ms/event"
+    )
 
 
 def serial_summary(runs: list[Recovery]) -> dict[str, Any]:

@@ -6,6 +6,13 @@ and the events it publishes are written in ONE multi-document transaction.
 The relay (shared.relay) then publishes the outbox to Kafka. A crash at any
 point therefore neither loses nor doubles an effect: either all of it is
 stored, or none, and the incoming event is redelivered.
+
+A transaction whose commit reply is lost (the store restarts, the connection
+drops) may or may not have committed. `in_transaction` runs it again; `commit`
+makes that safe: the outbox documents (with their `_id`s) and a `commit_id` are
+made once per call, so a re-run after a commit that did land collides with its
+own earlier writes, and that collision is recognised as success instead of
+being taken for a duplicate event (or, worse, writing the events twice).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 
@@ -61,12 +68,17 @@ class Outgoing:
         }
 
 
+# Server error codes that mean "not now" rather than "never": write conflict, and the
+# codes MongoDB drivers retry (node shutting down or interrupted, not primary, network).
+TRANSIENT_CODES = frozenset({112, 6, 7, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PyMongoError) and (
         exc.has_error_label("TransientTransactionError") or exc.has_error_label("UnknownTransactionCommitResult")
     ):
         return True
-    if isinstance(exc, OperationFailure) and exc.code == 112:  # WriteConflict
+    if isinstance(exc, OperationFailure) and exc.code in TRANSIENT_CODES:
         return True
     return isinstance(exc, ConnectionFailure)
 
@@ -127,23 +139,49 @@ class ServiceStore:
         writes: Callable[[AsyncClientSession], Awaitable[None]] | None,
         outgoing: list[Outgoing],
     ) -> None:
-        """Mark the event processed, apply the writes and queue the outgoing events, atomically."""
+        """Mark the event processed, apply the writes and queue the outgoing events, atomically.
+
+        Safe to retry after a lost commit reply: see the module docstring."""
+        commit_id = ObjectId()
+        docs = [o.to_document() for o in outgoing]  # made once: a re-run reuses these `_id`s
 
         async def work(session: AsyncClientSession) -> None:
             if consumer is not None and event_id is not None:
                 try:
                     await self.db[PROCESSED].insert_one(
-                        {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)},
+                        {
+                            "consumer": consumer,
+                            "event_id": event_id,
+                            "commit_id": commit_id,
+                            "processed_at": datetime.now(UTC),
+                        },
                         session=session,
                     )
                 except DuplicateKeyError:
                     raise DuplicateEvent(event_id) from None
+            if docs:
+                # Before the writes: a re-run of a commit that landed stops here, on its own _ids.
+                await self.db[OUTBOX].insert_many(docs, session=session)
             if writes is not None:
                 await writes(session)
-            if outgoing:
-                await self.db[OUTBOX].insert_many([o.to_document() for o in outgoing], session=session)
 
-        await self.in_transaction(work)
+        try:
+            await self.in_transaction(work)
+        except DuplicateEvent:
+            if consumer is not None and await self._landed_processed(consumer, event_id, commit_id):
+                log.warning("commit of %s/%s had landed before its reply was lost", consumer, event_id)
+                return
+            raise
+        except (DuplicateKeyError, BulkWriteError):
+            if docs and await self.db[OUTBOX].find_one({"_id": docs[0]["_id"]}, {"_id": 1}) is not None:
+                log.warning("commit of %d outbox events had landed before its reply was lost", len(docs))
+                return
+            raise
+
+    async def _landed_processed(self, consumer: str, event_id: str | None, commit_id: ObjectId) -> bool:
+        """Was the processed-event record written by this very commit call (an earlier attempt)?"""
+        doc = await self.db[PROCESSED].find_one({"consumer": consumer, "event_id": event_id}, {"commit_id": 1})
+        return doc is not None and doc.get("commit_id") == commit_id
 
     async def was_processed(self, consumer: str, event_id: str) -> bool:
         doc = await self.db[PROCESSED].find_one({"consumer": consumer, "event_id": event_id}, {"_id": 1})

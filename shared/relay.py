@@ -134,7 +134,12 @@ class OutboxRelay:
         return len(docs)
 
     async def _seal_audit(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Give each unsealed audit event its place in the chain, durably, before publishing."""
+        """Give each unsealed audit event its place in the chain, durably, before publishing.
+
+        The documents are read again inside the transaction: if a previous attempt's commit
+        landed although its reply was lost (store restart), they are sealed already and must
+        not be sealed a second time (that would skip sequence numbers in the chain)."""
+        ids = [d["_id"] for d in docs]
 
         async def work(session: AsyncClientSession) -> list[dict[str, Any]]:
             head = await self.store.db[LEASES].find_one({"_id": CHAIN_ID}, session=session) or {
@@ -142,8 +147,11 @@ class OutboxRelay:
                 "hash": audit.GENESIS,
             }
             seq, prev = int(head["seq"]), str(head["hash"])
+            current = {
+                d["_id"]: d for d in await self.store.db[OUTBOX].find({"_id": {"$in": ids}}, session=session).to_list()
+            }
             out = []
-            for doc in docs:
+            for doc in (current[i] for i in ids if i in current):
                 if doc["is_audit"] and not doc.get("sealed"):
                     seq += 1
                     value, prev = audit.seal(

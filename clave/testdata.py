@@ -16,6 +16,9 @@ from typing import Any
 
 from stdnum.ec import ci, ruc
 
+# Every secret made here (answers, keys), so a test can prove none leaked anywhere.
+SECRETS_MADE: set[str] = set()
+
 
 def random_cedula() -> str:
     """A valid 10-digit cédula: province 01-24, third digit < 6, check digit right."""
@@ -62,6 +65,13 @@ class Citizen:
 
 
 def new_citizen(profile: str = "affiliate", locale: str = "es", domain: str = "example.org") -> Citizen:
+    citizen = _make_citizen(profile, locale, domain)
+    SECRETS_MADE.add(citizen.password)
+    SECRETS_MADE.update(citizen.answers.values())
+    return citizen
+
+
+def _make_citizen(profile: str, locale: str, domain: str) -> Citizen:
     tag = uuid.uuid4().hex[:10]
     if profile == "employer":
         return Citizen(
@@ -94,7 +104,9 @@ def new_citizen(profile: str = "affiliate", locale: str = "es", domain: str = "e
 
 def new_key() -> str:
     """A key that meets the seed policy (letters and digits, 6-15) and was never used."""
-    return f"Clave{secrets.randbelow(10**8):08d}"
+    key = f"Clave{secrets.randbelow(10**8):08d}"
+    SECRETS_MADE.add(key)
+    return key
 
 
 def write_jsonl(citizens: list[Citizen], path: Path) -> Path:

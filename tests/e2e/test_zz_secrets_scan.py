@@ -1,0 +1,120 @@
+"""After the end-to-end run (this file runs last): no secret used in the run appears in any
+topic but the two portal inputs, in any collection of any store, in any log file or in any
+/metrics output. Secrets: every security answer and key the tests made, and every token,
+code and key that crossed the portal topics or reached a mailbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from bson import json_util
+from pymongo import AsyncMongoClient
+
+from clave.kafkaio import read_topic
+from clave.portal import Mailbox, body_text
+from clave.testdata import SECRETS_MADE
+from shared.kafka import client_kwargs
+from shared.settings import Settings
+from shared.topics import RECOVERY_REQUESTS, RECOVERY_RESETS
+from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
+
+pytestmark = pytest.mark.e2e
+
+WORD = re.compile(r"[A-Za-z0-9_\-]+")
+# A code must stand alone: not inside base64, hex, a decimal fraction or a time of day.
+CODE_EDGE = r"(?<![A-Za-z0-9_\-+/=.:]){}(?![A-Za-z0-9_\-+/=])"
+
+
+async def portal_inputs(settings: Settings) -> tuple[set[str], set[str]]:
+    """What citizens typed: answers, tokens, keys (words) and codes, from the two input topics."""
+    words: set[str] = set()
+    codes: set[str] = set()
+    for topic in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+        async for record in read_topic(settings, topic):
+            try:
+                data = json.loads(record.value).get("data") or {}
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(data, dict):
+                continue
+            answers = data.get("answers")
+            if isinstance(answers, dict):
+                words.update(str(a) for a in answers.values())
+            for field in ("token", "new_password"):
+                if isinstance(data.get(field), str):
+                    words.add(data[field])
+            if isinstance(data.get("code"), str):
+                codes.add(data["code"])
+    return words, codes
+
+
+def mailed(settings: Settings) -> tuple[set[str], set[str]]:
+    words, codes = set(), set()
+    for _, msg in Mailbox(settings.mail_dir).messages():
+        text = body_text(msg)
+        words.update(re.findall(r"token=([A-Za-z0-9_\-]{20,})", text))
+        codes.update(re.findall(r"(?<!\d)(\d{6})(?!\d)", text) if "recuperar?" in text else [])
+    return words, codes
+
+
+async def sources(settings: Settings) -> list[tuple[str, str]]:
+    """(name, text) for every place a secret must never be."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    out: list[tuple[str, str]] = []
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if not t.startswith("__")]
+    finally:
+        await admin.close()
+    for topic in sorted(set(topics) - {RECOVERY_REQUESTS, RECOVERY_RESETS}):
+        chunks = []
+        async for record in read_topic(settings, topic):
+            chunks.append(record.value.decode("utf-8", "replace"))
+            chunks.extend(f"{k}={v}" for k, v in record.headers.items())
+        out.append((f"topic {topic}", "\n".join(chunks)))
+    client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri)
+    try:
+        for db_name in await client.list_database_names():
+            if not db_name.startswith(settings.mongodb_db_prefix):
+                continue
+            for collection in await client[db_name].list_collection_names():
+                docs = await client[db_name][collection].find().to_list()
+                out.append((f"store {db_name}.{collection}", json_util.dumps(docs)))
+    finally:
+        await client.close()
+    log_dir = Path(os.environ.get("VAR_DIR", "var")) / "log"
+    for path in sorted(log_dir.glob("*.log")):
+        out.append((f"log {path.name}", path.read_text(encoding="utf-8", errors="replace")))
+    for service in SERVICES:
+        out.append((f"metrics {service}", fetch(metrics_url(settings, service))[1]))
+    return out
+
+
+async def test_no_secret_appears_outside_the_portal_inputs_and_the_mailbox(world: World) -> None:
+    typed_words, typed_codes = await portal_inputs(world.settings)
+    mailed_words, mailed_codes = mailed(world.settings)
+    word_secrets = {s for s in SECRETS_MADE | typed_words | mailed_words if WORD.fullmatch(s) and len(s) >= 4}
+    other_secrets = {s for s in SECRETS_MADE | typed_words if not WORD.fullmatch(s) and len(s) >= 4}
+    codes = typed_codes | mailed_codes
+    assert len(word_secrets) > 100 and codes, "the run should have used many secrets"
+    code_pattern = re.compile("|".join(CODE_EDGE.format(re.escape(c)) for c in sorted(codes)))
+
+    places = await sources(world.settings)
+    assert any(name.startswith("topic audit.events") for name, _ in places)
+    assert any(name.startswith("store ") for name, _ in places)
+    assert any(name.startswith("log ") for name, _ in places), "no log files found: is VAR_DIR set?"
+    leaks = []
+    for name, text in places:
+        found = set(WORD.findall(text)) & word_secrets
+        found |= {s for s in other_secrets if s in text}
+        found |= set(code_pattern.findall(text)) if codes else set()
+        if found:
+            leaks.append(f"{name}: {len(found)} secret(s), e.g. {sorted(found)[0][:3]}…")
+    print(f"\nscanned {len(places)} places for {len(word_secrets) + len(other_secrets)} secrets and {len(codes)} codes")
+    assert not leaks, "\n".join(leaks)

@@ -404,6 +404,14 @@ class EndToEnd:
         return len(self.completed) / self.wall_s if self.completed and self.wall_s > 0 else None
 
 
+async def idle_cpu(seconds: float) -> dict[str, float]:
+    """Share of one core each stack process uses with no traffic (background loops)."""
+    cpu0, t0 = stack_cpu(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, elapsed = stack_cpu(), time.monotonic() - t0
+    return {k: (cpu1[k] - cpu0[k]) / elapsed for k in cpu1 if k in cpu0}
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     try:
@@ -541,6 +549,7 @@ async def dlq_throughput(settings: Settings, count: int, timeout: float = 60.0) 
         "events_per_s": count / elapsed if waited is not None else None,
         "identity_cpu_ms_per_event": (cpu1.get("identity", 0) - cpu0.get("identity", 0)) / count * 1000,
         "stack_cpu_ms_per_event": (sum(cpu1.values()) - sum(cpu0.values())) / count * 1000,
+        "cpu_ms_per_event": {k: (cpu1[k] - cpu0[k]) / count * 1000 for k in cpu1 if k in cpu0},
     }
 
 
@@ -663,8 +672,17 @@ def print_report(results: dict[str, Any], e2e: EndToEnd | None, threads: int) ->
         t.add_column("component")
         t.add_column("CPU s", justify="right")
         t.add_column("ms / recovery", justify="right")
+        t.add_column("idle: % of a core", justify="right")
+        t.add_column("ms / recovery above idle", justify="right")
         for comp, sec in r["cpu_s"].items():
-            t.add_row(comp, f"{sec:.2f}", f"{r['cpu_ms_per_recovery'][comp]:.1f}")
+            idle = r["idle_core_share"].get(comp)
+            t.add_row(
+                comp,
+                f"{sec:.2f}",
+                f"{r['cpu_ms_per_recovery'][comp]:.1f}",
+                "-" if idle is None else f"{idle * 100:.0f}",
+                f"{r['cpu_ms_per_recovery_above_idle'][comp]:.1f}",
+            )
         t.add_row("[bold]services", f"{r['cpu_services_s']:.2f}", f"{r['cpu_ms_per_recovery_services']:.1f}")
         t.add_row("[bold]whole stack", f"{r['cpu_stack_s']:.2f}", f"{r['cpu_ms_per_recovery_stack']:.1f}")
         t.add_row("bench (portal stand-in)", f"{r['bench_cpu_s']:.2f}", "")
@@ -751,7 +769,7 @@ def serial_summary(runs: list[Recovery]) -> dict[str, Any]:
     return out
 
 
-def summarize_e2e(e2e: EndToEnd, n: int, concurrency: int) -> dict[str, Any]:
+def summarize_e2e(e2e: EndToEnd, n: int, concurrency: int, idle: dict[str, float]) -> dict[str, Any]:
     done = e2e.completed
     latency = {}
     for name in ("to_mail", "to_mail_seen", "reset"):
@@ -777,6 +795,11 @@ def summarize_e2e(e2e: EndToEnd, n: int, concurrency: int) -> dict[str, Any]:
         "drain_s": e2e.drain_s,
         "cpu_s": e2e.cpu,
         "cpu_ms_per_recovery": {k: v / per * 1000 for k, v in e2e.cpu.items()},
+        # What the process burns with no traffic at all (polling loops), taken out.
+        "idle_core_share": idle,
+        "cpu_ms_per_recovery_above_idle": {
+            k: max(0.0, v - idle.get(k, 0.0) * e2e.cpu_window_s) / per * 1000 for k, v in e2e.cpu.items()
+        },
         "cpu_services_s": services,
         "cpu_stack_s": stack,
         "cpu_ms_per_recovery_services": services / per * 1000,
@@ -816,9 +839,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["floor"] = floor_figures(settings, argon, threads)
 
     e2e = None
+    idle: dict[str, float] = {}
+    if args.idle_seconds > 0:
+        with console.status(f"stack CPU with no traffic, {args.idle_seconds:.0f}s ..."):
+            idle = await idle_cpu(args.idle_seconds)
+        results["idle_core_share"] = idle
     if args.n > 0:
         e2e = await end_to_end(settings, args.n, args.concurrency, args.serial, args.step_timeout, args.budget)
-        r = results["end_to_end"] = summarize_e2e(e2e, args.n, args.concurrency)
+        r = results["end_to_end"] = summarize_e2e(e2e, args.n, args.concurrency, idle)
         bench_case = results["floor"]["cases"]["bench_citizen"]
         floor_rate = bench_case["max_recoveries_per_s"]
         cores = os.cpu_count() or 1
@@ -854,6 +882,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dlq", type=int, default=300, help="malformed records for the DLQ-path measure (0: skip)")
     parser.add_argument("--step-timeout", type=float, default=60, help="max seconds per wait in one recovery [60]")
     parser.add_argument("--budget", type=float, default=120, help="max seconds for the end-to-end phase [120]")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=3, help="measure the stack's CPU with no traffic first (0: skip) [3]"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.n < 0 or args.serial < 0 or args.dlq < 0 or args.concurrency < 1 or args.threads < 1:

@@ -17,7 +17,16 @@ from shared.topics import EventType
 
 
 class Payload(BaseModel):
+    """Portal input and operator commands: unknown fields are refused (a typo is loud)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InternalPayload(Payload):
+    """Events between Clave's services: a newer producer may add optional fields before every
+    consumer is upgraded (rolling deploys), so unknown fields are ignored, never fatal."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 RequestId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
@@ -66,7 +75,7 @@ class ResetSubmitted(Payload):
         return self
 
 
-class RecoveryOutcome(Payload):
+class RecoveryOutcome(InternalPayload):
     request_id: str = RequestId
     stage: Literal["request", "reset"]
     status: Literal["accepted", "completed", "rejected"]
@@ -76,7 +85,7 @@ class RecoveryOutcome(Payload):
 # ---- identity --------------------------------------------------------------------------------
 
 
-class Recipient(Payload):
+class Recipient(InternalPayload):
     """Where and how to write to a citizen (the registered address, never the typed one)."""
 
     email: str
@@ -84,7 +93,7 @@ class Recipient(Payload):
     locale: Locale
 
 
-class IdentityVerified(Payload):
+class IdentityVerified(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     recipient: Recipient
@@ -92,14 +101,14 @@ class IdentityVerified(Payload):
     requested_at: datetime | None = None  # when the portal published the request (end-to-end latency)
 
 
-class IdentityLocked(Payload):
+class IdentityLocked(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     recipient: Recipient
     locked_until: datetime
 
 
-class EmailChanged(Payload):
+class EmailChanged(InternalPayload):
     command_id: str
     account_id: str = AccountId
     old_recipient: Recipient
@@ -107,7 +116,7 @@ class EmailChanged(Payload):
     operator_id: str
 
 
-class AccountRegistered(Payload):
+class AccountRegistered(InternalPayload):
     """A new account from the registry: its initial key, sealed for the password service."""
 
     account_id: str = AccountId
@@ -125,7 +134,7 @@ class OperatorCommand(Payload):
 # ---- tokens ----------------------------------------------------------------------------------
 
 
-class TokensIssued(Payload):
+class TokensIssued(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     token_id: str
@@ -136,7 +145,7 @@ class TokensIssued(Payload):
     requested_at: datetime | None = None
 
 
-class TokensRedeemed(Payload):
+class TokensRedeemed(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     token_id: str
@@ -148,7 +157,7 @@ class TokensRedeemed(Payload):
 # ---- password --------------------------------------------------------------------------------
 
 
-class PasswordUpdated(Payload):
+class PasswordUpdated(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     token_id: str
@@ -156,7 +165,7 @@ class PasswordUpdated(Payload):
     changed_at: datetime
 
 
-class PasswordRejected(Payload):
+class PasswordRejected(InternalPayload):
     request_id: str = RequestId
     account_id: str = AccountId
     token_id: str
@@ -166,7 +175,7 @@ class PasswordRejected(Payload):
 # ---- notifier --------------------------------------------------------------------------------
 
 
-class NotificationResult(Payload):
+class NotificationResult(InternalPayload):
     notification_id: str
     kind: str
     account_id: str | None = None
@@ -178,7 +187,7 @@ class NotificationResult(Payload):
 # ---- audit -----------------------------------------------------------------------------------
 
 
-class AuditRecord(Payload):
+class AuditRecord(InternalPayload):
     """One audited state change. Never carries a secret; a national ID only as a keyed hash."""
 
     service: str

@@ -57,6 +57,7 @@ class NotifierHandlers:
         request_id: str | None,
         context: dict[str, Any],
         sealed: str | None = None,
+        started_at: datetime | None = None,
     ) -> dict[str, Any]:
         now = datetime.now(UTC)
         return {
@@ -71,7 +72,8 @@ class NotifierHandlers:
             "request_id": request_id,
             "correlationid": ctx.event.correlationid,
             "causationid": ctx.event.id,
-            "event_time": ctx.event.time,
+            # End-to-end latency counts from the portal's request when the chain carried it.
+            "event_time": started_at or ctx.event.time,
             "state": State.PENDING,
             "attempts": 0,
             "next_attempt_at": now,
@@ -105,6 +107,7 @@ class NotifierHandlers:
                         "code_minutes": self.settings.code_ttl_s // 60,
                     },
                     sealed=evt.sealed_secrets,
+                    started_at=evt.requested_at,
                 )
             ],
         )

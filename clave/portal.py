@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
@@ -43,6 +44,7 @@ class TopicWatcher:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self.errors: list[str] = []
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
@@ -70,12 +72,17 @@ class TopicWatcher:
     async def _collect(self) -> None:
         assert self._consumer is not None
         while True:
-            batch = await self._consumer.getmany(timeout_ms=500)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=500)
+            except KafkaError as exc:  # e.g. while the broker restarts: keep watching
+                self.errors.append(exc.__class__.__name__)
+                await asyncio.sleep(0.5)
+                continue
             for messages in batch.values():
                 for msg in messages:
                     try:
                         doc = json.loads(msg.value)
-                    except (ValueError, TypeError):
+                    except (ValueError, TypeError, RecursionError):
                         doc = {"unparseable": True}
                     headers = {k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])}
                     self.records.append((msg.topic, headers, doc))

@@ -65,8 +65,11 @@ class Service:
         # One consumer group per service: instances of a service share the partitions.
         return f"clave-{self.name}"
 
-    def consume(self, topic: str, routes: dict[str, Route]) -> None:
+    def consume(self, topic: str, routes: dict[str, Route], *, hot: bool = False) -> None:
+        """Subscribe `routes` to `topic`. A `hot` topic (on the recovery's critical path) gets
+        CONSUMER_WORKERS consumers in the group: partitions in parallel, each still in order."""
         self._consumed_topics.append(topic)
+        workers = self.settings.consumer_workers if hot else 1
         pipeline = EventPipeline(
             service=self.name,
             topic=topic,
@@ -83,6 +86,7 @@ class Service:
             auto_offset_reset="earliest",
             decoder=_raw_body,
             title=f"{self.name}:{topic}",
+            max_workers=workers if workers > 1 else None,
         )
         async def handle(msg: KafkaMessage) -> None:
             await pipeline.process(msg.raw_message, msg.body)  # type: ignore[arg-type]

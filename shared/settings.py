@@ -93,6 +93,7 @@ class Settings(BaseSettings):
 
     # Delivery
     max_event_bytes: int = Field(default=64 * 1024)
+    consumer_workers: int = 3  # consumers per hot topic and service instance (<= partitions)
 
     def db_name(self, service: str) -> str:
         return f"{self.mongodb_db_prefix}{service}"

@@ -22,5 +22,5 @@ def build(settings: Settings | None = None) -> Service:
     store = make_store(settings)
     service = Service(NAME, store, settings)
     h = AuditHandlers(store, service.metrics)
-    service.consume(AUDIT_EVENTS, {EventType.AUDIT: Route(AuditRecord, h.audit_event)})
+    service.consume(AUDIT_EVENTS, {EventType.AUDIT: Route(AuditRecord, h.audit_event)}, hot=True)
     return service

@@ -27,6 +27,7 @@ def build(settings: Settings | None = None) -> Service:
     service.consume(
         RECOVERY_REQUESTS,
         {EventType.RECOVERY_REQUESTED: Route(RecoveryRequested, handlers.recovery_requested)},
+        hot=True,
     )
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})
     service.consume(

@@ -19,7 +19,7 @@ def build(settings: Settings | None = None) -> Service:
     service = Service(NAME, store, settings)
     sender = MailSender(store, settings, service.metrics, on_outbox=service.relay.wake)
     h = NotifierHandlers(store, settings, wake_sender=sender.wake.set)
-    service.consume(TOKENS_ISSUED, {EventType.TOKENS_ISSUED: Route(TokensIssued, h.tokens_issued)})
+    service.consume(TOKENS_ISSUED, {EventType.TOKENS_ISSUED: Route(TokensIssued, h.tokens_issued)}, hot=True)
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(IDENTITY_LOCKED, {EventType.IDENTITY_LOCKED: Route(IdentityLocked, h.identity_locked)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})

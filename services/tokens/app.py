@@ -29,8 +29,10 @@ def build(settings: Settings | None = None) -> Service:
     ttl = service.metrics.gauge("clave_tokens_ttl_seconds", "Configured token lifetime", ["kind"])
     ttl.labels("link").set(settings.link_ttl_s)
     ttl.labels("code").set(settings.code_ttl_s)
-    service.consume(IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)})
-    service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)})
+    service.consume(
+        IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)}, hot=True
+    )
+    service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)}, hot=True)
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})

@@ -135,11 +135,16 @@ signature() {
   esac
 }
 
+# Alive while any of its threads is not a zombie: after SIGKILL the main thread can be a
+# zombie while other threads are still exiting and holding the process's sockets.
 pid_alive() {
-  local pid=$1 state
+  local pid=$1 t state
   kill -0 "$pid" 2>/dev/null || return 1
-  state=$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ $state != Z ]]
+  for t in /proc/"$pid"/task/*/stat; do
+    state=$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "$t" 2>/dev/null) || continue
+    [[ $state == [ZX] ]] || return 0
+  done
+  return 1
 }
 
 # Prints the pid and succeeds when the component runs under our pid file.
@@ -443,10 +448,15 @@ stop_together() {
 }
 
 kill_one() {
-  local c=$1 pid left=100
+  local c=$1 pid left=100 addr
   if pid=$(running_pid "$c"); then
     kill -KILL "$pid" 2>/dev/null || true
     while pid_alive "$pid" && ((left-- > 0)); do sleep 0.05; done
+    # A start right after must find the ports free (launch refuses a port in use).
+    for addr in $(listen_addrs "$c"); do
+      left=100
+      while port_open "${addr%:*}" "${addr##*:}" && ((left-- > 0)); do sleep 0.05; done
+    done
     rm -f "$(pidfile "$c")"
     say "$c: killed (SIGKILL, pid $pid)"
   else

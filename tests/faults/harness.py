@@ -325,9 +325,22 @@ def format_table(report: dict[str, Any]) -> str:
         detail = ", ".join(f"{k}={v}" for k, v in f["counts"].items())
         rows.append((f"fault: {f['name']}", f"at {f['injected_at']} held {f['held_s']:.1f}s; {detail}"))
     m = report["mails"]
-    rows.append(("recovery e-mails", f"{m['recovery']} for {m['recovery_requests']} requests, {m['tokens']} tokens"))
-    rows.append(("key-changed e-mails", str(m["password_changed"])))
-    rows.append(("duplicate e-mails", f"by Message-ID {m['dup_message_id']}, by request {m['dup_request']}"))
+    rows.append(
+        (
+            "recovery e-mails",
+            f"{m['recovery']} messages ({m['recovery_files']} files) for {m['recovery_requests']} requests, "
+            f"{m['tokens']} tokens",
+        )
+    )
+    rows.append(("key-changed e-mails", f"{m['password_changed']} messages ({m['password_changed_files']} files)"))
+    rows.append(
+        (
+            "duplicate e-mails",
+            f"by Message-ID {m['dup_message_id']}, by request {m['dup_request']}; "
+            f"in-doubt resends {m['in_doubt_resends']} (allowed {m['in_doubt_allowed']}), "
+            f"unexplained {len(m['unexplained_duplicates'])}",
+        )
+    )
     o = report["outcomes"]
     rows.append(("reset outcomes", f"completed {o['completed']}, other {o['other']}, redelivered copies {o['copies']}"))
     a = report["audit"]
@@ -343,6 +356,10 @@ def format_table(report: dict[str, Any]) -> str:
     rows.append(("DLQ by reason", ", ".join(f"{k}={v}" for k, v in sorted(dlq["by_reason"].items())) or "none"))
     rows.append(("DLQ by topic", ", ".join(f"{k}={v}" for k, v in sorted(dlq["by_topic"].items())) or "none"))
     rows.append(("portal re-sends", str(report["portal_resends"])))
+    rows.append(("service recoveries (logs)", ", ".join(f"{k}={v}" for k, v in report["recoveries_logged"].items())))
+    lat = report["recoveries"]["latency_s"]
+    rows.append(("recovery latency", f"p50 {lat['p50']} s, p95 {lat['p95']} s, max {lat['max']} s"))
+    rows.append(("suite time", f"{report['suite_seconds']} s"))
     width = max(len(k) for k, _ in rows)
     lines = ["=" * 100, "FAULT SUITE SUMMARY", "-" * 100]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]

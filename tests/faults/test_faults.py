@@ -51,7 +51,23 @@ pytestmark = pytest.mark.faults
 N = int(os.environ.get("FAULT_N", "200"))
 CONCURRENCY = int(os.environ.get("FAULT_CONCURRENCY", "20"))
 LOAD_TIMEOUT_S = float(os.environ.get("FAULT_LOAD_TIMEOUT_S", "420"))
+# The whole test stays within this, whatever happens (the target: `make test-faults` < 10 min).
+BUDGET_S = float(os.environ.get("FAULT_BUDGET_S", "540"))
 HOLD_S = 10.0  # how long the store stays down and the SMTP server answers 4xx
+# A mail whose sender died between the SMTP server's acceptance and its record is sent
+# again (same Message-ID, same link), flagged `in_doubt_resend` in its audit event: the
+# documented residual of SMTP (RFC 1047). Allowed, counted and reported, at most one per
+# notifier kill; FAULT_STRICT_MAIL=1 fails on it too.
+STRICT_MAIL = os.environ.get("FAULT_STRICT_MAIL", "") not in ("", "0")
+# Lines the services log when they recover from a fault: counted for the report.
+LOG_MARKERS = {
+    "notifier": {
+        "in_doubt_resends": "sending it again",
+        "accepted_then_recorded": "recording it as sent",
+        "lost_claims": "claim taken over",
+    },
+    "*": {"commits_landed_reply_lost": "had landed before its reply was lost"},
+}
 SERVICES = ("identity", "tokens", "notifier", "password")
 TRAIL = ("recovery_requested", "token_issued", "token_reserved", "key_changed", "token_spent")
 MAIL_KINDS = ("recovery_link", "password_changed")
@@ -83,6 +99,20 @@ def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
+def log_counts() -> Counter[str]:
+    """How often the services logged each recovery marker so far (LOG_MARKERS)."""
+    counts: Counter[str] = Counter()
+    for service in SERVICES:
+        try:
+            text = (harness.var_dir() / "log" / f"{service}.log").read_text(errors="replace")
+        except OSError:
+            continue
+        for scope in (service, "*"):
+            for name, marker in LOG_MARKERS.get(scope, {}).items():
+                counts[name] += text.count(marker)
+    return counts
+
+
 # ---------------------------------------------------------------------------- the faults
 
 
@@ -92,6 +122,7 @@ class Faults:
     def __init__(self) -> None:
         self.flag = harness.var_dir() / "run" / "smtp-tempfail"
         self.catcher_log = harness.var_dir() / "log" / "mailcatcher.log"
+        self.mail_dir = Path(get_settings().mail_dir)
 
     def plan(self) -> list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]]:
         plan: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
@@ -103,11 +134,29 @@ class Faults:
         plan.append((f"SMTP 4xx for {HOLD_S:.0f}s", self.smtp_tempfail))
         return plan
 
+    def _mail_dir_stamp(self) -> int:
+        return os.stat(self.mail_dir).st_mtime_ns
+
+    async def _while_mail_flows(self, timeout: float = 15.0) -> bool:
+        """Return as soon as the mail catcher stores a new message (the notifier is then in
+        the middle of its work), or after `timeout`."""
+        stamp = self._mail_dir_stamp()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._mail_dir_stamp() != stamp:
+                return True
+            await asyncio.sleep(0.002)  # polling the folder's mtime, bounded by the deadline
+        return False
+
     async def kill_restart(self, service: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if service == "notifier":
+            # The worst moment for the notifier: right after the SMTP server accepted a mail.
+            extra["killed_as_mail_arrived"] = await self._while_mail_flows()
         killed = await stack("kill-service", service)
         t = time.monotonic()
         started = await stack("start-service", service)
-        return {"action": f"{killed} / {started}", "down_s": round(time.monotonic() - t, 1)}
+        return {"action": f"{killed} / {started}", "down_s": round(time.monotonic() - t, 1), **extra}
 
     async def kafka_restart(self) -> dict[str, Any]:
         t = time.monotonic()
@@ -127,6 +176,9 @@ class Faults:
         except OSError:
             return 0
         return sum(1 for line in text.splitlines() if "Temporary failure (injected)" in line)
+
+    def restore(self) -> None:
+        self.flag.unlink(missing_ok=True)
 
     async def smtp_tempfail(self) -> dict[str, Any]:
         before = self._refusals()
@@ -151,6 +203,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
     settings = get_settings()
     await wait_ready(settings)
     report: dict[str, Any] = {"n": N, "concurrency": CONCURRENCY, "started_at": utc_now()}
+    logs_before = log_counts()
 
     # Where every topic we read ends now: everything after is this run's.
     starts = await end_offsets(settings, [AUDIT_EVENTS, RECOVERY_OUTCOMES, *DLQ_TOPICS])
@@ -204,7 +257,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         )
         assert result.returncode == 0, f"import failed: {result.stdout}{result.stderr}"
         refs = {keyed_hash(settings.pseudonym_key, c.national_id) for c in citizens}
-        deadline = time.monotonic() + 180
+        deadline = min(time.monotonic() + 180, suite_t0 + BUDGET_S / 3)
         await audit_tail.wait(lambda: refs <= imported.keys(), deadline, "account_imported for every citizen")
         account_ids = {imported[r] for r in refs}
         await audit_tail.wait(lambda: account_ids <= keys_set, deadline, "initial_key_set for every account")
@@ -221,7 +274,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         progress = asyncio.Condition()
         sem = asyncio.Semaphore(CONCURRENCY)
         load_t0 = time.monotonic()
-        load_deadline = load_t0 + LOAD_TIMEOUT_S
+        load_deadline = min(load_t0 + LOAD_TIMEOUT_S, suite_t0 + BUDGET_S - 100)
         runs: list[dict[str, Any]] = [{} for _ in range(N)]
 
         async def bump(key: str) -> None:
@@ -284,7 +337,14 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
                 try:
                     entry.update(await fault())
                 except Exception as exc:
+                    # The test fails on it; first bring the stack back so the load can end.
                     entry["error"] = f"{exc.__class__.__name__}: {exc}"
+                    faults.restore()
+                    for command in ("infra-up", "services-up"):
+                        try:
+                            await stack(command)
+                        except AssertionError as again:
+                            entry["error"] += f"; restoring with {command}: {again}"
                 entry["held_s"] = time.monotonic() - entry["t"]
                 entry["restored_at"] = utc_now()
                 done.append(entry)
@@ -304,7 +364,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
 
         # ---- let the tail of the work land: key-changed mails, full audit trails -------------
         rids = {r["rid"]: i for i, r in enumerate(runs) if "rid" in r}
-        settle_deadline = time.monotonic() + 120
+        settle_deadline = min(time.monotonic() + 120, suite_t0 + BUDGET_S - 60)
         emails = {c.email for c in citizens}
 
         def changed_mails() -> int:
@@ -347,36 +407,22 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         "completed": len(completed),
         "failed": len(failed),
         "failures": [{k: r.get(k) for k in ("rid", "status", "reasons", "error")} for r in failed[:10]],
+        "slowest": [
+            {
+                "rid": r.get("rid"),
+                "started_at_s": round(r["t0"] - load_t0, 1),
+                "to_mail_s": round(r.get("t_mail", r["t_end"]) - r["t0"], 1),
+                "mail_to_outcome_s": round(r["t_end"] - r.get("t_mail", r["t_end"]), 1),
+            }
+            for r in sorted(
+                (r for r in runs if "t0" in r and "t_end" in r), key=lambda r: r["t_end"] - r["t0"], reverse=True
+            )[:5]
+        ],
         "latency_s": {
             "p50": round(statistics.median(latencies), 2) if latencies else None,
             "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 2) if latencies else None,
             "max": round(latencies[-1], 2) if latencies else None,
         },
-    }
-
-    # E-mails
-    ours = [m for m in mails.mails if m.to in emails]
-    recovery_mails = [m for m in ours if m.request_id is not None]
-    changed = [m for m in ours if m.request_id is None]
-    by_msgid = Counter(m.message_id for m in ours)
-    by_rid = Counter(m.request_id for m in recovery_mails)
-    by_to_changed = Counter(m.to for m in changed)
-    tokens = Counter(m.token for m in recovery_mails)
-    report["mails"] = {
-        "recovery": len(recovery_mails),
-        "recovery_requests": len(by_rid),
-        "tokens": len(tokens),
-        "password_changed": len(changed),
-        "dup_message_id": sum(n - 1 for n in by_msgid.values() if n > 1),
-        "dup_request": sum(n - 1 for n in by_rid.values() if n > 1)
-        + sum(n - 1 for n in by_to_changed.values() if n > 1),
-        "dup_token": sum(n - 1 for n in tokens.values() if n > 1),
-        "duplicates": [
-            {"message_id": mid, "copies": n, "files": [m.path for m in ours if m.message_id == mid]}
-            for mid, n in by_msgid.items()
-            if n > 1
-        ][:10],
-        "unknown_requests": sorted(set(by_rid) - set(rids))[:10],
     }
 
     # Outcomes
@@ -407,6 +453,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
     audit_first: dict[str, str] = {}
     exact = conflicting = 0
     trail: dict[str, Counter[str]] = defaultdict(Counter)
+    in_doubt: set[tuple[str, str]] = set()  # (request, mail kind) audited as an in-doubt resend
     redelivery_times: list[float] = []
     for rec in audit_recs:
         doc = rec.doc or {}
@@ -424,8 +471,11 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         rid = data.get("request_id")
         if rid in rids:
             action = data.get("action")
-            kind = (data.get("details") or {}).get("kind")
+            details = data.get("details") or {}
+            kind = details.get("kind")
             trail[rid][f"{action}:{kind}" if action == "mail_sent" else str(action)] += 1
+            if action == "mail_sent" and details.get("in_doubt_resend"):
+                in_doubt.add((rid, str(kind)))
     expected = [*TRAIL, *(f"mail_sent:{k}" for k in MAIL_KINDS)]
     lost = {a: sum(1 for rid in rids if trail[rid][a] == 0) for a in expected}
     duplicated = {a: sum(trail[rid][a] - 1 for rid in rids if trail[rid][a] > 1) for a in expected}
@@ -444,6 +494,51 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         "verify": f"exit {verify.returncode}: {verify_text[-1] if verify_text else ''}",
     }
 
+    # E-mails: one message per (request, kind); a second copy is acceptable only as the
+    # flagged in-doubt resend of the same message (same Message-ID, same link).
+    ours = [m for m in mails.mails if m.to in emails]
+    rid_by_email = {citizens[i].email: r["rid"] for i, r in enumerate(runs) if "rid" in r}
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for m in ours:
+        if m.request_id is not None:
+            groups[(m.request_id, "recovery_link")].append(m)
+        else:
+            groups[(rid_by_email.get(m.to, m.to), "password_changed")].append(m)
+    in_doubt_copies = 0
+    unexplained: list[dict[str, Any]] = []
+    for (rid, kind), copies in groups.items():
+        if len(copies) == 1:
+            continue
+        identical = len({m.message_id for m in copies}) == 1 and len({m.token for m in copies}) == 1
+        if len(copies) == 2 and identical and (rid, kind) in in_doubt:
+            in_doubt_copies += 1
+        else:
+            unexplained.append({"request": rid, "kind": kind, "files": [m.path for m in copies]})
+    owners = defaultdict(set)
+    for (rid, kind), copies in groups.items():
+        for m in copies:
+            owners[m.message_id].add((rid, kind))
+    unexplained += [{"message_id": mid, "shared_by": sorted(o)} for mid, o in owners.items() if len(o) > 1]
+    recovery_mails = [m for m in ours if m.request_id is not None]
+    changed = [m for m in ours if m.request_id is None]
+    by_msgid = Counter(m.message_id for m in ours)
+    tokens = Counter(m.token for m in recovery_mails)
+    notifier_kills = sum(1 for f in fault_log if f["name"].startswith("SIGKILL notifier"))
+    report["mails"] = {
+        "recovery": len({m.message_id for m in recovery_mails}),
+        "recovery_files": len(recovery_mails),
+        "recovery_requests": len({m.request_id for m in recovery_mails}),
+        "tokens": len(tokens),
+        "password_changed": len({m.message_id for m in changed}),
+        "password_changed_files": len(changed),
+        "dup_message_id": sum(n - 1 for n in by_msgid.values() if n > 1),
+        "dup_request": sum(len(c) - 1 for c in groups.values()),
+        "in_doubt_resends": in_doubt_copies,
+        "in_doubt_allowed": 0 if STRICT_MAIL else notifier_kills,
+        "unexplained_duplicates": unexplained[:10],
+        "unknown_requests": sorted({m.request_id for m in recovery_mails} - set(rids))[:10],
+    }
+
     # Dead letters
     dlq_reasons = Counter(r.headers.get("clave-dlq-reason", "?") for r in dlq_recs)
     report["dlq"] = {
@@ -451,6 +546,10 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         "by_topic": dict(Counter(r.topic for r in dlq_recs)),
     }
     report["portal_resends"] = RetryingPortal.send_retries
+    after = log_counts()
+    report["recoveries_logged"] = {
+        name: after[name] - logs_before[name] for scope in LOG_MARKERS.values() for name in scope
+    }
 
     # Per fault: what happened between its injection and the next one (or the end of the load).
     for k, entry in enumerate(fault_log):
@@ -472,8 +571,8 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
             ),
             "down_s": entry.pop("down_s", None),
         }
-        if "smtp_4xx_answers" in entry:
-            counts["smtp_4xx_answers"] = entry.pop("smtp_4xx_answers")
+        for key in [k for k in entry if k not in ("name", "injected_at", "restored_at", "held_s", "action", "error")]:
+            counts[key] = entry.pop(key)  # what the fault itself counted
         entry["counts"] = counts
     report["faults"] = fault_log
     report["suite_seconds"] = round(time.monotonic() - suite_t0, 1)
@@ -497,8 +596,10 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         )
     if m["password_changed"] != N:
         problems.append(f"key-changed e-mails: {m['password_changed']} (want {N})")
-    if m["dup_message_id"] or m["dup_request"] or m["dup_token"]:
-        problems.append(f"duplicate e-mails: {m['duplicates']}")
+    if m["unexplained_duplicates"]:
+        problems.append(f"duplicate e-mails: {m['unexplained_duplicates']}")
+    if m["in_doubt_resends"] > m["in_doubt_allowed"]:
+        problems.append(f"in-doubt resends: {m['in_doubt_resends']} (allowed {m['in_doubt_allowed']})")
     o = report["outcomes"]
     if o["completed"] != N or o["conflicting_copies"]:
         problems.append(f"reset outcomes: {o}")

@@ -67,7 +67,9 @@ class TopicWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer:
-            await self._consumer.stop()
+            # aiokafka's fetcher can surface its own cancelled retry sleep on close.
+            with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                await self._consumer.stop()
 
     async def _collect(self) -> None:
         assert self._consumer is not None

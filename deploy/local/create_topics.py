@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import ssl
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # noqa: E402
-from aiokafka.helpers import create_ssl_context  # noqa: E402
 
+from shared.kafka import client_kwargs  # noqa: E402
 from shared.settings import Settings, get_settings  # noqa: E402
 from shared.topics import TopicSpec, all_topics  # noqa: E402
 
@@ -43,20 +42,8 @@ REPLICATION_FACTOR = 1  # the local broker is a single node
 
 
 def admin_kwargs(s: Settings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": s.kafka_bootstrap_servers,
-        "security_protocol": s.kafka_security_protocol,
-        "client_id": "clave-create-topics",
-        "request_timeout_ms": 30_000,
-    }
-    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context: ssl.SSLContext = create_ssl_context(cafile=s.kafka_ssl_cafile or None)
-        kwargs["ssl_context"] = context
-    if s.kafka_security_protocol.startswith("SASL"):
-        kwargs["sasl_mechanism"] = s.kafka_sasl_mechanism
-        kwargs["sasl_plain_username"] = s.kafka_sasl_username
-        kwargs["sasl_plain_password"] = s.kafka_sasl_password
-    return kwargs
+    # The same TLS/SASL settings as the services (shared.kafka), plus a longer timeout.
+    return {**client_kwargs(s), "client_id": "clave-create-topics", "request_timeout_ms": 30_000}
 
 
 def topic_configs(spec: TopicSpec) -> dict[str, str]:
@@ -71,9 +58,7 @@ async def describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, di
     if not names:
         return {}
     resources = [
-        ConfigResource(
-            ConfigResourceType.TOPIC, name, {"retention.ms": None, "retention.bytes": None}
-        )
+        ConfigResource(ConfigResourceType.TOPIC, name, {"retention.ms": None, "retention.bytes": None})
         for name in names
     ]
     result: dict[str, dict[str, str]] = {}
@@ -99,12 +84,7 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         errors: dict[str, tuple[int, str]] = {}
         if pending:
             response = await admin.create_topics(
-                [
-                    NewTopic(
-                        s.name, s.partitions, REPLICATION_FACTOR, topic_configs=topic_configs(s)
-                    )
-                    for s in pending
-                ]
+                [NewTopic(s.name, s.partitions, REPLICATION_FACTOR, topic_configs=topic_configs(s)) for s in pending]
             )
             for item in response.topic_errors:
                 # v0-v4: (topic, error_code[, error_message]); later versions start the same
@@ -113,10 +93,7 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
                     errors[name] = (code, item[2] if len(item) > 2 and item[2] else "")
         retry = [s for s in pending if s.name in errors and errors[s.name][0] in RETRIABLE]
         if not retry or time.monotonic() > deadline:
-            return [
-                f"{name}: error {code} {message}".rstrip()
-                for name, (code, message) in errors.items()
-            ]
+            return [f"{name}: error {code} {message}".rstrip() for name, (code, message) in errors.items()]
         pending = retry
         await asyncio.sleep(1.0)
 
@@ -144,9 +121,7 @@ async def run(describe_all: bool) -> int:
             for s in present:
                 want = topic_configs(s)
                 have = configs.get(s.name, {})
-                diffs = [
-                    f"{k}={have.get(k)} (wanted {v})" for k, v in want.items() if have.get(k) != v
-                ]
+                diffs = [f"{k}={have.get(k)} (wanted {v})" for k, v in want.items() if have.get(k) != v]
                 if parts.get(s.name) != s.partitions:
                     diffs.append(f"partitions={parts.get(s.name)} (wanted {s.partitions})")
                 if diffs:

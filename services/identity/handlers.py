@@ -239,34 +239,48 @@ class IdentityHandlers:
 
     # ---- identity.commands: operator actions --------------------------------------------------
 
+    def _operator_result(
+        self,
+        ctx: HandlerContext,
+        cmd: OperatorCommand,
+        action: str,
+        outcome: str,
+        *,
+        account_id: str | None = None,
+        subject_ref: str | None = None,
+        request_id: str | None = None,
+        reasons: list[str] | None = None,
+        **details: str,
+    ) -> None:
+        """Audit an operator command's result with who, why and which command; count it."""
+        ctx.audit(
+            action,
+            outcome,
+            actor=cmd.operator_id,
+            account_id=account_id,
+            subject_ref=subject_ref,
+            request_id=request_id,
+            reasons=reasons,
+            details={"reason": cmd.reason, "command_id": cmd.command_id, **details},
+        )
+        self.operator_commands.labels(action, outcome).inc()
+
     async def _command_account(self, ctx: HandlerContext, cmd: OperatorCommand, action: str) -> Account | None:
+        digits = "".join(c for c in cmd.national_id if c.isdigit())
         try:
             national_id = domain.normalize_national_id(
-                "employer" if len("".join(c for c in cmd.national_id if c.isdigit())) == 13 else "affiliate",
-                cmd.national_id,
+                "employer" if len(digits) == 13 else "affiliate", cmd.national_id
             )
         except domain.InvalidId:
-            ctx.audit(
-                action,
-                "rejected",
-                actor=cmd.operator_id,
-                subject_ref=self.ref(cmd.national_id),
-                reasons=[Reason.ID_INVALID],
-                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            self._operator_result(
+                ctx, cmd, action, "rejected", subject_ref=self.ref(cmd.national_id), reasons=[Reason.ID_INVALID]
             )
-            self.operator_commands.labels(action, "rejected").inc()
             return None
         account = await self.store.by_national_id(national_id)
         if account is None:
-            ctx.audit(
-                action,
-                "rejected",
-                actor=cmd.operator_id,
-                subject_ref=self.ref(national_id),
-                reasons=[Reason.ACCOUNT_UNKNOWN],
-                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            self._operator_result(
+                ctx, cmd, action, "rejected", subject_ref=self.ref(national_id), reasons=[Reason.ACCOUNT_UNKNOWN]
             )
-            self.operator_commands.labels(action, "rejected").inc()
         return account
 
     async def operator_unlock(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
@@ -277,32 +291,20 @@ class IdentityHandlers:
         async def writes(s: AsyncClientSession) -> None:
             await self.store.unlock(account.account_id, s)
 
-        ctx.audit(
-            "operator_unlock",
-            "success",
-            actor=cmd.operator_id,
-            account_id=account.account_id,
-            details={"reason": cmd.reason, "command_id": cmd.command_id},
-        )
+        self._operator_result(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
         await ctx.commit(writes)
-        self.operator_commands.labels("operator_unlock", "success").inc()
 
     async def operator_email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        account = await self._command_account(ctx, cmd, "operator_email_update")
+        action = "operator_email_update"
+        account = await self._command_account(ctx, cmd, action)
         if account is None:
             return
         try:
             new_email = domain.normalize_email(cmd.new_email or "")
         except ValueError:
-            ctx.audit(
-                "operator_email_update",
-                "rejected",
-                actor=cmd.operator_id,
-                account_id=account.account_id,
-                reasons=["email_invalid"],
-                details={"reason": cmd.reason, "command_id": cmd.command_id},
+            self._operator_result(
+                ctx, cmd, action, "rejected", account_id=account.account_id, reasons=["email_invalid"]
             )
-            self.operator_commands.labels("operator_email_update", "rejected").inc()
             return
         ctx.emit(
             IDENTITY_EMAIL_CHANGED,
@@ -316,41 +318,32 @@ class IdentityHandlers:
                 operator_id=cmd.operator_id,
             ),
         )
-        ctx.audit(
-            "operator_email_update",
-            "success",
-            actor=cmd.operator_id,
-            account_id=account.account_id,
-            details={
-                "reason": cmd.reason,
-                "command_id": cmd.command_id,
-                "new_email_masked": domain.mask_email(new_email),
-            },
+        self._operator_result(
+            ctx, cmd, action, "success", account_id=account.account_id, new_email_masked=domain.mask_email(new_email)
         )
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.set_email(account.account_id, new_email, s)
 
         await ctx.commit(writes)
-        self.operator_commands.labels("operator_email_update", "success").inc()
 
     async def operator_send_recovery(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        account = await self._command_account(ctx, cmd, "operator_send_recovery")
+        action = "operator_send_recovery"
+        account = await self._command_account(ctx, cmd, action)
         if account is None:
             return
         now = datetime.now(UTC)
         request_id = f"op-{cmd.command_id}"
         if not self.mailbox.allows(account.mails_sent, now):
-            ctx.audit(
-                "operator_send_recovery",
+            self._operator_result(
+                ctx,
+                cmd,
+                action,
                 "rejected",
-                actor=cmd.operator_id,
                 account_id=account.account_id,
                 request_id=request_id,
                 reasons=[Reason.RATE_LIMITED],
-                details={"reason": cmd.reason, "command_id": cmd.command_id},
             )
-            self.operator_commands.labels("operator_send_recovery", "rejected").inc()
             return
         # The mail goes to the registered address only; the operator never sees the link.
         ctx.emit(
@@ -364,17 +357,9 @@ class IdentityHandlers:
                 actor=cmd.operator_id,
             ),
         )
-        ctx.audit(
-            "operator_send_recovery",
-            "success",
-            actor=cmd.operator_id,
-            account_id=account.account_id,
-            request_id=request_id,
-            details={"reason": cmd.reason, "command_id": cmd.command_id},
-        )
+        self._operator_result(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.record_mail(account.account_id, now, s)
 
         await ctx.commit(writes)
-        self.operator_commands.labels("operator_send_recovery", "success").inc()

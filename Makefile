@@ -15,13 +15,15 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 .PHONY: help install up down status test test-faults demo bench lint
 
 help: ## list the targets
 	@echo "Clave make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
-	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), PYTHON=$(PYTHON) (to create .venv)"
+	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), BENCH_ARGS='--n 200 ...' (make bench),"
+	@echo "           PROMETHEUS=1 (make up also starts a local Prometheus), PYTHON=$(PYTHON) (to create .venv)"
 
 install: $(VENV)/.installed ## create .venv and install the project (re-runs pip only when pyproject.toml or requirements.lock changed)
 
@@ -57,7 +59,7 @@ demo: install ## run one recovery end to end, as the portal would
 	@$(STACK) run -- $(PY) -m clave.demo
 
 bench: install ## throughput/latency benchmark against the local stack
-	@$(STACK) run -- $(PY) -m clave.bench
+	@$(STACK) run -- $(PY) -m clave.bench $(BENCH_ARGS)
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .

@@ -2,9 +2,12 @@
 
 One relay per service is active at a time (a lease in the service's store), so
 two instances of a service share consumption but never interleave the audit
-chain. A crash after publishing but before marking `sent` republishes the
-same events with the same ids; consumers drop them as duplicates, and audit
-readers count an identical redelivery once.
+chain. A lease whose holder crashed is waited out (LEASE_S), except when that
+holder was a process of this host that is gone (a service killed and
+restarted): then the new relay takes over at once. A crash after publishing
+but before marking `sent` republishes the same events with the same ids;
+consumers drop them as duplicates, and audit readers count an identical
+redelivery once.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ log = logging.getLogger(__name__)
 LEASE_S = 10
 BATCH = 500
 CHAIN_ID = "audit-chain"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Is this lease owner ("host:pid:nonce") a process of this host that is gone? Only a
+    sure answer counts: another host, a live pid (even a reused one) or a zombie say no."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, nonce = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit() or not nonce:
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier run with our pid (a container's pid 1): not us, so gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class OutboxRelay:
@@ -94,15 +116,24 @@ class OutboxRelay:
 
     async def _acquire_lease(self) -> bool:
         now = datetime.now(UTC)
+        lease = {"$set": {"owner": self.owner, "expires_at": now + timedelta(seconds=LEASE_S)}}
         try:
             await self.store.db[LEASES].update_one(
-                {"_id": "relay", "$or": [{"owner": self.owner}, {"expires_at": {"$lt": now}}]},
-                {"$set": {"owner": self.owner, "expires_at": now + timedelta(seconds=LEASE_S)}},
-                upsert=True,
+                {"_id": "relay", "$or": [{"owner": self.owner}, {"expires_at": {"$lt": now}}]}, lease, upsert=True
             )
             return True
         except DuplicateKeyError:
+            pass
+        # Held by another owner. If that owner was a process of this host that no longer
+        # exists (the service was killed and restarted), its lease need not be waited out.
+        held = await self.store.db[LEASES].find_one({"_id": "relay"}, {"owner": 1})
+        if held is None or not owner_is_dead(str(held.get("owner", ""))):
             return False
+        result = await self.store.db[LEASES].update_one({"_id": "relay", "owner": held["owner"]}, lease)
+        if result.modified_count == 1:
+            log.warning("relay: took over the lease of %s (that process is gone)", held["owner"])
+            return True
+        return False
 
     async def publish_pending(self) -> int:
         if not await self._acquire_lease():

@@ -151,8 +151,10 @@ class EventPipeline:
             self._failure_streak += 1
             self.metrics.failures.labels(self.topic, exc.__class__.__name__).inc()
             position = (record.partition, record.offset)
-            self._attempts[position] = self._attempts.get(position, 0) + 1
-            if not _is_outage(exc) and self._attempts[position] >= HANDLER_ATTEMPTS:
+            outage = _is_outage(exc)
+            if not outage:  # an outage says nothing about the record: it never counts against it
+                self._attempts[position] = self._attempts.get(position, 0) + 1
+            if not outage and self._attempts[position] >= HANDLER_ATTEMPTS:
                 # Deterministic failure (a bug, not an outage): retrying forever would block the
                 # partition. Park the record, with the error class, and go on.
                 log.error("%s: %s on %s/%s, dead-lettering", self.consumer, exc.__class__.__name__, *position)

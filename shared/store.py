@@ -68,9 +68,10 @@ class Outgoing:
         }
 
 
-# Server error codes that mean "not now" rather than "never": write conflict, and the
-# codes MongoDB drivers retry (node shutting down or interrupted, not primary, network).
-TRANSIENT_CODES = frozenset({112, 6, 7, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
+# Server error codes that mean "not now" rather than "never": write conflict, a transaction
+# the server no longer knows (it restarted), and the codes MongoDB drivers retry (node
+# shutting down or interrupted, not primary, network).
+TRANSIENT_CODES = frozenset({112, 251, 6, 7, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -36,6 +36,8 @@
 #   PASSWORD_METRICS_PORT [9404] AUDIT_METRICS_PORT [9405]
 #   KAFKA_BOOTSTRAP_SERVERS, MONGODB_URI: derived from the ports above unless set
 #   KAFKA_HEAP_OPTS [-Xms256m -Xmx1g]  CLAVE_PYTHON [.venv/bin/python]
+#   STORE_TXN_LIFETIME_S [10] (a dead client's open transaction is aborted after this idle
+#   time, instead of SecantusDB's 60 s: see deploy/local/secantusd.py)
 #   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] PROMETHEUS [60] seconds
 #   PROMETHEUS [0]  PROMETHEUS_PORT [9090]  PROMETHEUS_BIN [prometheus]
 # Every process inherits this environment, so the services, the tests run through
@@ -128,7 +130,7 @@ pidfile() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
 signature() {
   case $1 in
     kafka) printf 'kafka.Kafka' ;;
-    store) printf 'secantusd-py' ;;
+    store) printf 'secantusd' ;;  # deploy/local/secantusd.py (older stacks: secantusd-py)
     mailcatcher) printf 'mailcatcher.py' ;;
     prometheus) printf -- '--config.file=%s' "$PROM_CONFIG" ;;
     *) printf -- '-m services.%s' "$1" ;;
@@ -314,7 +316,8 @@ command_of() {
     kafka) CMD=("${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_PROPS") ;;
     store)
       [[ -x $VENV_BIN/secantusd-py ]] || die "$VENV_BIN/secantusd-py not found: run 'make install'"
-      CMD=("$VENV_BIN/secantusd-py" --host 127.0.0.1 --port "$STORE_PORT"
+      # SecantusDB's secantusd-py, through a launcher that shortens the transaction lifetime.
+      CMD=("$PY" "$HERE/secantusd.py" --host 127.0.0.1 --port "$STORE_PORT"
         --storage-path "$STORE_DATA" --log-level WARNING) ;;
     mailcatcher) CMD=("$PY" "$HERE/mailcatcher.py") ;;
     prometheus)

@@ -9,7 +9,9 @@ message; recording `sent` (state, event, audit) follows in a transaction.  After
 - `accepted` is only settled, never sent again;
 - `sending` with an expired lease is *in doubt* (the sender died during the SMTP
   conversation, perhaps after the server accepted): it is sent again, with the same
-  Message-ID, and flagged `in_doubt` so the resend is audited as such.
+  Message-ID, and flagged `in_doubt` so the resend is audited as such;
+- a claim whose reply was lost (the store went away during the call) was never used:
+  the sender that made it gives the mail back as soon as the store answers again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import PyMongoError
 
 from services.notifier.domain import State
 from shared.store import ServiceStore
@@ -33,6 +36,12 @@ ACCEPTED = "accepted"  # SMTP accepted the message; `sent` not yet recorded
 
 
 class NotificationStore(ServiceStore):
+    def __init__(self, uri: str, db_name: str) -> None:
+        super().__init__(uri, db_name)
+        # Claims made by this process whose reply never came (the store went away mid-call):
+        # the claim may have been applied, but no SMTP conversation was started with it.
+        self._unanswered: set[str] = set()
+
     async def ensure_service_indexes(self) -> None:
         await self.db[NOTIFICATIONS].create_index([("state", 1), ("next_attempt_at", 1)])
         await self.db[NOTIFICATIONS].create_index([("state", 1), ("lease_until", 1)])
@@ -45,28 +54,56 @@ class NotificationStore(ServiceStore):
         """Atomically take one notification to work on, with a fresh fencing token:
         first one accepted but not settled (its sender died), then one whose sender died
         mid-send (in doubt), then the next due one."""
-        coll = self.db[NOTIFICATIONS]
+        if self._unanswered:
+            await self._give_back_unanswered(now)
         claim = uuid.uuid4().hex
-        doc = await coll.find_one_and_update(
+        doc = await self._claim(
+            claim,
             {"state": ACCEPTED, "lease_until": {"$lt": now}},
             {"$set": {"lease_until": now + lease, "claim": claim}},
-            return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return doc
-        doc = await coll.find_one_and_update(
+        doc = await self._claim(
+            claim,
             {"state": State.SENDING, "lease_until": {"$lt": now}},
             {"$set": {"lease_until": now + lease, "claim": claim, "in_doubt": True}, "$inc": {"attempts": 1}},
-            return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return doc
-        return await coll.find_one_and_update(
+        return await self._claim(
+            claim,
             {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
             {"$set": {"state": State.SENDING, "lease_until": now + lease, "claim": claim}, "$inc": {"attempts": 1}},
             sort=[("next_attempt_at", 1)],
-            return_document=ReturnDocument.AFTER,
         )
+
+    async def _claim(
+        self, claim: str, query: dict[str, Any], update: dict[str, Any], **kw: Any
+    ) -> dict[str, Any] | None:
+        try:
+            return await self.db[NOTIFICATIONS].find_one_and_update(
+                query, update, return_document=ReturnDocument.AFTER, **kw
+            )
+        except PyMongoError:
+            self._unanswered.add(claim)
+            raise
+
+    async def _give_back_unanswered(self, now: datetime) -> None:
+        """A claim whose reply was lost was never used: give its mail back at once (not after
+        the lease, and not as "in doubt", since no SMTP conversation was started with it)."""
+        claims = sorted(self._unanswered)
+        coll = self.db[NOTIFICATIONS]
+        await coll.update_many(
+            {"claim": {"$in": claims}, "state": State.SENDING},
+            {
+                "$set": {"state": State.PENDING, "next_attempt_at": now},
+                "$unset": {"lease_until": "", "claim": ""},
+                "$inc": {"attempts": -1},
+            },
+        )
+        await coll.update_many({"claim": {"$in": claims}, "state": ACCEPTED}, {"$set": {"lease_until": now}})
+        self._unanswered.difference_update(claims)
 
     async def mark_accepted(self, nid: str, claim: str, now: datetime) -> bool:
         """One small write right after the SMTP server's 250: from here on the mail is never

@@ -6,12 +6,16 @@ recovery is a request, its e-mail, the link's token, a new key, and the `complet
 outcome.  During the load, one after the other: SIGKILL + restart of each of the four
 services, a Kafka broker restart, the store stopped for 10 s, the SMTP server answering
 4xx for 10 s.  Each fault is injected while recoveries are in flight (the load is let
-ahead chunk by chunk, so the faults are spread over it).
+ahead chunk by chunk, so the faults are spread over it); the notifier is killed the moment
+the mail catcher stores a message, its worst moment.
 
 Afterwards, from the topics themselves (read again from the offsets taken before the
 load) and the mail catcher's folder:
 - exactly N recovery e-mails, one per request, N distinct tokens, and N key-changed
-  e-mails; no duplicate by Message-ID or by request;
+  e-mails; no duplicate by Message-ID or by request, except the one case SMTP cannot
+  exclude (RFC 1047: the sender died between the server's acceptance and its record),
+  which must be an identical copy audited as `in_doubt_resend`, at most one per notifier
+  kill (FAULT_STRICT_MAIL=1: none at all);
 - exactly one reset outcome per request, `completed` (a redelivered copy of the same
   event, same id and bytes, is counted apart: consumers dedupe by event id);
 - every request's full audit trail, each action once; audit events distinct by id
@@ -52,7 +56,7 @@ N = int(os.environ.get("FAULT_N", "200"))
 CONCURRENCY = int(os.environ.get("FAULT_CONCURRENCY", "20"))
 LOAD_TIMEOUT_S = float(os.environ.get("FAULT_LOAD_TIMEOUT_S", "420"))
 # The whole test stays within this, whatever happens (the target: `make test-faults` < 10 min).
-BUDGET_S = float(os.environ.get("FAULT_BUDGET_S", "540"))
+BUDGET_S = float(os.environ.get("FAULT_BUDGET_S", "500"))
 HOLD_S = 10.0  # how long the store stays down and the SMTP server answers 4xx
 # A mail whose sender died between the SMTP server's acceptance and its record is sent
 # again (same Message-ID, same link), flagged `in_doubt_resend` in its audit event: the

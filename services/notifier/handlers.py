@@ -168,6 +168,10 @@ class NotifierHandlers:
         )
 
 
+# How long a sender keeps trying to record that the SMTP server accepted a mail.
+RECORD_PATIENCE_S = 300.0
+
+
 class LostClaim(Exception):
     """Another sender took this notification over (this one stalled past its lease)."""
 
@@ -315,9 +319,12 @@ class MailSender:
             self.failed.labels(doc["kind"]).inc()
 
     async def _record_accepted(self, doc: dict[str, Any], now: datetime) -> None:
-        """Record the server's acceptance at once. The store may be briefly away (failover,
-        restart): keep trying while our claim lasts; past it the mail is in doubt."""
-        deadline = asyncio.get_running_loop().time() + self.lease.total_seconds() - self.smtp_deadline
+        """Record the server's acceptance at once. The store may be away (failover, restart):
+        keep trying, even past the lease. The write is fenced by our claim: if another sender
+        took the mail over meanwhile it fails (LostClaim) and that sender's resend is the
+        in-doubt copy; otherwise the late record still prevents a resend. While the store is
+        away this sender could not do anything else anyway."""
+        deadline = asyncio.get_running_loop().time() + RECORD_PATIENCE_S
         delay = 0.05
         while True:
             try:

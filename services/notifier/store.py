@@ -109,13 +109,14 @@ class NotificationStore(ServiceStore):
         """One small write right after the SMTP server's 250: from here on the mail is never
         sent again. The sealed link and code are dropped with it."""
         result = await self.db[NOTIFICATIONS].update_one(
-            {"_id": nid, "state": State.SENDING, "claim": claim},
+            # ACCEPTED too: a retry after a lost reply finds its own earlier write.
+            {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim},
             {
                 "$set": {"state": ACCEPTED, "accepted_at": now, "lease_until": now + ACCEPTED_GRACE},
                 "$unset": {"sealed": ""},
             },
         )
-        return result.modified_count == 1
+        return result.matched_count == 1
 
     async def finish(self, nid: str, claim: str, update: dict[str, Any], s: AsyncClientSession) -> bool:
         """Apply `update` if this sender still holds the claim; False when it lost it."""

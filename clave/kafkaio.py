@@ -6,12 +6,14 @@ offsets seen when it starts, so a replay of a live log terminates.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
@@ -27,6 +29,18 @@ class Record:
     value: bytes
     headers: dict[str, str]
     timestamp_ms: int
+
+
+async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
+    """Stop a task that polls `consumer`, then the consumer. aiokafka's fetcher can surface its
+    own cancelled retry sleep (or a broker error) on close: neither matters once we stop."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if consumer is not None:
+        with contextlib.suppress(asyncio.CancelledError, KafkaError):
+            await consumer.stop()
 
 
 async def publish(settings: Settings, topic: str, key: str, event: CloudEvent) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from clave.kafkaio import stop_background_consumer
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.schemas import RecoveryRequested, ResetSubmitted
@@ -62,14 +63,7 @@ class TopicWatcher:
         self._task = asyncio.create_task(self._collect())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer:
-            # aiokafka's fetcher can surface its own cancelled retry sleep on close.
-            with contextlib.suppress(asyncio.CancelledError, KafkaError):
-                await self._consumer.stop()
+        await stop_background_consumer(self._task, self._consumer)
 
     async def _collect(self) -> None:
         assert self._consumer is not None

@@ -107,6 +107,7 @@ class IdentityHandlers:
         rehashed = await self._rehashed_answers(account, req.answers) if decision.verified else {}
         # Audited so the equal cost of known and unknown accounts can be measured, not assumed.
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        details: dict[str, str | float | int] = {"profile": req.profile, "elapsed_ms": elapsed_ms}
         if decision.verified:
             assert account is not None
             ctx.emit(
@@ -120,23 +121,16 @@ class IdentityHandlers:
                     requested_at=ctx.event.time,
                 ),
             )
-            ctx.audit(
-                "recovery_requested",
-                "success",
-                account_id=account_id,
-                request_id=req.request_id,
-                details={"profile": req.profile, "elapsed_ms": elapsed_ms, "answers_rehashed": len(rehashed)},
-            )
-        else:
-            ctx.audit(
-                "recovery_requested",
-                "rejected",
-                account_id=account_id,
-                subject_ref=None if account_id else subject_ref,
-                request_id=req.request_id,
-                reasons=decision.reasons,
-                details={"profile": req.profile, "elapsed_ms": elapsed_ms},
-            )
+            details["answers_rehashed"] = len(rehashed)
+        ctx.audit(
+            "recovery_requested",
+            "success" if decision.verified else "rejected",
+            account_id=account_id,
+            subject_ref=None if account_id else subject_ref,
+            request_id=req.request_id,
+            reasons=decision.reasons,
+            details=details,
+        )
         if decision.lock:
             ctx.audit(
                 "account_locked",

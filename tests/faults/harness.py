@@ -21,6 +21,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from clave.kafkaio import stop_background_consumer
 from clave.portal import Portal, body_text, extract_link
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
@@ -140,12 +141,7 @@ class Tail:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer:
-            await self._consumer.stop()
+        await stop_background_consumer(self._task, self._consumer)
 
     async def _run(self) -> None:
         assert self._consumer is not None

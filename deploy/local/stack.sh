@@ -298,6 +298,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
+# How often retention is enforced: with segment.ms it bounds how long a portal input record
+# outlives its retention (shared/topics.py). Production: 5 min (the default) or less.
+log.retention.check.interval.ms=300000
 EOF
   if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
     local cluster_id

@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 HANDLER_ATTEMPTS = 3
 HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same way HANDLER_ATTEMPTS times
 # Store-error retries of one record while the store answers its ping: with the backoff
-# (up to 5 s) and the store's own retries, about 3 minutes; longer than a transaction
-# left by a crashed process blocks (MongoDB's default lifetime: 60 s).
+# (0.2 s doubling to 5 s) at least 80 s, up to about 3 minutes with the store's own
+# retries; longer than a transaction left by a crashed process blocks (MongoDB: 60 s).
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
 DLQ_DETAIL_CHARS = 500

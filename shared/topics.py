@@ -51,6 +51,10 @@ CONSUMED = (
 
 PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED, AUDIT_EVENTS)
 
+# Topics whose bad records some consumer parks in a `.dlq` twin: the audit read model's
+# `audit.events` too (without its twin, the audit service's relay could never publish a letter).
+DEAD_LETTERED = (*CONSUMED, AUDIT_EVENTS)
+
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 WEEK_MS = 7 * 24 * HOUR_MS
@@ -119,7 +123,7 @@ def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms:
             specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
             specs.append(TopicSpec(name, partitions, internal_retention_ms))
-    for name in CONSUMED:
+    for name in DEAD_LETTERED:
         # A DLQ is kept as long as internal topics: long enough for an operator to act.
         specs.append(TopicSpec(dlq(name), partitions, internal_retention_ms))
     return specs

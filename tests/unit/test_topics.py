@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.settings import Settings
-from shared.topics import AUDIT_EVENTS, HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics
+from shared.topics import AUDIT_EVENTS, CONSUMED, HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics, dlq
 
 S = Settings()
 SPECS = {
@@ -32,3 +32,10 @@ def test_other_topics_keep_the_broker_defaults_but_retention() -> None:
 def test_a_short_portal_retention_still_rolls_segments() -> None:
     specs = {s.name: s for s in all_topics(6, 90_000, HOUR_MS)}
     assert specs[RECOVERY_RESETS].segment_ms == 60_000  # never under a minute
+
+
+def test_every_consumed_topic_has_a_dead_letter_twin() -> None:
+    """Including audit.events, which the audit read model consumes: a letter to a topic that does
+    not exist would hold up its service's outbox relay for good."""
+    for name in (*CONSUMED, AUDIT_EVENTS):
+        assert dlq(name) in SPECS

@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # noqa: E402
 
 from shared.kafka import client_kwargs  # noqa: E402
-from shared.settings import Settings, get_settings  # noqa: E402
+from shared.settings import PlatformSettings, get_settings  # noqa: E402
 from shared.topics import TopicSpec, all_topics  # noqa: E402
 
 TOPIC_ALREADY_EXISTS = 36
@@ -41,7 +41,7 @@ CREATE_DEADLINE_S = 60.0
 REPLICATION_FACTOR = 1  # the local broker is a single node
 
 
-def admin_kwargs(s: Settings) -> dict[str, Any]:
+def admin_kwargs(s: PlatformSettings) -> dict[str, Any]:
     # The same TLS/SASL settings as the services (shared.kafka), plus a longer timeout.
     return {**client_kwargs(s), "client_id": "clave-create-topics", "request_timeout_ms": 30_000}
 

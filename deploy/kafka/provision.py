@@ -125,7 +125,9 @@ def all_acls() -> list[Acl]:
     reads their audited results; the auditor reads the audit log."""
     acls: list[Acl] = []
     for service in SERVICES:
-        writes = tuple(sorted({*PRODUCES[service], *(t.dlq(n) for n in CONSUMES[service]), t.AUDIT_EVENTS}))
+        # The DLQ twins of what it consumes (every topic of shared/topics.py CONSUMED has one).
+        dlqs = {t.dlq(n) for n in CONSUMES[service] if n in t.CONSUMED}
+        writes = tuple(sorted({*PRODUCES[service], *dlqs, t.AUDIT_EVENTS}))
         acls += _topics(service, Operation.READ, CONSUMES[service])
         acls += _topics(service, Operation.WRITE, writes)
         acls.append(Acl(service, Operation.READ, ResourceType.GROUP, f"clave-{service}"))

@@ -865,3 +865,39 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
         a.resource_name for a in wanted if a.principal == "portal" and a.operation is provision.Operation.WRITE
     }
     assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
+
+
+def java_properties(text: str) -> dict[str, str]:
+    """java.util.Properties, as far as the broker's file uses it: `\\` joins lines."""
+    joined = re.sub(r"\\\n[ \t]*", "", text)
+    return dict(line.split("=", 1) for line in joined.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_broker_key_and_chain_are_inline_pem_values(made_secrets: Path) -> None:
+    """Kafka takes an unencrypted PKCS#8 key only inline (ssl.keystore.key): broker.sh's
+    pem_value turns the node's PEM file into those property values."""
+    script = (COMPOSE_DIR / "kafka" / "broker.sh").read_text()
+    function = re.search(r"^pem_value\(\) \{.*?^\}", script, re.S | re.M)
+    assert function
+    pem = made_secrets / "tls" / "kafka-2.pem"
+    shell = (
+        f"{function.group(0)}\n"
+        f"printf 'ssl.keystore.key=%s\\n' \"$(pem_value {pem} 'PRIVATE KEY')\"\n"
+        f"printf 'ssl.keystore.certificate.chain=%s\\n' \"$(pem_value {pem} CERTIFICATE)\"\n"
+    )
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=30, check=True)
+    props = java_properties(done.stdout)
+
+    def pem_blocks(value: str, kind: str) -> list[bytes]:
+        found = re.findall(rf"-----BEGIN {kind}-----(.*?)-----END {kind}-----", value)
+        return [f"-----BEGIN {kind}-----\n{''.join(b.split())}\n-----END {kind}-----\n".encode() for b in found]
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    (key,) = pem_blocks(props["ssl.keystore.key"], "PRIVATE KEY")
+    chain = [
+        x509.load_pem_x509_certificate(c) for c in pem_blocks(props["ssl.keystore.certificate.chain"], "CERTIFICATE")
+    ]
+    assert len(chain) == 2 and "kafka-2" in chain[0].subject.rfc4514_string()
+    assert load_pem_private_key(key, None).public_key() == chain[0].public_key()
+    assert "ssl.keystore.location" not in script and "ssl.keystore.key=$(pem_value" in script

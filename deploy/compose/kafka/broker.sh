@@ -5,7 +5,7 @@
 #
 # Reads CLAVE_NODE_ID (1..3) and the compose secrets under /run/secrets: kafka_cluster_id,
 # kafka_admin_password (the brokers' own SCRAM user, a super user), kafka_controller_password
-# (the controllers' PLAIN listener), kafka_pem (this node's key and certificate chain) and
+# (the controllers' PLAIN listener), kafka_pem (this node's key and certificate chain, PEM) and
 # tls_ca. The other principals' SCRAM users are added by the kafka-users job
 # (deploy/compose/kafka/users.sh); their ACLs by kafka-provision (deploy/kafka/provision.py).
 set -euo pipefail
@@ -15,6 +15,14 @@ secret() { cat "/run/secrets/$1"; }
 admin_pw=$(secret kafka_admin_password)
 controller_pw=$(secret kafka_controller_password)
 props=/tmp/server.properties  # a tmpfs: the passwords in it never reach a disk
+
+# A PEM block of a file as a properties value (continuation lines). Kafka reads an
+# unencrypted PKCS#8 key only inline (ssl.keystore.key); a PEM key store *file* needs an
+# encrypted key and its password.
+pem_value() {
+  awk -v want="$2" '/^-----BEGIN / { on = index($0, want) > 0 } on { line[n++] = $0 }
+    END { for (i = 0; i < n; i++) printf "%s%s\n", line[i], (i < n - 1 ? " \\" : "") }' "$1"
+}
 
 umask 077
 cat >"$props" <<PROPS
@@ -35,7 +43,8 @@ sasl.mechanism.controller.protocol=PLAIN
 listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="controller" password="${controller_pw}" user_controller="${controller_pw}";
 
 ssl.keystore.type=PEM
-ssl.keystore.location=/run/secrets/kafka_pem
+ssl.keystore.key=$(pem_value /run/secrets/kafka_pem "PRIVATE KEY")
+ssl.keystore.certificate.chain=$(pem_value /run/secrets/kafka_pem CERTIFICATE)
 ssl.truststore.type=PEM
 ssl.truststore.location=/run/secrets/tls_ca
 ssl.endpoint.identification.algorithm=https

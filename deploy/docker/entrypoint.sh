@@ -15,6 +15,7 @@ set -eu
 SERVICES="identity tokens notifier password audit"
 
 for name in $(env | sed -n 's/^\([A-Z][A-Z0-9_]*\)__FILE=.*$/\1/p'); do
+  path=""
   eval "path=\${${name}__FILE}"
   if [ ! -r "$path" ]; then
     echo "clave: ${name}__FILE=$path is not a readable file" >&2

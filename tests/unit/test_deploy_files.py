@@ -901,3 +901,20 @@ def test_broker_key_and_chain_are_inline_pem_values(made_secrets: Path) -> None:
     assert len(chain) == 2 and "kafka-2" in chain[0].subject.rfc4514_string()
     assert load_pem_private_key(key, None).public_key() == chain[0].public_key()
     assert "ssl.keystore.location" not in script and "ssl.keystore.key=$(pem_value" in script
+
+
+SHELL_SCRIPTS = [
+    DEPLOY / "docker" / "entrypoint.sh",
+    DEPLOY / "compose" / "kafka" / "broker.sh",
+    DEPLOY / "compose" / "kafka" / "users.sh",
+    DEPLOY / "compose" / "mongo" / "mongod.sh",
+    DEPLOY / "helm" / "ensure_helm.sh",
+]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not found: apt-get install -y shellcheck")
+def test_deploy_shell_scripts_pass_shellcheck() -> None:
+    done = subprocess.run(
+        ["shellcheck", *map(str, SHELL_SCRIPTS)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout

@@ -77,6 +77,7 @@ SERVICES = sorted(p.parent.name for p in ROOT.glob("services/*/__main__.py"))
 # Variables a Clave container may set that are not Clave settings, and why.
 NOT_SETTINGS = {"SSL_CERT_FILE": "OpenSSL's CA bundle: the notifier checks the compose SMTP relay's certificate"}
 SECRET_FILE = "__FILE"  # VAR__FILE=path: the image's entry point reads VAR from the file
+KAFKA_ADMIN = "admin"  # the super user the provisioning job runs as
 
 
 def yaml_load(text: str) -> Any:
@@ -514,7 +515,7 @@ def test_compose_provisioning_job_asks_for_durable_topics_and_acls(compose: dict
     assert env["PORTAL_TOPIC_RETENTION_MS"] == str(t.HOUR_MS) and env["INTERNAL_TOPIC_RETENTION_MS"] == str(t.WEEK_MS)
     fields = field_env_names(create_topics.ClusterSettings)
     assert all(k.removesuffix(SECRET_FILE) in fields for k in env), env
-    assert env["KAFKA_SASL_USERNAME"] == provision.ADMIN
+    assert env["KAFKA_SASL_USERNAME"] == KAFKA_ADMIN
     assert job["depends_on"]["kafka-users"]["condition"] == "service_completed_successfully"
     for name in SERVICES:
         assert (
@@ -725,7 +726,7 @@ def test_chart_provisioning_job(manifests: list[dict[str, Any]]) -> None:
     assert container["args"] == ["python", "/app/deploy/kafka/provision.py"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     values, from_secret = container_env(container, {})
-    assert from_secret == {"KAFKA_SASL_PASSWORD"} and values["KAFKA_SASL_USERNAME"] == provision.ADMIN
+    assert from_secret == {"KAFKA_SASL_PASSWORD"} and values["KAFKA_SASL_USERNAME"] == KAFKA_ADMIN
     assert values["KAFKA_REPLICATION_FACTOR"] == "3" and values["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
     assert values["PORTAL_TOPIC_RETENTION_MS"] == str(t.HOUR_MS)
     assert values["INTERNAL_TOPIC_RETENTION_MS"] == str(t.WEEK_MS)
@@ -852,7 +853,7 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
     for acl in wanted:
         if acl.resource_type is provision.ResourceType.TOPIC:
             assert acl.resource_name in topics, acl
-        assert acl.principal in provision.PRINCIPALS and acl.principal != provision.ADMIN
+        assert acl.principal in provision.PRINCIPALS and acl.principal != KAFKA_ADMIN
     # Every service principal reads what it consumes in its own group and writes the audit log.
     for service in SERVICES:
         mine = [a for a in wanted if a.principal == service]

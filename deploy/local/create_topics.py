@@ -14,6 +14,10 @@ INTERNAL_TOPIC_RETENTION_MS). Retention -1 means "kept forever": such topics get
 topic whose configs differ gets the wanted values (IncrementalAlterConfigs: only those
 keys are set, any other config stays as it is); a partition count that differs is only
 reported (Kafka cannot lower it, and raising it would move keys between partitions).
+
+Durability is the cluster's: KAFKA_REPLICATION_FACTOR and KAFKA_MIN_INSYNC_REPLICAS
+(`min.insync.replicas` of every topic) are 1 for the single local broker; a production
+cluster's provisioning job (deploy/kafka/provision.py) sets 3 and 2.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from aiokafka.protocol.api import Request, RequestStruct, Response  # noqa: E402
 from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String  # noqa: E402
 
 from shared.kafka import client_kwargs  # noqa: E402
-from shared.settings import Settings, get_settings  # noqa: E402
+from shared.settings import PlatformSettings, load  # noqa: E402
 from shared.topics import TopicSpec, all_topics  # noqa: E402
 
 TOPIC_ALREADY_EXISTS = 36
@@ -43,15 +47,33 @@ TOPIC_ALREADY_EXISTS = 36
 # (no broker registered yet), NOT_CONTROLLER.
 RETRIABLE = {5, 7, 38, 41}
 CREATE_DEADLINE_S = 60.0
-REPLICATION_FACTOR = 1  # the local broker is a single node
 
 
-def admin_kwargs(s: Settings) -> dict[str, Any]:
+class ClusterSettings(PlatformSettings):
+    """Copies of each record: 1 on the local single broker, 3 (with 2 in sync for a write
+    to succeed under acks=all) on a production cluster."""
+
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 1
+
+
+def admin_kwargs(s: PlatformSettings) -> dict[str, Any]:
     # The same TLS/SASL settings as the services (shared.kafka), plus a longer timeout.
     return {**client_kwargs(s), "client_id": "clave-create-topics", "request_timeout_ms": 30_000}
 
 
-MANAGED = ("retention.ms", "retention.bytes", "segment.ms", "message.timestamp.type", "file.delete.delay.ms")
+def topic_configs(spec: TopicSpec, min_insync_replicas: int = 1) -> dict[str, str]:
+    return {**spec.configs(), "min.insync.replicas": str(min_insync_replicas)}
+
+
+MANAGED = (
+    "retention.ms",
+    "retention.bytes",
+    "segment.ms",
+    "message.timestamp.type",
+    "file.delete.delay.ms",
+    "min.insync.replicas",
+)
 
 
 async def describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
@@ -133,7 +155,9 @@ async def partitions_of(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
     return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
 
 
-async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+async def create(
+    admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int, min_isr: int
+) -> list[str]:
     """Create `specs`, retrying transient errors for a while; returns the failures."""
     pending = list(specs)
     deadline = time.monotonic() + CREATE_DEADLINE_S
@@ -141,7 +165,10 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         errors: dict[str, tuple[int, str]] = {}
         if pending:
             response = await admin.create_topics(
-                [NewTopic(s.name, s.partitions, REPLICATION_FACTOR, topic_configs=s.configs()) for s in pending]
+                [
+                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=topic_configs(s, min_isr))
+                    for s in pending
+                ]
             )
             for item in response.topic_errors:
                 # v0-v4: (topic, error_code[, error_message]); later versions start the same
@@ -155,8 +182,13 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         await asyncio.sleep(1.0)
 
 
-async def run(describe_all: bool) -> int:
-    settings = get_settings()
+async def run(describe_all: bool, replication_factor: int | None = None) -> int:
+    settings = load(ClusterSettings)
+    replicas = replication_factor or settings.kafka_replication_factor
+    min_isr = settings.kafka_min_insync_replicas
+    if not 1 <= min_isr <= replicas:
+        print(f"error: min.insync.replicas {min_isr} must be 1 to the replication factor {replicas}", file=sys.stderr)
+        return 2
     specs = all_topics(
         settings.kafka_topic_partitions,
         settings.portal_topic_retention_ms,
@@ -168,7 +200,7 @@ async def run(describe_all: bool) -> int:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         present = [s for s in specs if s.name in existing]
-        failed = await create(admin, missing)
+        failed = await create(admin, missing, replicas, min_isr)
 
         # Existing topics: wanted configs that differ are set; other differences reported.
         changes: dict[str, dict[str, str]] = {}
@@ -178,7 +210,7 @@ async def run(describe_all: bool) -> int:
             parts = await partitions_of(admin, [s.name for s in present])
             for s in present:
                 have = configs.get(s.name, {})
-                differ = {k: v for k, v in s.configs().items() if have.get(k) != v}
+                differ = {k: v for k, v in topic_configs(s, min_isr).items() if have.get(k) != v}
                 if differ:
                     changes[s.name] = differ
                 if parts.get(s.name) != s.partitions:
@@ -189,8 +221,8 @@ async def run(describe_all: bool) -> int:
 
         print(
             f"topics: {len(specs)} wanted, {len(missing) - len(failed) + len(refused)} created, "
-            f"{len(present)} already present ({len(updated)} with configs updated), {len(failed)} failed "
-            f"(bootstrap {settings.kafka_bootstrap_servers})"
+            f"{len(present)} already present ({len(updated)} with configs updated), {len(failed)} failed, "
+            f"replication factor {replicas} (bootstrap {settings.kafka_bootstrap_servers})"
         )
         for name, differ in updated.items():
             print(f"  updated {name}: " + ", ".join(f"{k}={v}" for k, v in differ.items()))

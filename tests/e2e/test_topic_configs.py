@@ -15,8 +15,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from clave.workbench import WorkbenchSettings
 from shared.kafka import client_kwargs
-from shared.settings import Settings
 from shared.topics import HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def create_topics_module():  # type: ignore[no-untyped-def]
     return module
 
 
-def wanted(settings: Settings, name: str) -> dict[str, str]:
+def wanted(settings: WorkbenchSettings, name: str) -> dict[str, str]:
     specs = all_topics(
         settings.kafka_topic_partitions, settings.portal_topic_retention_ms, settings.internal_topic_retention_ms
     )
@@ -41,7 +41,7 @@ def wanted(settings: Settings, name: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def admin(stack: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+async def admin(stack: WorkbenchSettings) -> AsyncIterator[AIOKafkaAdminClient]:
     client = AIOKafkaAdminClient(**client_kwargs(stack))
     await client.start()
     yield client
@@ -67,7 +67,9 @@ def gone_within_ms(topic: dict[str, str], broker: dict[str, str]) -> int:
     )
 
 
-async def test_portal_inputs_leave_the_disk_within_two_hours(admin: AIOKafkaAdminClient, stack: Settings) -> None:
+async def test_portal_inputs_leave_the_disk_within_two_hours(
+    admin: AIOKafkaAdminClient, stack: WorkbenchSettings
+) -> None:
     nodes = (await admin.describe_cluster())["brokers"]
     broker = await configs(admin, ConfigResourceType.BROKER, str(nodes[0]["node_id"]))
     for name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
@@ -77,7 +79,7 @@ async def test_portal_inputs_leave_the_disk_within_two_hours(admin: AIOKafkaAdmi
         assert gone_within_ms(topic, broker) <= 2 * HOUR_MS, (name, {k: topic[k] for k in KEYS})
 
 
-async def test_create_topics_updates_an_existing_topic(admin: AIOKafkaAdminClient, stack: Settings) -> None:
+async def test_create_topics_updates_an_existing_topic(admin: AIOKafkaAdminClient, stack: WorkbenchSettings) -> None:
     alter = create_topics_module().IncrementalAlterConfigs
     # As on a cluster created before: the broker's defaults for the new settings.
     stale = {"segment.ms": str(7 * 24 * HOUR_MS), "message.timestamp.type": "CreateTime"}

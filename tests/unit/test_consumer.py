@@ -21,11 +21,11 @@ from shared.crypto import SecretBox
 from shared.envelope import BadInput, DeadLetterReason, new_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import ResetSubmitted
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing
 from shared.topics import RECOVERY_RESETS, EventType, dlq
 
-SETTINGS = Settings()
+SETTINGS = PlatformSettings()
 TOPIC = RECOVERY_RESETS
 KEY = b"req-same-partition"
 SECRET = "Secreto123-never-in-clear"

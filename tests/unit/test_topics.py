@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS, CONSUMED, HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics, dlq
 
-S = Settings()
+S = PlatformSettings()
 SPECS = {
     s.name: s for s in all_topics(S.kafka_topic_partitions, S.portal_topic_retention_ms, S.internal_topic_retention_ms)
 }

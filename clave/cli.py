@@ -236,6 +236,17 @@ def rebuild_read_model() -> None:
     console.print("identical to the live read model")
 
 
+@app.command("contract")
+def contract(
+    check: Annotated[bool, typer.Option("--check", help="Only compare: exit 1 if the file differs.")] = False,
+    output: Annotated[Path, typer.Option("--output", help="The document.")] = Path("docs/asyncapi.yaml"),
+) -> None:
+    """Write the topic contract as an AsyncAPI 3.0 document made from the code."""
+    from clave import asyncapi
+
+    raise typer.Exit(asyncapi.main(output, check=check))
+
+
 def main() -> None:
     app()
 

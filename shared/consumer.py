@@ -19,7 +19,7 @@ every text in it is made safe for a header, BSON and a log line. A handler that
 fails the same way HANDLER_ATTEMPTS times is parked as `handler_error`; so is one
 that keeps failing with an "outage" error while the store answers (an outage
 that is not one). Only a store that cannot take even a minimal letter, built
-from nothing the record holds, keeps a record waiting (backing off).
+from no text the record holds, keeps a record waiting (backing off).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class EventPipeline:
         except Exception as exc:
             if _is_outage(exc):
                 raise
-            # A bug in the letter itself: park one made of nothing the record holds.
+            # A bug in the letter itself: park one whose texts owe nothing to the record.
             log.error(
                 "%s: dead letter for %s failed (%s), parking a minimal one",
                 self.consumer,
@@ -285,22 +285,13 @@ class EventPipeline:
         return True
 
     def _letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> list[Outgoing]:
-        # A too_large record is sealed up to the size limit only: the letter must stay
-        # under the broker's message limit, or the relay could never publish it.
-        kept = raw[: self.settings.max_event_bytes]
-        detail = safe_text(bad.detail, DLQ_DETAIL_CHARS)
         return self._outgoing(
             record,
             reason=bad.reason,
-            detail=detail,
+            detail=safe_text(bad.detail, DLQ_DETAIL_CHARS),
             correlation=bad.correlationid or record_origin(record),
             key=dlq_key(record),
-            payload={
-                "payload_sha256": hashlib.sha256(raw).hexdigest(),
-                "payload_bytes": len(raw),
-                "sealed_payload": self.dlq_box.seal_bytes(kept),
-                "sealed_bytes": len(kept),
-            },
+            payload=self._sealed(raw),
         )
 
     def _minimal_letter(
@@ -310,11 +301,22 @@ class EventPipeline:
         return self._outgoing(
             record,
             reason=reason,
-            detail=f"dead letter failed ({exc.__class__.__name__}); payload not kept",
+            detail=f"dead letter failed ({exc.__class__.__name__}): detail, key and correlation id left out",
             correlation=origin,
             key=origin,
-            payload={"payload_sha256": hashlib.sha256(raw).hexdigest(), "payload_bytes": len(raw)},
+            payload=self._sealed(raw),
         )
+
+    def _sealed(self, raw: bytes) -> dict[str, Any]:
+        # A too_large record is sealed up to the size limit only: the letter must stay
+        # under the broker's message limit, or the relay could never publish it.
+        kept = raw[: self.settings.max_event_bytes]
+        return {
+            "payload_sha256": hashlib.sha256(raw).hexdigest(),
+            "payload_bytes": len(raw),
+            "sealed_payload": self.dlq_box.seal_bytes(kept),
+            "sealed_bytes": len(kept),
+        }
 
     def _outgoing(
         self,

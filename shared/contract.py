@@ -212,21 +212,25 @@ class DeadLetter(BaseModel):
 
     reason: str = Field(description="Why the record could not be processed (also the header `clave-dlq-reason`).")
     detail: str = Field(
-        description="Field paths and messages, never the offending values (the header `clave-dlq-detail` has "
-        "its first 500 characters)."
+        description="Field paths and messages, never the offending values; printable ASCII, at most 500 "
+        "characters (as the header `clave-dlq-detail`)."
     )
     origin_topic: str = Field(description="The topic the record was read from.")
     origin_partition: int = Field(ge=0, description="Its partition.")
     origin_offset: int = Field(ge=0, description="Its offset.")
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the original bytes, hex.")
     payload_bytes: int = Field(ge=0, description="Length of the original bytes.")
-    sealed_payload: str = Field(description="The original bytes, sealed with DLQ_KEYS (Fernet token).")
+    sealed_payload: str = Field(
+        description="The original bytes, sealed with DLQ_KEYS (Fernet token); of a too_large record, its first "
+        "MAX_EVENT_BYTES, so the letter always fits in a Kafka record."
+    )
+    sealed_bytes: int = Field(ge=0, description="How many of the original bytes `sealed_payload` holds.")
 
 
 # Kafka record headers of a dead letter (besides `content-type`), what each holds.
 DLQ_HEADERS: dict[str, str] = {
     "clave-dlq-reason": "The reason code (as `data.reason`).",
-    "clave-dlq-detail": "The detail, at most 500 characters, never an input value.",
+    "clave-dlq-detail": "The detail, printable ASCII, at most 500 characters, never an input value.",
     "clave-origin-topic": "The topic of the original record.",
     "clave-origin-partition": "Its partition, in decimal.",
     "clave-origin-offset": "Its offset, in decimal.",

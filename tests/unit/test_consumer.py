@@ -65,7 +65,11 @@ class FakeStore:
         self.outbox.extend(outgoing)
 
     def letters(self) -> list[Outgoing]:
-        return [o for o in self.outbox if o.topic == dlq(TOPIC)]
+        return self.letters_in(self.outbox)
+
+    @staticmethod
+    def letters_in(outgoing: list[Outgoing]) -> list[Outgoing]:
+        return [o for o in outgoing if o.topic == dlq(TOPIC)]
 
 
 class Harness:
@@ -295,14 +299,19 @@ async def test_handler_bad_input_is_parked_with_the_event_correlation(reason: st
 
 async def test_a_letter_the_store_refuses_is_replaced_by_a_minimal_one() -> None:
     h = Harness()
-    # A deterministic refusal of anything carrying the sealed payload (a bug in the letter).
-    h.store.refuse = lambda out: ValueError("refused") if any("sealed_payload" in o.event.data for o in out) else None
+    # A deterministic refusal of any letter but the minimal one (a bug in the letter).
+    h.store.refuse = lambda out: (
+        ValueError("refused")
+        if any(o in h.store.letters_in(out) and not o.headers["clave-dlq-detail"].startswith("dead") for o in out)
+        else None
+    )
     raw = reset_bytes(code="12ab")
     assert await h.deliver(raw) == 1
     [letter] = h.store.letters()
     assert letter.headers["clave-dlq-reason"] == DeadLetterReason.SCHEMA_INVALID
-    assert letter.event.data["payload_bytes"] == len(raw)
     assert "ValueError" in letter.headers["clave-dlq-detail"]
+    assert letter.key == letter.event.correlationid == f"{TOPIC}/3/1"
+    assert SecretBox(SETTINGS.dlq_keys).open_bytes(letter.event.data["sealed_payload"]) == raw
     assert await h.deliver(reset_bytes()) == 1 and len(h.served) == 1
 
 

@@ -226,6 +226,7 @@ def test_document_refuses_a_dead_letter_with_a_field_the_code_does_not_write(doc
         "payload_sha256": "0" * 64,
         "payload_bytes": 3,
         "sealed_payload": "gAAAA",
+        "sealed_bytes": 3,
     }
     event = json.loads(
         new_event(type=EventType.DEAD_LETTER, source="/clave/identity", data=data, correlationid="c").to_bytes()

@@ -15,6 +15,9 @@ cannot be driven at all. Against the real local stack (`stack.sh run` starts it)
    measured to the hashing floor.
 3. `--dlq` malformed records on `recovery.requests`: events/s of one consumer pipeline
    on its cheapest path (parse, dead-letter through the outbox, audit), no argon2.
+4. First of all (`--no-first-request` skips it): the services are restarted and, as soon
+   as `stack.sh services-up` returns (every /readyz 200, as for `make up`), one request is
+   timed to its e-mail: `first_request_to_mail_ms`.
 
 The services' /metrics are read before and after; handler latency per topic comes
 from the histogram deltas (interpolated within buckets, like histogram_quantile).

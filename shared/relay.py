@@ -99,6 +99,7 @@ class OutboxRelay:
         self._held_until = 0.0  # loop time until which our lease is valid (0: not ours)
         self._other_until = 0.0  # loop time until which another relay's lease was seen valid
         self._watching = False  # the change stream is open: the safety poll can be slow
+        self._released = asyncio.Event()  # set when this relay gives its lease back
         self._seen: OrderedDict[ObjectId, None] = OrderedDict()
 
     def wake(self) -> None:
@@ -185,6 +186,11 @@ class OutboxRelay:
     async def _watch(self) -> None:
         """Wake the relay for outbox inserts made by any process (other instances, the CLI).
 
+        Paused while this relay holds the lease: it is busy then, and each of its reads
+        covers every instance's events; what is inserted after its last read is seen when
+        it gives the lease back (at most LINGER_S later), since the stream's cursor keeps
+        its place. So a busy service pays nothing for the stream.
+
         secantusd-py answers a waiting getMore as soon as anything at all is written to the
         store, often with nothing for us; such empty answers are spaced WATCH_MIN_GAP_S apart
         so a busy store does not turn the stream into a poll loop (an insert is still seen,
@@ -201,6 +207,7 @@ class OutboxRelay:
                     self.wake()  # whatever was inserted while the stream was not open
                     backoff = 1.0
                     while not self._stopping:
+                        await self._until_not_holding()
                         asked = self._now()
                         change = await stream.try_next()
                         if change is not None:
@@ -220,9 +227,15 @@ class OutboxRelay:
                 log.warning("relay: outbox change stream: %s; reopening in %.0fs", exc.__class__.__name__, backoff)
                 self.wake()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 8.0)
             finally:
                 self._watching = False
+
+    async def _until_not_holding(self) -> None:
+        while (left := self._held_until - self._now()) > 0:
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), timeout=left)
 
     # ---- the lease ---------------------------------------------------------------------------
 
@@ -247,7 +260,7 @@ class OutboxRelay:
             pass
         # Held by another owner. If that owner was a process of this host that no longer
         # exists (the service was killed and restarted), its lease need not be waited out.
-        self._held_until = 0.0
+        self._lost()
         held = await self.store.db[LEASES].find_one({"_id": "relay"}, {"owner": 1, "expires_at": 1})
         if held is None or not owner_is_dead(str(held.get("owner", ""))):
             if held is not None and isinstance(held.get("expires_at"), datetime):
@@ -268,7 +281,11 @@ class OutboxRelay:
 
     async def _release(self) -> None:
         await self.store.db[LEASES].delete_one({"_id": "relay", "owner": self.owner})
+        self._lost()
+
+    def _lost(self) -> None:
         self._held_until = 0.0
+        self._released.set()
 
     # ---- publishing ----------------------------------------------------------------------------
 

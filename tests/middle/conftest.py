@@ -5,6 +5,7 @@ Kafka. Each test gets its own database."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -30,6 +31,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def store_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private secantusd-py; CLAVE_MIDDLE_STORE_URI runs the tests against another server
+    instead (e.g. secantusd-rs started by hand)."""
+    if os.environ.get("CLAVE_MIDDLE_STORE_URI"):
+        yield os.environ["CLAVE_MIDDLE_STORE_URI"]
+        return
     port = _free_port()
     data = tmp_path_factory.mktemp("store")
     log = (data / "server.log").open("wb")

@@ -144,22 +144,19 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         backoff = 0.1
-        woken = True  # look at once: a previous run may have left events behind
         while not self._stopping:
             try:
                 # Cleared before looking, so a wake during the cycle makes the wait return at once.
                 self._wake.clear()
-                if await self.publish_pending(peek=not woken) > 0:
-                    woken = True
+                if await self.publish_pending() > 0:
                     backoff = 0.1
                     continue
                 backoff = 0.1
                 if self.holding:
-                    woken = await self._sleep(LINGER_S)
-                    if woken:
+                    if await self._sleep(LINGER_S):
                         continue
                     await self._release()  # idle: an idle relay writes nothing
-                woken = await self._sleep(self._idle_timeout())
+                await self._sleep(self._idle_timeout())
             except asyncio.CancelledError:
                 raise
             except (PyMongoError, KafkaError, OSError) as exc:
@@ -167,7 +164,6 @@ class OutboxRelay:
                 log.warning("relay: %s; retrying in %.1fs", exc.__class__.__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                woken = True
 
     def _idle_timeout(self) -> float:
         timeout = SAFETY_POLL_S if self._watching else FALLBACK_POLL_S
@@ -289,10 +285,11 @@ class OutboxRelay:
 
     # ---- publishing ----------------------------------------------------------------------------
 
-    async def publish_pending(self, *, peek: bool = False) -> int:
-        """Publish one batch of the outbox; the number published. `peek`: nothing says there
-        is work (a timer), so look before taking the lease."""
-        if peek and not self.holding:
+    async def publish_pending(self) -> int:
+        """Publish one batch of the outbox; the number published. Without the lease, look
+        first: a wake or a timer with nothing to publish then costs one read, no write (and
+        no lease write that would wake every change stream of a store like secantusd-py)."""
+        if not self.holding:
             if await self.store.db[OUTBOX].find_one({"sent": False}, {"_id": 1}) is None:
                 self.metrics.outbox_pending.set(0)
                 return 0

@@ -74,6 +74,24 @@ class IdentityHandlers:
 
     async def recovery_requested(self, ctx: HandlerContext, req: RecoveryRequested) -> None:
         now = datetime.now(UTC)
+        facts, keys, subject_ref = await self._request_facts(req)
+        for attempt in range(1, STALE_RETRIES + 1):
+            facts = replace(facts, counters=await self.store.counters(keys))
+            if domain.needs_answer_checks(facts, self.limits, now):
+                facts = replace(facts, answers=await self._check_answers(facts.account, req.answers))
+            decision = domain.decide_request(facts, self.limits, now)
+            rehashed = await self._rehashed(decision, req.answers)
+            self._stage_request(ctx, req, decision, subject_ref, rehashed)
+            writes = self._request_writes(req.request_id, keys, facts.counters, decision, rehashed, now)
+            if await self._committed(ctx, writes, attempt):
+                break
+        self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
+        if Audit.LOCKED in decision.audits:
+            self.lockouts.inc()
+
+    async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
+        """What the store knows about the request (its counters are read apart, again after a
+        race); the keys of its counters; the keyed hash of the ID."""
         seen = await self.store.request_seen(req.request_id)
         try:
             national_id: str | None = domain.normalize_national_id(req.profile, req.national_id)
@@ -87,31 +105,17 @@ class IdentityHandlers:
             if account
             else CounterKeys.for_subject(subject_ref, block_ref)
         )
-        answers: AnswerChecks | None = None
-        for attempt in range(1, STALE_RETRIES + 1):
-            facts = RequestFacts(
-                seen_before=seen,
-                profile=req.profile,
-                captcha_passed=req.captcha_passed,
-                national_id=national_id,
-                account=account,
-                typed_email=req.email,
-                typed_representative=req.representative_id,
-                counters=await self.store.counters(keys),
-                answers=answers,
-            )
-            if domain.needs_answer_checks(facts, self.limits, now):
-                answers = await self._check_answers(account, req.answers)
-                facts = replace(facts, answers=answers)
-            decision = domain.decide_request(facts, self.limits, now)
-            rehashed = await self._rehashed(decision, req.answers)
-            self._stage_request(ctx, req, decision, subject_ref, rehashed)
-            writes = self._request_writes(req.request_id, keys, facts.counters, decision, rehashed, now)
-            if await self._committed(ctx, writes, attempt):
-                break
-        self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
-        if Audit.LOCKED in decision.audits:
-            self.lockouts.inc()
+        facts = RequestFacts(
+            seen_before=seen,
+            profile=req.profile,
+            captcha_passed=req.captcha_passed,
+            national_id=national_id,
+            account=account,
+            typed_email=req.email,
+            typed_representative=req.representative_id,
+            counters=domain.Counters(),
+        )
+        return facts, keys, subject_ref
 
     def _request_writes(
         self,

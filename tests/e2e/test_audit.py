@@ -194,8 +194,8 @@ async def test_verify_catches_each_kind_of_tampering_in_a_copy(world: World, tmp
     await recover(world)
     events = await settled_export(since)
     tokens_chain = _chain(events, "tokens")
-    assert len(tokens_chain) >= 4
-    a, b, c = tokens_chain[1], tokens_chain[2], tokens_chain[3]
+    assert len(tokens_chain) >= 3  # issued, reserved, spent; the first anchors the range
+    a, b, c = tokens_chain[0], tokens_chain[1], tokens_chain[2]
 
     def verify(copy: list[dict], name: str) -> str:
         result = auditor_cli(

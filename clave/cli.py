@@ -249,7 +249,7 @@ def verify(
         for b in verifier.breaks[1:10]:
             err.print(f"  also: event {b.event_id} (position {b.position}, producer {b.producer}): {b.problem}")
         raise typer.Exit(EXIT_BROKEN)
-    tails = f"tails reach the recorded heads of {len(heads)} producers"
+    tails = f"tails reach the recorded heads of {verifier.tails_compared} producers"
     if no_heads:
         tails = "tail check skipped (--no-heads)"
     if verifier.legacy_unverified:

@@ -266,6 +266,7 @@ class ChainVerifier:
         self.legacy_unverified = 0
         self.break_count = 0
         self.breaks: list[Break] = []
+        self.tails_compared = 0  # recorded heads the chains were compared with
         self._watch: dict[str, int] = {}  # producer -> seq whose digest a recorded head names
         self._seen_at_watch: dict[str, str] = {}
 
@@ -366,6 +367,7 @@ class ChainVerifier:
             mine = self.heads.get(head.producer)
             if mine is None and since is not None and when is not None and when < since:
                 continue  # nothing of this producer in the range, and nothing expected
+            self.tails_compared += 1
             last = mine.seq if mine is not None else 0
             if last < head.seq:
                 missing = f"{last + 1}" if last + 1 == head.seq else f"{last + 1}..{head.seq}"

@@ -496,7 +496,8 @@ def test_a_copy_reaching_the_recorded_heads_passes() -> None:
     log = interleaved_log()
     heads = [head_of(log, len(log) - 1), head_of(log, len(log) - 2)]
     assert {h.producer for h in heads} == {"identity", "tokens"}
-    assert check_against(read(log), heads).ok
+    verifier = check_against(read(log), heads)
+    assert verifier.ok and verifier.tails_compared == 2
 
 
 def test_a_cut_off_tail_is_reported_with_the_missing_range() -> None:

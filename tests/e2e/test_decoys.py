@@ -16,6 +16,7 @@ import asyncio
 import secrets
 import statistics
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,31 @@ def expected_attempts(world: World) -> list[list[str]]:
     return [["token_invalid"]] * (limit - 1) + [["code_attempts_exceeded"]] * 2
 
 
-async def expiry_side_by_side(
-    world: World, rids: dict[str, str], wrong: str, right: str, issued_at: float
-) -> dict[str, list[list[str]]]:
+async def issued_at(world: World, rids: dict[str, str]) -> datetime:
+    """When the last of these tokens (real or decoy) was stored, from its audit event."""
+    times = []
+    for name, rid in rids.items():
+        action = "token_issued" if name == "real" else "decoy_stored"
+        found = await world.audit_log.wait(
+            lambda _t, _h, d, rid=rid, action=action: (
+                d["data"].get("request_id") == rid and d["data"].get("action") == action
+            )
+        )
+        times.append(datetime.fromisoformat(found[0]["time"]))
+    return max(times)
+
+
+async def expiry_side_by_side(world: World, rids: dict[str, str], wrong: str, right: str) -> dict[str, list[list[str]]]:
     """One wrong code while the code lives, then one after its lifetime (the right one on the real)."""
+    issued = await issued_at(world, rids)
     seen: dict[str, list[list[str]]] = {name: [] for name in rids}
     for rid in rids.values():
         await world.portal.submit_reset(rid, new_key(), code=wrong)
     for name, rid in rids.items():
         seen[name].append((await world.portal.wait_outcome(rid, "reset"))["reasons"])
     # The rule under test is about elapsed time: wait out the code lifetime since issuance.
-    await asyncio.sleep(max(0.0, issued_at + world.settings.code_ttl_s + 1 - time.monotonic()))
+    expires = issued + timedelta(seconds=world.settings.code_ttl_s + 1)
+    await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()))
     for name, rid in rids.items():
         await world.portal.submit_reset(rid, new_key(), code=right if name == "real" else wrong)
     for name, rid in rids.items():
@@ -101,7 +116,6 @@ async def test_failed_requests_answer_codes_exactly_as_a_real_one(world: World) 
         "wrong_answers": await world.request(other, answers=wrong_answers),
         "unknown_id": await world.request(stranger),
     }
-    issued_at = time.monotonic()
     mail, _ = await world.recovery_mail(trio["real"])
     mail2, _ = await world.recovery_mail(later["real"])
     for rid in (trio["wrong_answers"], trio["unknown_id"], later["wrong_answers"], later["unknown_id"]):
@@ -112,7 +126,7 @@ async def test_failed_requests_answer_codes_exactly_as_a_real_one(world: World) 
     assert seen == dict.fromkeys(trio, expected_attempts(world))
 
     code2 = extract_code(mail2)
-    expiry = await expiry_side_by_side(world, later, wrong_of(code2), code2, issued_at)
+    expiry = await expiry_side_by_side(world, later, wrong_of(code2), code2)
     assert expiry == dict.fromkeys(later, [["token_invalid"], ["token_expired"]])
 
     # And the failed requests were never mailed (checked after a later mail arrived).
@@ -138,7 +152,6 @@ async def test_decoy_answers_like_a_real_token_when_declined_is_published(world:
 
     first = await trio(real, ids[1], known.national_id)
     later = await trio(real2, ids[3], known2.national_id)
-    issued_at = time.monotonic()
     mail, _ = await world.recovery_mail(first["real"])
     mail2, _ = await world.recovery_mail(later["real"])
     for rids in (first, later):
@@ -155,7 +168,7 @@ async def test_decoy_answers_like_a_real_token_when_declined_is_published(world:
     assert dead["reasons"] == ["code_attempts_exceeded"]
 
     code2 = extract_code(mail2)
-    expiry = await expiry_side_by_side(world, later, wrong_of(code2), code2, issued_at)
+    expiry = await expiry_side_by_side(world, later, wrong_of(code2), code2)
     assert expiry == dict.fromkeys(later, [["token_invalid"], ["token_expired"]])
 
 

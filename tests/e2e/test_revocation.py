@@ -12,19 +12,23 @@ service runs with a short reservation timeout; both are put back afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
 
-from clave.testdata import new_citizen, new_key
+from clave.testdata import Citizen, new_citizen, new_key
 from tests.e2e.conftest import World, fetch_ok, metrics_url
 
 pytestmark = pytest.mark.e2e
 
 STACK = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "local", "stack.sh")
-SHORT_TIMEOUT_S = 8
+# Short enough to wait for, long enough that the revocations land before any deadline even
+# while the restarted tokens service's consumer group is still rebalancing (seconds each).
+SHORT_TIMEOUT_S = 30
+Links = dict[str, tuple[str, str]]  # name -> (request_id, link token)
 
 
 def stack(command: str, service: str, **env: str) -> None:
@@ -33,7 +37,7 @@ def stack(command: str, service: str, **env: str) -> None:
     )
 
 
-@pytest.fixture
+@contextlib.asynccontextmanager
 async def password_held(world: World) -> AsyncIterator[None]:
     """Tokens with a short reservation timeout, the password service stopped; restored after."""
     await asyncio.to_thread(stack, "restart-service", "tokens", RESERVATION_TIMEOUT_S=str(SHORT_TIMEOUT_S))
@@ -47,48 +51,57 @@ async def password_held(world: World) -> AsyncIterator[None]:
             assert fetch_ok(metrics_url(world.settings, service, "/readyz")), service
 
 
-async def test_revocation_kills_reserved_tokens_and_a_key_change_made_stands(
-    world: World, request: pytest.FixtureRequest
-) -> None:
-    changed, refused, timed, control = (new_citizen() for _ in range(4))
-    await world.register(changed, refused, timed, control)
-    first: dict[str, tuple[str, str]] = {}
-    for name, c in (("changed", changed), ("refused", refused), ("timed", timed), ("control", control)):
-        rid = await world.request(c)
-        first[name] = (rid, (await world.recovery_mail(rid))[1])
-
-    request.getfixturevalue("password_held")
-    # Reserve all four (their key changes wait at the stopped password service). "refused"
-    # sends a key the policy refuses; the others acceptable ones.
+async def hold_reservations_and_revoke(world: World, citizens: dict[str, Citizen], first: Links) -> dict[str, str]:
+    """With the password service stopped: reserve all four (their key changes wait), revoke
+    three of them by a new request while reserved, and let the timeout release the fourth."""
     keys = {"changed": new_key(), "refused": "password1", "timed": new_key(), "control": new_key()}
     for name in ("timed", "changed", "refused", "control"):  # "timed" first: its deadline passes first
         rid, token = first[name]
         await world.portal.submit_reset(rid, keys[name], token=token)
         await world.audited(rid, "token_reserved")
-    # Revoke three of them by a new request, while reserved ("control" is left reserved).
-    second = {
-        name: await world.request(c) for name, c in (("changed", changed), ("refused", refused), ("timed", timed))
-    }
+    second = {name: await world.request(citizens[name]) for name in ("changed", "refused", "timed")}
     for name, rid in second.items():
         issued = await world.audited(rid, "token_issued")
         assert issued["details"]["revoked_earlier"] == 1, name
     # The timeout releases the reservation nobody revoked: the sweep has run past every deadline.
-    await world.audited(first["control"][0], "reservation_expired", timeout=60)
+    await world.audited(first["control"][0], "reservation_expired", timeout=SHORT_TIMEOUT_S + 60)
+    revoked_rids = {first[name][0] for name in second}
     expired = world.audit_log.matching(
         lambda _t, _h, d: (
-            d["data"].get("action") == "reservation_expired"
-            and d["data"].get("request_id") in {first[n][0] for n in second}
+            d["data"].get("action") == "reservation_expired" and d["data"].get("request_id") in revoked_rids
         )
     )
-    assert expired == [], "a revoked reservation was released by the timeout"
+    revoked_at = {
+        name: (
+            await world.audit_log.wait(
+                lambda _t, _h, d, rid=rid: (
+                    d["data"].get("request_id") == rid and d["data"].get("action") == "token_issued"
+                )
+            )
+        )[0]["time"]
+        for name, rid in second.items()
+    }
+    assert expired == [], f"a revoked reservation was released by the timeout: {expired} (revoked at {revoked_at})"
     # Revoked stays revoked: the old link is invalid, not live again.
     rid, token = first["timed"]
     await world.portal.submit_reset(rid, new_key(), token=token)
     assert (await world.portal.wait_outcome(rid, "reset"))["reasons"] == ["token_invalid"]
+    return second
 
-    await asyncio.to_thread(stack, "start-service", "password")
+
+async def test_revocation_kills_reserved_tokens_and_a_key_change_made_stands(world: World) -> None:
+    citizens = {name: new_citizen() for name in ("changed", "refused", "timed", "control")}
+    await world.register(*citizens.values())
+    first: Links = {}
+    for name, c in citizens.items():
+        rid = await world.request(c)
+        first[name] = (rid, (await world.recovery_mail(rid))[1])
+
+    async with password_held(world):
+        second = await hold_reservations_and_revoke(world, citizens, first)
+
     # The key change made with a token revoked meanwhile stands; the portal hears completed.
-    rid, token = first["changed"]
+    rid, _ = first["changed"]
     assert (await world.portal.wait_outcome(rid, "reset", timeout=90))["status"] == "completed"
     spent = await world.audited(rid, "token_spent")
     assert spent["reasons"] == ["revoked_while_reserved"]
@@ -100,6 +113,9 @@ async def test_revocation_kills_reserved_tokens_and_a_key_change_made_stands(
     assert kept["reasons"] == ["password_blocklisted", "revoked_while_reserved"]
     await world.portal.submit_reset(rid, new_key(), token=token)
     assert (await world.portal.wait_outcome(rid, "reset", count=2))["reasons"] == ["token_invalid"]
+    # The released reservation's key change, made late, stands too (the token is spent).
+    rid, _ = first["control"]
+    assert (await world.portal.wait_outcome(rid, "reset", timeout=90))["status"] == "completed"
     # The newer links work.
     for name in ("refused", "timed"):
         rid = second[name]

@@ -3,7 +3,9 @@
 Two profiles exist:
 
 * ``seed`` — the portal's historical rule, the default in DESIGN.md: 6 to 15
-  characters, ASCII letters and digits only, at least one of each.
+  characters, ASCII letters and digits only, at least one of each; and not in the
+  shipped blocklist (``abc123``, ``password1`` and ``Iess2024`` meet the composition
+  rule, yet are the first keys an attacker tries).
 * ``nist`` — NIST SP 800-63B rev. 4 for single-factor passwords: 15 to 64
   characters counted in Unicode code points after NFKC, any printable character
   (spaces and non-ASCII included), no composition rules, and a blocklist of
@@ -81,36 +83,7 @@ _ASCII_DIGITS: Final = frozenset("0123456789")
 _ASCII_ALNUM: Final = _ASCII_LETTERS | _ASCII_DIGITS
 
 
-@dataclass(frozen=True)
-class SeedPolicy:
-    min_len: int = 6
-    max_len: int = 15
-    name: str = "seed"
-
-    def __post_init__(self) -> None:
-        _check_bounds(self.min_len, self.max_len)
-
-    def check(self, candidate: str) -> list[str]:
-        # No normalisation: anything outside ASCII is refused anyway, and the
-        # length of an ASCII string is the same in every normal form.
-        reasons: list[str] = []
-        if len(candidate) < self.min_len:
-            reasons.append(Reason.TOO_SHORT)
-        if len(candidate) > self.max_len:
-            reasons.append(Reason.TOO_LONG)
-        chars = set(candidate)
-        if not chars <= _ASCII_ALNUM:
-            reasons.append(Reason.NOT_ALPHANUMERIC)
-        if not (chars & _ASCII_LETTERS and chars & _ASCII_DIGITS):
-            reasons.append(Reason.NEEDS_LETTER_AND_DIGIT)
-        return reasons
-
-
-def seed_policy(min_len: int = 6, max_len: int = 15) -> PasswordPolicy:
-    return SeedPolicy(min_len=min_len, max_len=max_len)
-
-
-# ---------------------------------------------------------------- nist profile
+# ---------------------------------------------------------------- blocklist
 
 _BLOCKLIST_RESOURCE: Final = ("data", "blocklist.txt")
 
@@ -155,8 +128,52 @@ def shipped_blocklist() -> frozenset[str]:
         return _parse_blocklist(fh)
 
 
+def _blocked(candidate: str, blocklist: frozenset[str] | None) -> bool:
+    """Is the key in the blocklist (the shipped one when ``blocklist`` is None)?"""
+    return blocklist_key(candidate) in (shipped_blocklist() if blocklist is None else blocklist)
+
+
 def _has_unprintable(text: str) -> bool:
     return any(unicodedata.category(ch) in _UNPRINTABLE_CATEGORIES for ch in text)
+
+
+@dataclass(frozen=True)
+class SeedPolicy:
+    min_len: int = 6
+    max_len: int = 15
+    # None means the shipped list, loaded lazily; otherwise already-normalised keys.
+    blocklist: frozenset[str] | None = field(default=None, repr=False)
+    name: str = "seed"
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.min_len, self.max_len)
+
+    def check(self, candidate: str) -> list[str]:
+        # No normalisation for the rules: anything outside ASCII is refused anyway, and the
+        # length of an ASCII string is the same in every normal form.
+        reasons: list[str] = []
+        if len(candidate) < self.min_len:
+            reasons.append(Reason.TOO_SHORT)
+        if len(candidate) > self.max_len:
+            reasons.append(Reason.TOO_LONG)
+        chars = set(candidate)
+        if not chars <= _ASCII_ALNUM:
+            reasons.append(Reason.NOT_ALPHANUMERIC)
+        if not (chars & _ASCII_LETTERS and chars & _ASCII_DIGITS):
+            reasons.append(Reason.NEEDS_LETTER_AND_DIGIT)
+        # Surrogates cannot be normalised; such a key is already refused as not alphanumeric.
+        if not any(unicodedata.category(ch) == "Cs" for ch in candidate) and _blocked(candidate, self.blocklist):
+            reasons.append(Reason.BLOCKLISTED)
+        return reasons
+
+
+def seed_policy(min_len: int = 6, max_len: int = 15, blocklist: Iterable[str] | None = None) -> PasswordPolicy:
+    """Seed profile; ``blocklist`` replaces the shipped list (entries are normalised here)."""
+    keys = None if blocklist is None else frozenset(blocklist_key(e) for e in blocklist)
+    return SeedPolicy(min_len=min_len, max_len=max_len, blocklist=keys)
+
+
+# ---------------------------------------------------------------- nist profile
 
 
 @dataclass(frozen=True)
@@ -170,9 +187,6 @@ class NistPolicy:
     def __post_init__(self) -> None:
         _check_bounds(self.min_len, self.max_len)
 
-    def _blocked(self) -> frozenset[str]:
-        return shipped_blocklist() if self.blocklist is None else self.blocklist
-
     def check(self, candidate: str) -> list[str]:
         # Surrogates must be checked on the raw string: NFKC would fail on them.
         if any(unicodedata.category(ch) == "Cs" for ch in candidate):
@@ -185,7 +199,7 @@ class NistPolicy:
             reasons.append(Reason.TOO_LONG)
         if _has_unprintable(normal):
             reasons.append(Reason.NOT_PRINTABLE)
-        if blocklist_key(normal) in self._blocked():
+        if _blocked(normal, self.blocklist):
             reasons.append(Reason.BLOCKLISTED)
         return reasons
 

@@ -7,9 +7,17 @@ from services.tokens.settings import TokensSettings
 from services.tokens.store import TokenStore
 from shared.consumer import Route
 from shared.runtime import Service
-from shared.schemas import EmailChanged, IdentityVerified, PasswordRejected, PasswordUpdated, ResetSubmitted
+from shared.schemas import (
+    EmailChanged,
+    IdentityDeclined,
+    IdentityVerified,
+    PasswordRejected,
+    PasswordUpdated,
+    ResetSubmitted,
+)
 from shared.settings import load
 from shared.topics import (
+    IDENTITY_DECLINED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_VERIFIED,
     PASSWORD_REJECTED,
@@ -32,6 +40,10 @@ def build(settings: TokensSettings | None = None) -> Service:
     ttl.labels("code").set(settings.code_ttl_s)
     service.consume(
         IDENTITY_VERIFIED, {EventType.IDENTITY_VERIFIED: Route(IdentityVerified, h.identity_verified)}, hot=True
+    )
+    # Hot: a decoy must be in place as soon as a real token would be (same timing).
+    service.consume(
+        IDENTITY_DECLINED, {EventType.IDENTITY_DECLINED: Route(IdentityDeclined, h.identity_declined)}, hot=True
     )
     service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)}, hot=True)
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})

@@ -1,25 +1,31 @@
-"""Tokens handlers: issue on identity.verified, redeem on recovery.resets, and the
-spend/release half of the saga on password.updated / password.rejected."""
+"""Tokens handlers: issue on identity.verified, keep a decoy on identity.declined, redeem on
+recovery.resets, and the spend/release half of the saga on password.updated / password.rejected.
+
+Each handler loads the token, lets the domain decide, stages the events and commits the
+intent-named store operation. A store operation refuses to apply a move from a state the
+token has left meanwhile (`StaleToken`); the handler then drops what it staged and decides
+again on fresh state, so two racing resets never both reserve one token."""
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.tokens import domain
-from services.tokens.domain import Reason, State
+from services.tokens.domain import By, Reason, State, TokenView
 from services.tokens.settings import TokensSettings
-from services.tokens.store import TokenStore, to_view
+from services.tokens.store import StaleToken, TokenStore, to_view
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
 from shared.crypto import SecretBox
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
+    CodeRejected,
     EmailChanged,
+    IdentityDeclined,
     IdentityVerified,
     PasswordRejected,
     PasswordUpdated,
@@ -29,13 +35,31 @@ from shared.schemas import (
     TokensIssued,
     TokensRedeemed,
 )
-from shared.topics import RECOVERY_OUTCOMES, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
+from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
+
+# A decision is retried on fresh state this many times when the token moved under it; more
+# than that is not a race but a loop, and the failure goes to the consumer's redelivery.
+DECIDE_ATTEMPTS = 5
+
+
+async def decide_on_fresh_state(ctx: HandlerContext, attempt: Callable[[], Awaitable[None]]) -> None:
+    for n in range(1, DECIDE_ATTEMPTS + 1):
+        try:
+            await attempt()
+            return
+        except StaleToken:
+            if n == DECIDE_ATTEMPTS:
+                raise
+            ctx.outgoing.clear()  # staged for a state that no longer holds
 
 
 class TokenHandlers:
     def __init__(self, store: TokenStore, settings: TokensSettings, metrics: ServiceMetrics) -> None:
         self.store = store
         self.settings = settings
+        self.ttl = domain.Lifetimes(settings.link_ttl_s, settings.code_ttl_s)
+        self.limits = domain.CodeLimits(settings.code_max_attempts, settings.code_account_max_failures)
+        self.account_window = timedelta(seconds=settings.code_account_window_s)
         self.notifier_box = SecretBox(settings.notifier_keys)
         self.password_box = SecretBox(settings.password_keys)
         self.issued = metrics.counter("clave_tokens_issued_total", "Tokens issued")
@@ -55,24 +79,15 @@ class TokenHandlers:
                 reasons=["duplicate_request"],
             )
             return
-        now = datetime.now(UTC)
-        secrets = domain.new_secrets()
-        token_id = uuid.uuid4().hex
-        link_exp, code_exp = domain.expiries(now, self.settings.link_ttl_s, self.settings.code_ttl_s)
-        earlier = await self.store.live_ids(evt.account_id)
-        doc = {
-            "_id": token_id,
-            "account_id": evt.account_id,
-            "request_id": evt.request_id,
-            "token_hash": domain.token_hash(secrets.token),
-            "code_hash": domain.code_hash(self.settings.code_hmac_key, token_id, secrets.code),
-            "code_attempts": 0,
-            "state": State.LIVE,
-            "issued_at": now,
-            "link_expires_at": link_exp,
-            "code_expires_at": code_exp,
-            "recipient": evt.recipient.model_dump(),
-        }
+        token, drawn = domain.issue(
+            request_id=evt.request_id,
+            account_id=evt.account_id,
+            recipient=evt.recipient.model_dump(),
+            now=datetime.now(UTC),
+            ttl=self.ttl,
+            code_key=self.settings.code_hmac_key,
+        )
+        earlier = await self.store.revocable_count(evt.account_id)
         ctx.emit(
             TOKENS_ISSUED,
             evt.account_id,
@@ -80,11 +95,11 @@ class TokenHandlers:
             TokensIssued(
                 request_id=evt.request_id,
                 account_id=evt.account_id,
-                token_id=token_id,
+                token_id=token.token_id,
                 recipient=evt.recipient,
-                link_expires_at=link_exp,
-                code_expires_at=code_exp,
-                sealed_secrets=self.notifier_box.seal({"token": secrets.token, "code": secrets.code}),
+                link_expires_at=token.link_expires_at,
+                code_expires_at=token.code_expires_at,
+                sealed_secrets=self.notifier_box.seal({"token": drawn.token, "code": drawn.code}),
                 requested_at=evt.requested_at,
             ),
         )
@@ -94,58 +109,91 @@ class TokenHandlers:
             account_id=evt.account_id,
             request_id=evt.request_id,
             actor=evt.actor,
-            details={"token_id": token_id, "revoked_earlier": len(earlier)},
+            details={"token_id": token.token_id, "revoked_earlier": earlier},
         )
 
         async def writes(s: AsyncClientSession) -> None:
-            await self.store.revoke(earlier, s)
-            await self.store.insert(doc, s)
+            await self.store.revoke_account(evt.account_id, s)  # decoys of the account too, as a real one
+            await self.store.insert(token, s)
 
         await ctx.commit(writes)
         self.issued.inc()
 
+    # ---- identity.declined -> a decoy, so the code path is no oracle ---------------------------
+
+    async def identity_declined(self, ctx: HandlerContext, evt: IdentityDeclined) -> None:
+        if await self.store.by_request(evt.request_id) is not None:
+            ctx.audit(
+                "decoy_skipped",
+                "info",
+                account_id=evt.account_id,
+                subject_ref=None if evt.account_id else evt.subject_ref,
+                request_id=evt.request_id,
+                reasons=["duplicate_request"],
+            )
+            return
+        decoy = domain.decoy(
+            request_id=evt.request_id,
+            account_id=evt.account_id,
+            subject_ref=evt.subject_ref,
+            now=datetime.now(UTC),
+            ttl=self.ttl,
+            code_key=self.settings.code_hmac_key,
+        )
+        ctx.audit(
+            "decoy_stored",
+            "info",
+            account_id=evt.account_id,
+            subject_ref=None if evt.account_id else evt.subject_ref,
+            request_id=evt.request_id,
+            details={"token_id": decoy.token_id},
+        )
+
+        async def writes(s: AsyncClientSession) -> None:
+            await self.store.insert(decoy, s)  # never mailed, never revokes anything
+
+        # No metric of its own: identity's clave_identity_requests_total{result} counts these.
+        await ctx.commit(writes)
+
     # ---- recovery.resets -> tokens.redeemed | outcome rejected ------------------------------
 
     async def reset_submitted(self, ctx: HandlerContext, reset: ResetSubmitted) -> None:
+        await decide_on_fresh_state(ctx, lambda: self._redeem(ctx, reset))
+
+    async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted) -> None:
         now = datetime.now(UTC)
+        by: By = "token" if reset.token is not None else "code"
+        failures = 0
         if reset.token is not None:
             doc = await self.store.by_hash(domain.token_hash(reset.token))
-            verdict = domain.redeem_by_token(to_view(doc) if doc else None, now)
+            token = to_view(doc) if doc else None
+            verdict = domain.redeem_by_token(token, now, reset.request_id)
         else:
             doc = await self.store.by_request(reset.request_id)
+            token = to_view(doc) if doc else None
+            if token is not None and token.guard_key is not None:
+                failures = await self.store.code_failures(token.guard_key, now - self.account_window)
             verdict = domain.redeem_by_code(
-                to_view(doc) if doc else None,
+                token,
                 reset.code or "",
                 now,
                 self.settings.code_hmac_key,
-                self.settings.code_max_attempts,
+                self.limits.per_token,
+                failures,
+                self.limits.per_account,
             )
-        account_id = doc["account_id"] if doc else None
-        # Everything downstream is labelled with the request_id the portal sent (from its link).
-        request_id = reset.request_id
         if not verdict.ok:
-            assert verdict.reason is not None
-            self._reject(ctx, reset.request_id, [verdict.reason], account_id)
-
-            async def count(s: AsyncClientSession) -> None:
-                if doc is not None and verdict.count_wrong_code:
-                    update: dict[str, Any] = {"$inc": {"code_attempts": 1}}
-                    if verdict.kill:
-                        update["$set"] = {"state": State.DEAD}
-                    await self.store.transition(doc["_id"], [State.LIVE], update, s)
-
-            await ctx.commit(count)
-            self.rejected.labels(verdict.reason).inc()
+            await self._refuse(ctx, reset, token, verdict, by, now)
             return
-        assert doc is not None
+        assert token is not None and doc is not None and not token.decoy
         ctx.emit(
             TOKENS_REDEEMED,
             doc["account_id"],
             EventType.TOKENS_REDEEMED,
             TokensRedeemed(
-                request_id=request_id,
+                request_id=reset.request_id,
                 account_id=doc["account_id"],
-                token_id=doc["_id"],
+                token_id=token.token_id,
                 recipient=Recipient.model_validate(doc["recipient"]),
                 sealed_new_key=self.password_box.seal({"new_password": reset.new_password}),
                 submitted_at=ctx.event.time,
@@ -155,108 +203,171 @@ class TokenHandlers:
             "token_reserved",
             "success",
             account_id=doc["account_id"],
-            request_id=request_id,
-            details={"token_id": doc["_id"], "by": "token" if reset.token else "code"},
+            request_id=reset.request_id,
+            details={"token_id": token.token_id, "by": by},
         )
         until = now + timedelta(seconds=self.settings.reservation_timeout_s)
 
         async def reserve(s: AsyncClientSession) -> None:
-            ok = await self.store.transition(
-                doc["_id"],
-                [State.LIVE],
-                {"$set": {"state": State.RESERVED, "reserved_until": until}},
-                s,
-            )
-            if not ok:  # raced with another redemption: let redelivery decide again
-                raise RuntimeError("token changed state during redemption")
+            await self.store.reserve(token.token_id, by, until, s)
 
         await ctx.commit(reserve)
         self.redeemed.inc()
 
-    def _reject(self, ctx: HandlerContext, request_id: str, reasons: list[str], account_id: str | None) -> None:
+    async def _refuse(
+        self,
+        ctx: HandlerContext,
+        reset: ResetSubmitted,
+        token: TokenView | None,
+        verdict: domain.Redemption,
+        by: By,
+        now: datetime,
+    ) -> None:
+        assert verdict.reason is not None
+        # Decoys take exactly this path (same reads, writes and events): no oracle in content or time.
+        account_id = token.account_id if token else None
+        subject_ref = token.subject_ref if token and not account_id else None
+        self._reject(
+            ctx,
+            reset.request_id,
+            [verdict.reason],
+            account_id,
+            subject_ref,
+            details={"by": by, "decoy": bool(token and token.decoy)},
+        )
+        wrong = verdict.count_wrong_code and token is not None and token.guard_key is not None
+        if wrong:
+            assert token is not None and token.guard_key is not None
+            ctx.emit(
+                TOKENS_CODE_REJECTED,
+                token.guard_key,
+                EventType.TOKENS_CODE_REJECTED,
+                CodeRejected(
+                    request_id=reset.request_id,
+                    account_id=account_id,
+                    subject_ref=subject_ref,
+                    client_ip=reset.client_ip,
+                ),
+            )
+
+        async def count(s: AsyncClientSession) -> None:
+            if wrong:
+                assert token is not None and token.guard_key is not None
+                await self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill, s)
+                await self.store.record_code_failure(token.guard_key, now, now + self.account_window, s)
+
+        await ctx.commit(count)
+        self.rejected.labels(verdict.reason).inc()
+
+    def _reject(
+        self,
+        ctx: HandlerContext,
+        request_id: str,
+        reasons: list[str],
+        account_id: str | None,
+        subject_ref: str | None = None,
+        details: dict[str, str | bool] | None = None,
+    ) -> None:
         ctx.emit(
             RECOVERY_OUTCOMES,
             request_id,
             EventType.RECOVERY_OUTCOME,
             RecoveryOutcome(request_id=request_id, stage="reset", status="rejected", reasons=reasons),
         )
-        ctx.audit("reset_rejected", "rejected", account_id=account_id, request_id=request_id, reasons=reasons)
+        ctx.audit(
+            "reset_rejected",
+            "rejected",
+            account_id=account_id,
+            subject_ref=subject_ref,
+            request_id=request_id,
+            reasons=reasons,
+            details=details,
+        )
 
     # ---- saga: password.updated spends, password.rejected releases ----------------------------
 
     async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
+        await decide_on_fresh_state(ctx, lambda: self._key_changed(ctx, evt))
+
+    async def _key_changed(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
+        doc = await self.store.by_id(evt.token_id)
+        token = to_view(doc) if doc else None
+        settlement = domain.settle_key_changed(token.state if token else None)
+        # A key change by link proves the mailbox: the account's wrong codes are forgiven.
+        clears = token is not None and token.reserved_by == "token" and token.guard_key is not None
         ctx.audit(
-            "token_spent",
+            settlement.action,
             "success",
             account_id=evt.account_id,
             request_id=evt.request_id,
-            details={"token_id": evt.token_id},
+            reasons=[settlement.note] if settlement.note else None,
+            details={"token_id": evt.token_id, "code_failures_cleared": clears},
         )
         ctx.emit(
             RECOVERY_OUTCOMES,
             evt.request_id,
             EventType.RECOVERY_OUTCOME,
-            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="completed"),
+            RecoveryOutcome(request_id=evt.request_id, stage="reset", status=settlement.status),
         )
 
         async def spend(s: AsyncClientSession) -> None:
-            await self._spend(evt.token_id, s)
+            if settlement.move is not None and token is not None:
+                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
+            if clears and token is not None and token.guard_key is not None:
+                await self.store.clear_code_failures(token.guard_key, s)
 
         await ctx.commit(spend)
         self.settled.labels("spent").inc()
 
-    async def _spend(self, token_id: str, s: AsyncClientSession) -> None:
-        await self.store.transition(
-            token_id,
-            [State.RESERVED, State.LIVE],
-            {"$set": {"state": State.SPENT, "spent_at": datetime.now(UTC)}, "$unset": {"reserved_until": ""}},
-            s,
-        )
-
     async def password_rejected(self, ctx: HandlerContext, evt: PasswordRejected) -> None:
-        # The portal hears "rejected" only now, with the token live again (or spent, if the
-        # password service had already used it: a late answer after a timed-out reservation).
-        already_used = Reason.TOKEN_USED in evt.reasons
+        await decide_on_fresh_state(ctx, lambda: self._key_refused(ctx, evt))
+
+    async def _key_refused(self, ctx: HandlerContext, evt: PasswordRejected) -> None:
+        # The portal hears "rejected" only now, with the token live again; or token_invalid if it
+        # was revoked meanwhile (it never comes back); or spent, if the password service had
+        # already used it (a late answer after a timed-out reservation).
+        doc = await self.store.by_id(evt.token_id)
+        token = to_view(doc) if doc else None
+        settlement = domain.settle_key_refused(token.state if token else None, evt.reasons)
         ctx.audit(
-            "token_spent" if already_used else "token_released",
+            settlement.action,
             "info",
             account_id=evt.account_id,
             request_id=evt.request_id,
-            reasons=evt.reasons,
+            reasons=[*evt.reasons, *([settlement.note] if settlement.note else [])],
             details={"token_id": evt.token_id},
         )
         ctx.emit(
             RECOVERY_OUTCOMES,
             evt.request_id,
             EventType.RECOVERY_OUTCOME,
-            RecoveryOutcome(request_id=evt.request_id, stage="reset", status="rejected", reasons=evt.reasons),
+            RecoveryOutcome(
+                request_id=evt.request_id, stage="reset", status=settlement.status, reasons=list(settlement.reasons)
+            ),
         )
 
-        async def release(s: AsyncClientSession) -> None:
-            if already_used:
-                await self._spend(evt.token_id, s)
-            else:
-                await self.store.transition(
-                    evt.token_id,
-                    [State.RESERVED],
-                    {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}},
-                    s,
-                )
+        async def settle(s: AsyncClientSession) -> None:
+            if settlement.move is domain.RELEASE:
+                await self.store.release(evt.token_id, s)
+            elif settlement.move is domain.SPEND and token is not None:
+                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
 
-        await ctx.commit(release)
-        self.settled.labels("spent" if already_used else "released").inc()
+        await ctx.commit(settle)
+        moved = settlement.move
+        result = "released" if moved is domain.RELEASE else "spent" if moved is domain.SPEND else "kept"
+        self.settled.labels(result).inc()
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
-        live = await self.store.live_ids(evt.account_id)
+        count = await self.store.revocable_count(evt.account_id)
         ctx.audit(
             "tokens_revoked",
             "info",
             account_id=evt.account_id,
-            details={"count": len(live), "cause": "email_changed", "command_id": evt.command_id},
+            details={"count": count, "cause": "email_changed", "command_id": evt.command_id},
         )
 
         async def revoke(s: AsyncClientSession) -> None:
-            await self.store.revoke(live, s)
+            await self.store.revoke_account(evt.account_id, s)
 
         await ctx.commit(revoke)
 
@@ -265,6 +376,8 @@ class TokenHandlers:
     async def release_overdue(self) -> None:
         now = datetime.now(UTC)
         for doc in await self.store.overdue_reservations(now):
+            if domain.settle_timeout(doc["state"]) is None:
+                continue
             record = AuditRecord(
                 service="tokens",
                 action="reservation_expired",
@@ -275,16 +388,20 @@ class TokenHandlers:
             )
 
             async def release(s: AsyncClientSession, token_id: str = doc["_id"]) -> None:
-                await self.store.transition(
-                    token_id, [State.RESERVED], {"$set": {"state": State.LIVE}, "$unset": {"reserved_until": ""}}, s
-                )
+                await self.store.release(token_id, s)
 
-            await self.store.commit(
-                consumer=None,
-                event_id=None,
-                writes=release,
-                outgoing=[
-                    audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
-                ],
-            )
+            try:
+                await self.store.commit(
+                    consumer=None,
+                    event_id=None,
+                    writes=release,
+                    outgoing=[
+                        audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
+                    ],
+                )
+            except StaleToken:  # settled, or revoked, meanwhile: nothing to release
+                continue
             self.settled.labels("timed_out").inc()
+
+
+__all__ = ["Reason", "State", "TokenHandlers"]

@@ -13,7 +13,11 @@ class TokensSettings(PlatformSettings):
 
     link_ttl_s: int = 30 * 60
     code_ttl_s: int = 10 * 60
-    code_max_attempts: int = 5
+    code_max_attempts: int = 5  # wrong codes per token before it dies (link included)
+    # Wrong codes per account (or per unknown ID) across its tokens, in a sliding window: at the
+    # limit no code is accepted until the window passes or a key is changed by link.
+    code_account_max_failures: int = 10
+    code_account_window_s: int = 24 * 3600
     reservation_timeout_s: int = 120
 
     def fernet_keys(self) -> dict[str, str]:

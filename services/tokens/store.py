@@ -1,18 +1,30 @@
-"""TokenStore: the tokens service's own database. Only hashes of secrets are stored."""
+"""TokenStore: the tokens service's own database. Only hashes of secrets are stored.
+
+Every state change is an intent-named operation that applies one move of the domain's
+state machine from the state the handler decided on: if the token is no longer in that
+state (a concurrent reset, revocation or timeout got there first), `StaleToken` aborts
+the transaction and the handler decides again on fresh state.
+"""
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from services.tokens.domain import State, TokenView
+from services.tokens.domain import KILL, RELEASE, RESERVE, REVOKE, SPEND, By, Move, NewToken, State, TokenView
 from shared.store import ServiceStore
 
 TOKENS = "tokens"
+CODE_FAILURES = "code_failures"  # one document per wrong code, by account (or ID keyed hash)
 # Expired tokens stay a day (so a late click says "expired", not "invalid"), then the TTL index removes them.
 PURGE_GRACE = timedelta(days=1)
+
+
+class StaleToken(Exception):
+    """The token is no longer in the state the decision was made on."""
 
 
 def to_view(doc: dict[str, Any]) -> TokenView:
@@ -23,7 +35,31 @@ def to_view(doc: dict[str, Any]) -> TokenView:
         code_expires_at=doc["code_expires_at"],
         code_hash=doc["code_hash"],
         code_attempts=doc.get("code_attempts", 0),
+        request_id=doc.get("request_id", ""),
+        account_id=doc.get("account_id"),
+        subject_ref=doc.get("subject_ref"),
+        decoy=doc.get("decoy", False),
+        reserved_by=doc.get("reserved_by"),
     )
+
+
+def _document(token: NewToken) -> dict[str, Any]:
+    return {
+        "_id": token.token_id,
+        "account_id": token.account_id,
+        "subject_ref": token.subject_ref,
+        "request_id": token.request_id,
+        "token_hash": token.token_hash,
+        "code_hash": token.code_hash,
+        "code_attempts": 0,
+        "state": State.LIVE,
+        "decoy": token.decoy,
+        "issued_at": token.issued_at,
+        "link_expires_at": token.link_expires_at,
+        "code_expires_at": token.code_expires_at,
+        "recipient": token.recipient,
+        "purge_at": max(token.link_expires_at, token.code_expires_at) + PURGE_GRACE,
+    }
 
 
 class TokenStore(ServiceStore):
@@ -33,6 +69,10 @@ class TokenStore(ServiceStore):
         await self.db[TOKENS].create_index([("account_id", 1), ("state", 1)])
         await self.db[TOKENS].create_index([("state", 1), ("reserved_until", 1)])
         await self.db[TOKENS].create_index("purge_at", expireAfterSeconds=0)
+        await self.db[CODE_FAILURES].create_index([("key", 1), ("at", 1)])
+        await self.db[CODE_FAILURES].create_index("purge_at", expireAfterSeconds=0)
+
+    # ---- reads ----------------------------------------------------------------------------
 
     async def by_hash(self, token_hash: str) -> dict[str, Any] | None:
         return await self.db[TOKENS].find_one({"token_hash": token_hash})
@@ -43,30 +83,77 @@ class TokenStore(ServiceStore):
     async def by_id(self, token_id: str) -> dict[str, Any] | None:
         return await self.db[TOKENS].find_one({"_id": token_id})
 
-    async def live_ids(self, account_id: str) -> list[str]:
-        docs = self.db[TOKENS].find(
-            {"account_id": account_id, "state": {"$in": [State.LIVE, State.RESERVED]}}, {"_id": 1}
-        )
-        return [d["_id"] async for d in docs]
-
-    async def revoke(self, token_ids: list[str], s: AsyncClientSession) -> None:
-        if token_ids:
-            await self.db[TOKENS].update_many(
-                {"_id": {"$in": token_ids}, "state": State.LIVE},
-                {"$set": {"state": State.REVOKED}},
-                session=s,
-            )
-
-    async def insert(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
-        doc["purge_at"] = max(doc["link_expires_at"], doc["code_expires_at"]) + PURGE_GRACE
-        await self.db[TOKENS].insert_one(doc, session=s)
-
-    async def transition(
-        self, token_id: str, from_states: list[str], update: dict[str, Any], s: AsyncClientSession
-    ) -> bool:
-        result = await self.db[TOKENS].update_one({"_id": token_id, "state": {"$in": from_states}}, update, session=s)
-        return result.modified_count == 1
+    async def revocable_count(self, account_id: str) -> int:
+        return await self.db[TOKENS].count_documents({"account_id": account_id, "state": {"$in": list(REVOKE.sources)}})
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
         cursor = self.db[TOKENS].find({"state": State.RESERVED, "reserved_until": {"$lt": now}}).limit(100)
         return await cursor.to_list()
+
+    async def code_failures(self, key: str, since: datetime) -> int:
+        """Wrong codes for this account (or ID) since `since`."""
+        return await self.db[CODE_FAILURES].count_documents({"key": key, "at": {"$gte": since}})
+
+    # ---- writes (inside the handler's transaction) ----------------------------------------
+
+    async def insert(self, token: NewToken, s: AsyncClientSession) -> None:
+        await self.db[TOKENS].insert_one(_document(token), session=s)
+
+    async def revoke_account(self, account_id: str, s: AsyncClientSession) -> int:
+        """Revoke every token of the account that could still be used, reserved ones included:
+        a reservation revoked now is never released (a key change already made still stands)."""
+        result = await self.db[TOKENS].update_many(
+            {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}},
+            {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
+            session=s,
+        )
+        return result.modified_count
+
+    async def reserve(self, token_id: str, by: By, until: datetime, s: AsyncClientSession) -> None:
+        await self._move(token_id, RESERVE, State.LIVE, s, {"reserved_until": until, "reserved_by": by})
+
+    async def release(self, token_id: str, s: AsyncClientSession) -> None:
+        await self._move(token_id, RELEASE, State.RESERVED, s, unset=("reserved_until",))
+
+    async def spend(self, token_id: str, seen: str, now: datetime, s: AsyncClientSession) -> None:
+        await self._move(token_id, SPEND, seen, s, {"spent_at": now}, unset=("reserved_until",))
+
+    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool, s: AsyncClientSession) -> None:
+        """One more wrong code on a live token (killing it on the last allowed one). Conditional
+        on the count the decision saw, so two racing guesses are decided one after the other."""
+        update: dict[str, Any] = {"$inc": {"code_attempts": 1}}
+        if kill:
+            assert KILL.allows(State.LIVE)
+            update["$set"] = {"state": KILL.target}
+        result = await self.db[TOKENS].update_one(
+            {"_id": token_id, "state": State.LIVE, "code_attempts": seen_attempts}, update, session=s
+        )
+        if result.modified_count != 1:
+            raise StaleToken(token_id)
+
+    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime, s: AsyncClientSession) -> None:
+        # An insert per wrong code, never a read-modify-write: parallel guesses are all counted.
+        await self.db[CODE_FAILURES].insert_one(
+            {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until}, session=s
+        )
+
+    async def clear_code_failures(self, key: str, s: AsyncClientSession) -> None:
+        await self.db[CODE_FAILURES].delete_many({"key": key}, session=s)
+
+    async def _move(
+        self,
+        token_id: str,
+        move: Move,
+        seen: str,
+        s: AsyncClientSession,
+        fields: dict[str, Any] | None = None,
+        unset: tuple[str, ...] = (),
+    ) -> None:
+        if not move.allows(seen):
+            raise ValueError(f"{move.name} does not start from {seen}")
+        update: dict[str, Any] = {"$set": {"state": move.target, **(fields or {})}}
+        if unset:
+            update["$unset"] = dict.fromkeys(unset, "")
+        result = await self.db[TOKENS].update_one({"_id": token_id, "state": seen}, update, session=s)
+        if result.modified_count != 1:
+            raise StaleToken(token_id)

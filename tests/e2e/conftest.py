@@ -15,12 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from clave.testdata import Citizen, new_citizen, write_jsonl
 from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.crypto import keyed_hash
-from shared.topics import AUDIT_EVENTS, CONSUMED, dlq
+from shared.envelope import CONTENT_TYPE, new_event
+from shared.kafka import client_kwargs
+from shared.schemas import IdentityDeclined, ResetSubmitted
+from shared.topics import (
+    AUDIT_EVENTS,
+    CONSUMED,
+    IDENTITY_DECLINED,
+    PASSWORD_REJECTED,
+    PASSWORD_UPDATED,
+    RECOVERY_RESETS,
+    TOKENS_CODE_REJECTED,
+    TOKENS_REDEEMED,
+    EventType,
+    dlq,
+)
 
 SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e
@@ -189,9 +205,100 @@ class World:
     def mails_to(self, address: str) -> list[Any]:
         return self.mailbox.to(address)
 
+    async def mail_barrier(self, timeout: float = 60) -> None:
+        """Before concluding "no mail was sent": a recovery for someone else, requested now, has
+        been mailed. The notifier sends in queue order, so a mail wrongly queued before this one
+        would have arrived by then, and the "nothing" check can see it."""
+        probe = await self.citizen()
+        await self.recovery_mail(await self.request(probe), timeout=timeout)
+
 
 @pytest.fixture
 def world(
     stack: WorkbenchSettings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
 ) -> World:
     return World(stack, portal, mailbox, audit_log, dead_letters)
+
+
+class Publisher:
+    """Raw events, for what the portal stand-in does not say: a reset on a chosen partition or
+    with a client address, and internal events published by hand (identity.declined)."""
+
+    def __init__(self, settings: WorkbenchSettings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._partitioner = DefaultPartitioner()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    def partition_of(self, key: str) -> int:
+        """The partition Kafka's default partitioner gives `key` (as the portal publishes it)."""
+        parts = list(range(self.settings.kafka_topic_partitions))
+        return int(self._partitioner(key.encode(), parts, parts))
+
+    async def publish(
+        self, topic: str, key: str, event_type: str, data: dict[str, Any], correlationid: str, partition: int | None
+    ) -> str:
+        assert self._producer is not None
+        event = new_event(type=event_type, source="/tests/e2e", data=data, correlationid=correlationid)
+        await self._producer.send_and_wait(
+            topic,
+            event.to_bytes(),
+            key=key.encode(),
+            partition=partition,
+            headers=[("content-type", CONTENT_TYPE.encode())],
+        )
+        return event.id
+
+    async def reset(
+        self,
+        request_id: str,
+        new_password: str,
+        *,
+        token: str | None = None,
+        code: str | None = None,
+        client_ip: str | None = None,
+        partition: int | None = None,
+    ) -> str:
+        """A reset as the portal sends it (keyed by request_id), optionally on another partition."""
+        data = ResetSubmitted(
+            request_id=request_id, token=token, code=code, new_password=new_password, client_ip=client_ip
+        ).model_dump(mode="json", exclude_none=True)
+        return await self.publish(RECOVERY_RESETS, request_id, EventType.RESET_SUBMITTED, data, request_id, partition)
+
+    async def declined(self, request_id: str, *, subject_ref: str, account_id: str | None) -> str:
+        """identity.declined as identity emits it for a request it did not verify."""
+        data = IdentityDeclined(request_id=request_id, account_id=account_id, subject_ref=subject_ref)
+        return await self.publish(
+            IDENTITY_DECLINED,
+            account_id or subject_ref,
+            EventType.IDENTITY_DECLINED,
+            data.model_dump(mode="json", exclude_none=True),
+            request_id,
+            None,
+        )
+
+
+@pytest.fixture(scope="session")
+async def publisher(stack: WorkbenchSettings) -> AsyncIterator[Publisher]:
+    p = Publisher(stack)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture(scope="session")
+async def internal_events(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
+    """The internal events of the token saga published during the session."""
+    w = TopicWatcher(
+        stack, [IDENTITY_DECLINED, TOKENS_REDEEMED, TOKENS_CODE_REJECTED, PASSWORD_UPDATED, PASSWORD_REJECTED]
+    )
+    await w.start()
+    yield w
+    await w.stop()

@@ -52,6 +52,16 @@ async def test_policy_rejection_lists_every_reason_and_releases_the_token(world:
     assert (await world.portal.wait_outcome(rid, "reset", count=3))["status"] == "completed"
 
 
+async def test_seed_policy_refuses_a_blocklisted_key(world: World) -> None:
+    c = await world.citizen()
+    rid = await world.request(c)
+    _, token = await world.recovery_mail(rid)
+    await world.portal.submit_reset(rid, "password1", token=token)  # letters and digits, yet the first key tried
+    assert (await world.portal.wait_outcome(rid, "reset"))["reasons"] == ["password_blocklisted"]
+    await world.portal.submit_reset(rid, new_key(), token=token)
+    assert (await world.portal.wait_outcome(rid, "reset", count=2))["status"] == "completed"
+
+
 async def test_reusing_a_recent_key_is_refused(world: World) -> None:
     c = await world.citizen()
     rid = await world.request(c)

@@ -89,7 +89,7 @@ def test_assess_reused_key() -> None:
 
 
 def test_assess_reports_policy_reasons_and_reuse_together_in_order() -> None:
-    reasons = assess(SEED, "abc", reused=True)
+    reasons = assess(SEED, "xqz", reused=True)
     assert reasons == [Reason.TOO_SHORT, Reason.NEEDS_LETTER_AND_DIGIT, Reason.REUSED]
 
 
@@ -102,8 +102,8 @@ def test_assess_with_nist_policy(reused: bool) -> None:
 
 
 def test_assess_does_not_accumulate_between_calls() -> None:
-    assess(SEED, "abc", reused=True)
-    assert assess(SEED, "abc", reused=False) == [Reason.TOO_SHORT, Reason.NEEDS_LETTER_AND_DIGIT]
+    assess(SEED, "xqz", reused=True)
+    assert assess(SEED, "xqz", reused=False) == [Reason.TOO_SHORT, Reason.NEEDS_LETTER_AND_DIGIT]
 
 
 # ------------------------------------------------------------------ hashable

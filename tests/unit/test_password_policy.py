@@ -30,7 +30,7 @@ ALNUM = string.ascii_letters + string.digits
 # ------------------------------------------------------------------ seed examples
 
 
-@pytest.mark.parametrize("key", ["abc123", "Inicial2024", "a1b2c3d4e5f6g7h", "ZZZZZ9"])
+@pytest.mark.parametrize("key", ["Inicial2024", "a1b2c3d4e5f6g7h", "ZZZZZ9", "Quito7Pichincha"])
 def test_seed_accepts_ascii_letters_and_digits(key: str) -> None:
     assert SEED.check(key) == []
 
@@ -43,8 +43,9 @@ def test_seed_accepts_ascii_letters_and_digits(key: str) -> None:
         ("abcdefgh12345678", [Reason.TOO_LONG]),
         ("abc 123", [Reason.NOT_ALPHANUMERIC]),
         ("abc-123", [Reason.NOT_ALPHANUMERIC]),
-        ("abcdefgh", [Reason.NEEDS_LETTER_AND_DIGIT]),
-        ("12345678", [Reason.NEEDS_LETTER_AND_DIGIT]),
+        ("qzxwvutr", [Reason.NEEDS_LETTER_AND_DIGIT]),
+        ("90817263", [Reason.NEEDS_LETTER_AND_DIGIT]),
+        ("abcdefgh", [Reason.NEEDS_LETTER_AND_DIGIT, Reason.BLOCKLISTED]),
         ("ab!", [Reason.TOO_SHORT, Reason.NOT_ALPHANUMERIC, Reason.NEEDS_LETTER_AND_DIGIT]),
         ("!!!!!!!!!!!!!!!!", [Reason.TOO_LONG, Reason.NOT_ALPHANUMERIC,
                               Reason.NEEDS_LETTER_AND_DIGIT]),
@@ -60,17 +61,34 @@ def test_seed_is_ascii_only(key: str) -> None:
     assert Reason.NOT_ALPHANUMERIC in SEED.check(key)
 
 
-def test_seed_does_not_use_a_blocklist() -> None:
-    # The seed rule in DESIGN.md has no blocklist; common keys are the nist profile's job.
-    assert SEED.check("password1") == []
+@pytest.mark.parametrize("key", ["abc123", "password1", "Iess2024", "PASSWORD1", "Qwerty123", "iess2024"])
+def test_seed_refuses_blocklisted_keys(key: str) -> None:
+    # They meet the composition rule, yet are the first keys an attacker tries (issue 8).
+    assert SEED.check(key) == [Reason.BLOCKLISTED]
+
+
+def test_seed_lists_blocklisted_with_every_other_reason() -> None:
+    # "password" is on the list and also lacks a digit; "123456" lacks a letter.
+    assert SEED.check("password") == [Reason.NEEDS_LETTER_AND_DIGIT, Reason.BLOCKLISTED]
+    assert SEED.check("12345") == [Reason.TOO_SHORT, Reason.NEEDS_LETTER_AND_DIGIT, Reason.BLOCKLISTED]
+
+
+def test_seed_custom_blocklist_replaces_shipped_one() -> None:
+    policy = seed_policy(blocklist=["Portal2025"])
+    assert policy.check("PORTAL2025") == [Reason.BLOCKLISTED]
+    assert policy.check("password1") == []
+
+
+def test_seed_survives_a_lone_surrogate() -> None:
+    assert SEED.check("abc\ud800123") == [Reason.NOT_ALPHANUMERIC]
 
 
 def test_seed_custom_bounds() -> None:
     policy = seed_policy(min_len=8, max_len=10)
-    assert policy.check("abc1234") == [Reason.TOO_SHORT]
-    assert policy.check("abc12345") == []
-    assert policy.check("abc1234567") == []
-    assert policy.check("abc12345678") == [Reason.TOO_LONG]
+    assert policy.check("xqz1234") == [Reason.TOO_SHORT]
+    assert policy.check("xqz12345") == []
+    assert policy.check("xqz1234567") == []
+    assert policy.check("xqz12345678") == [Reason.TOO_LONG]
 
 
 # ------------------------------------------------------------------ nist examples
@@ -219,8 +237,14 @@ def seed_valid_keys(draw: st.DrawFn) -> str:
 
 
 @given(seed_valid_keys())
-def test_prop_seed_accepts_every_valid_key(key: str) -> None:
+def test_prop_seed_accepts_every_valid_key_not_in_blocklist(key: str) -> None:
+    assume(blocklist_key(key) not in shipped_blocklist())
     assert SEED.check(key) == []
+
+
+@given(st.sampled_from(sorted(e for e in shipped_blocklist() if e.isascii())), st.booleans())
+def test_prop_seed_refuses_every_ascii_blocklist_entry(entry: str, upper: bool) -> None:
+    assert Reason.BLOCKLISTED in SEED.check(entry.upper() if upper else entry)
 
 
 @given(st.text(alphabet=ALNUM, max_size=5), st.characters().filter(lambda c: c not in ALNUM),

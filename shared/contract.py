@@ -49,12 +49,13 @@ SERVICES: dict[str, ServiceTopics] = {
     "tokens": ServiceTopics(
         consumes=(
             t.IDENTITY_VERIFIED,
+            t.IDENTITY_DECLINED,
             t.RECOVERY_RESETS,
             t.PASSWORD_UPDATED,
             t.PASSWORD_REJECTED,
             t.IDENTITY_EMAIL_CHANGED,
         ),
-        produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.RECOVERY_OUTCOMES),  # the reset's outcome
+        produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.TOKENS_CODE_REJECTED, t.RECOVERY_OUTCOMES),
     ),
     "notifier": ServiceTopics(
         consumes=(t.TOKENS_ISSUED, t.PASSWORD_UPDATED, t.IDENTITY_LOCKED, t.IDENTITY_EMAIL_CHANGED),

@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench lint
+.PHONY: help install up down status test test-faults demo bench lint deploy-check
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -66,3 +66,15 @@ bench: install ## throughput/latency benchmark against the local stack
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy shared services clave
+
+# The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
+# engine or a cluster: helm lint and template (helm built once from the Go module proxy
+# into ~/.cache/clave), the compose file against the compose-spec schema, then the tests
+# that check them against the code (also part of `make test`).
+CHART := deploy/helm/clave
+
+deploy-check: install ## check the Dockerfile, compose file and Helm chart (no Docker, no cluster)
+	@helm=$$(bash deploy/helm/ensure_helm.sh) && $$helm lint --strict $(CHART) && \
+	  $$helm template clave $(CHART) --kube-version 1.31.0 >/dev/null && echo "helm template: ok"
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	$(PY) -m pytest -q tests/unit/test_deploy_files.py $(PYTEST_ARGS)

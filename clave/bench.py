@@ -51,9 +51,10 @@ from rich.table import Table
 
 from clave.portal import Portal, extract_link
 from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
+from clave.workbench import WorkbenchSettings as Settings
+from clave.workbench import workbench_settings
 from shared.hashing import SecretHasher
 from shared.kafka import client_kwargs
-from shared.settings import Settings, get_settings
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED, RECOVERY_REQUESTS
 
 SERVICES = ("identity", "tokens", "notifier", "password")
@@ -170,7 +171,7 @@ def stack_cpu() -> dict[str, float]:
 
 
 def scrape(settings: Settings, service: str) -> str:
-    port = getattr(settings, f"{service}_metrics_port")
+    port = settings.metrics_port(service)
     url = f"http://{settings.metrics_host}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the stack's own loopback endpoint
         return response.read().decode()  # type: ignore[no-any-return]
@@ -817,7 +818,7 @@ def summarize_e2e(e2e: EndToEnd, n: int, concurrency: int, idle: dict[str, float
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = get_settings()
+    settings = workbench_settings()
     threads = args.threads
     results: dict[str, Any] = {
         "environment": {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from clave.portal import Mailbox, Portal, body_text, extract_link
 from clave.testdata import new_citizen, new_key, write_jsonl
-from shared.settings import get_settings
+from clave.workbench import workbench_settings
 
 
 class Steps:
@@ -32,7 +32,7 @@ class Steps:
 
 
 async def run() -> str:
-    settings = get_settings()
+    settings = workbench_settings()
     steps = Steps()
     # A fresh citizen each run, so a second demo is not refused by the first one's limits.
     citizen = new_citizen()
@@ -88,7 +88,7 @@ async def run() -> str:
 
 
 def summary(request_id: str) -> None:
-    settings = get_settings()
+    settings = workbench_settings()
     print()
     print(f"Captured e-mails: {os.path.abspath(settings.mail_dir)}")
     print(

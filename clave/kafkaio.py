@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AI
             await consumer.stop()
 
 
-async def publish(settings: Settings, topic: str, key: str, event: CloudEvent) -> None:
+async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
     await producer.start()
     try:
@@ -54,7 +54,7 @@ async def publish(settings: Settings, topic: str, key: str, event: CloudEvent) -
         await producer.stop()
 
 
-async def publish_raw(settings: Settings, topic: str, key: bytes | None, value: bytes) -> None:
+async def publish_raw(settings: PlatformSettings, topic: str, key: bytes | None, value: bytes) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings))
     await producer.start()
     try:
@@ -64,7 +64,7 @@ async def publish_raw(settings: Settings, topic: str, key: bytes | None, value: 
 
 
 async def read_topic(
-    settings: Settings, topic: str, *, since: datetime | None = None, until: datetime | None = None
+    settings: PlatformSettings, topic: str, *, since: datetime | None = None, until: datetime | None = None
 ) -> AsyncIterator[Record]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     await consumer.start()

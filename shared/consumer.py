@@ -34,7 +34,7 @@ from shared.crypto import SecretBox
 from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_errors, new_event, parse_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
 from shared.topics import EventType, dlq
 
@@ -124,7 +124,7 @@ class EventPipeline:
         topic: str,
         routes: dict[str, Route],
         store: ServiceStore,
-        settings: Settings,
+        settings: PlatformSettings,
         metrics: ServiceMetrics,
         on_committed: Callable[[], None],
     ) -> None:

@@ -10,16 +10,16 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def _ssl_context(settings: PlatformSettings) -> ssl.SSLContext | None:
     if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
     return ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
 
 
-def client_kwargs(settings: Settings) -> dict[str, Any]:
+def client_kwargs(settings: PlatformSettings) -> dict[str, Any]:
     """Keyword arguments for aiokafka clients (producer, consumer, admin)."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
@@ -35,7 +35,7 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-def _security(settings: Settings) -> BaseSecurity | None:
+def _security(settings: PlatformSettings) -> BaseSecurity | None:
     context = _ssl_context(settings)
     use_ssl = context is not None
     if settings.kafka_security_protocol.startswith("SASL"):
@@ -51,7 +51,7 @@ def _security(settings: Settings) -> BaseSecurity | None:
     return None
 
 
-def make_broker(settings: Settings, service: str) -> KafkaBroker:
+def make_broker(settings: PlatformSettings, service: str) -> KafkaBroker:
     # At-least-once: offsets are committed only after a handler returned (NACK_ON_ERROR
     # seeks back on an exception), never on receipt (ACK_FIRST would auto-commit).
     return KafkaBroker(

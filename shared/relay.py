@@ -30,7 +30,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from shared import audit
 from shared.kafka import client_kwargs
 from shared.metrics import ServiceMetrics
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.store import LEASES, OUTBOX, ServiceStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def owner_is_dead(owner: str) -> bool:
 
 
 class OutboxRelay:
-    def __init__(self, service: str, store: ServiceStore, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, service: str, store: ServiceStore, settings: PlatformSettings, metrics: ServiceMetrics):
         self.service = service
         self.store = store
         self.settings = settings

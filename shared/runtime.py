@@ -8,7 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
@@ -20,7 +20,7 @@ from shared.kafka import make_broker
 from shared.lag import LagMonitor
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
-from shared.settings import Settings, get_settings
+from shared.settings import PlatformSettings
 from shared.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ async def _raw_body(msg: StreamMessage[Any], original: Any = None) -> bytes:
     return msg.body
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: PlatformSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stdout,
@@ -46,9 +46,9 @@ def configure_logging(settings: Settings) -> None:
 class Service:
     """One Clave service process. Subclass-free: services register routes and loops."""
 
-    def __init__(self, name: str, store: ServiceStore, settings: Settings | None = None) -> None:
+    def __init__(self, name: str, store: ServiceStore, settings: PlatformSettings) -> None:
         self.name = name
-        self.settings = settings or get_settings()
+        self.settings = settings
         self.store = store
         self.metrics = ServiceMetrics(name)
         self.broker: KafkaBroker = make_broker(self.settings, name)
@@ -120,7 +120,7 @@ class Service:
             await asyncio.sleep(seconds)
 
     async def _startup(self) -> None:
-        port = getattr(self.settings, f"{self.name}_metrics_port")
+        port = self.settings.metrics_port(self.name)
         self._health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, port)
         await self._health.start()
         await self._wait_for_store()
@@ -171,3 +171,13 @@ class Service:
     def run(self) -> None:
         configure_logging(self.settings)
         asyncio.run(self.app().run())
+
+
+SettingsT = TypeVar("SettingsT", bound=PlatformSettings)
+
+
+def serve(name: str, settings: SettingsT, build: Callable[[SettingsT], Service]) -> None:
+    """A service's entry point: refuse unsafe production settings before anything is built
+    or connects, then run."""
+    settings.ensure_safe(f"clave-{name}")
+    build(settings).run()

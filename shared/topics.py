@@ -19,8 +19,10 @@ IDENTITY_LOCKED = "identity.locked"
 IDENTITY_EMAIL_CHANGED = "identity.email_changed"
 IDENTITY_ACCOUNT_REGISTERED = "identity.account_registered"
 IDENTITY_COMMANDS = "identity.commands"
+IDENTITY_DECLINED = "identity.declined"
 TOKENS_ISSUED = "tokens.issued"
 TOKENS_REDEEMED = "tokens.redeemed"
+TOKENS_CODE_REJECTED = "tokens.code_rejected"
 PASSWORD_UPDATED = "password.updated"
 PASSWORD_REJECTED = "password.rejected"
 NOTIFIER_SENT = "notifier.sent"
@@ -43,8 +45,10 @@ CONSUMED = (
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMANDS,
+    IDENTITY_DECLINED,
     TOKENS_ISSUED,
     TOKENS_REDEEMED,
+    TOKENS_CODE_REJECTED,
     PASSWORD_UPDATED,
     PASSWORD_REJECTED,
 )
@@ -90,11 +94,13 @@ class EventType:
     IDENTITY_LOCKED = "ec.clave.identity.locked.v1"
     IDENTITY_EMAIL_CHANGED = "ec.clave.identity.email_changed.v1"
     ACCOUNT_REGISTERED = "ec.clave.identity.account_registered.v1"
+    IDENTITY_DECLINED = "ec.clave.identity.declined.v1"
     OPERATOR_EMAIL_UPDATE = "ec.clave.operator.email_update.v1"
     OPERATOR_UNLOCK = "ec.clave.operator.unlock.v1"
     OPERATOR_SEND_RECOVERY = "ec.clave.operator.send_recovery.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
+    TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"
     PASSWORD_UPDATED = "ec.clave.password.updated.v1"
     PASSWORD_REJECTED = "ec.clave.password.rejected.v1"
     NOTIFIER_SENT = "ec.clave.notifier.sent.v1"

@@ -11,6 +11,10 @@ The topic list and retentions come from `shared.topics.all_topics` with the valu
 INTERNAL_TOPIC_RETENTION_MS). Retention -1 means "kept forever": such topics get
 `retention.ms=-1` and `retention.bytes=-1`.  Existing topics are never altered; a
 topic whose partitions or retention differ from the wanted ones is reported.
+
+Durability is the cluster's: KAFKA_REPLICATION_FACTOR and KAFKA_MIN_INSYNC_REPLICAS
+(`min.insync.replicas` of every topic) are 1 for the single local broker; a production
+cluster's provisioning job (deploy/kafka/provision.py) sets 3 and 2.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # noqa: E402
 
 from shared.kafka import client_kwargs  # noqa: E402
-from shared.settings import Settings, get_settings  # noqa: E402
+from shared.settings import PlatformSettings, load  # noqa: E402
 from shared.topics import TopicSpec, all_topics  # noqa: E402
 
 TOPIC_ALREADY_EXISTS = 36
@@ -38,27 +42,36 @@ TOPIC_ALREADY_EXISTS = 36
 # (no broker registered yet), NOT_CONTROLLER.
 RETRIABLE = {5, 7, 38, 41}
 CREATE_DEADLINE_S = 60.0
-REPLICATION_FACTOR = 1  # the local broker is a single node
 
 
-def admin_kwargs(s: Settings) -> dict[str, Any]:
+class ClusterSettings(PlatformSettings):
+    """Copies of each record: 1 on the local single broker, 3 (with 2 in sync for a write
+    to succeed under acks=all) on a production cluster."""
+
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 1
+
+
+def admin_kwargs(s: PlatformSettings) -> dict[str, Any]:
     # The same TLS/SASL settings as the services (shared.kafka), plus a longer timeout.
     return {**client_kwargs(s), "client_id": "clave-create-topics", "request_timeout_ms": 30_000}
 
 
-def topic_configs(spec: TopicSpec) -> dict[str, str]:
-    configs = {"retention.ms": str(spec.retention_ms)}
+def topic_configs(spec: TopicSpec, min_insync_replicas: int = 1) -> dict[str, str]:
+    configs = {"retention.ms": str(spec.retention_ms), "min.insync.replicas": str(min_insync_replicas)}
     if spec.retention_ms == -1:
         configs["retention.bytes"] = "-1"  # forever means forever: no size limit either
     return configs
 
 
 async def describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
-    """name -> {config: value} for retention.ms / retention.bytes."""
+    """name -> {config: value} for retention.ms / retention.bytes / min.insync.replicas."""
     if not names:
         return {}
     resources = [
-        ConfigResource(ConfigResourceType.TOPIC, name, {"retention.ms": None, "retention.bytes": None})
+        ConfigResource(
+            ConfigResourceType.TOPIC, name, {"retention.ms": None, "retention.bytes": None, "min.insync.replicas": None}
+        )
         for name in names
     ]
     result: dict[str, dict[str, str]] = {}
@@ -76,7 +89,9 @@ async def partitions_of(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
     return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
 
 
-async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+async def create(
+    admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int, min_isr: int
+) -> list[str]:
     """Create `specs`, retrying transient errors for a while; returns the failures."""
     pending = list(specs)
     deadline = time.monotonic() + CREATE_DEADLINE_S
@@ -84,7 +99,10 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         errors: dict[str, tuple[int, str]] = {}
         if pending:
             response = await admin.create_topics(
-                [NewTopic(s.name, s.partitions, REPLICATION_FACTOR, topic_configs=topic_configs(s)) for s in pending]
+                [
+                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=topic_configs(s, min_isr))
+                    for s in pending
+                ]
             )
             for item in response.topic_errors:
                 # v0-v4: (topic, error_code[, error_message]); later versions start the same
@@ -98,8 +116,13 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         await asyncio.sleep(1.0)
 
 
-async def run(describe_all: bool) -> int:
-    settings = get_settings()
+async def run(describe_all: bool, replication_factor: int | None = None) -> int:
+    settings = load(ClusterSettings)
+    replicas = replication_factor or settings.kafka_replication_factor
+    min_isr = settings.kafka_min_insync_replicas
+    if not 1 <= min_isr <= replicas:
+        print(f"error: min.insync.replicas {min_isr} must be 1 to the replication factor {replicas}", file=sys.stderr)
+        return 2
     specs = all_topics(
         settings.kafka_topic_partitions,
         settings.portal_topic_retention_ms,
@@ -111,7 +134,7 @@ async def run(describe_all: bool) -> int:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         present = [s for s in specs if s.name in existing]
-        failed = await create(admin, missing)
+        failed = await create(admin, missing, replicas, min_isr)
 
         # Report existing topics that do not match what the code wants (never altered).
         mismatched: list[str] = []
@@ -119,7 +142,7 @@ async def run(describe_all: bool) -> int:
             configs = await describe(admin, [s.name for s in present])
             parts = await partitions_of(admin, [s.name for s in present])
             for s in present:
-                want = topic_configs(s)
+                want = topic_configs(s, min_isr)
                 have = configs.get(s.name, {})
                 diffs = [f"{k}={have.get(k)} (wanted {v})" for k, v in want.items() if have.get(k) != v]
                 if parts.get(s.name) != s.partitions:
@@ -129,7 +152,7 @@ async def run(describe_all: bool) -> int:
 
         print(
             f"topics: {len(specs)} wanted, {len(missing) - len(failed)} created, "
-            f"{len(present)} already present, {len(failed)} failed "
+            f"{len(present)} already present, {len(failed)} failed, replication factor {replicas} "
             f"(bootstrap {settings.kafka_bootstrap_servers})"
         )
         for line in mismatched:
@@ -148,6 +171,7 @@ async def run(describe_all: bool) -> int:
                     f"  {name:<{width}}  partitions={parts.get(name)}"
                     f"  retention.ms={c.get('retention.ms')}"
                     f"  retention.bytes={c.get('retention.bytes')}"
+                    f"  min.insync.replicas={c.get('min.insync.replicas')}"
                 )
         return 1 if failed else 0
     finally:

@@ -16,6 +16,7 @@ from pymongo.errors import PyMongoError
 from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
 from services.notifier.rendering import MailRenderer, build_message, mask_email
+from services.notifier.settings import NotifierSettings
 from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
@@ -31,7 +32,6 @@ from shared.schemas import (
     Recipient,
     TokensIssued,
 )
-from shared.settings import Settings
 from shared.store import Outgoing
 from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, EventType
 
@@ -41,7 +41,7 @@ KEEP_SENT = timedelta(days=30)
 
 
 class NotifierHandlers:
-    def __init__(self, store: NotificationStore, settings: Settings, wake_sender: Any) -> None:
+    def __init__(self, store: NotificationStore, settings: NotifierSettings, wake_sender: Any) -> None:
         self.store = store
         self.settings = settings
         self.box = SecretBox(settings.notifier_keys)
@@ -103,8 +103,9 @@ class NotifierHandlers:
                     account_id=evt.account_id,
                     request_id=evt.request_id,
                     context={
-                        "link_minutes": self.settings.link_ttl_s // 60,
-                        "code_minutes": self.settings.code_ttl_s // 60,
+                        # The lifetimes tokens chose, as the event states them.
+                        "link_minutes": domain.minutes_between(ctx.event.time, evt.link_expires_at),
+                        "code_minutes": domain.minutes_between(ctx.event.time, evt.code_expires_at),
                     },
                     sealed=evt.sealed_secrets,
                     started_at=evt.requested_at,
@@ -188,7 +189,9 @@ class MailSender:
     be lost; an identical copy is the lesser harm), and audited as `in_doubt_resend`.
     """
 
-    def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics, on_outbox: Any) -> None:
+    def __init__(
+        self, store: NotificationStore, settings: NotifierSettings, metrics: ServiceMetrics, on_outbox: Any
+    ) -> None:
         self.store = store
         self.settings = settings
         self.on_outbox = on_outbox
@@ -251,7 +254,8 @@ class MailSender:
             port=self.settings.smtp_port,
             username=self.settings.smtp_username or None,
             password=self.settings.smtp_password or None,
-            start_tls=self.settings.smtp_starttls,
+            start_tls=self.settings.smtp_tls_mode(),
+            use_tls=self.settings.smtp_implicit_tls,
             timeout=self.settings.smtp_timeout_s,
         )
         try:

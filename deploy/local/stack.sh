@@ -386,7 +386,7 @@ store instead: STORE_ENGINE=py"
     t0=$(now_ms)
     # A line every 30 s, so a long quiet step does not look hung (stops with this shell).
     (
-      while sleep 30 </dev/null >/dev/null 2>&1 && kill -0 "$self" 2>/dev/null; do
+      while sleep 30 >/dev/null 2>&1 && kill -0 "$self" 2>/dev/null; do
         say "store: still building ($(grep -c '^ *Compiling ' "$log" 2>/dev/null) crates compiled, $(since "$t0"))"
       done
     ) 8>&- 9>&- &

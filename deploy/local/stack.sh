@@ -19,8 +19,7 @@
 #   services-down         stop the four services
 #   kafka-restart         stop Kafka (SIGTERM, clean shutdown) and start it again
 #   store-stop | store-start
-#   store-build           only build secantusd-rs into the cache (skipped when cached;
-#                         STORE_ENGINE=rs)
+#   store-build           only build secantusd-rs into the cache (skipped when cached)
 #   start-service NAME | stop-service NAME | restart-service NAME
 #   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher);
 #                         after a service, the store's open transactions are aborted at once

@@ -381,6 +381,7 @@ crates.io with Rust's cargo (https://rustup.rs, or Debian's cargo package). Or r
 store instead: STORE_ENGINE=py"
     rm -rf "$STORE_RS_ROOT".tmp.*  # what an interrupted build left (we hold the lock)
     tmp=$(mktemp -d "$STORE_RS_ROOT.tmp.XXXXXX")
+    chmod 755 "$tmp"  # mktemp's 0700 would outlive the rename
     say "store: building secantusd-rs $SECANTUS_RS_VERSION with cargo, once (4-8 min on 2 cores; log: $log) ..."
     t0=$(now_ms)
     # A line every 30 s, so a long quiet step does not look hung (stops with this shell).

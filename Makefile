@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench lint deploy-check
+.PHONY: help install up down status test test-faults demo bench bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -63,6 +63,9 @@ demo: install ## run one recovery end to end, as the portal would
 bench: install ## throughput/latency benchmark against the local stack
 	@$(STACK) run -- $(PY) -m clave.bench $(BENCH_ARGS)
 
+bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
+	@$(PY) -m clave.bench_audit
+
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy shared services clave
@@ -78,3 +81,28 @@ deploy-check: install ## check the Dockerfile, compose file and Helm chart (no D
 	  $$helm template clave $(CHART) --kube-version 1.31.0 >/dev/null && echo "helm template: ok"
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
 	$(PY) -m pytest -q tests/unit/test_deploy_files.py $(PYTEST_ARGS)
+
+# The topic contract: docs/asyncapi.yaml (AsyncAPI 3.0) is made from the code by `clave contract`
+# (clave/asyncapi.py). `contract-check` compares it with the code and runs the AsyncAPI project's
+# own parser on it; `docs` renders it with the project's html-template. The Node packages are
+# pinned in docs/package-lock.json and installed by `npm ci` without install scripts
+# (docs/.npmrc): the parser alone for the check, the generator and template for `docs`.
+DOCS_HTML := var/docs
+
+docs/node_modules/.validator: docs/package-lock.json
+	cd docs && npm ci --omit=dev
+	@touch $@
+
+docs/node_modules/.renderer: docs/package-lock.json
+	cd docs && npm ci
+	@touch $@ docs/node_modules/.validator
+
+contract: install ## regenerate docs/asyncapi.yaml from the code (then commit it)
+	$(VENV)/bin/clave contract
+
+contract-check: install docs/node_modules/.validator ## docs/asyncapi.yaml is the code's contract and a valid AsyncAPI document
+	$(VENV)/bin/clave contract --check
+	node docs/validate.mjs
+
+docs: install docs/node_modules/.renderer contract-check ## render the topic contract to HTML: var/docs/index.html
+	node docs/render.mjs docs/asyncapi.yaml $(DOCS_HTML)

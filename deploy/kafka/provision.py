@@ -125,8 +125,8 @@ def all_acls() -> list[Acl]:
     reads their audited results; the auditor reads the audit log."""
     acls: list[Acl] = []
     for service in SERVICES:
-        # The DLQ twins of what it consumes (every topic of shared/topics.py CONSUMED has one).
-        dlqs = {t.dlq(n) for n in CONSUMES[service] if n in t.CONSUMED}
+        # The DLQ twins of what it consumes (every topic of shared/topics.py DEAD_LETTERED has one).
+        dlqs = {t.dlq(n) for n in CONSUMES[service] if n in t.DEAD_LETTERED}
         writes = tuple(sorted({*PRODUCES[service], *dlqs, t.AUDIT_EVENTS}))
         acls += _topics(service, Operation.READ, CONSUMES[service])
         acls += _topics(service, Operation.WRITE, writes)

@@ -69,6 +69,12 @@
 # client is dead, aborts the store's open transactions at once (killAllSessions; the live
 # services' transactions it aborts are retried, as any transient error).
 #
+# Audit signing keys: on the first start of a service, an Ed25519 key pair per service is
+# made in $VAR_DIR/secrets/audit (<service>.pem, mode 0600; public keys in public/). Each
+# service gets its own private key only (AUDIT_SIGNING_KEY); everything else run by the
+# stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
+# private key.
+#
 # Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 # (see mailcatcher.py); `down` removes them together with the mail catcher.
 # $VAR_DIR/log/stack.log gets one line per start/stop command, with its caller.
@@ -120,6 +126,12 @@ MONGODB_URI=${MONGODB_URI:-mongodb://127.0.0.1:$STORE_PORT/?replicaSet=secantus}
 # development keys, PLAINTEXT Kafka and TLS-less store and SMTP.
 CLAVE_ENV=${CLAVE_ENV:-development}
 export VAR_DIR MAIL_DIR SMTP_HOST SMTP_PORT METRICS_HOST KAFKA_BOOTSTRAP_SERVERS MONGODB_URI CLAVE_ENV
+# Audit keys (see audit_keys below): the public keys for everyone, no private key for anyone
+# but the service it belongs to.
+AUDIT_KEYS_DIR=$VAR_DIR/secrets/audit
+AUDIT_PUBLIC_KEYS=${AUDIT_PUBLIC_KEYS:-$AUDIT_KEYS_DIR/public}
+export AUDIT_PUBLIC_KEYS
+unset AUDIT_SIGNING_KEY
 
 KAFKA_POM=$HERE/kafka/pom.xml
 KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
@@ -326,6 +338,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
+# How often retention is enforced: with segment.ms it bounds how long a portal input record
+# outlives its retention (shared/topics.py). Production: 5 min (the default) or less.
+log.retention.check.interval.ms=300000
 EOF
   if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
     local cluster_id
@@ -448,6 +463,28 @@ store_release_sessions() {
   fi
 }
 
+# ---------------------------------------------------------------------------- audit keys
+
+# audit_keys: make the missing signing keys, one Ed25519 key pair per service, kept across
+# restarts (the log keeps their signatures forever): $AUDIT_KEYS_DIR/<service>.pem (0600, in
+# a 0700 folder) and its public key in $AUDIT_PUBLIC_KEYS/<service>-<kid>.json.
+audit_keys() {
+  local s missing=()
+  for s in "${SERVICES[@]}"; do
+    if [[ ! -s $AUDIT_KEYS_DIR/$s.pem ]] || ! compgen -G "$AUDIT_PUBLIC_KEYS/$s-*.json" >/dev/null; then
+      missing+=("$s")
+    fi
+  done
+  ((${#missing[@]})) || return 0
+  need_python
+  (umask 077 && mkdir -p "$AUDIT_KEYS_DIR" && chmod 700 "$AUDIT_KEYS_DIR")
+  "$PY" -m clave.cli audit keygen "${missing[@]}" --key-dir "$AUDIT_KEYS_DIR" --public-dir "$AUDIT_PUBLIC_KEYS" \
+    || die "audit keys: could not make the signing keys of ${missing[*]}"
+}
+
+# audit_env SERVICE: what that service alone gets on top of the stack's environment.
+audit_env() { printf 'AUDIT_SIGNING_KEY=%s' "$AUDIT_KEYS_DIR/$1.pem"; }
+
 # ---------------------------------------------------------------------------- start / stop
 
 command_of() {
@@ -458,14 +495,34 @@ command_of() {
     prometheus)
       CMD=("$PROMETHEUS_BIN" "--config.file=$PROM_CONFIG" "--storage.tsdb.path=$PROM_DATA"
         "--web.listen-address=127.0.0.1:$PROMETHEUS_PORT") ;;
-    *) CMD=("$PY" -m "services.$1") ;;
+    *) CMD=(env "$(audit_env "$1")" "$PY" -m "services.$1") ;;
   esac
 }
 
+# await_exec COMPONENT PID: $! is first a copy of this shell, forked to run the command,
+# and is the component only once that copy has exec'd it; from then on /proc/PID/cmdline
+# carries the component's signature. Wait for that (or for its end), with a deadline, so the
+# pid file is written only when running_pid can trust it: read too early, a starting
+# component looked like one that had already exited.
+await_exec() {
+  local c=$1 pid=$2 sig deadline
+  sig=$(signature "$c")
+  deadline=$(($(now_ms) + 10000))
+  while pid_alive "$pid"; do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$sig" && return 0
+    if (($(now_ms) > deadline)); then
+      say "$c: pid $pid has not started its command within 10s"
+      return 0
+    fi
+    sleep 0.01
+  done
+}
+
 # launch COMPONENT: start it in the background (own session, so a Ctrl-C in the
-# terminal that ran `make up` does not reach it) and write its pid file.
+# terminal that ran `make up` does not reach it) and write its pid file once the pid is
+# the component's own process.
 launch() {
-  local c=$1 addr log
+  local c=$1 addr log pid
   for addr in $(listen_addrs "$c"); do
     if port_open "${addr%:*}" "${addr##*:}"; then
       die "$c: $addr is already in use by a process this stack did not start (see: ss -ltnp | grep ${addr##*:}); stop it or choose other ports"
@@ -475,12 +532,14 @@ launch() {
     kafka) kafka_prepare; mkdir -p "$KAFKA_DATA"; log=$LOG_DIR/kafka-console.log ;;
     store) mkdir -p "$STORE_DATA"; log=$LOG_DIR/store.log ;;
     prometheus) prometheus_config; mkdir -p "$PROM_DATA"; log=$LOG_DIR/prometheus.log ;;
-    *) log=$LOG_DIR/$c.log ;;
+    *) audit_keys; log=$LOG_DIR/$c.log ;;
   esac
   command_of "$c"
   printf '===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$c" >>"$log"
   PYTHONUNBUFFERED=1 setsid "${CMD[@]}" </dev/null >>"$log" 2>&1 9>&- &
-  printf '%s\n' "$!" >"$(pidfile "$c")"
+  pid=$!
+  await_exec "$c" "$pid"
+  printf '%s\n' "$pid" >"$(pidfile "$c")"
 }
 
 # start_one COMPONENT: launches it unless it already runs (then appends it to STARTED,
@@ -858,4 +917,5 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (tests/unit/test_stack_start.py): the functions only.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

@@ -5,6 +5,7 @@ outage never blocks a partition and a queued mail survives a crash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -171,6 +172,10 @@ class NotifierHandlers:
 
 # How long a sender keeps trying to record that the SMTP server accepted a mail.
 RECORD_PATIENCE_S = 300.0
+# The sender sleeps until the next notification is due, at most this long: the bound is only
+# for what another notifier instance scheduled (its retries, its claims) and then died.
+SAFETY_POLL_S = 30.0
+MIN_SLEEP_S = 0.05
 
 
 class LostClaim(Exception):
@@ -214,14 +219,20 @@ class MailSender:
         )
 
     async def run_forever(self) -> None:
+        """Deliver what is due, then sleep until the next notification falls due (a retry's
+        `next_attempt_at`, the end of a claim's lease) or a handler queues one (`wake`); not
+        a poll. SAFETY_POLL_S bounds the sleep, for what another instance scheduled."""
         while True:
-            delivered = await self.deliver_due()
-            if not delivered:
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-                except TimeoutError:
-                    pass
+            # Cleared before looking: a mail queued meanwhile makes the wait return at once.
+            self.wake.clear()
+            await self.deliver_due()
+            due = await self.store.next_due_at()
+            delay = SAFETY_POLL_S
+            if due is not None:
+                # Not below MIN_SLEEP_S: a due time that has just passed is claimed on the next turn.
+                delay = min(max((due - datetime.now(UTC)).total_seconds(), MIN_SLEEP_S), SAFETY_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=delay)
 
     async def deliver_due(self) -> int:
         count = 0

@@ -1,7 +1,8 @@
 # Clave: entry points for people and CI.  `make` alone lists the targets.
 #
 # The local stack (Kafka, SecantusDB, mail catcher, the four services) is run by
-# deploy/local/stack.sh.  test/demo/bench/test-faults go through `stack.sh run -- CMD`:
+# deploy/local/stack.sh (the store, secantusd-rs, is built once with cargo into
+# ~/.cache/clave on the first start, 4-8 min; STORE_ENGINE=py runs secantusd-py instead).  test/demo/bench/test-faults go through `stack.sh run -- CMD`:
 # start whatever is not running yet, run CMD with the stack's environment, then stop
 # exactly what was started for it (a stack you started with `make up` stays up), and
 # exit with CMD's status.
@@ -23,7 +24,8 @@ help: ## list the targets
 	@echo "Clave make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
 	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), BENCH_ARGS='--n 200 ...' (make bench),"
-	@echo "           PROMETHEUS=1 (make up also starts a local Prometheus), PYTHON=$(PYTHON) (to create .venv)"
+	@echo "           PROMETHEUS=1 (make up also starts a local Prometheus), PYTHON=$(PYTHON) (to create .venv),"
+	@echo "           STORE_ENGINE=py (the Python store secantusd-py instead of secantusd-rs, which is built once with cargo)"
 
 install: $(VENV)/.installed ## create .venv and install the project (re-runs pip only when pyproject.toml or requirements.lock changed)
 

@@ -1,7 +1,7 @@
 """Readiness probes for the local stack (used by deploy/local/stack.sh).
 
     probe.py kafka BOOTSTRAP          metadata answers: a broker is registered, topics listed
-    probe.py store URI                MongoDB-protocol ping succeeds
+    probe.py store URI                MongoDB-protocol ping succeeds (prints version, replica set)
     probe.py smtp HOST PORT           SMTP greeting + EHLO succeed
     probe.py http URL [URL...]        GET of every URL answers 200
 
@@ -64,9 +64,11 @@ def probe_store(uri: str) -> str:
     )
     try:
         client.admin.command("ping")
+        version = client.admin.command("buildInfo").get("secantusVersion", "?")
+        set_name = client.admin.command("hello").get("setName", "none")
     finally:
         client.close()
-    return "ping OK"
+    return f"ping OK, SecantusDB {version}, replica set {set_name}"
 
 
 def probe_smtp(host: str, port: int) -> str:

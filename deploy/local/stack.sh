@@ -19,8 +19,11 @@
 #   services-down         stop the four services
 #   kafka-restart         stop Kafka (SIGTERM, clean shutdown) and start it again
 #   store-stop | store-start
+#   store-build           only build secantusd-rs into the cache (skipped when cached)
 #   start-service NAME | stop-service NAME | restart-service NAME
-#   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher)
+#   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher);
+#                         after a service, the store's open transactions are aborted at once
+#                         (killAllSessions; see "The store" below)
 #   topics                create missing topics and list every topic's configuration
 #   kafka-fetch           only fetch the Kafka jars into the cache (skipped when complete)
 #   prometheus-start | prometheus-stop
@@ -29,15 +32,19 @@
 # Components: store kafka mailcatcher identity tokens notifier password audit.
 #
 # Environment (defaults in brackets; relative paths are relative to the repository root):
-#   VAR_DIR [var]  MAIL_DIR [$VAR_DIR/mail]  CLAVE_CACHE [~/.cache/clave] (Kafka jars)
+#   VAR_DIR [var]  MAIL_DIR [$VAR_DIR/mail]  CLAVE_CACHE [~/.cache/clave] (Kafka jars,
+#   the secantusd-rs build)
 #   KAFKA_PORT [9092]  KAFKA_CONTROLLER_PORT [9093]  STORE_PORT [27017]
 #   SMTP_HOST [127.0.0.1]  SMTP_PORT [1025]  METRICS_HOST [127.0.0.1]
 #   IDENTITY_METRICS_PORT [9401] TOKENS_METRICS_PORT [9402] NOTIFIER_METRICS_PORT [9403]
 #   PASSWORD_METRICS_PORT [9404] AUDIT_METRICS_PORT [9405]
 #   KAFKA_BOOTSTRAP_SERVERS, MONGODB_URI: derived from the ports above unless set
 #   KAFKA_HEAP_OPTS [-Xms256m -Xmx1g]  CLAVE_PYTHON [.venv/bin/python]
-#   STORE_TXN_LIFETIME_S [10] (a dead client's open transaction is aborted after this idle
-#   time, instead of SecantusDB's 60 s: see deploy/local/secantusd.py)
+#   STORE_ENGINE [rs]  rs: SecantusDB's Rust server secantusd-rs; py: its Python server
+#   secantusd-py (the fallback, through deploy/local/secantusd.py).  See "The store" below.
+#   STORE_CACHE_SIZE [256M] (secantusd-rs's WiredTiger cache)
+#   STORE_TXN_LIFETIME_S [10] (STORE_ENGINE=py only: a dead client's open transaction is
+#   aborted after this idle time, instead of SecantusDB's 60 s)
 #   *_READY_TIMEOUT: KAFKA [120] STORE [60] SMTP [30] SERVICE [90] PROMETHEUS [60] seconds
 #   PROMETHEUS [0]  PROMETHEUS_PORT [9090]  PROMETHEUS_BIN [prometheus]
 # Every process inherits this environment, so the services, the tests run through
@@ -50,6 +57,17 @@
 # $VAR_DIR/prometheus, on http://127.0.0.1:$PROMETHEUS_PORT.  If the binary is missing or
 # the port is taken (the Debian package's own prometheus.service listens on 9090), it says
 # so and the stack starts without it.  `status` shows it; `down` stops it.
+#
+# The store: SecantusDB, MongoDB wire protocol, single-node replica set "secantus", data in
+# $VAR_DIR/store-data (both engines read and write the same files).  secantusd-rs is built
+# once from crates.io (secantus-mdb $SECANTUS_RS_VERSION below, `cargo install --locked`,
+# 4-8 min on 2 cores; needs cargo) into $CLAVE_CACHE/secantusd-rs-VERSION, like the Kafka
+# jars: later starts and other clones reuse it.  Its build log: $VAR_DIR/log/store-build.log.
+# secantusd-rs aborts a transaction idle for 60 s (fixed; MongoDB's default
+# transactionLifetimeLimitSeconds, production sets ~15): a service killed inside one would
+# block writes to the same documents for that long.  So kill-service, which knows the
+# client is dead, aborts the store's open transactions at once (killAllSessions; the live
+# services' transactions it aborts are retried, as any transient error).
 #
 # Audit signing keys: on the first start of a service, an Ed25519 key pair per service is
 # made in $VAR_DIR/secrets/audit (<service>.pem, mode 0600; public keys in public/). Each
@@ -92,6 +110,13 @@ VENV_BIN=$(dirname "$PY")
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 STORE_PORT=${STORE_PORT:-27017}
+STORE_ENGINE=${STORE_ENGINE:-rs}
+STORE_CACHE_SIZE=${STORE_CACHE_SIZE:-256M}
+# secantusd-rs: crates.io secantus-mdb at this version, built with its own Cargo.lock.
+SECANTUS_RS_VERSION=0.5.3-beta.193
+STORE_RS_ROOT=${CLAVE_CACHE:-$HOME/.cache/clave}/secantusd-rs-$SECANTUS_RS_VERSION
+STORE_RS_BIN=$STORE_RS_ROOT/bin/secantusd-rs
+STORE_RS_CONFIG=$RUN_DIR/secantusd.toml
 SMTP_HOST=${SMTP_HOST:-127.0.0.1}
 SMTP_PORT=${SMTP_PORT:-1025}
 METRICS_HOST=${METRICS_HOST:-127.0.0.1}
@@ -145,7 +170,7 @@ pidfile() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
 signature() {
   case $1 in
     kafka) printf 'kafka.Kafka' ;;
-    store) printf 'secantusd' ;;  # deploy/local/secantusd.py (older stacks: secantusd-py)
+    store) printf 'secantusd' ;;  # secantusd-rs, or deploy/local/secantusd.py (STORE_ENGINE=py)
     mailcatcher) printf 'mailcatcher.py' ;;
     prometheus) printf -- '--config.file=%s' "$PROM_CONFIG" ;;
     *) printf -- '-m services.%s' "$1" ;;
@@ -327,6 +352,117 @@ EOF
   fi
 }
 
+# ---------------------------------------------------------------------------- store
+
+STORE_RS_MARK="secantus-mdb $SECANTUS_RS_VERSION --locked"
+
+# Which engine the store process PID runs, from its command line.
+store_engine_of() {
+  if tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF 'secantusd-rs'; then
+    printf 'secantusd-rs'
+  else
+    printf 'secantusd-py'
+  fi
+}
+
+# The cached secantusd-rs is complete: its marker names this version (written last).
+store_rs_cached() {
+  [[ -x $STORE_RS_BIN && -f $STORE_RS_ROOT/.complete && $(<"$STORE_RS_ROOT/.complete") == "$STORE_RS_MARK" ]]
+}
+
+# A root installed by hand with the same `cargo install ... --root` (no marker) is taken
+# once cargo has recorded the install and the binary answers with this version.
+store_rs_adopt() {
+  [[ -x $STORE_RS_BIN ]] || return 1
+  grep -qF "\"secantus-mdb $SECANTUS_RS_VERSION (registry+" "$STORE_RS_ROOT/.crates2.json" 2>/dev/null || return 1
+  [[ $("$STORE_RS_BIN" --version 2>/dev/null | head -n 1) == "secantusd-rs $SECANTUS_RS_VERSION" ]] || return 1
+  printf '%s\n' "$STORE_RS_MARK" >"$STORE_RS_ROOT/.complete"
+  say "store: using secantusd-rs $SECANTUS_RS_VERSION already installed in $STORE_RS_ROOT"
+}
+
+# Build secantusd-rs once into the cache (like the Kafka jars): a lock so two builds never
+# race, a build in a temporary root moved into place with its marker when complete.
+store_rs_build() {
+  local log=$LOG_DIR/store-build.log
+  store_rs_cached && return 0
+  mkdir -p "$(dirname "$STORE_RS_ROOT")"
+  (
+    local tmp t0 got rc=0 ticker self=$BASHPID
+    flock -w 1800 8 || die "cannot lock $STORE_RS_ROOT.lock (another secantusd-rs build has run for 30 min)"
+    store_rs_cached && exit 0  # built meanwhile
+    store_rs_adopt && exit 0
+    command -v cargo >/dev/null || die "cargo not found: secantusd-rs $SECANTUS_RS_VERSION is built once from \
+crates.io with Rust's cargo (https://rustup.rs, or Debian's cargo package). Or run the Python \
+store instead: STORE_ENGINE=py"
+    rm -rf "$STORE_RS_ROOT".tmp.*  # what an interrupted build left (we hold the lock)
+    tmp=$(mktemp -d "$STORE_RS_ROOT.tmp.XXXXXX")
+    chmod 755 "$tmp"  # mktemp's 0700 would outlive the rename
+    say "store: building secantusd-rs $SECANTUS_RS_VERSION with cargo, once (4-8 min on 2 cores; log: $log) ..."
+    t0=$(now_ms)
+    # A line every 30 s, so a long quiet step does not look hung (stops with this shell).
+    (
+      while sleep 30 >/dev/null 2>&1 && kill -0 "$self" 2>/dev/null; do
+        say "store: still building ($(grep -c '^ *Compiling ' "$log" 2>/dev/null) crates compiled, $(since "$t0"))"
+      done
+    ) 8>&- 9>&- &
+    ticker=$!
+    cargo install secantus-mdb --version "$SECANTUS_RS_VERSION" --locked --ignore-rust-version \
+      --root "$tmp" </dev/null >"$log" 2>&1 9>&- || rc=$?
+    kill "$ticker" 2>/dev/null || true
+    if ((rc != 0)); then
+      rm -rf "$tmp"
+      tail -n 25 "$log" >&2
+      die "cargo could not build secantusd-rs $SECANTUS_RS_VERSION (exit $rc; log: $log). Or run the Python store: STORE_ENGINE=py"
+    fi
+    got=$("$tmp/bin/secantusd-rs" --version 2>&1 | head -n 1) || true
+    [[ $got == "secantusd-rs $SECANTUS_RS_VERSION" ]] || { rm -rf "$tmp"; die "the build gave '$got', not secantusd-rs $SECANTUS_RS_VERSION"; }
+    printf '%s\n' "$STORE_RS_MARK" >"$tmp/.complete"
+    rm -rf "$STORE_RS_ROOT"
+    mv "$tmp" "$STORE_RS_ROOT"
+    say "store: built secantusd-rs $SECANTUS_RS_VERSION in $(since "$t0") into $STORE_RS_ROOT"
+  ) 8>"$STORE_RS_ROOT.lock"
+}
+
+# Sets CMD for the store of STORE_ENGINE (building secantusd-rs first when not cached).
+store_command() {
+  case $STORE_ENGINE in
+    rs)
+      store_rs_build
+      # Every setting is on the command line; naming a config file stops secantusd-rs from
+      # reading ./secantusd.toml, ~/.secantus/ or /etc/secantus/.
+      printf '# Written by deploy/local/stack.sh: every setting is on the command line.\n' >"$STORE_RS_CONFIG"
+      CMD=("$STORE_RS_BIN" --config "$STORE_RS_CONFIG" --host 127.0.0.1 --port "$STORE_PORT"
+        --storage-path "$STORE_DATA" --cache-size "$STORE_CACHE_SIZE" --log-level INFO) ;;
+    py)
+      [[ -x $VENV_BIN/secantusd-py ]] || die "$VENV_BIN/secantusd-py not found: run 'make install'"
+      # secantusd-py through a launcher: shorter transaction lifetime, O(N) paths fixed.
+      CMD=("$PY" "$HERE/secantusd.py" --host 127.0.0.1 --port "$STORE_PORT"
+        --storage-path "$STORE_DATA" --log-level WARNING) ;;
+    *) die "STORE_ENGINE=$STORE_ENGINE: expected rs (secantusd-rs, the default) or py (secantusd-py)" ;;
+  esac
+}
+
+# A running store of the other engine is kept (its data is the same): say so.
+store_engine_check() {
+  local pid running
+  pid=$(running_pid store) || return 0
+  running=$(store_engine_of "$pid")
+  [[ $running == "secantusd-$STORE_ENGINE" ]] \
+    || say "store: note: $running runs (pid $pid), not STORE_ENGINE=$STORE_ENGINE; to switch: stack.sh store-stop, then start again"
+}
+
+# After a service was SIGKILLed: abort the store's open transactions now (the dead
+# service's among them) rather than when secantusd-rs's fixed 60 s lifetime runs out.
+store_release_sessions() {
+  local out
+  running_pid store >/dev/null || return 0
+  if out=$("$PY" "$HERE/storectl.py" kill-sessions "$MONGODB_URI" 2>&1); then
+    say "store: $out"
+  else
+    say "store: warning: could not abort the open transactions ($out); a dead client's ends within 60 s"
+  fi
+}
+
 # ---------------------------------------------------------------------------- audit keys
 
 # audit_keys: make the missing signing keys, one Ed25519 key pair per service, kept across
@@ -354,11 +490,7 @@ audit_env() { printf 'AUDIT_SIGNING_KEY=%s' "$AUDIT_KEYS_DIR/$1.pem"; }
 command_of() {
   case $1 in
     kafka) CMD=("${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_PROPS") ;;
-    store)
-      [[ -x $VENV_BIN/secantusd-py ]] || die "$VENV_BIN/secantusd-py not found: run 'make install'"
-      # SecantusDB's secantusd-py, through a launcher that shortens the transaction lifetime.
-      CMD=("$PY" "$HERE/secantusd.py" --host 127.0.0.1 --port "$STORE_PORT"
-        --storage-path "$STORE_DATA" --log-level WARNING) ;;
+    store) store_command ;;
     mailcatcher) CMD=("$PY" "$HERE/mailcatcher.py") ;;
     prometheus)
       CMD=("$PROMETHEUS_BIN" "--config.file=$PROM_CONFIG" "--storage.tsdb.path=$PROM_DATA"
@@ -458,6 +590,7 @@ infra_up() {
   local c kafka_started=0
   need_python
   start "${INFRA[@]}"
+  store_engine_check
   for c in "${STARTED[@]}"; do [[ $c == kafka ]] && kafka_started=1; done
   if ((kafka_started)) || [[ ${1:-} == always-topics ]]; then create_topics; fi
 }
@@ -664,6 +797,7 @@ cmd_status() {
   for c in "${ALL[@]}"; do
     if pid=$(running_pid "$c"); then
       if [[ -x $PY ]] && detail=$(probe "$c" 0 2>/dev/null); then
+        [[ $c == store ]] && detail+=" ($(store_engine_of "$pid"))"
         printf '%-12s running (pid %s) - %s\n' "$c" "$pid" "$detail"
       else
         printf '%-12s running (pid %s) - NOT ANSWERING: %s\n' "$c" "$pid" "${detail:-no probe}"
@@ -770,9 +904,12 @@ main() {
     start-service) need_component "${1:-}"; lock; need_python; start "$1" ;;
     stop-service) need_component "${1:-}"; lock; stop "$1" ;;
     restart-service) need_component "${1:-}"; lock; need_python; stop "$1"; start "$1" ;;
-    kill-service) need_component "${1:-}"; lock; kill_one "$1" ;;
+    kill-service)
+      need_component "${1:-}"; lock; kill_one "$1"
+      if is_service "$1"; then store_release_sessions; fi ;;
     topics) need_python; create_topics --describe ;;
     kafka-fetch) kafka_libs; say "kafka: jars in $KAFKA_LIBS" ;;
+    store-build) store_rs_build; say "store: secantusd-rs in $STORE_RS_BIN" ;;
     prometheus-start) lock; need_python; PROMETHEUS=1 prometheus_up ;;
     prometheus-stop) lock; stop prometheus ;;
     help | -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;

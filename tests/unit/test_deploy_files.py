@@ -86,6 +86,12 @@ SIGNING_KEY, PUBLIC_KEYS = "AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS"  # settings 
 KAFKA_ADMIN = "admin"  # the super user the provisioning job runs as
 
 
+def default_metrics_port(service: str) -> int:
+    """The code's default port (the deployment files ship the defaults), whatever this shell's
+    environment says: a developer's own stack may run on other ports."""
+    return int(PlatformSettings.model_fields[f"{service}_metrics_port"].default)
+
+
 def yaml_load(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
@@ -448,7 +454,7 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         assert env["KAFKA_SASL_USERNAME"] == name and name in provision.PRINCIPALS
         assert env["KAFKA_SASL_PASSWORD__FILE"] == f"/run/secrets/kafka_{name}_password"
         assert env["MONGODB_URI__FILE"] == f"/run/secrets/mongodb_{name}_uri"
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         assert env[f"{name.upper()}_METRICS_PORT"] == str(port) and spec["expose"] == [str(port)]
         assert env["METRICS_HOST"] == "0.0.0.0"  # noqa: S104
         # The image's HEALTHCHECK (/healthz) stays on; the hardening is in place.
@@ -671,7 +677,7 @@ def test_compose_monitoring_and_mail(compose: dict[str, Any]) -> None:
     job = config["scrape_configs"][0]
     assert job["job_name"] == "clave"
     targets = {sd["names"][0]: sd["port"] for sd in job["dns_sd_configs"]}
-    assert targets == {s: PlatformSettings().metrics_port(s) for s in SERVICES}
+    assert targets == {s: default_metrics_port(s) for s in SERVICES}
     grafana = services["grafana"]
     sources = {(COMPOSE_DIR / v.split(":")[0]).resolve() for v in grafana["volumes"] if v.startswith(".")}
     assert DASHBOARD in sources
@@ -807,7 +813,7 @@ def test_chart_deployments_match_the_code(
         pod = deployments[f"clave-{name}"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"] == [name]
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
         # Probes on the paths shared/metrics.py serves, on the service's port.
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -874,7 +880,7 @@ def test_chart_public_keys_configmap(
 
 def test_chart_services_monitoring_and_policies(manifests: list[dict[str, Any]]) -> None:
     for name in SERVICES:
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         service = of_kind(manifests, "Service")[f"clave-{name}"]
         assert service["spec"]["ports"] == [
             {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}

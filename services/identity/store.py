@@ -216,7 +216,13 @@ class AccountStore(ServiceStore):
         principal = await self.db[COUNTERS].find_one({"_id": keys.principal_id}, {"failures": 1})
         if principal and principal.get("failures"):
             return True
-        return await self.db[COUNTERS].find_one({"principal": keys.principal}, {"_id": 1}) is not None
+        # Every evaluated request leaves a block document (its last attempt): only failures or a
+        # lock in one are state an unlock clears (slowed mode follows the principal's failures).
+        blocked = {
+            "principal": keys.principal,
+            "$or": [{"failures.0": {"$exists": True}}, {"locked_until": {"$ne": None}}],
+        }
+        return await self.db[COUNTERS].find_one(blocked, {"_id": 1}) is not None
 
     async def clear_lockout(self, keys: CounterKeys, s: AsyncClientSession) -> None:
         """Forget the principal's failures, locks and slowed mode (mails and notices stay:

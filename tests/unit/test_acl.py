@@ -1,0 +1,146 @@
+"""The Kafka ACL table (shared/acl.py): it covers every topic, matches what the services
+really consume and emit, and grants nothing beyond least privilege. The broker enforcing it
+is tested end to end in tests/e2e/test_acls.py."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from shared import acl
+from shared import topics as t
+from shared.acl import AUDITOR, OPERATOR, PORTAL, SERVICES, Operation, PatternType, ResourceType, all_acls
+from shared.kafka import connection, read_properties, render_properties
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL_TOPICS = {spec.name for spec in t.all_topics(6, 1, 1)}
+TOPIC_CONSTANTS = {name: value for name, value in vars(t).items() if name.isupper() and value in ALL_TOPICS}
+
+
+def topic_acls(principal: str, operation: Operation) -> set[str]:
+    return {
+        a.resource_name
+        for a in all_acls()
+        if a.principal == principal and a.operation is operation and a.resource_type is ResourceType.TOPIC
+    }
+
+
+def test_every_topic_is_covered_and_every_acl_names_a_real_topic() -> None:
+    acls = all_acls()
+    named = {a.resource_name for a in acls if a.resource_type is ResourceType.TOPIC}
+    assert named <= ALL_TOPICS, f"ACLs for topics that do not exist: {named - ALL_TOPICS}"
+    for topic in ALL_TOPICS:
+        assert acl.writers(topic), f"nobody may write {topic}"
+    # DLQs and the notifier's reports have no consumer in Clave: only admin reads them.
+    unread = {topic for topic in ALL_TOPICS if not acl.readers(topic) and not topic.endswith(t.DLQ_SUFFIX)}
+    assert unread == {t.NOTIFIER_SENT, t.NOTIFIER_FAILED}
+
+
+def test_every_consumed_topic_has_a_dlq_its_consumers_may_write() -> None:
+    for service, spec in SERVICES.items():
+        for topic in spec.consumes:
+            assert t.dlq(topic) in ALL_TOPICS, f"{service} consumes {topic} but {t.dlq(topic)} is never created"
+            assert service in acl.writers(t.dlq(topic))
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_table_matches_the_service_subscriptions(service: str) -> None:
+    built = importlib.import_module(f"services.{service}.app").build(Settings())
+    assert sorted(built._consumed_topics) == sorted(SERVICES[service].consumes)  # noqa: SLF001
+    assert built.group_id == acl.group_id(service)
+
+
+def topics_named_in(service: str) -> set[str]:
+    """Topic constants a service's own modules import from shared.topics (what it may emit)."""
+    found: set[str] = set()
+    for path in (ROOT / "services" / service).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "shared.topics":
+                found |= {TOPIC_CONSTANTS[a.name] for a in node.names if a.name in TOPIC_CONSTANTS}
+    return found
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_table_matches_the_topics_the_service_code_names(service: str) -> None:
+    spec = SERVICES[service]
+    named = topics_named_in(service)
+    assert named <= {*spec.consumes, *spec.produces}, f"{service} names topics the table does not grant"
+    assert set(spec.produces) <= named, f"{service} may write topics its code never names"
+
+
+def test_services_write_only_their_topics_dlqs_and_the_audit_log() -> None:
+    for service, spec in SERVICES.items():
+        wanted = {*spec.produces, *(t.dlq(x) for x in spec.consumes), t.AUDIT_EVENTS}
+        assert topic_acls(service, Operation.WRITE) == wanted
+        assert topic_acls(service, Operation.READ) == set(spec.consumes)
+        mine = [a for a in all_acls() if a.principal == service]
+        groups = {a.resource_name for a in mine if a.resource_type is ResourceType.GROUP}
+        assert groups == {f"clave-{service}"}
+
+
+def test_people_facing_principals_get_least_privilege() -> None:
+    assert topic_acls(PORTAL, Operation.WRITE) == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
+    assert topic_acls(PORTAL, Operation.READ) == {t.RECOVERY_OUTCOMES}
+    assert topic_acls(OPERATOR, Operation.WRITE) == {t.IDENTITY_COMMANDS}
+    assert topic_acls(OPERATOR, Operation.READ) == {t.AUDIT_EVENTS}
+    assert topic_acls(AUDITOR, Operation.WRITE) == set()
+    assert topic_acls(AUDITOR, Operation.READ) == {t.AUDIT_EVENTS}
+    prefixed = {(a.principal, a.resource_name) for a in all_acls() if a.pattern is PatternType.PREFIXED}
+    assert prefixed == {(PORTAL, "portal"), (AUDITOR, "auditor")}  # their consumer groups only
+
+
+def test_internal_topics_have_one_writer_and_the_secrets_one_reader() -> None:
+    # Forging an internal event needs that service's credentials: the portal's are not enough.
+    for topic in (t.IDENTITY_VERIFIED, t.IDENTITY_EMAIL_CHANGED, t.IDENTITY_ACCOUNT_REGISTERED):
+        assert acl.writers(topic) == {"identity"}
+    assert acl.writers(t.TOKENS_ISSUED) == acl.writers(t.TOKENS_REDEEMED) == {"tokens"}
+    assert acl.writers(t.PASSWORD_UPDATED) == acl.writers(t.PASSWORD_REJECTED) == {"password"}
+    assert acl.writers(t.RECOVERY_OUTCOMES) == {"identity", "tokens"}
+    assert acl.writers(t.IDENTITY_COMMANDS) == {OPERATOR}
+    assert acl.writers(t.AUDIT_EVENTS) == set(SERVICES)
+    # Sealed link/code and sealed keys travel here: only their one reader may fetch them.
+    assert acl.readers(t.TOKENS_ISSUED) == {"notifier"}
+    assert acl.readers(t.TOKENS_REDEEMED) == {"password"}
+    assert acl.readers(t.RECOVERY_REQUESTS) == {"identity"}
+    assert acl.readers(t.RECOVERY_RESETS) == {"tokens"}
+
+
+def test_no_cluster_wildcard_or_admin_acls() -> None:
+    for a in all_acls():
+        assert a.resource_type in (ResourceType.TOPIC, ResourceType.GROUP), a
+        assert "*" not in a.resource_name, a
+        assert a.operation in (Operation.READ, Operation.WRITE), a
+        assert a.principal in acl.PRINCIPALS and a.principal not in acl.SUPER_USERS, a
+
+
+def test_properties_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.properties"
+    text = render_properties("b1:9093,b2:9093", "SASL_SSL", "SCRAM-SHA-512", "tokens", "pw=with=eq", "/ca.pem")
+    path.write_text(text)
+    settings = connection(Settings(kafka_client_properties=str(path), kafka_sasl_username="admin"))
+    assert settings.kafka_bootstrap_servers == "b1:9093,b2:9093"
+    assert settings.kafka_security_protocol == "SASL_SSL"
+    assert settings.kafka_sasl_username == "tokens"  # the file wins over the environment
+    assert settings.kafka_sasl_password == "pw=with=eq"
+    assert settings.kafka_ssl_cafile == "/ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("ssl.key.location=/k.pem\n", "unsupported property 'ssl.key.location'"),
+        ("security.protocol=SASL_TLS\n", "security.protocol must be one of"),
+        ("sasl.mechanism=GSSAPI\n", "sasl.mechanism must be one of"),
+        ("sasl.password\n", "expected key=value"),
+    ],
+)
+def test_properties_errors_name_the_key_never_a_value(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "x.properties"
+    path.write_text("# comment\nsasl.password=s3cret-value\n" + text)
+    with pytest.raises(ValueError, match=error) as caught:
+        read_properties(path)
+    assert "s3cret-value" not in str(caught.value)

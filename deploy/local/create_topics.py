@@ -76,7 +76,9 @@ async def partitions_of(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
     return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
 
 
-async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+async def create(
+    admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int = REPLICATION_FACTOR
+) -> list[str]:
     """Create `specs`, retrying transient errors for a while; returns the failures."""
     pending = list(specs)
     deadline = time.monotonic() + CREATE_DEADLINE_S
@@ -84,7 +86,7 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         errors: dict[str, tuple[int, str]] = {}
         if pending:
             response = await admin.create_topics(
-                [NewTopic(s.name, s.partitions, REPLICATION_FACTOR, topic_configs=topic_configs(s)) for s in pending]
+                [NewTopic(s.name, s.partitions, replication_factor, topic_configs=topic_configs(s)) for s in pending]
             )
             for item in response.topic_errors:
                 # v0-v4: (topic, error_code[, error_message]); later versions start the same
@@ -98,7 +100,7 @@ async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str
         await asyncio.sleep(1.0)
 
 
-async def run(describe_all: bool) -> int:
+async def run(describe_all: bool, replication_factor: int = REPLICATION_FACTOR) -> int:
     settings = get_settings()
     specs = all_topics(
         settings.kafka_topic_partitions,
@@ -111,7 +113,7 @@ async def run(describe_all: bool) -> int:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         present = [s for s in specs if s.name in existing]
-        failed = await create(admin, missing)
+        failed = await create(admin, missing, replication_factor)
 
         # Report existing topics that do not match what the code wants (never altered).
         mismatched: list[str] = []

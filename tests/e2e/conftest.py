@@ -5,6 +5,7 @@ never stand anything in for them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from clave.kafkaio import as_principal, principal_properties
 from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from clave.testdata import Citizen, new_citizen, write_jsonl
+from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.crypto import keyed_hash
 from shared.settings import Settings, get_settings
 from shared.topics import AUDIT_EVENTS, CONSUMED, dlq
@@ -82,7 +85,7 @@ def fetch_ok(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 async def portal(stack: Settings) -> AsyncIterator[Portal]:
-    p = Portal(stack)
+    p = Portal(as_principal(stack, PORTAL))  # plays the portal with the portal's principal
     await p.start()
     yield p
     await p.stop()
@@ -110,9 +113,24 @@ def mailbox(stack: Settings) -> Mailbox:
     return Mailbox(stack.mail_dir)
 
 
-def clave_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+# Who runs each `clave` command group: operators the accounts, auditors the audit log.
+CLI_PRINCIPALS = {"accounts": OPERATOR, "audit": AUDITOR}
+
+
+def cli_env(principal: str) -> dict[str, str]:
+    """The environment with Kafka access as `principal` (its properties file)."""
+    return {**os.environ, "KAFKA_CLIENT_PROPERTIES": str(principal_properties(principal).resolve())}
+
+
+def clave_cli(*args: str, check: bool = True, principal: str | None = None) -> subprocess.CompletedProcess[str]:
+    principal = principal or CLI_PRINCIPALS[args[0]]
     result = subprocess.run(
-        [sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-m", "clave.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=cli_env(principal),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"clave {' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")

@@ -7,7 +7,10 @@ must refuse, so a passing run leaves no trace in the log."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -239,3 +242,22 @@ async def test_broker_refuses_a_wrong_password(stack: Settings) -> None:
     with pytest.raises(SaslAuthenticationFailed):
         conn = await create_conn(host, int(port), request_timeout_ms=TIMEOUT_MS, **kwargs)
         conn.close()
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (Debian: apt-get install kcat)")
+async def test_kcat_reads_the_properties_files(world: World) -> None:
+    """An independent client (librdkafka) logs in with the files `make up` writes, and the
+    broker refuses it the same way: the auditor reads audit.events, the portal may not."""
+    await world.citizen()  # at least one audit event to read
+
+    def kcat(principal: str, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = ["kcat", "-F", str(principal_properties(principal)), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+
+    read = ("-C", "-t", t.AUDIT_EVENTS, "-o", "-1", "-e", "-q", "-m", "10")
+    allowed = await asyncio.to_thread(kcat, AUDITOR, *read)
+    assert allowed.returncode == 0, allowed.stderr
+    assert '"specversion"' in allowed.stdout  # the last audit event of some partition
+    refused = await asyncio.to_thread(kcat, PORTAL, *read)
+    assert refused.returncode != 0
+    assert "authoriz" in refused.stderr.lower()

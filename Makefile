@@ -17,7 +17,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench lint
+.PHONY: help install up down status test test-faults demo bench lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -64,3 +64,40 @@ bench: install ## throughput/latency benchmark against the local stack
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy shared services clave
+
+# The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
+# engine or a cluster: helm lint and template (helm built once from the Go module proxy
+# into ~/.cache/clave), the compose file against the compose-spec schema, then the tests
+# that check them against the code (also part of `make test`).
+CHART := deploy/helm/clave
+
+deploy-check: install ## check the Dockerfile, compose file and Helm chart (no Docker, no cluster)
+	@helm=$$(bash deploy/helm/ensure_helm.sh) && $$helm lint --strict $(CHART) && \
+	  $$helm template clave $(CHART) --kube-version 1.31.0 >/dev/null && echo "helm template: ok"
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	$(PY) -m pytest -q tests/unit/test_deploy_files.py $(PYTEST_ARGS)
+
+# The topic contract: docs/asyncapi.yaml (AsyncAPI 3.0) is made from the code by `clave contract`
+# (clave/asyncapi.py). `contract-check` compares it with the code and runs the AsyncAPI project's
+# own parser on it; `docs` renders it with the project's html-template. The Node packages are
+# pinned in docs/package-lock.json and installed by `npm ci` without install scripts
+# (docs/.npmrc): the parser alone for the check, the generator and template for `docs`.
+DOCS_HTML := var/docs
+
+docs/node_modules/.validator: docs/package-lock.json
+	cd docs && npm ci --omit=dev
+	@touch $@
+
+docs/node_modules/.renderer: docs/package-lock.json
+	cd docs && npm ci
+	@touch $@ docs/node_modules/.validator
+
+contract: install ## regenerate docs/asyncapi.yaml from the code (then commit it)
+	$(VENV)/bin/clave contract
+
+contract-check: install docs/node_modules/.validator ## docs/asyncapi.yaml is the code's contract and a valid AsyncAPI document
+	$(VENV)/bin/clave contract --check
+	node docs/validate.mjs
+
+docs: install docs/node_modules/.renderer contract-check ## render the topic contract to HTML: var/docs/index.html
+	node docs/render.mjs docs/asyncapi.yaml $(DOCS_HTML)

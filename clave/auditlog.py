@@ -13,7 +13,7 @@ from rich.table import Table
 
 from clave.kafkaio import read_topic
 from shared.audit import Break, verify_chain
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS
 
 
@@ -31,7 +31,7 @@ def _matches(
 
 
 async def collect(
-    settings: Settings,
+    settings: PlatformSettings,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -58,7 +58,7 @@ async def collect(
     return out
 
 
-async def from_read_model(settings: Settings, request_id: str) -> list[dict[str, Any]]:
+async def from_read_model(settings: PlatformSettings, request_id: str) -> list[dict[str, Any]]:
     """One recovery's audit events from the audit service's read model (indexed, fast), in
     the same shape as events read from the log."""
     from services.audit.app import make_store

@@ -27,7 +27,7 @@ from clave import auditlog
 from clave.kafkaio import publish
 from shared.envelope import new_event
 from shared.schemas import OperatorCommand
-from shared.settings import get_settings
+from shared.settings import PlatformSettings, load
 from shared.topics import IDENTITY_COMMANDS, EventType
 
 app = typer.Typer(help="Clave operator and auditor tools.", no_args_is_help=True)
@@ -38,6 +38,13 @@ app.add_typer(audit, name="audit")
 # Piped output (files, tests, grep) gets full-width tables instead of truncated columns.
 console = Console(width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
+
+def cli_settings() -> PlatformSettings:
+    """The platform settings, refused (exit 78, naming each problem) when unsafe in production."""
+    settings = load(PlatformSettings)
+    settings.ensure_safe("clave")
+    return settings
+
 
 Operator = Annotated[str, typer.Option("--operator", "-o", help="Your operator id (audited).")]
 Reason = Annotated[str, typer.Option("--reason", "-r", help="Why (audited), e.g. the office case number.")]
@@ -51,9 +58,11 @@ def import_accounts(
     """Import or update accounts from a JSON-lines file; bad lines are reported by number."""
     from services.identity.app import make_store
     from services.identity.registry import import_accounts as run_import
+    from services.identity.settings import IdentitySettings
     from shared.hashing import SecretHasher
 
-    settings = get_settings()
+    settings = load(IdentitySettings)
+    settings.ensure_safe("clave accounts import")
 
     async def main() -> Any:
         store = make_store(settings)
@@ -74,7 +83,7 @@ def import_accounts(
 
 
 def _command(event_type: str, national_id: str, operator: str, reason: str, new_email: str | None, wait: float) -> None:
-    settings = get_settings()
+    settings = cli_settings()
     command_id = uuid.uuid4().hex
     data = OperatorCommand(
         command_id=command_id, operator_id=operator, reason=reason, national_id=national_id, new_email=new_email
@@ -146,7 +155,7 @@ def replay(
     """Replay audit.events from the start (or --since), filtered."""
     events = asyncio.run(
         auditlog.collect(
-            get_settings(),
+            cli_settings(),
             since=_when(since),
             until=_when(until),
             request_id=request,
@@ -169,7 +178,7 @@ def verify(
     file: Annotated[Path | None, typer.Option(help="Verify an exported JSON-lines copy instead")] = None,
 ) -> None:
     """Check every audit event's MAC and each producer's chain; exit 1 naming the first break."""
-    settings = get_settings()
+    settings = cli_settings()
     if file is not None:
         events = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -192,7 +201,7 @@ def timeline(
     from_log: Annotated[bool, typer.Option("--from-log", help="Scan audit.events instead of the read model")] = False,
 ) -> None:
     """Everything that happened to one recovery, across the four services, in order."""
-    settings = get_settings()
+    settings = cli_settings()
     if from_log:
         events = asyncio.run(auditlog.collect(settings, request_id=request_id))
     else:
@@ -211,7 +220,7 @@ def rebuild_read_model() -> None:
     """Rebuild the audit read model from offset 0 into a copy and compare it with the live one."""
     from services.audit.rebuild import rebuild
 
-    report = asyncio.run(rebuild(get_settings()))
+    report = asyncio.run(rebuild(cli_settings()))
     console.print(
         f"rebuilt {report.events} events ({report.duplicates} exact redeliveries, {report.skipped} invalid skipped); "
         f"chain problems: {len(report.breaks)}"
@@ -225,6 +234,17 @@ def rebuild_read_model() -> None:
         )
         raise typer.Exit(1)
     console.print("identical to the live read model")
+
+
+@app.command("contract")
+def contract(
+    check: Annotated[bool, typer.Option("--check", help="Only compare: exit 1 if the file differs.")] = False,
+    output: Annotated[Path, typer.Option("--output", help="The document.")] = Path("docs/asyncapi.yaml"),
+) -> None:
+    """Write the topic contract as an AsyncAPI 3.0 document made from the code."""
+    from clave import asyncapi
+
+    raise typer.Exit(asyncapi.main(output, check=check))
 
 
 def main() -> None:

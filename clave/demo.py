@@ -19,8 +19,8 @@ from pathlib import Path
 from clave.kafkaio import as_principal
 from clave.portal import Mailbox, Portal, body_text, extract_link
 from clave.testdata import new_citizen, new_key, write_jsonl
+from clave.workbench import workbench_settings
 from shared.acl import PORTAL
-from shared.settings import get_settings
 
 
 class Steps:
@@ -34,7 +34,7 @@ class Steps:
 
 
 async def run() -> str:
-    settings = get_settings()
+    settings = workbench_settings()
     steps = Steps()
     # A fresh citizen each run, so a second demo is not refused by the first one's limits.
     citizen = new_citizen()
@@ -90,7 +90,7 @@ async def run() -> str:
 
 
 def summary(request_id: str) -> None:
-    settings = get_settings()
+    settings = workbench_settings()
     print()
     print(f"Captured e-mails: {os.path.abspath(settings.mail_dir)}")
     print(

@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
-from shared.settings import Settings
+from shared.settings import PlatformSettings
+
+S = TypeVar("S", bound=PlatformSettings)
 
 
 def principal_properties(principal: str) -> Path:
@@ -27,7 +30,7 @@ def principal_properties(principal: str) -> Path:
     return Path(os.environ.get("VAR_DIR", "var")) / "secrets" / "kafka" / f"{principal}.properties"
 
 
-def as_principal(settings: Settings, principal: str) -> Settings:
+def as_principal(settings: S, principal: str) -> S:
     """`settings` connecting to Kafka as `principal` (see shared/acl.py) on the local stack.
     Fails when its properties file is missing rather than falling back to another principal."""
     path = principal_properties(principal)
@@ -59,7 +62,7 @@ async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AI
             await consumer.stop()
 
 
-async def publish(settings: Settings, topic: str, key: str, event: CloudEvent) -> None:
+async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
     await producer.start()
     try:
@@ -70,7 +73,7 @@ async def publish(settings: Settings, topic: str, key: str, event: CloudEvent) -
         await producer.stop()
 
 
-async def publish_raw(settings: Settings, topic: str, key: bytes | None, value: bytes) -> None:
+async def publish_raw(settings: PlatformSettings, topic: str, key: bytes | None, value: bytes) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings))
     await producer.start()
     try:
@@ -80,7 +83,7 @@ async def publish_raw(settings: Settings, topic: str, key: bytes | None, value: 
 
 
 async def read_topic(
-    settings: Settings, topic: str, *, since: datetime | None = None, until: datetime | None = None
+    settings: PlatformSettings, topic: str, *, since: datetime | None = None, until: datetime | None = None
 ) -> AsyncIterator[Record]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     await consumer.start()

@@ -29,7 +29,7 @@ from clave.kafkaio import stop_background_consumer
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.schemas import RecoveryRequested, ResetSubmitted
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS, EventType
 
 SOURCE = "/portal/tests"
@@ -38,7 +38,7 @@ SOURCE = "/portal/tests"
 class TopicWatcher:
     """Collects every record published to some topics from the moment it starts."""
 
-    def __init__(self, settings: Settings, topics: list[str]) -> None:
+    def __init__(self, settings: PlatformSettings, topics: list[str]) -> None:
         self.settings = settings
         self.topics = topics
         self.records: list[tuple[str, dict[str, str], dict[str, Any]]] = []  # topic, headers, event
@@ -109,7 +109,7 @@ class TopicWatcher:
 
 
 class Portal:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PlatformSettings) -> None:
         self.settings = settings
         self.watcher = TopicWatcher(settings, [RECOVERY_OUTCOMES])
         self._producer: AIOKafkaProducer | None = None

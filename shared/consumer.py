@@ -2,16 +2,24 @@
 
 Every subscription of every service goes through `EventPipeline.process`:
 
-1. parse the CloudEvent strictly and validate `data` against its schema; any
-   failure is a `BadInput`: the record goes to `<topic>.dlq` (through the
-   outbox, with reason and origin), is counted and audited, and the consumer
-   moves on;
+1. parse the CloudEvent strictly, once, and validate `data` against its
+   schema; any failure is a `BadInput`: the record goes to `<topic>.dlq`
+   (through the outbox, with reason and origin), is counted and audited, and
+   the consumer moves on;
 2. run the handler, which loads state, decides, and calls `ctx.commit(...)`:
    the processed-event record, the state writes and the outgoing events are
    stored atomically; a redelivered event id is refused there (`DuplicateEvent`)
    and dead-lettered as `duplicate_event`, so it changes nothing;
 3. any other exception (store or broker down) propagates after a backoff, so
    the offset is not committed and Kafka redelivers: at-least-once.
+
+No record can stall its partition. Dead-lettering is total: the letter is built
+only from what the single parse carried (never by parsing the bytes again), and
+every text in it is made safe for a header, BSON and a log line. A handler that
+fails the same way HANDLER_ATTEMPTS times is parked as `handler_error`; so is one
+that keeps failing with an "outage" error while the store answers (an outage
+that is not one). Only a store that cannot take even a minimal letter, built
+from no text the record holds, keeps a record waiting (backing off).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
@@ -34,7 +42,7 @@ from shared.crypto import SecretBox
 from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_errors, new_event, parse_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
 from shared.topics import EventType, dlq
 
@@ -42,6 +50,12 @@ log = logging.getLogger(__name__)
 
 HANDLER_ATTEMPTS = 3
 HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same way HANDLER_ATTEMPTS times
+# Store-error retries of one record while the store answers its ping: with the backoff
+# (0.2 s doubling to 5 s) at least 80 s, up to about 3 minutes with the store's own
+# retries; longer than a transaction left by a crashed process blocks (MongoDB: 60 s).
+UNEXPLAINED_OUTAGE_ATTEMPTS = 20
+DLQ_KEY_BYTES = 256
+DLQ_DETAIL_CHARS = 500
 
 Writes = Callable[[AsyncClientSession], Awaitable[None]]
 
@@ -116,6 +130,17 @@ class Route:
     handler: Handler
 
 
+@dataclass
+class _Tries:
+    """Failed runs of one record, by kind."""
+
+    bugs: int = 0  # handler errors that are not outages
+    unexplained: int = 0  # outage errors while the store answered its ping
+
+
+Parsed: TypeAlias = tuple[CloudEvent, Route, Payload]
+
+
 class EventPipeline:
     def __init__(
         self,
@@ -124,7 +149,7 @@ class EventPipeline:
         topic: str,
         routes: dict[str, Route],
         store: ServiceStore,
-        settings: Settings,
+        settings: PlatformSettings,
         metrics: ServiceMetrics,
         on_committed: Callable[[], None],
     ) -> None:
@@ -139,83 +164,187 @@ class EventPipeline:
         self.on_committed = on_committed
         self.dlq_box = SecretBox(settings.dlq_keys)
         self._failure_streak = 0
-        self._attempts: dict[tuple[int, int], int] = {}
+        self._attempts: dict[tuple[int, int], _Tries] = {}
 
     async def process(self, record: ConsumerRecord[Any, Any], raw: bytes) -> None:
+        """Handle or park one record. Raises (after a backoff) only to have it redelivered."""
         started = time.perf_counter()
+        position = (record.partition, record.offset)
+        settled = False  # handled or parked: nothing about this record is kept
         try:
-            await self._process(record, raw)
-            self._failure_streak = 0
-            self._attempts.pop((record.partition, record.offset), None)
+            parsed = self._parse(raw)
+            if isinstance(parsed, BadInput):
+                await self._park(record, raw, parsed)
+            else:
+                await self._handle(record, raw, parsed)
+            settled = True
         except Exception as exc:
+            # Store or broker trouble (or a handler failure not yet counted out): back off,
+            # then let Kafka redeliver (at-least-once).
             self._failure_streak += 1
             self.metrics.failures.labels(self.topic, exc.__class__.__name__).inc()
-            position = (record.partition, record.offset)
-            outage = _is_outage(exc)
-            if not outage:  # an outage says nothing about the record: it never counts against it
-                self._attempts[position] = self._attempts.get(position, 0) + 1
-            if not outage and self._attempts[position] >= HANDLER_ATTEMPTS:
-                # Deterministic failure (a bug, not an outage): retrying forever would block the
-                # partition. Park the record, with the error class, and go on.
-                log.error("%s: %s on %s/%s, dead-lettering", self.consumer, exc.__class__.__name__, *position)
-                await self.dead_letter(record, raw, BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}"))
-                self._attempts.pop(position, None)
-                self._failure_streak = 0
-                self.on_committed()
-                return
-            # Store or broker trouble: back off, then let Kafka redeliver (at-least-once).
-            delay = min(0.1 * 2 ** min(self._failure_streak, 6), 5.0)
+            delay = backoff(self._failure_streak)
             log.warning("%s: %s (redelivery in %.1fs)", self.consumer, exc.__class__.__name__, delay)
             await asyncio.sleep(delay)
             raise
         finally:
+            if settled:
+                self._attempts.pop(position, None)
             self.metrics.duration.labels(self.topic).observe(time.perf_counter() - started)
+        self._failure_streak = 0
         self.on_committed()
 
-    async def _process(self, record: ConsumerRecord[Any, Any], raw: bytes) -> None:
+    def _parse(self, raw: bytes) -> Parsed | BadInput:
+        """The only parse of the record: the event, its route and its data, or why not."""
         try:
             event = parse_event(raw, max_bytes=self.settings.max_event_bytes, known_types=self.known_types)
-            route = self.routes[event.type]
-            try:
-                data = route.model.model_validate(event.data)
-            except ValidationError as exc:
-                raise BadInput(DeadLetterReason.SCHEMA_INVALID, describe_errors(exc)) from None
-            ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
-            try:
-                await route.handler(ctx, data)
-                if not ctx.committed:
-                    await ctx.commit()
-            except DuplicateEvent:
-                raise BadInput(DeadLetterReason.DUPLICATE_EVENT, f"event {event.id} already processed") from None
-            self.metrics.consumed.labels(self.topic, event.type).inc()
         except BadInput as bad:
-            await self.dead_letter(record, raw, bad)
+            return bad
+        except Exception as exc:  # pure code on these bytes: it would fail again
+            return BadInput(HANDLER_ERROR, f"parsing raised {exc.__class__.__name__}")
+        route = self.routes[event.type]
+        try:
+            return event, route, route.model.model_validate(event.data)
+        except ValidationError as exc:
+            detail = describe_errors(exc)
+            return BadInput(DeadLetterReason.SCHEMA_INVALID, detail, correlationid=event.correlationid)
+        except Exception as exc:  # a validator that crashed: the same every time
+            return BadInput(
+                HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
+            )
 
-    async def dead_letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> None:
-        """Park the record in `<topic>.dlq`, sealed (it may hold what a citizen typed), and audit it."""
-        origin = f"{record.topic}/{record.partition}/{record.offset}"
-        correlation = _peek_correlation(raw) or origin
-        data = {
-            "reason": bad.reason,
-            "detail": bad.detail,
-            "origin_topic": record.topic,
-            "origin_partition": record.partition,
-            "origin_offset": record.offset,
+    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> None:
+        event, route, data = parsed
+        ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
+        try:
+            await route.handler(ctx, data)
+            if not ctx.committed:
+                await ctx.commit()
+        except DuplicateEvent:
+            bad = BadInput(DeadLetterReason.DUPLICATE_EVENT, f"event {event.id} already processed")
+        except BadInput as raised:
+            bad = raised
+        except Exception as exc:
+            if not await self._counted_out(record, exc):
+                raise
+            # Deterministic failure (a bug, not an outage): retrying forever would block the
+            # partition. Park the record, with the error class, and go on.
+            self.metrics.failures.labels(self.topic, exc.__class__.__name__).inc()
+            log.error(
+                "%s: %s on %s/%s, dead-lettering", self.consumer, exc.__class__.__name__, *record_position(record)
+            )
+            bad = BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}")
+        else:
+            self.metrics.consumed.labels(self.topic, event.type).inc()
+            return
+        bad.correlationid = event.correlationid
+        await self._park(record, raw, bad)
+
+    async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
+        """Count a handler failure against its record: has it failed too often to retry?"""
+        tries = self._attempts.setdefault(record_position(record), _Tries())
+        if not _is_outage(exc):
+            tries.bugs += 1
+            return tries.bugs >= HANDLER_ATTEMPTS
+        if not await self.store.ping():
+            tries.unexplained = 0  # a real outage, which explains the earlier failures too
+            return False
+        # The store answers, yet the handler reports it away: maybe this record, not the store.
+        tries.unexplained += 1
+        return tries.unexplained >= UNEXPLAINED_OUTAGE_ATTEMPTS
+
+    async def _park(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> None:
+        """Park the record in `<topic>.dlq`, sealed (it may hold what a citizen typed), and audit it.
+
+        Total: nothing the record holds can make it raise. It raises only when the store
+        takes no letter at all (an outage), and the record is then redelivered."""
+        origin = record_origin(record)
+        try:
+            parked = await self._commit_letter(origin, self._letter(record, raw, bad))
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+            # A bug in the letter itself: park one whose texts owe nothing to the record.
+            log.error(
+                "%s: dead letter for %s failed (%s), parking a minimal one",
+                self.consumer,
+                origin,
+                exc.__class__.__name__,
+            )
+            parked = await self._commit_letter(origin, self._minimal_letter(record, raw, bad.reason, exc))
+        if parked:
+            self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
+            log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)
+
+    async def _commit_letter(self, origin: str, outgoing: list[Outgoing]) -> bool:
+        try:
+            # Keyed by position, so a redelivered bad record is parked once.
+            await self.store.commit(consumer=f"{self.consumer}:dlq", event_id=origin, writes=None, outgoing=outgoing)
+        except DuplicateEvent:
+            return False
+        return True
+
+    def _letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> list[Outgoing]:
+        return self._outgoing(
+            record,
+            reason=bad.reason,
+            detail=safe_text(bad.detail, DLQ_DETAIL_CHARS),
+            correlation=bad.correlationid or record_origin(record),
+            key=dlq_key(record),
+            payload=self._sealed(raw),
+        )
+
+    def _minimal_letter(
+        self, record: ConsumerRecord[Any, Any], raw: bytes, reason: str, exc: Exception
+    ) -> list[Outgoing]:
+        origin = record_origin(record)
+        return self._outgoing(
+            record,
+            reason=reason,
+            detail=f"dead letter failed ({exc.__class__.__name__}): detail, key and correlation id left out",
+            correlation=origin,
+            key=origin,
+            payload=self._sealed(raw),
+        )
+
+    def _sealed(self, raw: bytes) -> dict[str, Any]:
+        # A too_large record is sealed up to the size limit only: the letter must stay
+        # under the broker's message limit, or the relay could never publish it.
+        kept = raw[: self.settings.max_event_bytes]
+        return {
             "payload_sha256": hashlib.sha256(raw).hexdigest(),
             "payload_bytes": len(raw),
-            "sealed_payload": self.dlq_box.seal_bytes(raw),
+            "sealed_payload": self.dlq_box.seal_bytes(kept),
+            "sealed_bytes": len(kept),
         }
+
+    def _outgoing(
+        self,
+        record: ConsumerRecord[Any, Any],
+        *,
+        reason: str,
+        detail: str,
+        correlation: str,
+        key: str,
+        payload: dict[str, Any],
+    ) -> list[Outgoing]:
         letter = new_event(
             type=EventType.DEAD_LETTER,
             source=f"/clave/{self.service}",
-            data=data,
+            data={
+                "reason": reason,
+                "detail": detail,
+                "origin_topic": record.topic,
+                "origin_partition": record.partition,
+                "origin_offset": record.offset,
+                **payload,
+            },
             correlationid=correlation,
-            subject=bad.reason,
+            subject=reason,
         )
-        key = record.key.decode("utf-8", "replace") if record.key else origin
         headers = {
-            "clave-dlq-reason": bad.reason,
-            "clave-dlq-detail": bad.detail[:500],
+            "clave-dlq-reason": reason,
+            "clave-dlq-detail": detail,
             "clave-origin-topic": record.topic,
             "clave-origin-partition": str(record.partition),
             "clave-origin-offset": str(record.offset),
@@ -224,37 +353,41 @@ class EventPipeline:
             service=self.service,
             action="message_dead_lettered",
             outcome="rejected",
-            reasons=[bad.reason],
+            reasons=[reason],
             details={"topic": record.topic, "partition": record.partition, "offset": record.offset},
         )
-        outgoing = [
+        return [
             Outgoing(topic=dlq(record.topic), key=key, event=letter, headers=headers),
             audit_event(record_audit, correlationid=correlation, causationid=None, source=f"/clave/{self.service}"),
         ]
-        try:
-            # Keyed by position, so a redelivered bad record is parked once.
-            await self.store.commit(consumer=f"{self.consumer}:dlq", event_id=origin, writes=None, outgoing=outgoing)
-        except DuplicateEvent:
-            return
-        self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
-        log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)
+
+
+def backoff(streak: int) -> float:
+    """Seconds to wait before a redelivery, after `streak` failures in a row."""
+    return min(0.1 * 2 ** min(streak, 6), 5.0)
+
+
+def record_position(record: ConsumerRecord[Any, Any]) -> tuple[int, int]:
+    return record.partition, record.offset
+
+
+def record_origin(record: ConsumerRecord[Any, Any]) -> str:
+    return f"{record.topic}/{record.partition}/{record.offset}"
+
+
+def dlq_key(record: ConsumerRecord[Any, Any]) -> str:
+    """The letter's key: the record's own (bounded, decoded leniently), else its position."""
+    key = record.key
+    if not isinstance(key, bytes | bytearray) or not key:
+        return record_origin(record)
+    return bytes(key[:DLQ_KEY_BYTES]).decode("utf-8", "replace")
+
+
+def safe_text(value: str, limit: int) -> str:
+    """Printable ASCII only, at most `limit` characters: fit for a header, BSON and a log line."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value[:limit])
 
 
 def _is_outage(exc: BaseException) -> bool:
     """Errors of the store, the broker or the network: retried for as long as they last."""
     return is_transient(exc) or isinstance(exc, KafkaError | OSError | TimeoutError)
-
-
-def _peek_correlation(raw: bytes) -> str | None:
-    """The correlation id of a malformed event, if it has one we can read safely."""
-    import json
-
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if isinstance(doc, dict):
-        value = doc.get("correlationid")
-        if isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return None

@@ -2,7 +2,9 @@
 
 `parse_event` turns raw Kafka bytes into a `CloudEvent` or raises `BadInput`
 with one of the stable DLQ reason codes below, so a consumer never crashes on
-what a producer sent.
+what a producer sent. The bytes are parsed once: a `BadInput` carries what the
+dead letter needs from them (the correlation id, when one is readable), so
+dead-lettering never parses the input again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+# A \uD800-\uDFFF escape: the only way JSON text can hold a string that is not Unicode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+CORRELATION_MAX = 128
 
 
 class DeadLetterReason:
@@ -37,10 +42,11 @@ class DeadLetterReason:
 class BadInput(Exception):
     """A message that can never be processed; it goes to the DLQ with `reason`."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, correlationid: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
 
 
 class CloudEvent(BaseModel):
@@ -53,7 +59,7 @@ class CloudEvent(BaseModel):
     time: datetime
     subject: str | None = Field(default=None, max_length=256)
     datacontenttype: str = "application/json"
-    correlationid: str = Field(min_length=1, max_length=128)
+    correlationid: str = Field(min_length=1, max_length=CORRELATION_MAX)
     causationid: str | None = Field(default=None, max_length=128)
     data: dict[str, Any]
 
@@ -108,6 +114,17 @@ def parse_event(raw: bytes, *, max_bytes: int, known_types: set[str] | frozenset
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad UTF-8, bad JSON and over-long integers; RecursionError deep nesting.
         raise BadInput(DeadLetterReason.MALFORMED_JSON, f"not JSON: {exc.__class__.__name__}") from None
+    if _SURROGATE_ESCAPE.search(raw) and not _all_unicode(doc):
+        # Such a string cannot be encoded again (UTF-8, BSON): every later step would fail on it.
+        raise BadInput(DeadLetterReason.MALFORMED_JSON, "not JSON: a string holds a lone surrogate")
+    try:
+        return _envelope(doc, known_types)
+    except BadInput as bad:
+        bad.correlationid = readable_correlation(doc)
+        raise
+
+
+def _envelope(doc: Any, known_types: set[str] | frozenset[str]) -> CloudEvent:
     if not isinstance(doc, dict) or not {"specversion", "id", "source", "type"} <= doc.keys():
         raise BadInput(DeadLetterReason.NOT_CLOUDEVENT, "missing specversion/id/source/type")
     # Input values are never echoed into the reason: DLQ headers are not sealed.
@@ -121,6 +138,32 @@ def parse_event(raw: bytes, *, max_bytes: int, known_types: set[str] | frozenset
         return CloudEvent.model_validate(doc)
     except ValidationError as exc:
         raise BadInput(DeadLetterReason.NOT_CLOUDEVENT, describe_errors(exc)) from None
+
+
+def readable_correlation(doc: Any) -> str | None:
+    """The document's correlation id, if it is one a dead letter can carry as it is."""
+    value = doc.get("correlationid") if isinstance(doc, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= CORRELATION_MAX and value.isprintable():
+        return value
+    return None
+
+
+def _all_unicode(doc: Any) -> bool:
+    """No string (key or value) holds a lone surrogate. Iterative: the depth is the sender's."""
+    pending = [doc]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from shared.settings import Settings
+from shared.settings import Argon2Settings
 
 
 class SecretHasher:
-    def __init__(self, settings: Settings, workers: int = 2) -> None:
+    def __init__(self, settings: Argon2Settings, workers: int = 2) -> None:
         self._hasher = PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_kib,

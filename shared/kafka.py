@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
-from shared.settings import Settings
+from shared.settings import PlatformSettings
+
+S = TypeVar("S", bound=PlatformSettings)
 
 # librdkafka property -> setting. Anything else in the file is refused (fail closed: a key we
 # would silently ignore, e.g. a client certificate, would connect differently than intended).
@@ -31,8 +33,8 @@ PROPERTIES = {
 }
 IGNORED_PROPERTIES = {"client.id"}
 _CHOICES = {
-    "kafka_security_protocol": get_args(Settings.model_fields["kafka_security_protocol"].annotation),
-    "kafka_sasl_mechanism": get_args(Settings.model_fields["kafka_sasl_mechanism"].annotation),
+    "kafka_security_protocol": get_args(PlatformSettings.model_fields["kafka_security_protocol"].annotation),
+    "kafka_sasl_mechanism": get_args(PlatformSettings.model_fields["kafka_sasl_mechanism"].annotation),
 }
 
 
@@ -61,7 +63,7 @@ def read_properties(path: str | Path) -> dict[str, str]:
     return values
 
 
-def connection(settings: Settings) -> Settings:
+def connection(settings: S) -> S:
     """`settings` with the connection of its KAFKA_CLIENT_PROPERTIES file, if one is set."""
     if not settings.kafka_client_properties:
         return settings
@@ -84,13 +86,13 @@ def render_properties(
     return "\n".join(lines) + "\n"
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def _ssl_context(settings: PlatformSettings) -> ssl.SSLContext | None:
     if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
     return ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
 
 
-def client_kwargs(settings: Settings) -> dict[str, Any]:
+def client_kwargs(settings: PlatformSettings) -> dict[str, Any]:
     """Keyword arguments for aiokafka clients (producer, consumer, admin)."""
     settings = connection(settings)
     kwargs: dict[str, Any] = {
@@ -107,7 +109,7 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-def _security(settings: Settings) -> BaseSecurity | None:
+def _security(settings: PlatformSettings) -> BaseSecurity | None:
     context = _ssl_context(settings)
     use_ssl = context is not None
     if settings.kafka_security_protocol.startswith("SASL"):
@@ -123,7 +125,7 @@ def _security(settings: Settings) -> BaseSecurity | None:
     return None
 
 
-def make_broker(settings: Settings, service: str) -> KafkaBroker:
+def make_broker(settings: PlatformSettings, service: str) -> KafkaBroker:
     # At-least-once: offsets are committed only after a handler returned (NACK_ON_ERROR
     # seeks back on an exception), never on receipt (ACK_FIRST would auto-commit).
     settings = connection(settings)

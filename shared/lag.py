@@ -9,11 +9,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.kafka import client_kwargs
 from shared.metrics import ServiceMetrics
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 
 
 class LagMonitor:
-    def __init__(self, settings: Settings, group_id: str, topics: list[str], metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: PlatformSettings, group_id: str, topics: list[str], metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.group_id = group_id
         self.topics = topics

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ class ServiceMetrics:
             "clave_consumer_lag_messages", "Messages behind the log end, per topic", ["topic"], registry=r
         )
 
+    def count_store_commands(self, counts: Mapping[str, int]) -> None:
+        """Expose the store client's command counts (shared.store.CommandCounter), read at
+        each scrape, as `clave_store_commands_total{command}`."""
+        self.registry.register(_StoreCommands(counts))
+
     def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:
         return Counter(name, doc, labels or [], registry=self.registry)
 
@@ -60,6 +67,19 @@ class ServiceMetrics:
 
     def histogram(self, name: str, doc: str, labels: list[str] | None = None) -> Histogram:
         return Histogram(name, doc, labels or [], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+
+class _StoreCommands(Collector):
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "clave_store_commands_total", "Commands sent to the store (round trips), by command", labels=["command"]
+        )
+        for command, count in sorted(self.counts.items()):
+            family.add_metric([command], count)
+        yield family
 
 
 ReadyCheck = Callable[[], Awaitable[bool]]

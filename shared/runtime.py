@@ -8,7 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
@@ -20,12 +20,25 @@ from shared.kafka import make_broker
 from shared.lag import LagMonitor
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
-from shared.settings import Settings, get_settings
+from shared.settings import PlatformSettings
 from shared.store import ServiceStore
 
 log = logging.getLogger(__name__)
 
 Periodic = Callable[[], Awaitable[None]]
+HEARTBEAT_INTERVAL_MS = 500
+
+
+def consumer_has_joined(consumer: Any) -> bool:
+    """Has this aiokafka consumer an assignment from its group (possibly empty: a group with
+    more consumers than partitions leaves some idle, and they are ready too) and no rebalance
+    under way? `assignment()` alone cannot tell "not joined yet" from "joined, nothing for
+    you", so this reads the subscription state behind it (aiokafka 0.14, pinned; a unit test
+    checks the attribute is still there)."""
+    state = getattr(consumer, "_subscription", None)
+    if state is None:
+        return bool(consumer.assignment())
+    return not state.reassignment_in_progress
 
 
 async def _raw_body(msg: StreamMessage[Any], original: Any = None) -> bytes:
@@ -33,7 +46,7 @@ async def _raw_body(msg: StreamMessage[Any], original: Any = None) -> bytes:
     return msg.body
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: PlatformSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stdout,
@@ -46,15 +59,17 @@ def configure_logging(settings: Settings) -> None:
 class Service:
     """One Clave service process. Subclass-free: services register routes and loops."""
 
-    def __init__(self, name: str, store: ServiceStore, settings: Settings | None = None) -> None:
+    def __init__(self, name: str, store: ServiceStore, settings: PlatformSettings) -> None:
         self.name = name
-        self.settings = settings or get_settings()
+        self.settings = settings
         self.store = store
         self.metrics = ServiceMetrics(name)
         self.broker: KafkaBroker = make_broker(self.settings, name)
         self.relay = OutboxRelay(name, store, self.settings, self.metrics)
+        self.metrics.count_store_commands(store.commands.counts)
         self._periodic: list[tuple[str, float, Periodic]] = []
         self._consumed_topics: list[str] = []
+        self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
         self._tasks: list[asyncio.Task[None]] = []
         self._health: HealthServer | None = None
         self._starters: list[Callable[[], Awaitable[None]]] = []
@@ -80,16 +95,25 @@ class Service:
             on_committed=self.relay.wake,
         )
 
-        @self.broker.subscriber(
+        subscriber = self.broker.subscriber(
             topic,
             group_id=self.group_id,
             auto_offset_reset="earliest",
             decoder=_raw_body,
             title=f"{self.name}:{topic}",
             max_workers=workers if workers > 1 else None,
+            # A service's consumers all join one group, one after another at start-up; each
+            # join makes the members already in rejoin, and they learn of it from their next
+            # heartbeat (aiokafka's default: every 3 s). A shorter interval lets the group
+            # settle in about a second (the broker's own initial delay is already 0).
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         )
+
+        @subscriber
         async def handle(msg: KafkaMessage) -> None:
             await pipeline.process(msg.raw_message, msg.body)  # type: ignore[arg-type]
+
+        self._subscribers.append(subscriber)
 
     def every(self, name: str, seconds: float, job: Periodic) -> None:
         """Run `job` every `seconds` while the service is up (sweepers, senders)."""
@@ -102,12 +126,29 @@ class Service:
         self._stoppers.append(fn)
 
     async def ready(self) -> bool:
+        """Ready means it would handle a request now: the store and the broker answer and every
+        consumer has its partitions (a fresh consumer group settles for seconds after start)."""
+        if not self.consumers_assigned():
+            return False
         if not await self.store.ping():
             return False
         try:
             return bool(await self.broker.ping(timeout=2.0))
         except Exception:
             return False
+
+    def consumers_assigned(self) -> bool:
+        """Has every consumer of every subscription completed its group join, and is none of
+        them in the middle of a rebalance?"""
+        if not self._subscribers:
+            return True
+        for subscriber in self._subscribers:
+            consumers = list(getattr(subscriber, "consumer_subgroup", None) or [])
+            if not consumers and getattr(subscriber, "consumer", None) is not None:
+                consumers = [subscriber.consumer]
+            if not consumers or not all(consumer_has_joined(c) for c in consumers):
+                return False
+        return True
 
     async def _loop(self, name: str, seconds: float, job: Periodic) -> None:
         while True:
@@ -120,7 +161,7 @@ class Service:
             await asyncio.sleep(seconds)
 
     async def _startup(self) -> None:
-        port = getattr(self.settings, f"{self.name}_metrics_port")
+        port = self.settings.metrics_port(self.name)
         self._health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, port)
         await self._health.start()
         await self._wait_for_store()
@@ -171,3 +212,13 @@ class Service:
     def run(self) -> None:
         configure_logging(self.settings)
         asyncio.run(self.app().run())
+
+
+SettingsT = TypeVar("SettingsT", bound=PlatformSettings)
+
+
+def serve(name: str, settings: SettingsT, build: Callable[[SettingsT], Service]) -> None:
+    """A service's entry point: refuse unsafe production settings before anything is built
+    or connects, then run."""
+    settings.ensure_safe(f"clave-{name}")
+    build(settings).run()

@@ -67,6 +67,13 @@ class ResetSubmitted(Payload):
     token: str | None = Field(default=None, min_length=1, max_length=128)
     code: str | None = Field(default=None, pattern=r"^[0-9]{6}$")
     new_password: str = Field(min_length=1, max_length=256)
+    # Optional (added): the citizen's address, so wrong codes count per address block too.
+    client_ip: str | None = Field(default=None, max_length=45)
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        return None if value is None else str(ipaddress.ip_address(value))
 
     @model_validator(mode="after")
     def _one_secret(self) -> ResetSubmitted:
@@ -106,6 +113,17 @@ class IdentityLocked(InternalPayload):
     account_id: str = AccountId
     recipient: Recipient
     locked_until: datetime
+
+
+class IdentityDeclined(InternalPayload):
+    """A request that was not verified (any reason but a duplicate). The tokens service keeps a
+    decoy for it, so the code path answers exactly as for a real token: no oracle."""
+
+    request_id: str = RequestId
+    account_id: str | None = None  # the account, when the ID named one
+    subject_ref: str  # keyed hash of the national ID (counts wrong codes when no account)
+    client_ip: str | None = None
+    requested_at: datetime | None = None
 
 
 class EmailChanged(InternalPayload):
@@ -155,6 +173,15 @@ class TokensRedeemed(InternalPayload):
 
 
 # ---- password --------------------------------------------------------------------------------
+
+
+class CodeRejected(InternalPayload):
+    """A wrong code was typed for a request: identity counts it towards the lockout."""
+
+    request_id: str = RequestId
+    account_id: str | None = None  # None for a decoy of an unknown ID
+    subject_ref: str | None = None
+    client_ip: str | None = None
 
 
 class PasswordUpdated(InternalPayload):
@@ -210,11 +237,13 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.IDENTITY_LOCKED: IdentityLocked,
     EventType.IDENTITY_EMAIL_CHANGED: EmailChanged,
     EventType.ACCOUNT_REGISTERED: AccountRegistered,
+    EventType.IDENTITY_DECLINED: IdentityDeclined,
     EventType.OPERATOR_EMAIL_UPDATE: OperatorCommand,
     EventType.OPERATOR_UNLOCK: OperatorCommand,
     EventType.OPERATOR_SEND_RECOVERY: OperatorCommand,
     EventType.TOKENS_ISSUED: TokensIssued,
     EventType.TOKENS_REDEEMED: TokensRedeemed,
+    EventType.TOKENS_CODE_REJECTED: CodeRejected,
     EventType.PASSWORD_UPDATED: PasswordUpdated,
     EventType.PASSWORD_REJECTED: PasswordRejected,
     EventType.NOTIFIER_SENT: NotificationResult,

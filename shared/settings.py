@@ -1,31 +1,48 @@
-"""Settings from environment variables, with defaults for the local stack.
+"""Platform settings from environment variables, and the production gate.
 
-Every variable is documented in the README ("Configuration"). Keys with a
-`dev-only` default must be set in production; `Settings.insecure_defaults()`
-names those still at their development value so services can warn loudly.
+`PlatformSettings` holds only what every Clave process shares: Kafka, the store,
+the metrics endpoints, delivery limits and the keys of the platform itself (DLQ
+sealing, the audit chain). Each service subclasses it with its own section in
+`services/<name>/settings.py`, so a process loads only the rules and keys it uses.
+
+Fail closed: `CLAVE_ENV` is `production` unless set otherwise (the local stack and
+the tests set `development`). In production `ensure_safe()` refuses to start on
+any unsafe setting (`problems()` names each one), before anything connects.
+Every variable is documented in the README ("Configuration").
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal
+import base64
+import binascii
+import re
+import sys
+from functools import cache
+from typing import Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Development-only keys (Fernet keys are 32 url-safe base64 bytes). Never use in production.
+# Development-only keys (Fernet keys are 32 url-safe base64 bytes). Production refuses them.
 DEV_NOTIFIER_KEY = "ZGV2LW5vdGlmaWVyLWtleS1ub3QtZm9yLXByb2QtMDE="
 DEV_PASSWORD_KEY = "ZGV2LXBhc3N3b3JkLWtleS1ub3QtZm9yLXByb2QtMDE="
 DEV_DLQ_KEY = "ZGV2LWRscS1wYXlsb2FkLWtleS1ub3QtZm9yLXByb2Q="
 DEV_AUDIT_KEY = "dev-audit-hmac-key-not-for-production"
 DEV_PSEUDONYM_KEY = "dev-pseudonym-key-not-for-production"
 DEV_CODE_KEY = "dev-code-hmac-key-not-for-production"
+DEV_KEYS = frozenset({DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, DEV_DLQ_KEY, DEV_AUDIT_KEY, DEV_PSEUDONYM_KEY, DEV_CODE_KEY})
+
+MIN_KEY_BYTES = 32
+EXIT_UNSAFE_SETTINGS = 78  # EX_CONFIG (sysexits.h)
 
 
-class Settings(BaseSettings):
+class PlatformSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    # Infrastructure
+    clave_env: Literal["production", "development"] = "production"
+
+    # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-512"
@@ -38,18 +55,12 @@ class Settings(BaseSettings):
     kafka_topic_partitions: int = 6
     portal_topic_retention_ms: int = 3_600_000
     internal_topic_retention_ms: int = 7 * 24 * 3_600_000
+
+    # Store
     mongodb_uri: str = "mongodb://127.0.0.1:27017/?replicaSet=secantus"
     mongodb_db_prefix: str = "clave_"
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 1025
-    smtp_username: str = ""
-    smtp_password: str = ""
-    smtp_starttls: bool = False
-    smtp_timeout_s: float = 10.0
-    mail_from: str = "Clave <no-reply@clave.example.org>"
-    mail_reply_to: str = "soporte@clave.example.org"
-    mail_dir: str = "var/mail"
-    portal_base_url: str = "http://127.0.0.1:8080"
+
+    # Health and metrics endpoints
     metrics_host: str = "127.0.0.1"
     identity_metrics_port: int = 9401
     tokens_metrics_port: int = 9402
@@ -58,64 +69,146 @@ class Settings(BaseSettings):
     audit_metrics_port: int = 9405
     log_level: str = "INFO"
 
-    # Secrets (rotatable: comma-separated, the first encrypts, all decrypt)
-    notifier_keys: str = DEV_NOTIFIER_KEY
-    password_keys: str = DEV_PASSWORD_KEY
-    dlq_keys: str = DEV_DLQ_KEY
-    audit_hmac_key: str = DEV_AUDIT_KEY
-    pseudonym_key: str = DEV_PSEUDONYM_KEY
-    code_hmac_key: str = DEV_CODE_KEY
-
-    # Identity rules
-    security_questions: str = "birth_date,fingerprint_code,mother_surname"
-    lockout_max_failures: int = 5
-    lockout_window_s: int = 15 * 60
-    lockout_duration_s: int = 30 * 60
-    ip_max_requests: int = 30
-    ip_window_s: int = 15 * 60
-    recovery_mails_per_hour: int = 3
-
-    # Token rules
-    link_ttl_s: int = 30 * 60
-    code_ttl_s: int = 10 * 60
-    code_max_attempts: int = 5
-    reservation_timeout_s: int = 120
-
-    # Password rules
-    password_policy: Literal["seed", "nist"] = "seed"
-    password_history: int = 5
-    argon2_time_cost: int = 2
-    argon2_memory_kib: int = 19 * 1024
-    argon2_parallelism: int = 1
-
-    # Notifier
-    templates_dir: str = ""  # overrides shipped templates, file by file
-    smtp_max_attempts: int = 8
-    smtp_backoff_initial_s: float = 0.5
-    smtp_backoff_max_s: float = 30.0
-
     # Delivery
     max_event_bytes: int = Field(default=64 * 1024)
     consumer_workers: int = 3  # consumers per hot topic and service instance (<= partitions)
 
+    # Platform keys: every consumer dead-letters, every relay seals its audit chain.
+    dlq_keys: str = DEV_DLQ_KEY
+    audit_hmac_key: str = DEV_AUDIT_KEY
+
+    @property
+    def production(self) -> bool:
+        return self.clave_env == "production"
+
     def db_name(self, service: str) -> str:
         return f"{self.mongodb_db_prefix}{service}"
 
-    def question_ids(self) -> list[str]:
-        return [q.strip() for q in self.security_questions.split(",") if q.strip()]
+    def metrics_port(self, service: str) -> int:
+        return int(getattr(self, f"{service}_metrics_port"))
+
+    # ---- the production gate -----------------------------------------------------------------
+
+    def fernet_keys(self) -> dict[str, str]:
+        """Fernet key lists this process loads, by variable name (subclasses add theirs)."""
+        return {"DLQ_KEYS": self.dlq_keys}
+
+    def hmac_keys(self) -> dict[str, str]:
+        """HMAC keys this process loads, by variable name (subclasses add theirs)."""
+        return {"AUDIT_HMAC_KEY": self.audit_hmac_key}
+
+    def problems(self) -> list[str]:
+        """Every setting production refuses, one line each (never the secret's value)."""
+        found: list[str] = []
+        for name, keys in self.fernet_keys().items():
+            found += [f"{name}: {p}" for p in key_list_problems(keys, fernet=True)]
+        for name, keys in self.hmac_keys().items():
+            found += [f"{name}: {p}" for p in key_list_problems(keys, fernet=False)]
+        if self.kafka_security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            found.append(f"KAFKA_SECURITY_PROTOCOL: {self.kafka_security_protocol} sends credentials and data in clear")
+        if not mongodb_uri_uses_tls(self.mongodb_uri):
+            found.append("MONGODB_URI: no TLS (add tls=true, or use mongodb+srv://)")
+        return found
 
     def insecure_defaults(self) -> list[str]:
-        dev = {
-            "NOTIFIER_KEYS": (self.notifier_keys, DEV_NOTIFIER_KEY),
-            "PASSWORD_KEYS": (self.password_keys, DEV_PASSWORD_KEY),
-            "DLQ_KEYS": (self.dlq_keys, DEV_DLQ_KEY),
-            "AUDIT_HMAC_KEY": (self.audit_hmac_key, DEV_AUDIT_KEY),
-            "PSEUDONYM_KEY": (self.pseudonym_key, DEV_PSEUDONYM_KEY),
-            "CODE_HMAC_KEY": (self.code_hmac_key, DEV_CODE_KEY),
-        }
-        return [name for name, (value, default) in dev.items() if value == default]
+        """Key variables still at their development value (development mode warns about them)."""
+        keys = {**self.fernet_keys(), **self.hmac_keys()}
+        return [name for name, value in keys.items() if any(k.strip() in DEV_KEYS for k in value.split(","))]
+
+    def ensure_safe(self, process: str) -> None:
+        """In production, refuse to start on any unsafe setting: name each, exit non-zero."""
+        if not self.production:
+            return
+        problems = self.problems()
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            sys.stderr.write(
+                f"{process}: refusing to start in production (CLAVE_ENV=production) because of:\n{lines}\n"
+                "Fix these settings, or set CLAVE_ENV=development on a development machine.\n"
+            )
+            raise SystemExit(EXIT_UNSAFE_SETTINGS)
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+def _decode_key(text: str) -> bytes | None:
+    """A key as written in settings: url-safe base64 (Fernet's and secrets.token_urlsafe's
+    form) or hex. None when it is neither."""
+    text = text.strip()
+    if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", text):
+        return bytes.fromhex(text)
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def key_problems(key: str, *, fernet: bool) -> list[str]:
+    """Why one key is unfit for production: a development key, or under 32 random bytes."""
+    if key.strip() in DEV_KEYS:
+        return ["a development key (public in the source code)"]
+    raw = _decode_key(key)
+    if raw is None:
+        return ["not url-safe base64 or hex"]
+    if len(raw) < MIN_KEY_BYTES or (fernet and len(raw) != MIN_KEY_BYTES):
+        return [f"{len(raw)} bytes, needs {MIN_KEY_BYTES} random bytes"]
+    if all(32 <= b < 127 for b in raw):
+        # 32 random bytes are all printable with probability (95/256)^32, about 1e-14: this is text.
+        return ["decodes to printable text, not random bytes"]
+    return []
+
+
+def key_list_problems(keys: str, *, fernet: bool) -> list[str]:
+    """A rotatable key list: every key in it must be fit (old keys still open old data)."""
+    items = [k for k in keys.split(",") if k.strip()]
+    if not items:
+        return ["empty"]
+    found: list[str] = []
+    for position, key in enumerate(items, start=1):
+        prefix = f"key {position} of {len(items)}: " if len(items) > 1 else ""
+        found += [prefix + p for p in key_problems(key, fernet=fernet)]
+    return found
+
+
+def mongodb_uri_uses_tls(uri: str) -> bool:
+    """TLS on: `tls=true`/`ssl=true`, or a `mongodb+srv://` URI that does not turn it off."""
+    parts = urlsplit(uri)
+    options = {k.lower(): v[-1].lower() for k, v in parse_qs(parts.query).items() if k.lower() in ("tls", "ssl")}
+    if parts.scheme == "mongodb+srv":
+        return "false" not in options.values()
+    return "true" in options.values()
+
+
+# OWASP Password Storage Cheat Sheet: argon2id configurations of equal strength
+# (memory in KiB, iterations), all with parallelism 1.
+ARGON2_OWASP_MINIMUMS = ((47_104, 1), (19_456, 2), (12_288, 3), (9_216, 4), (7_168, 5))
+
+
+class Argon2Settings(BaseSettings):
+    """argon2id cost, for the services that hash secrets (identity's answers, password's keys)."""
+
+    argon2_time_cost: int = 2
+    argon2_memory_kib: int = 19 * 1024
+    argon2_parallelism: int = 1
+
+    def argon2_problems(self) -> list[str]:
+        strong = any(
+            self.argon2_memory_kib >= m and self.argon2_time_cost >= t for m, t in ARGON2_OWASP_MINIMUMS
+        )
+        if strong and self.argon2_parallelism >= 1:
+            return []
+        return [
+            f"ARGON2_MEMORY_KIB/ARGON2_TIME_COST: m={self.argon2_memory_kib} KiB, t={self.argon2_time_cost} is under "
+            "OWASP's minimum (m=19456 KiB with t=2, or an equal row of its table)"
+        ]
+
+
+S = TypeVar("S", bound=PlatformSettings)
+
+
+@cache
+def load(cls: type[S]) -> S:
+    """One settings object per class and process."""
+    return cls()
+
+
+def get_settings() -> PlatformSettings:
+    return load(PlatformSettings)

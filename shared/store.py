@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from bson import ObjectId
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient, monitoring
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
@@ -84,12 +85,35 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionFailure)
 
 
+class CommandCounter(monitoring.CommandListener):
+    """Counts the commands this client sends (store round trips), by command name only, for
+    `clave_store_commands_total`: what the service costs its store, idle or busy. The
+    driver's own heartbeats are not commands and are not counted."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.counts[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        return None
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        return None
+
+
 class ServiceStore:
     """Base of every service's repository: one database per service."""
 
     def __init__(self, uri: str, db_name: str) -> None:
+        self.commands = CommandCounter()
         self.client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            uri, tz_aware=True, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000
+            uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=5000,
+            connectTimeoutMS=5000,
+            event_listeners=[self.commands],
         )
         self.db: AsyncDatabase[dict[str, Any]] = self.client[db_name]
 

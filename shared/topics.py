@@ -19,8 +19,10 @@ IDENTITY_LOCKED = "identity.locked"
 IDENTITY_EMAIL_CHANGED = "identity.email_changed"
 IDENTITY_ACCOUNT_REGISTERED = "identity.account_registered"
 IDENTITY_COMMANDS = "identity.commands"
+IDENTITY_DECLINED = "identity.declined"
 TOKENS_ISSUED = "tokens.issued"
 TOKENS_REDEEMED = "tokens.redeemed"
+TOKENS_CODE_REJECTED = "tokens.code_rejected"
 PASSWORD_UPDATED = "password.updated"
 PASSWORD_REJECTED = "password.rejected"
 NOTIFIER_SENT = "notifier.sent"
@@ -34,7 +36,8 @@ def dlq(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
-# Topics some service consumes: each gets a DLQ twin.
+# Topics some service consumes: each gets a DLQ twin (`audit.events` too: without its twin, the
+# audit service's relay could never publish a letter of the audit read model).
 CONSUMED = (
     RECOVERY_REQUESTS,
     RECOVERY_RESETS,
@@ -43,8 +46,10 @@ CONSUMED = (
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMANDS,
+    IDENTITY_DECLINED,
     TOKENS_ISSUED,
     TOKENS_REDEEMED,
+    TOKENS_CODE_REJECTED,
     PASSWORD_UPDATED,
     PASSWORD_REJECTED,
     AUDIT_EVENTS,  # by the audit read model, which dead-letters what it cannot project
@@ -52,8 +57,19 @@ CONSUMED = (
 
 PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED)
 
+MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 WEEK_MS = 7 * 24 * HOUR_MS
+
+# Kafka deletes whole segments: one goes once its newest record is past retention.ms, at the
+# broker's next retention check (log.retention.check.interval.ms, 5 min), and its files
+# file.delete.delay.ms later. So a record lives at most retention.ms + segment.ms + check
+# interval + delete delay: with the broker's default segment.ms (7 days) a busy portal input
+# topic kept what citizens typed for days. Portal inputs roll a segment every half retention
+# and count time by the broker's clock (a producer's timestamp cannot keep a record longer):
+# 1 h + 30 min + 5 min + 1 min, gone within 1 h 36 min of being written.
+PORTAL_FILE_DELETE_DELAY_MS = MINUTE_MS
+RETENTION_CHECK_INTERVAL_MS = 5 * MINUTE_MS  # the broker's, set in deploy/local/stack.sh
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,42 @@ class TopicSpec:
     name: str
     partitions: int
     retention_ms: int  # -1 = kept forever
+    segment_ms: int | None = None  # None: the broker's default (7 days)
+    broker_time: bool = False  # message.timestamp.type=LogAppendTime
+    file_delete_delay_ms: int | None = None  # None: the broker's default (1 min)
+
+    def configs(self) -> dict[str, str]:
+        """The Kafka topic configs this spec sets (and create_topics.py keeps set)."""
+        configs = {"retention.ms": str(self.retention_ms)}
+        if self.retention_ms == -1:
+            configs["retention.bytes"] = "-1"  # forever means forever: no size limit either
+        if self.segment_ms is not None:
+            configs["segment.ms"] = str(self.segment_ms)
+        if self.broker_time:
+            configs["message.timestamp.type"] = "LogAppendTime"
+        if self.file_delete_delay_ms is not None:
+            configs["file.delete.delay.ms"] = str(self.file_delete_delay_ms)
+        return configs
+
+    def kept_at_most_ms(self) -> int | None:
+        """How long after it was written a record is gone from disk at the latest (None: unbounded
+        by this spec: the broker's default segment.ms applies)."""
+        if self.retention_ms < 0 or self.segment_ms is None or not self.broker_time:
+            return None
+        delay = PORTAL_FILE_DELETE_DELAY_MS if self.file_delete_delay_ms is None else self.file_delete_delay_ms
+        return self.retention_ms + self.segment_ms + RETENTION_CHECK_INTERVAL_MS + delay
+
+
+def portal_input(name: str, partitions: int, retention_ms: int) -> TopicSpec:
+    """A topic carrying what citizens typed in the clear: off the disk soon after retention."""
+    return TopicSpec(
+        name,
+        partitions,
+        retention_ms,
+        segment_ms=max(retention_ms // 2, MINUTE_MS),
+        broker_time=True,
+        file_delete_delay_ms=PORTAL_FILE_DELETE_DELAY_MS,
+    )
 
 
 def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms: int) -> list[TopicSpec]:
@@ -68,13 +120,11 @@ def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms:
     specs: list[TopicSpec] = []
     for name in CONSUMED + PRODUCED_ONLY:
         if name == AUDIT_EVENTS:
-            retention = -1
+            specs.append(TopicSpec(name, partitions, -1))
         elif name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
-            # They carry what citizens typed in the clear: keep them briefly.
-            retention = portal_retention_ms
+            specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
-            retention = internal_retention_ms
-        specs.append(TopicSpec(name, partitions, retention))
+            specs.append(TopicSpec(name, partitions, internal_retention_ms))
     for name in CONSUMED:
         # A DLQ is kept as long as internal topics: long enough for an operator to act.
         specs.append(TopicSpec(dlq(name), partitions, internal_retention_ms))
@@ -91,11 +141,13 @@ class EventType:
     IDENTITY_LOCKED = "ec.clave.identity.locked.v1"
     IDENTITY_EMAIL_CHANGED = "ec.clave.identity.email_changed.v1"
     ACCOUNT_REGISTERED = "ec.clave.identity.account_registered.v1"
+    IDENTITY_DECLINED = "ec.clave.identity.declined.v1"
     OPERATOR_EMAIL_UPDATE = "ec.clave.operator.email_update.v1"
     OPERATOR_UNLOCK = "ec.clave.operator.unlock.v1"
     OPERATOR_SEND_RECOVERY = "ec.clave.operator.send_recovery.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
+    TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"
     PASSWORD_UPDATED = "ec.clave.password.updated.v1"
     PASSWORD_REJECTED = "ec.clave.password.rejected.v1"
     NOTIFIER_SENT = "ec.clave.notifier.sent.v1"

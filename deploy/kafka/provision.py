@@ -2,25 +2,34 @@
 
     python deploy/kafka/provision.py [--replication-factor N] [--dry-run] [--prune] [--describe]
 
-Connects with the admin client settings of the environment: KAFKA_CLIENT_PROPERTIES=FILE
-(librdkafka syntax: bootstrap.servers, security.protocol=SASL_SSL, sasl.mechanism,
-sasl.username, sasl.password, ssl.ca.location) or the KAFKA_* variables. The principal must
-be allowed to create topics and ACLs (a super user, or CREATE and ALTER on the cluster).
-The local stack runs it after each Kafka start with `--replication-factor 1`.
+The production deployments run it as a one-off job from the service image
+(deploy/compose: the `kafka-provision` service; deploy/helm/clave: a pre-install and
+pre-upgrade hook Job) with KAFKA_REPLICATION_FACTOR=3 and KAFKA_MIN_INSYNC_REPLICAS=2; the
+local stack runs it after each Kafka start (replication factor 1). It connects with the
+admin client settings of the environment: KAFKA_CLIENT_PROPERTIES=FILE (librdkafka syntax:
+bootstrap.servers, security.protocol=SASL_SSL, sasl.mechanism, sasl.username, sasl.password,
+ssl.ca.location) or the KAFKA_* variables. The principal must be allowed to create topics and
+ACLs (`admin`, a super user of the brokers, or CREATE and ALTER on the cluster).
 
-1. Creates every missing topic of shared/topics.py (existing ones are left alone and a
-   difference in partitions or retention is reported), see deploy/local/create_topics.py.
-2. Creates every ALLOW binding of shared/acl.py that is missing. `--prune` also deletes
-   ACLs of Clave's principals that the table no longer grants (otherwise they are only
-   reported): a permission removed from the table is then removed from the cluster.
+1. Topics: every topic of shared/topics.py `all_topics`, with the documented retentions
+   (portal inputs 1 h, internal topics and DLQs 7 days, `audit.events` forever), the
+   replication factor (`--replication-factor`, else KAFKA_REPLICATION_FACTOR) and
+   `min.insync.replicas` (KAFKA_MIN_INSYNC_REPLICAS), see deploy/local/create_topics.py,
+   which the local stack also uses. Missing topics are created; an existing topic gets the
+   wanted configs, a difference in partitions is only reported.
+2. ACLs: every ALLOW binding of shared/acl.py (derived from the topic contract,
+   shared/contract.py) that is missing. `--prune` also deletes ACLs of Clave's principals
+   that the table no longer grants (otherwise they are only reported): a permission removed
+   from the table is then removed from the cluster.
 
 The brokers must run an authorizer that refuses what no ACL allows
 (`allow.everyone.if.no.acl.found=false`), with SCRAM users for every principal of
-shared.acl.PRINCIPALS (`kafka-configs --alter --add-config 'SCRAM-SHA-512=[password=...]'
---entity-type users --entity-name NAME`); see the README, "Kafka principals and ACLs".
-Exit 0 when the cluster matches the table, 1 otherwise.
+shared.acl.PRINCIPALS. They are not created here (aiokafka has no
+AlterUserScramCredentials): the local stack bootstraps them at format time, the compose
+stack's `kafka-users` job runs kafka-configs.sh, a Kubernetes cluster's Kafka operator
+makes them; see the README, "Kafka principals and ACLs".
+Exit 0 when the cluster matches the table, 1 otherwise (2: the settings are inconsistent).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -41,15 +50,14 @@ from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest, DescribeAclsRequest  # noqa: E402
 
 from shared.acl import ALLOW, PRINCIPALS, Acl, Operation, PatternType, ResourceType, all_acls  # noqa: E402
-from shared.kafka import client_kwargs  # noqa: E402
-from shared.settings import get_settings  # noqa: E402
 
 ANY = 1  # the ANY filter value of resource type, pattern type, operation and permission
 ANY_HOST = "*"
 
 
 def admin_client() -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(**client_kwargs(get_settings()), client_id="clave-provision", request_timeout_ms=30_000)
+    settings = create_topics.load(create_topics.ClusterSettings)
+    return AIOKafkaAdminClient(**{**create_topics.admin_kwargs(settings), "client_id": "clave-provision"})
 
 
 async def _send(admin: AIOKafkaAdminClient, request: Any) -> Any:
@@ -150,7 +158,9 @@ async def provision_acls(dry_run: bool, prune: bool, describe: bool) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Create Clave's Kafka topics and ACLs (idempotent).")
-    parser.add_argument("--replication-factor", type=int, default=3, help="for new topics (default 3)")
+    parser.add_argument(
+        "--replication-factor", type=int, default=None, help="for new topics (default: KAFKA_REPLICATION_FACTOR)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="only report the ACLs that would change")
     parser.add_argument("--prune", action="store_true", help="delete ACLs of Clave's principals not in the table")
     parser.add_argument("--describe", action="store_true", help="also list every topic and every ACL")

@@ -35,10 +35,10 @@ def probe_kafka(bootstrap: str) -> str:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from shared.kafka import client_kwargs
-    from shared.settings import Settings
+    from shared.settings import PlatformSettings
 
     # SASL as the environment says (stack.sh: KAFKA_CLIENT_PROPERTIES, the admin's file).
-    kwargs = client_kwargs(Settings(kafka_bootstrap_servers=bootstrap))
+    kwargs = client_kwargs(PlatformSettings(kafka_bootstrap_servers=bootstrap))
 
     async def run() -> str:
         admin = AIOKafkaAdminClient(

@@ -101,7 +101,10 @@ SMTP_PORT=${SMTP_PORT:-1025}
 METRICS_HOST=${METRICS_HOST:-127.0.0.1}
 KAFKA_BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$KAFKA_PORT}
 MONGODB_URI=${MONGODB_URI:-mongodb://127.0.0.1:$STORE_PORT/?replicaSet=secantus}
-export VAR_DIR MAIL_DIR SMTP_HOST SMTP_PORT METRICS_HOST KAFKA_BOOTSTRAP_SERVERS MONGODB_URI
+# The local stack is a development machine: production mode (the default) would refuse its
+# development keys, PLAINTEXT Kafka and TLS-less store and SMTP.
+CLAVE_ENV=${CLAVE_ENV:-development}
+export VAR_DIR MAIL_DIR SMTP_HOST SMTP_PORT METRICS_HOST KAFKA_BOOTSTRAP_SERVERS MONGODB_URI CLAVE_ENV
 
 KAFKA_POM=$HERE/kafka/pom.xml
 KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
@@ -347,6 +350,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
+# How often retention is enforced: with segment.ms it bounds how long a portal input record
+# outlives its retention (shared/topics.py). Production: 5 min (the default) or less.
+log.retention.check.interval.ms=300000
 EOF
   )
   want=$(kafka_credentials_hash)
@@ -400,11 +406,30 @@ export KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT KAFKA_SASL_MECHANISM=SCRAM-SHA-512
 shift 2
 exec "$@"'
 
+# await_exec COMPONENT PID: $! is first a copy of this shell, forked to run the command,
+# and is the component only once that copy has exec'd it; from then on /proc/PID/cmdline
+# carries the component's signature. Wait for that (or for its end), with a deadline, so the
+# pid file is written only when running_pid can trust it: read too early, a starting
+# component looked like one that had already exited.
+await_exec() {
+  local c=$1 pid=$2 sig deadline
+  sig=$(signature "$c")
+  deadline=$(($(now_ms) + 10000))
+  while pid_alive "$pid"; do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$sig" && return 0
+    if (($(now_ms) > deadline)); then
+      say "$c: pid $pid has not started its command within 10s"
+      return 0
+    fi
+    sleep 0.01
+  done
+}
 
 # launch COMPONENT: start it in the background (own session, so a Ctrl-C in the
-# terminal that ran `make up` does not reach it) and write its pid file.
+# terminal that ran `make up` does not reach it) and write its pid file once the pid is
+# the component's own process.
 launch() {
-  local c=$1 addr log
+  local c=$1 addr log pid
   for addr in $(listen_addrs "$c"); do
     if port_open "${addr%:*}" "${addr##*:}"; then
       die "$c: $addr is already in use by a process this stack did not start (see: ss -ltnp | grep ${addr##*:}); stop it or choose other ports"
@@ -419,7 +444,9 @@ launch() {
   command_of "$c"
   printf '===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$c" >>"$log"
   PYTHONUNBUFFERED=1 setsid "${CMD[@]}" </dev/null >>"$log" 2>&1 9>&- &
-  printf '%s\n' "$!" >"$(pidfile "$c")"
+  pid=$!
+  await_exec "$c" "$pid"
+  printf '%s\n' "$pid" >"$(pidfile "$c")"
 }
 
 # start_one COMPONENT: launches it unless it already runs (then appends it to STARTED,
@@ -798,4 +825,5 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (tests/unit/test_stack_start.py): the functions only.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from services.audit.handlers import AuditHandlers
+from services.audit.settings import AuditSettings
 from services.audit.store import AuditStore
 from shared.consumer import Route
 from shared.runtime import Service
 from shared.schemas import AuditRecord
-from shared.settings import Settings, get_settings
+from shared.settings import PlatformSettings, load
 from shared.topics import AUDIT_EVENTS, EventType
 
 NAME = "audit"
 
 
-def make_store(settings: Settings, db_suffix: str = "") -> AuditStore:
+def make_store(settings: PlatformSettings, db_suffix: str = "") -> AuditStore:
     return AuditStore(settings.mongodb_uri, settings.db_name(NAME) + db_suffix)
 
 
-def build(settings: Settings | None = None) -> Service:
-    settings = settings or get_settings()
+def build(settings: AuditSettings | None = None) -> Service:
+    settings = settings or load(AuditSettings)
     store = make_store(settings)
     service = Service(NAME, store, settings)
     h = AuditHandlers(store, service.metrics)

@@ -16,7 +16,7 @@ from services.audit.app import make_store
 from services.audit.store import EVENTS, HEADS
 from shared.envelope import BadInput, parse_event
 from shared.schemas import AuditRecord
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS, EventType
 
 REBUILD_SUFFIX = "_rebuild"
@@ -37,7 +37,7 @@ class RebuildReport:
         return not (self.missing_live or self.different or self.heads_differ)
 
 
-async def rebuild(settings: Settings, wait_for_live: float = 60.0) -> RebuildReport:
+async def rebuild(settings: PlatformSettings, wait_for_live: float = 60.0) -> RebuildReport:
     report = RebuildReport()
     copy = make_store(settings, REBUILD_SUFFIX)
     live = make_store(settings)

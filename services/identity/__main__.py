@@ -1,4 +1,7 @@
-from services.identity.app import build
+from services.identity.app import NAME, build
+from services.identity.settings import IdentitySettings
+from shared.runtime import serve
+from shared.settings import load
 
 if __name__ == "__main__":
-    build().run()
+    serve(NAME, load(IdentitySettings), build)

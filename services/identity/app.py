@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from services.identity.handlers import IdentityHandlers
+from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore
 from shared.consumer import Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
 from shared.schemas import OperatorCommand, PasswordUpdated, RecoveryRequested
-from shared.settings import Settings, get_settings
+from shared.settings import load
 from shared.topics import IDENTITY_COMMANDS, PASSWORD_UPDATED, RECOVERY_REQUESTS, EventType
 
 NAME = "identity"
 
 
-def make_store(settings: Settings) -> AccountStore:
+def make_store(settings: IdentitySettings) -> AccountStore:
     return AccountStore(settings.mongodb_uri, settings.db_name(NAME), settings.ip_window_s)
 
 
-def build(settings: Settings | None = None) -> Service:
-    settings = settings or get_settings()
+def build(settings: IdentitySettings | None = None) -> Service:
+    settings = settings or load(IdentitySettings)
     store = make_store(settings)
     service = Service(NAME, store, settings)
     hasher = SecretHasher(settings)

@@ -10,6 +10,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.identity import domain
 from services.identity.domain import Account, Evidence, LockoutPolicy, MailboxLimit, Reason
+from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore
 from shared.consumer import HandlerContext
 from shared.crypto import keyed_hash
@@ -25,7 +26,6 @@ from shared.schemas import (
     RecoveryOutcome,
     RecoveryRequested,
 )
-from shared.settings import Settings
 from shared.topics import (
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
@@ -40,7 +40,9 @@ def recipient(account: Account, email: str | None = None) -> Recipient:
 
 
 class IdentityHandlers:
-    def __init__(self, store: AccountStore, hasher: SecretHasher, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, store: AccountStore, hasher: SecretHasher, settings: IdentitySettings, metrics: ServiceMetrics
+    ) -> None:
         self.store = store
         self.hasher = hasher
         self.settings = settings

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.identity import domain
+from services.identity.settings import IdentitySettings
 from services.identity.store import ACCOUNTS, AccountStore
 from shared.audit import audit_event
 from shared.crypto import SecretBox, keyed_hash
 from shared.envelope import describe_errors, new_event
 from shared.hashing import SecretHasher
 from shared.schemas import AccountRegistered, AuditRecord
-from shared.settings import Settings
 from shared.store import Outgoing
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED, EventType
 
@@ -87,7 +87,7 @@ def validate_record(record: AccountRecord, questions: list[str]) -> dict[str, An
 async def import_accounts(
     store: AccountStore,
     hasher: SecretHasher,
-    settings: Settings,
+    settings: IdentitySettings,
     lines: Iterable[str],
     operator_id: str,
 ) -> ImportReport:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from services.notifier.handlers import MailSender, NotifierHandlers
+from services.notifier.settings import NotifierSettings
 from services.notifier.store import NotificationStore
 from shared.consumer import Route
 from shared.runtime import Service
 from shared.schemas import EmailChanged, IdentityLocked, PasswordUpdated, TokensIssued
-from shared.settings import Settings, get_settings
+from shared.settings import load
 from shared.topics import IDENTITY_EMAIL_CHANGED, IDENTITY_LOCKED, PASSWORD_UPDATED, TOKENS_ISSUED, EventType
 
 NAME = "notifier"
 
 
-def build(settings: Settings | None = None) -> Service:
-    settings = settings or get_settings()
+def build(settings: NotifierSettings | None = None) -> Service:
+    settings = settings or load(NotifierSettings)
     store = NotificationStore(settings.mongodb_uri, settings.db_name(NAME))
     service = Service(NAME, store, settings)
     sender = MailSender(store, settings, service.metrics, on_outbox=service.relay.wake)

@@ -55,3 +55,8 @@ def message_id(notification_id: str) -> str:
     # and auditors can recognise it as the same message.
     digest = hashlib.sha256(notification_id.encode()).hexdigest()[:32]
     return f"<{digest}@clave>"
+
+
+def minutes_between(start: datetime, end: datetime) -> int:
+    """Whole minutes a citizen is told a link or code lasts (a lifetime of 30 min reads 30)."""
+    return max(0, round((end - start).total_seconds() / 60))

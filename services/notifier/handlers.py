@@ -5,6 +5,7 @@ outage never blocks a partition and a queued mail survives a crash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ from pymongo.errors import PyMongoError
 from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
 from services.notifier.rendering import MailRenderer, build_message, mask_email
+from services.notifier.settings import NotifierSettings
 from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
@@ -31,7 +33,6 @@ from shared.schemas import (
     Recipient,
     TokensIssued,
 )
-from shared.settings import Settings
 from shared.store import Outgoing
 from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, EventType
 
@@ -41,7 +42,7 @@ KEEP_SENT = timedelta(days=30)
 
 
 class NotifierHandlers:
-    def __init__(self, store: NotificationStore, settings: Settings, wake_sender: Any) -> None:
+    def __init__(self, store: NotificationStore, settings: NotifierSettings, wake_sender: Any) -> None:
         self.store = store
         self.settings = settings
         self.box = SecretBox(settings.notifier_keys)
@@ -103,8 +104,9 @@ class NotifierHandlers:
                     account_id=evt.account_id,
                     request_id=evt.request_id,
                     context={
-                        "link_minutes": self.settings.link_ttl_s // 60,
-                        "code_minutes": self.settings.code_ttl_s // 60,
+                        # The lifetimes tokens chose, as the event states them.
+                        "link_minutes": domain.minutes_between(ctx.event.time, evt.link_expires_at),
+                        "code_minutes": domain.minutes_between(ctx.event.time, evt.code_expires_at),
                     },
                     sealed=evt.sealed_secrets,
                     started_at=evt.requested_at,
@@ -170,6 +172,10 @@ class NotifierHandlers:
 
 # How long a sender keeps trying to record that the SMTP server accepted a mail.
 RECORD_PATIENCE_S = 300.0
+# The sender sleeps until the next notification is due, at most this long: the bound is only
+# for what another notifier instance scheduled (its retries, its claims) and then died.
+SAFETY_POLL_S = 30.0
+MIN_SLEEP_S = 0.05
 
 
 class LostClaim(Exception):
@@ -188,7 +194,9 @@ class MailSender:
     be lost; an identical copy is the lesser harm), and audited as `in_doubt_resend`.
     """
 
-    def __init__(self, store: NotificationStore, settings: Settings, metrics: ServiceMetrics, on_outbox: Any) -> None:
+    def __init__(
+        self, store: NotificationStore, settings: NotifierSettings, metrics: ServiceMetrics, on_outbox: Any
+    ) -> None:
         self.store = store
         self.settings = settings
         self.on_outbox = on_outbox
@@ -211,14 +219,20 @@ class MailSender:
         )
 
     async def run_forever(self) -> None:
+        """Deliver what is due, then sleep until the next notification falls due (a retry's
+        `next_attempt_at`, the end of a claim's lease) or a handler queues one (`wake`); not
+        a poll. SAFETY_POLL_S bounds the sleep, for what another instance scheduled."""
         while True:
-            delivered = await self.deliver_due()
-            if not delivered:
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-                except TimeoutError:
-                    pass
+            # Cleared before looking: a mail queued meanwhile makes the wait return at once.
+            self.wake.clear()
+            await self.deliver_due()
+            due = await self.store.next_due_at()
+            delay = SAFETY_POLL_S
+            if due is not None:
+                # Not below MIN_SLEEP_S: a due time that has just passed is claimed on the next turn.
+                delay = min(max((due - datetime.now(UTC)).total_seconds(), MIN_SLEEP_S), SAFETY_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=delay)
 
     async def deliver_due(self) -> int:
         count = 0
@@ -251,7 +265,8 @@ class MailSender:
             port=self.settings.smtp_port,
             username=self.settings.smtp_username or None,
             password=self.settings.smtp_password or None,
-            start_tls=self.settings.smtp_starttls,
+            start_tls=self.settings.smtp_tls_mode(),
+            use_tls=self.settings.smtp_implicit_tls,
             timeout=self.settings.smtp_timeout_s,
         )
         try:

@@ -78,6 +78,22 @@ class NotificationStore(ServiceStore):
             sort=[("next_attempt_at", 1)],
         )
 
+    async def next_due_at(self) -> datetime | None:
+        """When `claim_due` will next find something: the earliest next attempt of a pending
+        notification, or the earliest end of a claim (a sender that may have died). None:
+        nothing is waiting. Two indexed reads, so the sender can sleep instead of polling."""
+        coll = self.db[NOTIFICATIONS]
+        pending = await coll.find_one({"state": State.PENDING}, {"next_attempt_at": 1}, sort=[("next_attempt_at", 1)])
+        claimed = await coll.find_one(
+            {"state": {"$in": [State.SENDING, ACCEPTED]}}, {"lease_until": 1}, sort=[("lease_until", 1)]
+        )
+        times = [
+            doc[key]
+            for doc, key in ((pending, "next_attempt_at"), (claimed, "lease_until"))
+            if doc is not None and isinstance(doc.get(key), datetime)
+        ]
+        return min(times) if times else None
+
     async def _claim(
         self, claim: str, query: dict[str, Any], update: dict[str, Any], **kw: Any
     ) -> dict[str, Any] | None:

@@ -1,4 +1,7 @@
-from services.password.app import build
+from services.password.app import NAME, build
+from services.password.settings import PasswordSettings
+from shared.runtime import serve
+from shared.settings import load
 
 if __name__ == "__main__":
-    build().run()
+    serve(NAME, load(PasswordSettings), build)

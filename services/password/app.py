@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from services.password.handlers import PasswordHandlers
 from services.password.policy import policy_from_name
+from services.password.settings import PasswordSettings
 from services.password.store import CredentialStore
 from shared.consumer import Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
 from shared.schemas import AccountRegistered, TokensRedeemed
-from shared.settings import Settings, get_settings
+from shared.settings import load
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED, TOKENS_REDEEMED, EventType
 
 NAME = "password"
 
 
-def build(settings: Settings | None = None) -> Service:
-    settings = settings or get_settings()
+def build(settings: PasswordSettings | None = None) -> Service:
+    settings = settings or load(PasswordSettings)
     store = CredentialStore(settings.mongodb_uri, settings.db_name(NAME))
     service = Service(NAME, store, settings)
     hasher = SecretHasher(settings)

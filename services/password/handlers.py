@@ -13,6 +13,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.password import domain
 from services.password.policy import PasswordPolicy, Reason
+from services.password.settings import PasswordSettings
 from services.password.store import CredentialStore
 from shared.consumer import HandlerContext
 from shared.crypto import SealError, SecretBox
@@ -25,7 +26,6 @@ from shared.schemas import (
     PasswordUpdated,
     TokensRedeemed,
 )
-from shared.settings import Settings
 from shared.topics import PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
 
 
@@ -35,7 +35,7 @@ class PasswordHandlers:
         store: CredentialStore,
         hasher: SecretHasher,
         policy: PasswordPolicy,
-        settings: Settings,
+        settings: PasswordSettings,
         metrics: ServiceMetrics,
     ) -> None:
         self.store = store

@@ -1,4 +1,7 @@
-from services.tokens.app import build
+from services.tokens.app import NAME, build
+from services.tokens.settings import TokensSettings
+from shared.runtime import serve
+from shared.settings import load
 
 if __name__ == "__main__":
-    build().run()
+    serve(NAME, load(TokensSettings), build)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from services.tokens.handlers import TokenHandlers
+from services.tokens.settings import TokensSettings
 from services.tokens.store import TokenStore
 from shared.consumer import Route
 from shared.runtime import Service
 from shared.schemas import EmailChanged, IdentityVerified, PasswordRejected, PasswordUpdated, ResetSubmitted
-from shared.settings import Settings, get_settings
+from shared.settings import load
 from shared.topics import (
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_VERIFIED,
@@ -20,8 +21,8 @@ from shared.topics import (
 NAME = "tokens"
 
 
-def build(settings: Settings | None = None) -> Service:
-    settings = settings or get_settings()
+def build(settings: TokensSettings | None = None) -> Service:
+    settings = settings or load(TokensSettings)
     store = TokenStore(settings.mongodb_uri, settings.db_name(NAME))
     service = Service(NAME, store, settings)
     h = TokenHandlers(store, settings, service.metrics)

@@ -11,6 +11,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.tokens import domain
 from services.tokens.domain import Reason, State
+from services.tokens.settings import TokensSettings
 from services.tokens.store import TokenStore, to_view
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
@@ -28,12 +29,11 @@ from shared.schemas import (
     TokensIssued,
     TokensRedeemed,
 )
-from shared.settings import Settings
 from shared.topics import RECOVERY_OUTCOMES, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
 
 
 class TokenHandlers:
-    def __init__(self, store: TokenStore, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, store: TokenStore, settings: TokensSettings, metrics: ServiceMetrics) -> None:
         self.store = store
         self.settings = settings
         self.notifier_box = SecretBox(settings.notifier_keys)

@@ -20,16 +20,16 @@ import pytest
 from clave.kafkaio import as_principal, principal_properties
 from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from clave.testdata import Citizen, new_citizen, write_jsonl
+from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.crypto import keyed_hash
-from shared.settings import Settings, get_settings
 from shared.topics import AUDIT_EVENTS, CONSUMED, dlq
 
 SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e
 
 
-def metrics_url(settings: Settings, service: str, path: str = "/metrics") -> str:
+def metrics_url(settings: WorkbenchSettings, service: str, path: str = "/metrics") -> str:
     port = getattr(settings, f"{service}_metrics_port")
     return f"http://{settings.metrics_host}:{port}{path}"
 
@@ -58,12 +58,12 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return get_settings()
+def settings() -> WorkbenchSettings:
+    return workbench_settings()
 
 
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Settings:
+def stack(settings: WorkbenchSettings) -> WorkbenchSettings:
     """Wait (with a deadline) until all four services are ready; fail clearly otherwise."""
     deadline = time.monotonic() + 90
     missing: list[str] = list(SERVICES)
@@ -84,7 +84,7 @@ def fetch_ok(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-async def portal(stack: Settings) -> AsyncIterator[Portal]:
+async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
     p = Portal(as_principal(stack, PORTAL))  # plays the portal with the portal's principal
     await p.start()
     yield p
@@ -92,7 +92,7 @@ async def portal(stack: Settings) -> AsyncIterator[Portal]:
 
 
 @pytest.fixture(scope="session")
-async def audit_log(stack: Settings) -> AsyncIterator[TopicWatcher]:
+async def audit_log(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
     """Every audit event published during the session."""
     w = TopicWatcher(stack, [AUDIT_EVENTS])
     await w.start()
@@ -101,7 +101,7 @@ async def audit_log(stack: Settings) -> AsyncIterator[TopicWatcher]:
 
 
 @pytest.fixture(scope="session")
-async def dead_letters(stack: Settings) -> AsyncIterator[TopicWatcher]:
+async def dead_letters(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
     w = TopicWatcher(stack, [dlq(t) for t in CONSUMED])
     await w.start()
     yield w
@@ -109,7 +109,7 @@ async def dead_letters(stack: Settings) -> AsyncIterator[TopicWatcher]:
 
 
 @pytest.fixture(scope="session")
-def mailbox(stack: Settings) -> Mailbox:
+def mailbox(stack: WorkbenchSettings) -> Mailbox:
     return Mailbox(stack.mail_dir)
 
 
@@ -141,7 +141,12 @@ class World:
     """Test helpers that act like the people who use Clave: operator, portal, citizen."""
 
     def __init__(
-        self, settings: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
+        self,
+        settings: WorkbenchSettings,
+        portal: Portal,
+        mailbox: Mailbox,
+        audit_log: TopicWatcher,
+        dead_letters: TopicWatcher,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -205,6 +210,6 @@ class World:
 
 @pytest.fixture
 def world(
-    stack: Settings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
+    stack: WorkbenchSettings, portal: Portal, mailbox: Mailbox, audit_log: TopicWatcher, dead_letters: TopicWatcher
 ) -> World:
     return World(stack, portal, mailbox, audit_log, dead_letters)

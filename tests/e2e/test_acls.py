@@ -31,10 +31,11 @@ from aiokafka.protocol.admin import CreateAclsRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
 from clave.kafkaio import as_principal, principal_properties
+from clave.workbench import WorkbenchSettings
 from shared import topics as t
 from shared.acl import ADMIN, AUDITOR, OPERATOR, PORTAL, SERVICES, ResourceType, all_acls, group_id
 from shared.kafka import client_kwargs, connection
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 from tests.e2e.conftest import World
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +44,7 @@ TIMEOUT_MS = 10_000
 PROVISION_DIR = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
 
 
-async def produce(settings: Settings, topic: str) -> None:
+async def produce(settings: PlatformSettings, topic: str) -> None:
     """One record, as Clave's own producers send (idempotent, acks=all)."""
     producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True, request_timeout_ms=TIMEOUT_MS)
     try:
@@ -53,7 +54,7 @@ async def produce(settings: Settings, topic: str) -> None:
         await producer.stop()
 
 
-async def fetch(settings: Settings, topic: str) -> None:
+async def fetch(settings: PlatformSettings, topic: str) -> None:
     """Fetch `topic` from its start, without a group, as the CLI, the portal stand-in and the
     tests read. Raises what the broker answers: a topic the principal may not even describe
     fails at metadata, one it may describe but not read fails at the fetch."""
@@ -74,7 +75,7 @@ async def fetch(settings: Settings, topic: str) -> None:
         await consumer.stop()
 
 
-async def join(settings: Settings, topic: str, group: str) -> None:
+async def join(settings: PlatformSettings, topic: str, group: str) -> None:
     """Join `group` subscribed to `topic` and poll once (FindCoordinator, JoinGroup)."""
     consumer = AIOKafkaConsumer(
         topic, **client_kwargs(settings), group_id=group, enable_auto_commit=False, request_timeout_ms=TIMEOUT_MS
@@ -87,13 +88,13 @@ async def join(settings: Settings, topic: str, group: str) -> None:
         await consumer.stop()
 
 
-def service_pid(settings: Settings, service: str) -> int:
+def service_pid(settings: PlatformSettings, service: str) -> int:
     var_dir = Path(os.environ.get("VAR_DIR", "var"))
     return int((var_dir / "run" / f"{service}.pid").read_text().strip())
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
-def test_each_service_runs_as_its_own_principal(stack: Settings, service: str) -> None:
+def test_each_service_runs_as_its_own_principal(stack: WorkbenchSettings, service: str) -> None:
     environ = Path(f"/proc/{service_pid(stack, service)}/environ").read_bytes().split(b"\0")
     env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
     assert env.get("KAFKA_SASL_USERNAME") == service
@@ -101,7 +102,7 @@ def test_each_service_runs_as_its_own_principal(stack: Settings, service: str) -
     assert "KAFKA_CLIENT_PROPERTIES" not in env  # nothing may swap in another principal
 
 
-def test_the_suite_plays_each_role_with_its_own_principal(stack: Settings, world: World) -> None:
+def test_the_suite_plays_each_role_with_its_own_principal(stack: WorkbenchSettings, world: World) -> None:
     assert connection(stack).kafka_sasl_username == ADMIN  # the observer
     assert connection(world.portal.settings).kafka_sasl_username == PORTAL
     for principal in (OPERATOR, AUDITOR):
@@ -110,7 +111,7 @@ def test_the_suite_plays_each_role_with_its_own_principal(stack: Settings, world
         assert os.stat(principal_properties(principal)).st_mode & 0o077 == 0  # owner only
 
 
-async def test_broker_holds_exactly_the_table(stack: Settings) -> None:
+async def test_broker_holds_exactly_the_table(stack: WorkbenchSettings) -> None:
     """The ACLs on the broker are those of shared/acl.py, no more (provisioning is idempotent)."""
     sys.path.insert(0, str(PROVISION_DIR))
     import provision  # deploy/kafka/provision.py
@@ -134,7 +135,7 @@ MAY_READ = [
 
 
 @pytest.mark.parametrize(("principal", "topic"), MAY_READ)
-async def test_principal_may_read(stack: Settings, principal: str, topic: str) -> None:
+async def test_principal_may_read(stack: WorkbenchSettings, principal: str, topic: str) -> None:
     await fetch(as_principal(stack, principal), topic)
 
 
@@ -145,11 +146,11 @@ async def test_principal_may_read(stack: Settings, principal: str, topic: str) -
         (AUDITOR, t.AUDIT_EVENTS, f"auditor-acl-{uuid.uuid4().hex[:8]}"),
     ],
 )
-async def test_principal_may_use_its_groups(stack: Settings, principal: str, topic: str, group: str) -> None:
+async def test_principal_may_use_its_groups(stack: WorkbenchSettings, principal: str, topic: str, group: str) -> None:
     await join(as_principal(stack, principal), topic, group)
 
 
-async def test_service_may_read_its_own_group_offsets(stack: Settings) -> None:
+async def test_service_may_read_its_own_group_offsets(stack: WorkbenchSettings) -> None:
     """What the lag monitor does (OffsetFetch on clave-<service>)."""
     admin = AIOKafkaAdminClient(**client_kwargs(as_principal(stack, "tokens")))
     await admin.start()
@@ -178,7 +179,7 @@ REFUSED_WRITES = [
 
 
 @pytest.mark.parametrize(("principal", "topic"), REFUSED_WRITES)
-async def test_broker_refuses_write(stack: Settings, principal: str, topic: str) -> None:
+async def test_broker_refuses_write(stack: WorkbenchSettings, principal: str, topic: str) -> None:
     # The auditor may write no topic at all, so even its idempotent producer id is refused.
     expected = ClusterAuthorizationFailedError if principal == AUDITOR else TopicAuthorizationFailedError
     with pytest.raises(expected):
@@ -198,7 +199,7 @@ REFUSED_READS = [
 
 
 @pytest.mark.parametrize(("principal", "topic"), REFUSED_READS)
-async def test_broker_refuses_read(stack: Settings, principal: str, topic: str) -> None:
+async def test_broker_refuses_read(stack: WorkbenchSettings, principal: str, topic: str) -> None:
     with pytest.raises(TopicAuthorizationFailedError):
         await fetch(as_principal(stack, principal), topic)
 
@@ -214,12 +215,12 @@ async def test_broker_refuses_read(stack: Settings, principal: str, topic: str) 
         (OPERATOR, t.AUDIT_EVENTS, "operator"),  # the operator reads by assignment only
     ],
 )
-async def test_broker_refuses_foreign_group(stack: Settings, principal: str, topic: str, group: str) -> None:
+async def test_broker_refuses_foreign_group(stack: WorkbenchSettings, principal: str, topic: str, group: str) -> None:
     with pytest.raises(GroupAuthorizationFailedError):
         await join(as_principal(stack, principal), topic, group)
 
 
-async def test_broker_refuses_administration_to_non_admins(stack: Settings) -> None:
+async def test_broker_refuses_administration_to_non_admins(stack: WorkbenchSettings) -> None:
     portal = as_principal(stack, PORTAL)
     admin = AIOKafkaAdminClient(**client_kwargs(portal), request_timeout_ms=TIMEOUT_MS)
     await admin.start()
@@ -235,7 +236,7 @@ async def test_broker_refuses_administration_to_non_admins(stack: Settings) -> N
         await admin.close()
 
 
-async def test_broker_refuses_a_wrong_password(stack: Settings) -> None:
+async def test_broker_refuses_a_wrong_password(stack: WorkbenchSettings) -> None:
     kwargs = client_kwargs(connection(as_principal(stack, PORTAL)))
     host, _, port = kwargs.pop("bootstrap_servers").split(",")[0].rpartition(":")
     kwargs["sasl_plain_password"] = "not-the-password"
@@ -261,7 +262,7 @@ def kcat(principal: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (Debian: apt-get install kcat)")
 @pytest.mark.parametrize("principal", [PORTAL, OPERATOR, AUDITOR, "tokens"])
-def test_kcat_reads_the_properties_files(stack: Settings, principal: str) -> None:
+def test_kcat_reads_the_properties_files(stack: WorkbenchSettings, principal: str) -> None:
     """librdkafka (kcat -F) takes every setting of the file: the SCRAM login as `principal`."""
     dump = kcat(principal, "-X", "dump")
     assert dump.returncode == 0, dump.stderr

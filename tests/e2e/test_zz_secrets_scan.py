@@ -17,8 +17,8 @@ from pymongo import AsyncMongoClient
 from clave.kafkaio import read_topic
 from clave.portal import Mailbox, body_text
 from clave.testdata import SECRETS_MADE
+from clave.workbench import WorkbenchSettings
 from shared.kafka import client_kwargs
-from shared.settings import Settings
 from shared.topics import RECOVERY_REQUESTS, RECOVERY_RESETS
 from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
 
@@ -29,7 +29,7 @@ WORD = re.compile(r"[A-Za-z0-9_\-]+")
 CODE_EDGE = r"(?<![A-Za-z0-9_\-+/=.:]){}(?![A-Za-z0-9_\-+/=])"
 
 
-async def portal_inputs(settings: Settings) -> tuple[set[str], set[str]]:
+async def portal_inputs(settings: WorkbenchSettings) -> tuple[set[str], set[str]]:
     """What citizens typed: answers, tokens, keys (words) and codes, from the two input topics."""
     words: set[str] = set()
     codes: set[str] = set()
@@ -52,7 +52,7 @@ async def portal_inputs(settings: Settings) -> tuple[set[str], set[str]]:
     return words, codes
 
 
-def mailed(settings: Settings) -> tuple[set[str], set[str]]:
+def mailed(settings: WorkbenchSettings) -> tuple[set[str], set[str]]:
     words, codes = set(), set()
     for _, msg in Mailbox(settings.mail_dir).messages():
         text = body_text(msg)
@@ -61,7 +61,7 @@ def mailed(settings: Settings) -> tuple[set[str], set[str]]:
     return words, codes
 
 
-async def sources(settings: Settings) -> list[tuple[str, str]]:
+async def sources(settings: WorkbenchSettings) -> list[tuple[str, str]]:
     """(name, text) for every place a secret must never be."""
     from aiokafka.admin import AIOKafkaAdminClient
 

@@ -23,9 +23,9 @@ from aiokafka.errors import KafkaError
 
 from clave.kafkaio import stop_background_consumer
 from clave.portal import Portal, body_text, extract_link
+from clave.workbench import WorkbenchSettings
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
-from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "local" / "stack.sh"
@@ -86,7 +86,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> list
     return tps
 
 
-async def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[TopicPartition, int]:
+async def end_offsets(settings: WorkbenchSettings, topics: Iterable[str]) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     await consumer.start()
     try:
@@ -96,7 +96,9 @@ async def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[TopicPa
         await consumer.stop()
 
 
-async def read_records(settings: Settings, starts: dict[TopicPartition, int], timeout: float = 120.0) -> list[Rec]:
+async def read_records(
+    settings: WorkbenchSettings, starts: dict[TopicPartition, int], timeout: float = 120.0
+) -> list[Rec]:
     """Every record from `starts` up to the end offsets seen now, partition by partition (log order)."""
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
     await consumer.start()
@@ -123,7 +125,9 @@ async def read_records(settings: Settings, starts: dict[TopicPartition, int], ti
 class Tail:
     """Follows some partitions from given offsets; `on_record` indexes; waiters use `cond`."""
 
-    def __init__(self, settings: Settings, starts: dict[TopicPartition, int], on_record: Callable[[Rec], None]):
+    def __init__(
+        self, settings: WorkbenchSettings, starts: dict[TopicPartition, int], on_record: Callable[[Rec], None]
+    ):
         self.settings = settings
         self.starts = starts
         self.on_record = on_record

@@ -44,10 +44,10 @@ import pytest
 
 from clave.kafkaio import as_principal, principal_properties
 from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
+from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.audit import canonical
 from shared.crypto import keyed_hash
-from shared.settings import Settings, get_settings
 from shared.topics import AUDIT_EVENTS, CONSUMED, RECOVERY_OUTCOMES, dlq
 from tests.faults import harness
 from tests.faults.harness import MailIndex, Rec, RetryingPortal, Tail, end_offsets, read_records, stack, utc_now
@@ -80,7 +80,7 @@ MAIL_KINDS = ("recovery_link", "password_changed")
 DLQ_TOPICS = [dlq(t) for t in CONSUMED]
 
 
-def ready(settings: Settings, service: str) -> bool:
+def ready(settings: WorkbenchSettings, service: str) -> bool:
     import urllib.request
 
     port = getattr(settings, f"{service}_metrics_port")
@@ -91,7 +91,7 @@ def ready(settings: Settings, service: str) -> bool:
         return False
 
 
-async def wait_ready(settings: Settings, timeout: float = 90) -> None:
+async def wait_ready(settings: WorkbenchSettings, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while missing := [s for s in SERVICES if not await asyncio.to_thread(ready, settings, s)]:
         if time.monotonic() > deadline:
@@ -136,7 +136,7 @@ class Faults:
     def __init__(self) -> None:
         self.flag = harness.var_dir() / "run" / "smtp-tempfail"
         self.catcher_log = harness.var_dir() / "log" / "mailcatcher.log"
-        self.mail_dir = Path(get_settings().mail_dir)
+        self.mail_dir = Path(workbench_settings().mail_dir)
 
     def plan(self) -> list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]]:
         plan: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
@@ -214,7 +214,7 @@ class Faults:
 
 async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario, read top to bottom
     suite_t0 = time.monotonic()
-    settings = get_settings()
+    settings = workbench_settings()
     await wait_ready(settings)
     report: dict[str, Any] = {"n": N, "concurrency": CONCURRENCY, "started_at": utc_now()}
     logs_before = log_counts()

@@ -14,7 +14,7 @@ from shared import acl
 from shared import topics as t
 from shared.acl import AUDITOR, OPERATOR, PORTAL, SERVICES, Operation, PatternType, ResourceType, all_acls
 from shared.kafka import connection, read_properties, render_properties
-from shared.settings import Settings
+from shared.settings import PlatformSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_TOPICS = {spec.name for spec in t.all_topics(6, 1, 1)}
@@ -49,7 +49,7 @@ def test_every_consumed_topic_has_a_dlq_its_consumers_may_write() -> None:
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_table_matches_the_service_subscriptions(service: str) -> None:
-    built = importlib.import_module(f"services.{service}.app").build(Settings())
+    built = importlib.import_module(f"services.{service}.app").build()
     assert sorted(built._consumed_topics) == sorted(SERVICES[service].consumes)  # noqa: SLF001
     assert built.group_id == acl.group_id(service)
 
@@ -121,7 +121,7 @@ def test_properties_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "tokens.properties"
     text = render_properties("b1:9093,b2:9093", "SASL_SSL", "SCRAM-SHA-512", "tokens", "pw=with=eq", "/ca.pem")
     path.write_text(text)
-    settings = connection(Settings(kafka_client_properties=str(path), kafka_sasl_username="admin"))
+    settings = connection(PlatformSettings(kafka_client_properties=str(path), kafka_sasl_username="admin"))
     assert settings.kafka_bootstrap_servers == "b1:9093,b2:9093"
     assert settings.kafka_security_protocol == "SASL_SSL"
     assert settings.kafka_sasl_username == "tokens"  # the file wins over the environment

@@ -434,3 +434,51 @@ def test_recovery_requested_answer_size_limits_inclusive() -> None:
 def test_recovery_requested_shape_rules(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         RecoveryRequested.model_validate(request(**fields))
+
+
+# ------------------------------------------------------------------ what a dead letter needs, from the one parse
+
+
+def test_bad_input_carries_a_readable_correlation_id() -> None:
+    with pytest.raises(BadInput) as info:
+        parse_event(raw(valid_doc(type="ec.clave.other.v1")), max_bytes=LIMIT, known_types=KNOWN)
+    assert info.value.correlationid == "req-1"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 3000 + b"1" + b"}" * 3000,
+        b'{"correlationid":"req-1","n":' + b"1" * 5000 + b"}",
+        raw(valid_doc(correlationid="x" * 129, type="ec.clave.other.v1")),
+        raw(valid_doc(correlationid="req\n1", type="ec.clave.other.v1")),
+        raw(valid_doc(correlationid=["req-1"])),
+        raw([valid_doc()]),
+    ],
+)
+def test_bad_input_without_a_usable_correlation_id(data: bytes) -> None:
+    with pytest.raises(BadInput) as info:
+        parse_event(data, max_bytes=LIMIT, known_types=KNOWN)
+    assert info.value.correlationid is None
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        valid_doc(correlationid="req-\ud800"),
+        valid_doc(data={"request_id": "req-1", "token": "\udc00", "new_password": "Abc123"}),
+        valid_doc(data={"\ud83d": 1}),
+        valid_doc(ext="\udfff"),
+    ],
+)
+def test_lone_surrogate_is_malformed_json(doc: dict[str, Any]) -> None:
+    """JSON escapes can spell a string that is not Unicode; nothing downstream could encode it."""
+    assert reason_of(raw(doc)) == DeadLetterReason.MALFORMED_JSON
+
+
+def test_surrogate_pair_and_escaped_backslash_are_fine() -> None:
+    doc = valid_doc(data={"request_id": "req-1", "token": "\U0001f600 \\ud800", "new_password": "Abc123"})
+    data = raw(doc)
+    assert b"\\ud83d\\ude00" in data and b"\\\\ud800" in data
+    assert parse_event(data, max_bytes=LIMIT, known_types=KNOWN).data["token"] == "\U0001f600 \\ud800"

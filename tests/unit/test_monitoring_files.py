@@ -253,7 +253,7 @@ def test_code_metrics_are_found() -> None:
 
 
 def test_config_scrapes_the_four_services_with_a_service_label() -> None:
-    from shared.settings import Settings
+    from clave.workbench import WorkbenchSettings
 
     text = CONFIG.read_text(encoding="utf-8")
     assert re.search(r"^\s*scrape_interval:\s*5s\s*$", text, re.M), "scrape every 5 s"
@@ -262,7 +262,7 @@ def test_config_scrapes_the_four_services_with_a_service_label() -> None:
     )
     assert re.search(r"^\s*- job_name:\s*clave\s*$", text, re.M), 'the alerts select job="clave"'
     for service, port in SERVICE_PORTS.items():
-        assert Settings.model_fields[f"{service}_metrics_port"].default == port, (
+        assert WorkbenchSettings.model_fields[f"{service}_metrics_port"].default == port, (
             f"{service}'s metrics port moved: update prometheus.yml and this test"
         )
         pattern = (

@@ -1,0 +1,237 @@
+"""Who publishes and consumes each topic, what each topic carries and how it is keyed.
+
+The one table of the topic contract that is not in the topic names themselves
+(shared/topics.py) or the payload models (shared/schemas.py). The AsyncAPI document
+(docs/asyncapi.yaml, built by clave/asyncapi.py) is made from it, and so can the Kafka
+ACLs: `SERVICES` has the shape of shared/acl.py's table (`consumes`, `produces`), and
+`CLIENTS` names what the people-facing principals write and read.
+
+Rules that are not listed per service, because they hold for every one:
+
+- a service also writes the `.dlq` twin of every topic it consumes, and `audit.events`;
+- a service consumes in one group, `clave-<service>`.
+
+tests/unit/test_contract.py checks the table against the code: each service's
+subscriptions and the event types it routes, the topics its modules name, and the
+dead letters the consumer really writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared import topics as t
+from shared.topics import EventType
+
+
+@dataclass(frozen=True)
+class ServiceTopics:
+    consumes: tuple[str, ...]
+    produces: tuple[str, ...]
+
+
+# What each service process consumes (services/<name>/app.py) and emits through its outbox
+# (besides its DLQs and audit events).
+SERVICES: dict[str, ServiceTopics] = {
+    "identity": ServiceTopics(
+        consumes=(t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS),
+        produces=(
+            t.RECOVERY_OUTCOMES,  # "accepted" for every request
+            t.IDENTITY_VERIFIED,
+            t.IDENTITY_LOCKED,
+            t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)
+        ),
+    ),
+    "tokens": ServiceTopics(
+        consumes=(
+            t.IDENTITY_VERIFIED,
+            t.RECOVERY_RESETS,
+            t.PASSWORD_UPDATED,
+            t.PASSWORD_REJECTED,
+            t.IDENTITY_EMAIL_CHANGED,
+        ),
+        produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.RECOVERY_OUTCOMES),  # the reset's outcome
+    ),
+    "notifier": ServiceTopics(
+        consumes=(t.TOKENS_ISSUED, t.PASSWORD_UPDATED, t.IDENTITY_LOCKED, t.IDENTITY_EMAIL_CHANGED),
+        produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
+    ),
+    "password": ServiceTopics(
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED),
+        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED),
+    ),
+    "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
+}
+
+# The people-facing parties (their Kafka principals): what they write and read.
+CLIENTS: dict[str, ServiceTopics] = {
+    "portal": ServiceTopics(consumes=(t.RECOVERY_OUTCOMES,), produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS)),
+    # The `clave` command: its commands' results are read from the audit log.
+    "operator": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=(t.IDENTITY_COMMANDS,)),
+    "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
+}
+
+PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES)
+
+
+def group_id(service: str) -> str:
+    """The one consumer group of a service (shared.runtime.Service.group_id)."""
+    return f"clave-{service}"
+
+
+def writes(service: str) -> tuple[str, ...]:
+    """Every topic a service writes: what it produces, its DLQs and the audit log."""
+    spec = SERVICES[service]
+    dlqs = tuple(t.dlq(name) for name in spec.consumes)
+    return tuple(dict.fromkeys((*spec.produces, *dlqs, t.AUDIT_EVENTS)))
+
+
+@dataclass(frozen=True)
+class TopicContract:
+    types: tuple[str, ...]  # the CloudEvents `type` values it carries
+    key: str  # what the Kafka record key is
+    summary: str
+
+
+TOPICS: dict[str, TopicContract] = {
+    t.RECOVERY_REQUESTS: TopicContract(
+        (EventType.RECOVERY_REQUESTED,),
+        "The national ID as the citizen typed it (all of one citizen's requests in one partition).",
+        "A citizen asks to recover their key.",
+    ),
+    t.RECOVERY_RESETS: TopicContract(
+        (EventType.RESET_SUBMITTED,),
+        "The `request_id`.",
+        "A citizen submits the link's token (or the code) and a new key.",
+    ),
+    t.RECOVERY_OUTCOMES: TopicContract(
+        (EventType.RECOVERY_OUTCOME,),
+        "The `request_id`.",
+        "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
+    ),
+    t.IDENTITY_VERIFIED: TopicContract(
+        (EventType.IDENTITY_VERIFIED,),
+        "The internal `account_id`.",
+        "A request passed every check (or an operator asked for a recovery e-mail): issue a token.",
+    ),
+    t.IDENTITY_LOCKED: TopicContract(
+        (EventType.IDENTITY_LOCKED,),
+        "The internal `account_id`.",
+        "An account was locked after repeated failures: tell the citizen how to unblock it.",
+    ),
+    t.IDENTITY_EMAIL_CHANGED: TopicContract(
+        (EventType.IDENTITY_EMAIL_CHANGED,),
+        "The internal `account_id`.",
+        "An operator changed an account's e-mail: revoke live tokens, tell the old and the new address.",
+    ),
+    t.IDENTITY_ACCOUNT_REGISTERED: TopicContract(
+        (EventType.ACCOUNT_REGISTERED,),
+        "The internal `account_id`.",
+        "An account came from the registry import, with its initial key sealed for the password service.",
+    ),
+    t.IDENTITY_COMMANDS: TopicContract(
+        (EventType.OPERATOR_EMAIL_UPDATE, EventType.OPERATOR_UNLOCK, EventType.OPERATOR_SEND_RECOVERY),
+        "The national ID the command is about.",
+        "Operator commands from the `clave` command (each with an operator id and a reason).",
+    ),
+    t.IDENTITY_DECLINED: TopicContract(
+        (EventType.IDENTITY_DECLINED,),
+        "The internal `account_id`, or the keyed hash of the national ID (`subject_ref`) when it names no account.",
+        "A request that was not verified: the tokens service keeps a decoy, so a reset answers alike.",
+    ),
+    t.TOKENS_ISSUED: TopicContract(
+        (EventType.TOKENS_ISSUED,),
+        "The internal `account_id`.",
+        "A link token and a code were issued, sealed for the notifier.",
+    ),
+    t.TOKENS_REDEEMED: TopicContract(
+        (EventType.TOKENS_REDEEMED,),
+        "The internal `account_id`.",
+        "A token was reserved for a reset; the new key is sealed for the password service.",
+    ),
+    t.TOKENS_CODE_REJECTED: TopicContract(
+        (EventType.TOKENS_CODE_REJECTED,),
+        "The internal `account_id`, or the keyed hash of the national ID (`subject_ref`) for a decoy.",
+        "A wrong code was typed: identity counts it towards the lockout.",
+    ),
+    t.PASSWORD_UPDATED: TopicContract(
+        (EventType.PASSWORD_UPDATED,),
+        "The internal `account_id`.",
+        "A new key was stored: spend the token, unlock the account, tell the citizen.",
+    ),
+    t.PASSWORD_REJECTED: TopicContract(
+        (EventType.PASSWORD_REJECTED,),
+        "The internal `account_id`.",
+        "A new key was refused, with every reason: release the token so the link works again.",
+    ),
+    t.NOTIFIER_SENT: TopicContract(
+        (EventType.NOTIFIER_SENT,),
+        "The internal `account_id`.",
+        "An e-mail was accepted by the SMTP relay.",
+    ),
+    t.NOTIFIER_FAILED: TopicContract(
+        (EventType.NOTIFIER_FAILED,),
+        "The internal `account_id`.",
+        "An e-mail could not be sent after every retry.",
+    ),
+    t.AUDIT_EVENTS: TopicContract(
+        (EventType.AUDIT,),
+        "The producing service (`identity`, `tokens`, ...): one service's hash chain stays in one partition, in order.",
+        "The audit log of record: every state change of every service, hash-chained per service. Kept forever.",
+    ),
+}
+
+DLQ_KEY = (
+    "The original record's key (the `.dlq` twin keeps its partitioning), or `topic/partition/offset` "
+    "of the original when it had none."
+)
+
+
+def carried_by(topic: str) -> tuple[str, ...]:
+    """The event types on a topic: a `.dlq` twin carries dead letters only."""
+    if topic.endswith(t.DLQ_SUFFIX):
+        return (EventType.DEAD_LETTER,)
+    return TOPICS[topic].types
+
+
+def record_key(topic: str) -> str:
+    return DLQ_KEY if topic.endswith(t.DLQ_SUFFIX) else TOPICS[topic].key
+
+
+# ---- the dead letter ---------------------------------------------------------------------------
+
+
+class DeadLetter(BaseModel):
+    """A record its consumer could never process (shared/consumer.py): why, where it was, and its
+    bytes sealed with DLQ_KEYS (they may hold what a citizen typed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: str = Field(description="Why the record could not be processed (also the header `clave-dlq-reason`).")
+    detail: str = Field(
+        description="Field paths and messages, never the offending values; printable ASCII, at most 500 "
+        "characters (as the header `clave-dlq-detail`)."
+    )
+    origin_topic: str = Field(description="The topic the record was read from.")
+    origin_partition: int = Field(ge=0, description="Its partition.")
+    origin_offset: int = Field(ge=0, description="Its offset.")
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the original bytes, hex.")
+    payload_bytes: int = Field(ge=0, description="Length of the original bytes.")
+    sealed_payload: str = Field(
+        description="The original bytes, sealed with DLQ_KEYS (Fernet token); of a too_large record, its first "
+        "MAX_EVENT_BYTES, so the letter always fits in a Kafka record."
+    )
+    sealed_bytes: int = Field(ge=0, description="How many of the original bytes `sealed_payload` holds.")
+
+
+# Kafka record headers of a dead letter (besides `content-type`), what each holds.
+DLQ_HEADERS: dict[str, str] = {
+    "clave-dlq-reason": "The reason code (as `data.reason`).",
+    "clave-dlq-detail": "The detail, printable ASCII, at most 500 characters, never an input value.",
+    "clave-origin-topic": "The topic of the original record.",
+    "clave-origin-partition": "Its partition, in decimal.",
+    "clave-origin-offset": "Its offset, in decimal.",
+}

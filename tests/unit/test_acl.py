@@ -1,24 +1,21 @@
-"""The Kafka ACL table (shared/acl.py): it covers every topic, matches what the services
-really consume and emit, and grants nothing beyond least privilege. The broker enforcing it
+"""The Kafka ACLs (shared/acl.py): made from the topic contract's table (shared/contract.py,
+which tests/unit/test_contract.py checks against what the services really consume and emit),
+they cover every topic and grant nothing beyond least privilege. The broker enforcing it
 is tested end to end in tests/e2e/test_acls.py."""
 
 from __future__ import annotations
 
-import ast
-import importlib
 from pathlib import Path
 
 import pytest
 
-from shared import acl
+from shared import acl, contract
 from shared import topics as t
 from shared.acl import AUDITOR, OPERATOR, PORTAL, SERVICES, Operation, PatternType, ResourceType, all_acls
 from shared.kafka import connection, read_properties, render_properties
 from shared.settings import PlatformSettings
 
-ROOT = Path(__file__).resolve().parents[2]
 ALL_TOPICS = {spec.name for spec in t.all_topics(6, 1, 1)}
-TOPIC_CONSTANTS = {name: value for name, value in vars(t).items() if name.isupper() and value in ALL_TOPICS}
 
 
 def topic_acls(principal: str, operation: Operation) -> set[str]:
@@ -47,29 +44,19 @@ def test_every_consumed_topic_has_a_dlq_its_consumers_may_write() -> None:
             assert service in acl.writers(t.dlq(topic))
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
-def test_table_matches_the_service_subscriptions(service: str) -> None:
-    built = importlib.import_module(f"services.{service}.app").build()
-    assert sorted(built._consumed_topics) == sorted(SERVICES[service].consumes)  # noqa: SLF001
-    assert built.group_id == acl.group_id(service)
-
-
-def topics_named_in(service: str) -> set[str]:
-    """Topic constants a service's own modules import from shared.topics (what it may emit)."""
-    found: set[str] = set()
-    for path in (ROOT / "services" / service).glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module == "shared.topics":
-                found |= {TOPIC_CONSTANTS[a.name] for a in node.names if a.name in TOPIC_CONSTANTS}
-    return found
-
-
-@pytest.mark.parametrize("service", sorted(SERVICES))
-def test_table_matches_the_topics_the_service_code_names(service: str) -> None:
-    spec = SERVICES[service]
-    named = topics_named_in(service)
-    assert named <= {*spec.consumes, *spec.produces}, f"{service} names topics the table does not grant"
-    assert set(spec.produces) <= named, f"{service} may write topics its code never names"
+def test_acls_come_from_the_contract_table() -> None:
+    """One table: shared/acl.py grants what shared/contract.py lists (which
+    tests/unit/test_contract.py checks against each service's subscriptions and code), and
+    every party of the contract has its principal."""
+    assert acl.SERVICES is contract.SERVICES
+    assert set(acl.PRINCIPALS) == {acl.ADMIN, *contract.SERVICES, *contract.CLIENTS}
+    assert {PORTAL, OPERATOR, AUDITOR} == set(contract.CLIENTS)
+    for service in SERVICES:
+        assert topic_acls(service, Operation.WRITE) == set(contract.writes(service))
+        assert topic_acls(service, Operation.READ) == set(SERVICES[service].consumes)
+    for client, spec in contract.CLIENTS.items():
+        assert topic_acls(client, Operation.WRITE) == set(spec.produces)
+        assert topic_acls(client, Operation.READ) == set(spec.consumes)
 
 
 def test_services_write_only_their_topics_dlqs_and_the_audit_log() -> None:

@@ -82,6 +82,12 @@ SECRET_FILE = "__FILE"  # VAR__FILE=path: the image's entry point reads VAR from
 KAFKA_ADMIN = "admin"  # the super user the provisioning job runs as
 
 
+def default_metrics_port(service: str) -> int:
+    """The code's default port (the deployment files use it), not this environment's: the
+    local stack's lanes move the ports with IDENTITY_METRICS_PORT and the like."""
+    return int(PlatformSettings.model_fields[f"{service}_metrics_port"].default)
+
+
 def yaml_load(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
@@ -411,7 +417,7 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         assert env["KAFKA_SASL_USERNAME"] == name and name in provision.PRINCIPALS
         assert env["KAFKA_SASL_PASSWORD__FILE"] == f"/run/secrets/kafka_{name}_password"
         assert env["MONGODB_URI__FILE"] == f"/run/secrets/mongodb_{name}_uri"
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         assert env[f"{name.upper()}_METRICS_PORT"] == str(port) and spec["expose"] == [str(port)]
         assert env["METRICS_HOST"] == "0.0.0.0"  # noqa: S104
         # The image's HEALTHCHECK (/healthz) stays on; the hardening is in place.
@@ -557,7 +563,7 @@ def test_compose_monitoring_and_mail(compose: dict[str, Any]) -> None:
     job = config["scrape_configs"][0]
     assert job["job_name"] == "clave"
     targets = {sd["names"][0]: sd["port"] for sd in job["dns_sd_configs"]}
-    assert targets == {s: PlatformSettings().metrics_port(s) for s in SERVICES}
+    assert targets == {s: default_metrics_port(s) for s in SERVICES}
     grafana = services["grafana"]
     sources = {(COMPOSE_DIR / v.split(":")[0]).resolve() for v in grafana["volumes"] if v.startswith(".")}
     assert DASHBOARD in sources
@@ -660,7 +666,7 @@ def test_chart_deployments_match_the_code(manifests: list[dict[str, Any]], monke
         pod = deployments[f"clave-{name}"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"] == [name]
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
         # Probes on the paths shared/metrics.py serves, on the service's port.
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -691,7 +697,7 @@ def test_chart_deployments_match_the_code(manifests: list[dict[str, Any]], monke
 
 def test_chart_services_monitoring_and_policies(manifests: list[dict[str, Any]]) -> None:
     for name in SERVICES:
-        port = PlatformSettings().metrics_port(name)
+        port = default_metrics_port(name)
         service = of_kind(manifests, "Service")[f"clave-{name}"]
         assert service["spec"]["ports"] == [
             {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}

@@ -36,10 +36,11 @@ class ServiceTopics:
 # (besides its DLQs and audit events).
 SERVICES: dict[str, ServiceTopics] = {
     "identity": ServiceTopics(
-        consumes=(t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS),
+        consumes=(t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS, t.TOKENS_CODE_REJECTED),
         produces=(
             t.RECOVERY_OUTCOMES,  # "accepted" for every request
             t.IDENTITY_VERIFIED,
+            t.IDENTITY_DECLINED,  # every request not verified: the tokens service keeps a decoy
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
             t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)

@@ -8,15 +8,18 @@ from services.identity.store import AccountStore
 from shared.consumer import Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
-from shared.schemas import OperatorCommand, PasswordUpdated, RecoveryRequested
+from shared.schemas import CodeRejected, OperatorCommand, PasswordUpdated, RecoveryRequested
 from shared.settings import load
-from shared.topics import IDENTITY_COMMANDS, PASSWORD_UPDATED, RECOVERY_REQUESTS, EventType
+from shared.topics import IDENTITY_COMMANDS, PASSWORD_UPDATED, RECOVERY_REQUESTS, TOKENS_CODE_REJECTED, EventType
 
 NAME = "identity"
 
 
 def make_store(settings: IdentitySettings) -> AccountStore:
-    return AccountStore(settings.mongodb_uri, settings.db_name(NAME), settings.ip_window_s)
+    limits = settings.limits()
+    return AccountStore(
+        settings.mongodb_uri, settings.db_name(NAME), keep=limits.keep() + 1, retention=limits.retention()
+    )
 
 
 def build(settings: IdentitySettings | None = None) -> Service:
@@ -31,6 +34,8 @@ def build(settings: IdentitySettings | None = None) -> Service:
         hot=True,
     )
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})
+    # Wrong codes count towards the lockout like failed requests.
+    service.consume(TOKENS_CODE_REJECTED, {EventType.TOKENS_CODE_REJECTED: Route(CodeRejected, handlers.code_rejected)})
     service.consume(
         IDENTITY_COMMANDS,
         {

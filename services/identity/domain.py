@@ -1,15 +1,29 @@
 """Identity rules: who may recover a key. Pure functions and state, no I/O.
 
+The handler loads the facts of one request (the account, its counters, the hash results)
+and calls `decide_request` once; the decision says everything that follows: the outcome,
+the events to emit, and what to record (failures, locks, mails, notices, rehashes).
+
 The request-stage reasons are stable codes; they reach the audit log only,
 never the portal (which always sees `accepted`).
+
+Lockout (see README, Security): failures count per principal (an account, or an ID with no
+account) and per (principal, address block). Five failures from one block in 15 minutes
+lock that block out of that account for 30 minutes; the owner answering right from another
+address is not affected. Twenty failures in 24 hours across all blocks put the account in
+slowed mode: each block then gets one evaluated attempt an hour. Lock notices have their
+own quota, so a stranger can neither flood the owner's mailbox nor use up its recovery mails.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from email_validator import EmailNotValidError, validate_email
 from stdnum.ec import ci, ruc
@@ -28,7 +42,7 @@ class Reason:
     DUPLICATE_REQUEST = "duplicate_request"
 
 
-# Failures that count towards the account lockout (a guess at the citizen's secrets).
+# Failures that count towards the lockout (a guess at the citizen's secrets).
 COUNTED_FAILURES = {Reason.ANSWERS_WRONG, Reason.EMAIL_MISMATCH, Reason.REPRESENTATIVE_MISMATCH}
 
 
@@ -78,28 +92,131 @@ def mask_email(address: str) -> str:
     return f"{local[:1]}***@{domain}"
 
 
+# ---- client addresses ------------------------------------------------------------------------
+
+
+def address_block(client_ip: str) -> str:
+    """The unit that address limits count: an IPv4 address, or an IPv6 /64.
+
+    One subscriber gets a whole /64 (RFC 6177), so counting /128s would give an attacker
+    2**64 fresh buckets; an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address
+    it maps, and a zone index (fe80::1%eth0) names the interface, not another host.
+    Raises ValueError for anything that is not an IP address."""
+    address = ipaddress.ip_address(client_ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))  # int() drops the zone
+    return str(address)
+
+
+def address_block_or_none(client_ip: str | None) -> str | None:
+    """For internal events, where the address is optional and only shape-checked."""
+    if client_ip is None:
+        return None
+    try:
+        return address_block(client_ip)
+    except ValueError:
+        return None
+
+
+# ---- limits and counters ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class LockoutPolicy:
-    max_failures: int = 5
-    window: timedelta = timedelta(minutes=15)
-    duration: timedelta = timedelta(minutes=30)
+class Limits:
+    """Every number of the lockout and rate limits (IdentitySettings.limits() fills it)."""
 
-    def recent(self, failures: list[datetime], now: datetime) -> list[datetime]:
-        return [t for t in failures if t > now - self.window]
+    block_max_failures: int = 5  # from one address block against one account...
+    block_window: timedelta = timedelta(minutes=15)  # ...within this window...
+    block_lock: timedelta = timedelta(minutes=30)  # ...lock that block out of that account
+    account_max_failures: int = 20  # across all blocks...
+    account_window: timedelta = timedelta(hours=24)  # ...within this window: slowed mode
+    slowed_interval: timedelta = timedelta(hours=1)  # slowed: one evaluated attempt per block per interval
+    address_max_failures: int = 30  # failed requests from one address block...
+    address_window: timedelta = timedelta(minutes=15)  # ...within this window: rate-limited
+    mails_per_hour: int = 3  # recovery mails per account (mailbox-flood protection)
+    notices_max: int = 1  # lock notices per account...
+    notice_window: timedelta = timedelta(hours=6)  # ...within this window
 
-    def locks_after(self, failures: list[datetime], now: datetime) -> bool:
-        """Would one more failure now lock the account?"""
-        return len(self.recent(failures, now)) + 1 >= self.max_failures
+    def keep(self) -> int:
+        """How many timestamps a counter must keep to apply these limits."""
+        return max(
+            self.block_max_failures,
+            self.account_max_failures,
+            self.address_max_failures,
+            self.mails_per_hour,
+            self.notices_max,
+        )
+
+    def retention(self) -> timedelta:
+        """How long a counter must outlive its last change."""
+        return max(
+            self.block_window,
+            self.block_lock,
+            self.account_window,
+            self.slowed_interval,
+            self.address_window,
+            timedelta(hours=1),
+            self.notice_window,
+        )
+
+
+def within(times: Iterable[datetime], now: datetime, window: timedelta) -> int:
+    """How many of `times` fall in the window that ends now (the start excluded)."""
+    return sum(1 for t in times if t > now - window)
 
 
 @dataclass(frozen=True)
-class MailboxLimit:
-    """At most `per_hour` recovery e-mails per account per hour (mailbox-flood protection)."""
+class PrincipalState:
+    """One account (or one ID with no account), across all addresses."""
 
-    per_hour: int = 3
+    rev: int = 0  # bumped by every write: the store applies a decision only to the state it saw
+    failures: tuple[datetime, ...] = ()
+    mails: tuple[datetime, ...] = ()
+    notices: tuple[datetime, ...] = ()
 
-    def allows(self, sent_at: list[datetime], now: datetime) -> bool:
-        return len([t for t in sent_at if t > now - timedelta(hours=1)]) < self.per_hour
+
+@dataclass(frozen=True)
+class BlockState:
+    """One principal as seen from one address block."""
+
+    failures: tuple[datetime, ...] = ()
+    locked_until: datetime | None = None
+    last_attempt: datetime | None = None  # the last evaluated attempt (slowed mode)
+
+
+@dataclass(frozen=True)
+class AddressState:
+    """One address block, across all principals."""
+
+    failures: tuple[datetime, ...] = ()
+
+
+@dataclass(frozen=True)
+class Counters:
+    principal: PrincipalState = PrincipalState()
+    block: BlockState = BlockState()
+    address: AddressState = AddressState()
+
+
+def slowed(principal: PrincipalState, limits: Limits, now: datetime) -> bool:
+    return within(principal.failures, now, limits.account_window) >= limits.account_max_failures
+
+
+def block_locked(block: BlockState, now: datetime) -> bool:
+    return block.locked_until is not None and block.locked_until > now
+
+
+def mailbox_allows(principal: PrincipalState, limits: Limits, now: datetime) -> bool:
+    return within(principal.mails, now, timedelta(hours=1)) < limits.mails_per_hour
+
+
+def notice_allowed(principal: PrincipalState, limits: Limits, now: datetime) -> bool:
+    return within(principal.notices, now, limits.notice_window) < limits.notices_max
+
+
+# ---- facts and decisions ---------------------------------------------------------------------
 
 
 @dataclass
@@ -112,61 +229,231 @@ class Account:
     locale: str
     answer_hashes: dict[str, str]
     representative_id: str | None = None
-    failures: list[datetime] = field(default_factory=list)
-    locked_until: datetime | None = None
-    mails_sent: list[datetime] = field(default_factory=list)
-
-    def is_locked(self, now: datetime) -> bool:
-        return self.locked_until is not None and self.locked_until > now
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """What the handler established for one request (hash checks done off-loop)."""
+class AnswerChecks:
+    """The argon2 results: each configured question's typed answer against the stored hash
+    (a decoy hash when there is none, so every request pays the same)."""
 
+    verified: Mapping[str, bool]
+    answered: frozenset[str]  # the questions the request answered at all
+    outdated: frozenset[str] = frozenset()  # stored hashes made with older argon2 parameters
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """Everything the handler knows about one recovery request before the verdict."""
+
+    seen_before: bool  # this request_id was already handled
+    profile: str
     captcha_passed: bool
-    id_valid: bool
-    account: Account | None
-    answers_ok: bool
-    email_ok: bool
-    representative_ok: bool
-    ip_rate_limited: bool
+    national_id: str | None  # normalised; None when the ID fails its check digits
+    account: Account | None  # the account with that ID, if any
+    typed_email: str
+    typed_representative: str | None
+    counters: Counters
+    answers: AnswerChecks | None = None  # None: not hashed (a cheap check refused the request)
+
+
+class Emit(StrEnum):
+    ACCEPTED = "accepted"  # recovery.outcomes: the portal's answer, the same on every path
+    VERIFIED = "verified"  # identity.verified: tokens issue a real link and code
+    DECLINED = "declined"  # identity.declined: tokens keep a decoy that answers as a real one
+    LOCK_NOTICE = "lock_notice"  # identity.locked: the owner is told
+
+
+class Audit(StrEnum):
+    LOCKED = "account_locked"  # a block was locked out of the account
+    SLOWED = "account_slowed"  # the account reached its cap: slowed mode
+
+
+@dataclass(frozen=True)
+class Record:
+    """What to store. Every counter is written on every path (equal cost); these say how."""
+
+    request: bool = False  # remember the request_id (duplicates)
+    principal_failure: bool = False
+    block_failure: bool = False
+    address_failure: bool = False
+    attempt: bool = False  # an evaluated attempt from this block (slowed mode)
+    lock_until: datetime | None = None  # lock the block until then
+    mail: bool = False  # a recovery mail (counts towards the mailbox limit)
+    notice: bool = False  # a lock notice (its own quota)
+    rehash: frozenset[str] = frozenset()  # questions whose answers get a fresh hash
 
 
 @dataclass(frozen=True)
 class Decision:
     verified: bool
-    reasons: list[str]
-    count_failure: bool = False
-    lock: bool = False
-    send_locked_notice: bool = False
+    reasons: tuple[str, ...]
+    account: Account | None = None  # the account the request is about, if it named one
+    emit: tuple[Emit, ...] = ()
+    record: Record | None = field(default_factory=Record)  # None: store nothing at all
+    audits: tuple[Audit, ...] = ()
+    locked_until: datetime | None = None  # the block's lock, for the notice
 
 
-def decide(ev: Evidence, now: datetime, lockout: LockoutPolicy, mailbox: MailboxLimit) -> Decision:
-    """The verdict on one recovery request. Order matters only for which reasons are
-    reported; every branch has already paid the same hashing cost (see handlers)."""
-    if ev.ip_rate_limited:
-        return Decision(False, [Reason.RATE_LIMITED])
-    if not ev.captcha_passed:
-        return Decision(False, [Reason.CAPTCHA_MISSING])
-    if not ev.id_valid:
-        return Decision(False, [Reason.ID_INVALID])
-    account = ev.account
+def cheap_refusal(facts: RequestFacts, limits: Limits, now: datetime) -> str | None:
+    """The checks on the requester's own input, made before any hashing: skipping the work
+    for them tells the requester nothing they did not send (or, for the address, already
+    know). A duplicate is refused here too."""
+    if facts.seen_before:
+        return Reason.DUPLICATE_REQUEST
+    if within(facts.counters.address.failures, now, limits.address_window) >= limits.address_max_failures:
+        return Reason.RATE_LIMITED
+    if not facts.captcha_passed:
+        return Reason.CAPTCHA_MISSING
+    if facts.national_id is None:
+        return Reason.ID_INVALID
+    return None
+
+
+def needs_answer_checks(facts: RequestFacts, limits: Limits, now: datetime) -> bool:
+    """Whether the decision will need the argon2 results. Every path past the cheap checks
+    hashes (unknown ID, locked, slowed...), so their timing cannot tell them apart."""
+    return facts.answers is None and cheap_refusal(facts, limits, now) is None
+
+
+def decide_request(facts: RequestFacts, limits: Limits, now: datetime) -> Decision:
+    """The whole verdict on one recovery request."""
+    cheap = cheap_refusal(facts, limits, now)
+    if cheap == Reason.DUPLICATE_REQUEST:
+        return Decision(False, (cheap,), record=None)  # the first copy had its effect: nothing more
+    decision = _verdict(facts, cheap, limits, now)
+    return replace(decision, record=replace(decision.record or Record(), request=True))
+
+
+def _verdict(facts: RequestFacts, cheap: str | None, limits: Limits, now: datetime) -> Decision:
+    account = facts.account if facts.account is not None and facts.account.profile == facts.profile else None
+    if cheap == Reason.RATE_LIMITED:
+        return _declined(account, cheap)  # the address is already over its limit: not counted again
+    if cheap is not None:
+        return _declined(account, cheap, Record(address_failure=True))
     if account is None:
-        return Decision(False, [Reason.ACCOUNT_UNKNOWN])
-    if account.is_locked(now):
-        # Tell the real owner why nothing came, within the mailbox limit.
-        return Decision(False, [Reason.LOCKED], send_locked_notice=mailbox.allows(account.mails_sent, now))
-    reasons = []
-    if not ev.answers_ok:
-        reasons.append(Reason.ANSWERS_WRONG)
-    if not ev.email_ok:
-        reasons.append(Reason.EMAIL_MISMATCH)
-    if not ev.representative_ok:
-        reasons.append(Reason.REPRESENTATIVE_MISMATCH)
-    if reasons:
-        lock = lockout.locks_after(account.failures, now)
-        return Decision(False, reasons, count_failure=True, lock=lock, send_locked_notice=lock)
-    if not mailbox.allows(account.mails_sent, now):
-        return Decision(False, [Reason.RATE_LIMITED])
-    return Decision(True, [])
+        # Counted like a known account's failure: the same writes, and guesses at IDs that
+        # do not exist are on record too. Nothing to lock: there is no secret to guess.
+        return _declined(None, Reason.ACCOUNT_UNKNOWN, _failure())
+    principal, block = facts.counters.principal, facts.counters.block
+    if block_locked(block, now):
+        notice = notice_allowed(principal, limits, now)
+        return _declined(
+            account,
+            Reason.LOCKED,
+            Record(address_failure=True, notice=notice),
+            notice=notice,
+            locked_until=block.locked_until,
+        )
+    recently = block.last_attempt is not None and block.last_attempt > now - limits.slowed_interval
+    if recently and slowed(principal, limits, now):
+        # Refused without evaluation: one guess per block per interval, whatever it is.
+        return _declined(account, Reason.RATE_LIMITED, Record(address_failure=True))
+    assert facts.answers is not None, "the handler checks the answers when needs_answer_checks() says so"
+    wrong = _wrong_secrets(facts, account, facts.answers)
+    if wrong:
+        return _failed(account, wrong, facts.counters, limits, now, attempt=True)
+    if not mailbox_allows(principal, limits, now):
+        # Right answers: the owner, most likely. Not a failure, and not the address's fault.
+        return _declined(account, Reason.RATE_LIMITED, Record(attempt=True))
+    rehash = facts.answers.outdated & frozenset(account.answer_hashes)
+    return Decision(
+        True,
+        (),
+        account,
+        (Emit.ACCEPTED, Emit.VERIFIED),
+        Record(attempt=True, mail=True, rehash=rehash),
+    )
+
+
+def decide_code_rejected(
+    account: Account | None, counters: Counters, has_block: bool, limits: Limits, now: datetime
+) -> Decision:
+    """A wrong code typed for a request (tokens.code_rejected): counted exactly like a failed
+    request, per principal and, when the reset came with an address, per block. It is not an
+    evaluated request, so it does not use the block's one attempt an hour in slowed mode."""
+    if account is None:
+        return Decision(False, (), None, (), _failure(block=has_block))
+    return _failed(account, (), counters, limits, now, block=has_block, emit=())
+
+
+def _wrong_secrets(facts: RequestFacts, account: Account, answers: AnswerChecks) -> tuple[str, ...]:
+    questions = answers.verified.keys()
+    answers_ok = (
+        bool(questions)
+        and all(answers.verified.values())
+        and questions <= answers.answered
+        and questions <= account.answer_hashes.keys()
+    )
+    wrong = []
+    if not answers_ok:
+        wrong.append(Reason.ANSWERS_WRONG)
+    if not same_mailbox(facts.typed_email, account.email):
+        wrong.append(Reason.EMAIL_MISMATCH)
+    if not representative_matches(account, facts.typed_representative):
+        wrong.append(Reason.REPRESENTATIVE_MISMATCH)
+    return tuple(wrong)
+
+
+def representative_matches(account: Account, typed: str | None) -> bool:
+    """An employer's request names its legal representative's cédula; others need none."""
+    if account.profile != "employer":
+        return True
+    if typed is None or account.representative_id is None:
+        return False
+    try:
+        return normalize_cedula(typed) == account.representative_id
+    except InvalidId:
+        return False
+
+
+def _failure(*, block: bool = True) -> Record:
+    return Record(principal_failure=True, block_failure=block, address_failure=block)
+
+
+def _failed(
+    account: Account,
+    reasons: tuple[str, ...],
+    counters: Counters,
+    limits: Limits,
+    now: datetime,
+    *,
+    block: bool = True,
+    attempt: bool = False,
+    emit: tuple[Emit, ...] = (Emit.ACCEPTED, Emit.DECLINED),
+) -> Decision:
+    """A counted failure: it may lock this block (and tell the owner) and may slow the account."""
+    principal = counters.principal
+    locks = block and within(counters.block.failures, now, limits.block_window) + 1 >= limits.block_max_failures
+    lock_until = now + limits.block_lock if locks else None
+    notice = locks and notice_allowed(principal, limits, now)
+    audits = [Audit.LOCKED] if locks else []
+    if within(principal.failures, now, limits.account_window) + 1 == limits.account_max_failures:
+        audits.append(Audit.SLOWED)
+    return Decision(
+        False,
+        reasons,
+        account,
+        emit + ((Emit.LOCK_NOTICE,) if notice else ()),
+        Record(
+            principal_failure=True,
+            block_failure=block,
+            address_failure=block,
+            attempt=attempt,
+            lock_until=lock_until,
+            notice=notice,
+        ),
+        tuple(audits),
+        lock_until,
+    )
+
+
+def _declined(
+    account: Account | None,
+    reason: str,
+    record: Record | None = None,
+    *,
+    notice: bool = False,
+    locked_until: datetime | None = None,
+) -> Decision:
+    emit = (Emit.ACCEPTED, Emit.DECLINED) + ((Emit.LOCK_NOTICE,) if notice else ())
+    return Decision(False, (reason,), account, emit, record or Record(), locked_until=locked_until)

@@ -1,23 +1,26 @@
-"""Identity handlers: one per consumed event type. Load, decide, store, publish."""
+"""Identity handlers: one per consumed event type. Load the facts, decide once, stage, commit."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime, timedelta
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.identity import domain
-from services.identity.domain import Account, Evidence, LockoutPolicy, MailboxLimit, Reason
+from services.identity.domain import Account, AnswerChecks, Audit, Decision, Emit, Reason, RequestFacts
 from services.identity.settings import IdentitySettings
-from services.identity.store import AccountStore
-from shared.consumer import HandlerContext
+from services.identity.store import AccountStore, CounterKeys, StaleCounters
+from shared.consumer import HandlerContext, Writes
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
+    CodeRejected,
     EmailChanged,
+    IdentityDeclined,
     IdentityLocked,
     IdentityVerified,
     OperatorCommand,
@@ -27,12 +30,20 @@ from shared.schemas import (
     RecoveryRequested,
 )
 from shared.topics import (
+    IDENTITY_DECLINED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
     IDENTITY_VERIFIED,
     RECOVERY_OUTCOMES,
     EventType,
 )
+
+log = logging.getLogger(__name__)
+
+# A concurrent request for the same account changed its counters between our read and our
+# write: read again and decide again. Each retry means another request got through, so a
+# long run of them is a flood on one account; the last one goes back to the consumer.
+STALE_RETRIES = 20
 
 
 def recipient(account: Account, email: str | None = None) -> Recipient:
@@ -47,16 +58,11 @@ class IdentityHandlers:
         self.hasher = hasher
         self.settings = settings
         self.questions = settings.question_ids()
-        self.lockout = LockoutPolicy(
-            settings.lockout_max_failures,
-            timedelta(seconds=settings.lockout_window_s),
-            timedelta(seconds=settings.lockout_duration_s),
-        )
-        self.mailbox = MailboxLimit(settings.recovery_mails_per_hour)
+        self.limits = settings.limits()
         self.requests = metrics.counter(
             "clave_identity_requests_total", "Recovery requests by audited result", ["result"]
         )
-        self.lockouts = metrics.counter("clave_identity_lockouts_total", "Accounts locked")
+        self.lockouts = metrics.counter("clave_identity_lockouts_total", "Address blocks locked out of an account")
         self.operator_commands = metrics.counter(
             "clave_identity_operator_commands_total", "Operator commands", ["command", "result"]
         )
@@ -67,51 +73,101 @@ class IdentityHandlers:
     # ---- recovery.requests -------------------------------------------------------------------
 
     async def recovery_requested(self, ctx: HandlerContext, req: RecoveryRequested) -> None:
-        started = time.perf_counter()
         now = datetime.now(UTC)
-        if await self.store.request_seen(req.request_id):
-            # Same request_id under a new event id: the first copy already had its effect.
-            ctx.audit("recovery_requested", "rejected", request_id=req.request_id, reasons=[Reason.DUPLICATE_REQUEST])
-            return
-        # Whatever happens next, the portal sees the same answer (no account enumeration).
-        ctx.emit(
-            RECOVERY_OUTCOMES,
-            req.request_id,
-            EventType.RECOVERY_OUTCOME,
-            RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
-        )
-        ip_ref = self.ref(req.client_ip)
-        ip_limited = (
-            await self.store.ip_failures(ip_ref, now - timedelta(seconds=self.settings.ip_window_s))
-            >= self.settings.ip_max_requests
-        )
-        national_id, id_valid = req.national_id, True
-        try:
-            national_id = domain.normalize_national_id(req.profile, req.national_id)
-        except domain.InvalidId:
-            id_valid = False
-        account = await self.store.by_national_id(national_id) if id_valid else None
-        if account is not None and account.profile != req.profile:
-            account = None
-        answers_ok = await self._check_answers(account, req.answers)
-        email_ok = account is not None and domain.same_mailbox(req.email, account.email)
-        representative_ok = self._representative_ok(account, req.representative_id)
+        facts, keys, subject_ref = await self._request_facts(req)
+        for attempt in range(1, STALE_RETRIES + 1):
+            facts = replace(facts, counters=await self.store.counters(keys))
+            if domain.needs_answer_checks(facts, self.limits, now):
+                facts = replace(facts, answers=await self._check_answers(facts.account, req.answers))
+            decision = domain.decide_request(facts, self.limits, now)
+            rehashed = await self._rehashed(decision, req.answers)
+            self._stage_request(ctx, req, decision, subject_ref, rehashed)
+            writes = self._request_writes(req.request_id, keys, facts.counters, decision, rehashed, now)
+            if await self._committed(ctx, writes, attempt):
+                break
+        self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
+        if Audit.LOCKED in decision.audits:
+            self.lockouts.inc()
 
-        decision = domain.decide(
-            Evidence(req.captcha_passed, id_valid, account, answers_ok, email_ok, representative_ok, ip_limited),
-            now,
-            self.lockout,
-            self.mailbox,
+    async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
+        """What the store knows about the request (its counters are read apart, again after a
+        race); the keys of its counters; the keyed hash of the ID."""
+        seen = await self.store.request_seen(req.request_id)
+        try:
+            national_id: str | None = domain.normalize_national_id(req.profile, req.national_id)
+        except domain.InvalidId:
+            national_id = None
+        account = await self.store.by_national_id(national_id) if national_id else None
+        subject_ref = self.ref(national_id or req.national_id)
+        block_ref = self.ref(domain.address_block(req.client_ip))
+        keys = (
+            CounterKeys.for_account(account.account_id, block_ref)
+            if account
+            else CounterKeys.for_subject(subject_ref, block_ref)
         )
-        subject_ref = self.ref(national_id)
+        facts = RequestFacts(
+            seen_before=seen,
+            profile=req.profile,
+            captcha_passed=req.captcha_passed,
+            national_id=national_id,
+            account=account,
+            typed_email=req.email,
+            typed_representative=req.representative_id,
+            counters=domain.Counters(),
+        )
+        return facts, keys, subject_ref
+
+    def _request_writes(
+        self,
+        request_id: str,
+        keys: CounterKeys,
+        seen: domain.Counters,
+        decision: Decision,
+        rehashed: dict[str, str],
+        now: datetime,
+    ) -> Writes:
+        async def writes(s: AsyncClientSession) -> None:
+            if decision.record is None:
+                return
+            if decision.record.request:
+                await self.store.record_request(request_id, now, s)
+            await self.store.record_counters(keys, seen, decision.record, now, s)
+            if rehashed and decision.account is not None:
+                await self.store.set_answer_hashes(decision.account.account_id, rehashed, s)
+
+        return writes
+
+    async def _committed(self, ctx: HandlerContext, writes: Writes, attempt: int) -> bool:
+        """Commit what was staged; on a race for the same counters, unstage and say so."""
+        try:
+            await ctx.commit(writes)
+            return True
+        except StaleCounters:
+            if attempt == STALE_RETRIES:
+                raise
+            log.info("counters changed under a decision (attempt %d): deciding again", attempt)
+            ctx.outgoing.clear()
+            return False
+
+    def _stage_request(
+        self,
+        ctx: HandlerContext,
+        req: RecoveryRequested,
+        decision: Decision,
+        subject_ref: str,
+        rehashed: dict[str, str],
+    ) -> None:
+        account = decision.account
         account_id = account.account_id if account else None
-        locked_until = now + self.lockout.duration if decision.lock else None
-        rehashed = await self._rehashed_answers(account, req.answers) if decision.verified else {}
-        # Audited so the equal cost of known and unknown accounts can be measured, not assumed.
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        details: dict[str, str | float | int] = {"profile": req.profile, "elapsed_ms": elapsed_ms}
-        if decision.verified:
-            assert account is not None
+        if Emit.ACCEPTED in decision.emit:
+            # Whatever happened, the portal sees the same answer (no account enumeration).
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                req.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
+            )
+        if Emit.VERIFIED in decision.emit and account is not None:
             ctx.emit(
                 IDENTITY_VERIFIED,
                 account.account_id,
@@ -123,62 +179,78 @@ class IdentityHandlers:
                     requested_at=ctx.event.time,
                 ),
             )
+        if Emit.DECLINED in decision.emit:
+            # The tokens service keeps a decoy for it: the code path answers as for a real request.
+            ctx.emit(
+                IDENTITY_DECLINED,
+                account_id or subject_ref,
+                EventType.IDENTITY_DECLINED,
+                IdentityDeclined(
+                    request_id=req.request_id,
+                    account_id=account_id,
+                    subject_ref=subject_ref,
+                    client_ip=req.client_ip,
+                    requested_at=ctx.event.time,
+                ),
+            )
+        details: dict[str, str | int] = {"profile": req.profile}
+        if decision.verified:
             details["answers_rehashed"] = len(rehashed)
+        if decision.reasons == (Reason.DUPLICATE_REQUEST,):
+            account_id = None  # as before: a duplicate names nobody
         ctx.audit(
             "recovery_requested",
             "success" if decision.verified else "rejected",
             account_id=account_id,
             subject_ref=None if account_id else subject_ref,
             request_id=req.request_id,
-            reasons=decision.reasons,
+            reasons=list(decision.reasons),
             details=details,
         )
-        if decision.lock:
+        self._stage_lockout(ctx, decision, req.request_id)
+
+    def _stage_lockout(self, ctx: HandlerContext, decision: Decision, request_id: str) -> None:
+        """The audits and the owner's notice that a lock or slowed mode brings."""
+        account = decision.account
+        if account is None:
+            return
+        if Audit.LOCKED in decision.audits:
             ctx.audit(
                 "account_locked",
                 "info",
-                account_id=account_id,
-                request_id=req.request_id,
-                reasons=decision.reasons,
-                details={"locked_until": locked_until.isoformat() if locked_until else None},
+                account_id=account.account_id,
+                request_id=request_id,
+                reasons=list(decision.reasons),
+                details={
+                    "scope": "address_block",
+                    "locked_until": decision.locked_until.isoformat() if decision.locked_until else None,
+                },
             )
-        if decision.send_locked_notice and account is not None:
-            until = locked_until or account.locked_until or now
+        if Audit.SLOWED in decision.audits:
+            ctx.audit(
+                "account_slowed",
+                "info",
+                account_id=account.account_id,
+                request_id=request_id,
+                details={
+                    "failures": self.limits.account_max_failures,
+                    "attempt_interval_s": int(self.limits.slowed_interval.total_seconds()),
+                },
+            )
+        if Emit.LOCK_NOTICE in decision.emit:
             ctx.emit(
                 IDENTITY_LOCKED,
                 account.account_id,
                 EventType.IDENTITY_LOCKED,
                 IdentityLocked(
-                    request_id=req.request_id,
+                    request_id=request_id,
                     account_id=account.account_id,
                     recipient=recipient(account),
-                    locked_until=until,
+                    locked_until=decision.locked_until or datetime.now(UTC),
                 ),
             )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_request(req.request_id, now, s)
-            if not decision.verified and Reason.RATE_LIMITED not in decision.reasons:
-                await self.store.record_ip_failure(ip_ref, now, s)
-            if account is None:
-                if id_valid and decision.reasons == [Reason.ACCOUNT_UNKNOWN]:
-                    # The same write as a known account's failure: equal cost, and guesses at
-                    # IDs that do not exist are on record too.
-                    await self.store.record_subject_failure(subject_ref, now, s)
-                return
-            if rehashed:
-                await self.store.set_answer_hashes(account.account_id, rehashed, s)
-            if decision.count_failure:
-                await self.store.record_failure(account.account_id, now, locked_until, s)
-            if decision.verified or decision.send_locked_notice:
-                await self.store.record_mail(account.account_id, now, s)
-
-        await ctx.commit(writes)
-        self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
-        if decision.lock:
-            self.lockouts.inc()
-
-    async def _check_answers(self, account: Account | None, answers: dict[str, str]) -> bool:
+    async def _check_answers(self, account: Account | None, answers: dict[str, str]) -> AnswerChecks:
         """Verify every configured question, always, against real or decoy hashes: an unknown
         account and a wrong answer cost the same argon2 work (no timing oracle)."""
         checks = []
@@ -187,43 +259,58 @@ class IdentityHandlers:
             given = domain.normalize_answer(answers.get(question, ""))
             checks.append(self.hasher.verify(stored or self.hasher.decoy_hash, given))
         results = await asyncio.gather(*checks)
-        complete = account is not None and all(q in account.answer_hashes for q in self.questions)
-        return complete and all(results) and set(self.questions) <= answers.keys()
+        stored_hashes = account.answer_hashes if account else {}
+        return AnswerChecks(
+            verified=dict(zip(self.questions, results, strict=True)),
+            answered=frozenset(answers),
+            outdated=frozenset(q for q, h in stored_hashes.items() if self.hasher.needs_rehash(h)),
+        )
 
-    async def _rehashed_answers(self, account: Account | None, answers: dict[str, str]) -> dict[str, str]:
+    async def _rehashed(self, decision: Decision, answers: dict[str, str]) -> dict[str, str]:
         """New hashes for answers stored with outdated argon2 parameters (we hold the plain
         answer only now, after it verified)."""
-        if account is None:
-            return {}
-        return {
-            q: await self.hasher.hash(domain.normalize_answer(answers[q]))
-            for q in self.questions
-            if self.hasher.needs_rehash(account.answer_hashes[q])
-        }
+        wanted = decision.record.rehash if decision.record else frozenset()
+        return {q: await self.hasher.hash(domain.normalize_answer(answers[q])) for q in sorted(wanted)}
 
-    @staticmethod
-    def _representative_ok(account: Account | None, given: str | None) -> bool:
-        if account is None or account.profile != "employer":
-            return True
-        if given is None or account.representative_id is None:
-            return False
-        try:
-            return domain.normalize_cedula(given) == account.representative_id
-        except domain.InvalidId:
-            return False
+    # ---- tokens.code_rejected: a wrong code counts like a failed request ---------------------
+
+    async def code_rejected(self, ctx: HandlerContext, evt: CodeRejected) -> None:
+        now = datetime.now(UTC)
+        block = domain.address_block_or_none(evt.client_ip)
+        block_ref = self.ref(block) if block else None
+        if evt.account_id:
+            keys = CounterKeys.for_account(evt.account_id, block_ref)
+        elif evt.subject_ref:
+            keys = CounterKeys.for_subject(evt.subject_ref, block_ref)
+        else:
+            ctx.audit("code_rejected", "rejected", request_id=evt.request_id, reasons=["principal_missing"])
+            return
+        account = await self.store.by_id(evt.account_id) if evt.account_id else None
+        for attempt in range(1, STALE_RETRIES + 1):
+            counters = await self.store.counters(keys)
+            decision = domain.decide_code_rejected(account, counters, block is not None, self.limits, now)
+            ctx.audit(
+                "code_rejected",
+                "info",
+                account_id=evt.account_id,
+                subject_ref=None if evt.account_id else evt.subject_ref,
+                request_id=evt.request_id,
+                details={"counted": "account_and_block" if block else "account"},
+            )
+            self._stage_lockout(ctx, decision, evt.request_id)
+            writes = self._request_writes(evt.request_id, keys, counters, decision, {}, now)
+            if await self._committed(ctx, writes, attempt):
+                break
+        if Audit.LOCKED in decision.audits:
+            self.lockouts.inc()
 
     # ---- password.updated: a successful key change unlocks -----------------------------------
 
     async def password_updated(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
-        account = await self.store.by_id(evt.account_id)
-        if account is None:
+        if await self.store.by_id(evt.account_id) is None:
             return
-        was_locked = account.is_locked(datetime.now(UTC)) or bool(account.failures)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.unlock(evt.account_id, s)
-
-        if was_locked:
+        keys = CounterKeys.for_account(evt.account_id)
+        if await self.store.has_lockout_state(keys):
             ctx.audit(
                 "account_unlocked",
                 "success",
@@ -231,6 +318,10 @@ class IdentityHandlers:
                 request_id=evt.request_id,
                 details={"by": "key_change"},
             )
+
+        async def writes(s: AsyncClientSession) -> None:
+            await self.store.clear_lockout(keys, s)
+
         await ctx.commit(writes)
 
     # ---- identity.commands: operator actions --------------------------------------------------
@@ -285,7 +376,7 @@ class IdentityHandlers:
             return
 
         async def writes(s: AsyncClientSession) -> None:
-            await self.store.unlock(account.account_id, s)
+            await self.store.clear_lockout(CounterKeys.for_account(account.account_id), s)
 
         self._operator_result(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
         await ctx.commit(writes)
@@ -330,7 +421,8 @@ class IdentityHandlers:
             return
         now = datetime.now(UTC)
         request_id = f"op-{cmd.command_id}"
-        if not self.mailbox.allows(account.mails_sent, now):
+        keys = CounterKeys.for_account(account.account_id)
+        if not domain.mailbox_allows((await self.store.counters(keys)).principal, self.limits, now):
             self._operator_result(
                 ctx,
                 cmd,
@@ -356,6 +448,6 @@ class IdentityHandlers:
         self._operator_result(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
 
         async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_mail(account.account_id, now, s)
+            await self.store.record_mail(keys, now, s)
 
         await ctx.commit(writes)

@@ -160,12 +160,7 @@ async def import_accounts(
                 {"_id": account_id},
                 {
                     "$set": fields,
-                    "$setOnInsert": {
-                        "failures": [],
-                        "locked_until": None,
-                        "mails_sent": [],
-                        "created_at": datetime.now(UTC),
-                    },
+                    "$setOnInsert": {"created_at": datetime.now(UTC)},
                 },
                 upsert=True,
                 session=s,

@@ -3,6 +3,11 @@ and the keys it uses (pseudonyms of IDs and addresses; sealing initial keys)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from pydantic import PositiveInt
+
+from services.identity.domain import Limits
 from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings
 
 
@@ -11,15 +16,40 @@ class IdentitySettings(PlatformSettings, Argon2Settings):
     password_keys: str = DEV_PASSWORD_KEY  # seals an imported initial key for the password service
 
     security_questions: str = "birth_date,fingerprint_code,mother_surname"
-    lockout_max_failures: int = 5
-    lockout_window_s: int = 15 * 60
-    lockout_duration_s: int = 30 * 60
-    ip_max_requests: int = 30
-    ip_window_s: int = 15 * 60
-    recovery_mails_per_hour: int = 3
+    # Per (account, address block): this many failures in the window lock that block out.
+    lockout_max_failures: PositiveInt = 5
+    lockout_window_s: PositiveInt = 15 * 60
+    lockout_duration_s: PositiveInt = 30 * 60
+    # Per account, across all blocks: this many failures in the window slow the account down
+    # to one evaluated attempt per block per SLOWED_ATTEMPT_INTERVAL_S.
+    account_max_failures: PositiveInt = 20
+    account_failure_window_s: PositiveInt = 24 * 3600
+    slowed_attempt_interval_s: PositiveInt = 3600
+    # Per address block (IPv4 address, IPv6 /64): failed requests before it is rate-limited.
+    ip_max_requests: PositiveInt = 30
+    ip_window_s: PositiveInt = 15 * 60
+    recovery_mails_per_hour: PositiveInt = 3
+    # Lock notices have their own quota (never the recovery mails').
+    lock_notices_max: PositiveInt = 1
+    lock_notice_window_s: PositiveInt = 6 * 3600
 
     def question_ids(self) -> list[str]:
         return [q.strip() for q in self.security_questions.split(",") if q.strip()]
+
+    def limits(self) -> Limits:
+        return Limits(
+            block_max_failures=self.lockout_max_failures,
+            block_window=timedelta(seconds=self.lockout_window_s),
+            block_lock=timedelta(seconds=self.lockout_duration_s),
+            account_max_failures=self.account_max_failures,
+            account_window=timedelta(seconds=self.account_failure_window_s),
+            slowed_interval=timedelta(seconds=self.slowed_attempt_interval_s),
+            address_max_failures=self.ip_max_requests,
+            address_window=timedelta(seconds=self.ip_window_s),
+            mails_per_hour=self.recovery_mails_per_hour,
+            notices_max=self.lock_notices_max,
+            notice_window=timedelta(seconds=self.lock_notice_window_s),
+        )
 
     def fernet_keys(self) -> dict[str, str]:
         return {**super().fernet_keys(), "PASSWORD_KEYS": self.password_keys}

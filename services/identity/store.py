@@ -1,21 +1,68 @@
-"""AccountStore: the identity service's own database (accounts, IP failures, seen requests)."""
+"""AccountStore: the identity service's own database (accounts, lockout counters, seen requests).
+
+Counters live in one collection, one document each for
+- a principal (`p:a:<account_id>`, or `p:s:<keyed hash of an ID>` for an ID with no account):
+  its failures, mails and lock notices, and `rev`, bumped by every write;
+- a principal seen from one address block (`b:<principal>|<block ref>`): its failures,
+  its lock and its last evaluated attempt;
+- an address block (`ip:<block ref>`): its failed requests.
+
+A decision is applied only to the state it was made on: the principal's update carries the
+`rev` that was read, so a concurrent request for the same account (another spelling of the
+ID lands on another partition) makes it fail with `StaleCounters`, and the handler reads the
+counters again and decides again. No failure is lost and no lock is missed.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.identity.domain import Account
+from services.identity.domain import Account, AddressState, BlockState, Counters, PrincipalState, Record
 from shared.store import ServiceStore
 
 ACCOUNTS = "accounts"
-IP_FAILURES = "ip_failures"
-SUBJECT_FAILURES = "subject_failures"  # failed requests for IDs with no account, by keyed hash
+COUNTERS = "counters"
 REQUESTS = "requests"
-KEEP_TIMESTAMPS = 20  # bounded arrays: enough for any configured window
+# Codes of a write that lost a race for the same principal document: the state changed.
+RACE_CODES = frozenset({11000, 112})
+
+
+class StaleCounters(Exception):
+    """The counters changed since they were read: read them again and decide again."""
+
+
+@dataclass(frozen=True)
+class CounterKeys:
+    """Which counters a request touches: its principal, and its address block when known."""
+
+    principal: str  # "a:<account_id>" or "s:<subject_ref>"
+    block_ref: str | None = None  # keyed hash of the normalised address block
+
+    @classmethod
+    def for_account(cls, account_id: str, block_ref: str | None = None) -> CounterKeys:
+        return cls(f"a:{account_id}", block_ref)
+
+    @classmethod
+    def for_subject(cls, subject_ref: str, block_ref: str | None = None) -> CounterKeys:
+        return cls(f"s:{subject_ref}", block_ref)
+
+    @property
+    def principal_id(self) -> str:
+        return f"p:{self.principal}"
+
+    @property
+    def block_id(self) -> str | None:
+        return None if self.block_ref is None else f"b:{self.principal}|{self.block_ref}"
+
+    @property
+    def address_id(self) -> str | None:
+        return None if self.block_ref is None else f"ip:{self.block_ref}"
 
 
 def _to_account(doc: dict[str, Any]) -> Account:
@@ -28,23 +75,26 @@ def _to_account(doc: dict[str, Any]) -> Account:
         locale=doc.get("locale", "es"),
         answer_hashes=doc["answer_hashes"],
         representative_id=doc.get("representative_id"),
-        failures=doc.get("failures", []),
-        locked_until=doc.get("locked_until"),
-        mails_sent=doc.get("mails_sent", []),
     )
 
 
+def _times(doc: dict[str, Any] | None, name: str) -> tuple[datetime, ...]:
+    return tuple(doc.get(name, ())) if doc else ()
+
+
 class AccountStore(ServiceStore):
-    def __init__(self, uri: str, db_name: str, ip_window_s: int) -> None:
+    def __init__(self, uri: str, db_name: str, *, keep: int = 32, retention: timedelta = timedelta(days=1)) -> None:
         super().__init__(uri, db_name)
-        self.ip_window_s = ip_window_s
+        self.keep = keep  # timestamps kept per counter: enough for every configured limit
+        self.retention = retention  # a counter untouched this long is dropped (TTL)
 
     async def ensure_service_indexes(self) -> None:
         await self.db[ACCOUNTS].create_index("national_id", unique=True)
-        await self.db[IP_FAILURES].create_index([("ip_ref", ASCENDING), ("at", ASCENDING)])
-        await self.db[IP_FAILURES].create_index("at", expireAfterSeconds=self.ip_window_s)
+        await self.db[COUNTERS].create_index("principal")
+        await self.db[COUNTERS].create_index("expires_at", expireAfterSeconds=0)
         await self.db[REQUESTS].create_index("at", expireAfterSeconds=7 * 24 * 3600)
-        await self.db[SUBJECT_FAILURES].create_index("last_at", expireAfterSeconds=24 * 3600)
+
+    # ---- accounts ------------------------------------------------------------------------------
 
     async def by_national_id(self, national_id: str) -> Account | None:
         doc = await self.db[ACCOUNTS].find_one({"national_id": national_id})
@@ -57,49 +107,9 @@ class AccountStore(ServiceStore):
         doc = await self.db[ACCOUNTS].find_one({"_id": account_id})
         return _to_account(doc) if doc else None
 
-    async def request_seen(self, request_id: str) -> bool:
-        return await self.db[REQUESTS].find_one({"_id": request_id}, {"_id": 1}) is not None
-
-    async def record_request(self, request_id: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[REQUESTS].insert_one({"_id": request_id, "at": now}, session=s)
-
-    async def ip_failures(self, ip_ref: str, since: datetime) -> int:
-        return await self.db[IP_FAILURES].count_documents({"ip_ref": ip_ref, "at": {"$gt": since}})
-
-    async def record_ip_failure(self, ip_ref: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[IP_FAILURES].insert_one({"ip_ref": ip_ref, "at": now}, session=s)
-
-    async def record_failure(
-        self, account_id: str, now: datetime, locked_until: datetime | None, s: AsyncClientSession
-    ) -> None:
-        update: dict[str, Any] = {"$push": {"failures": {"$each": [now], "$slice": -KEEP_TIMESTAMPS}}}
-        if locked_until is not None:
-            update["$set"] = {"locked_until": locked_until}
-        await self.db[ACCOUNTS].update_one({"_id": account_id}, update, session=s)
-
-    async def record_subject_failure(self, subject_ref: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[SUBJECT_FAILURES].update_one(
-            {"_id": subject_ref},
-            {"$push": {"failures": {"$each": [now], "$slice": -KEEP_TIMESTAMPS}}, "$set": {"last_at": now}},
-            upsert=True,
-            session=s,
-        )
-
     async def set_answer_hashes(self, account_id: str, hashes: dict[str, str], s: AsyncClientSession) -> None:
         await self.db[ACCOUNTS].update_one(
             {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}, session=s
-        )
-
-    async def record_mail(self, account_id: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one(
-            {"_id": account_id},
-            {"$push": {"mails_sent": {"$each": [now], "$slice": -KEEP_TIMESTAMPS}}},
-            session=s,
-        )
-
-    async def unlock(self, account_id: str, s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one(
-            {"_id": account_id}, {"$set": {"failures": [], "locked_until": None}}, session=s
         )
 
     async def set_email(self, account_id: str, email: str, s: AsyncClientSession) -> None:
@@ -108,6 +118,110 @@ class AccountStore(ServiceStore):
     async def upsert(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
         await self.db[ACCOUNTS].replace_one({"_id": doc["_id"]}, doc, upsert=True, session=s)
 
-    @staticmethod
-    def window_start(now: datetime, seconds: int) -> datetime:
-        return now - timedelta(seconds=seconds)
+    # ---- requests ------------------------------------------------------------------------------
+
+    async def request_seen(self, request_id: str) -> bool:
+        return await self.db[REQUESTS].find_one({"_id": request_id}, {"_id": 1}) is not None
+
+    async def record_request(self, request_id: str, now: datetime, s: AsyncClientSession) -> None:
+        await self.db[REQUESTS].insert_one({"_id": request_id, "at": now}, session=s)
+
+    # ---- counters ------------------------------------------------------------------------------
+
+    async def counters(self, keys: CounterKeys) -> Counters:
+        """The principal's, the block's and the address's counters, in one round trip."""
+        ids = [i for i in (keys.principal_id, keys.block_id, keys.address_id) if i is not None]
+        docs = {d["_id"]: d async for d in self.db[COUNTERS].find({"_id": {"$in": ids}})}
+        p = docs.get(keys.principal_id)
+        b = docs.get(keys.block_id) if keys.block_id else None
+        a = docs.get(keys.address_id) if keys.address_id else None
+        return Counters(
+            PrincipalState(
+                rev=int(p.get("rev", 0)) if p else 0,
+                failures=_times(p, "failures"),
+                mails=_times(p, "mails"),
+                notices=_times(p, "notices"),
+            ),
+            BlockState(
+                failures=_times(b, "failures"),
+                locked_until=b.get("locked_until") if b else None,
+                last_attempt=b.get("last_attempt") if b else None,
+            ),
+            AddressState(failures=_times(a, "failures")),
+        )
+
+    async def record_counters(
+        self, keys: CounterKeys, seen: Counters, record: Record, now: datetime, s: AsyncClientSession
+    ) -> None:
+        """Apply one decision's counts in one round trip. The same three updates on every path
+        (only their contents differ), so no path costs the store more than another.
+        Raises StaleCounters when the principal changed since `seen` was read."""
+        expires = now + self.retention
+        principal_push = self._push(now, failures=record.principal_failure, mails=record.mail, notices=record.notice)
+        ops = [
+            # Upsert on {_id, rev}: a missing document is created (rev 0 → 1); an existing one
+            # with another rev makes the insert collide on _id, which is how a race shows.
+            UpdateOne(
+                {"_id": keys.principal_id, "rev": seen.principal.rev},
+                {"$inc": {"rev": 1}, "$set": {"expires_at": expires}, **principal_push},
+                upsert=True,
+            )
+        ]
+        if keys.block_id is not None and keys.address_id is not None:
+            block_expires = max(expires, record.lock_until or expires)
+            block_set: dict[str, Any] = {"principal": keys.principal, "expires_at": block_expires}
+            if record.lock_until is not None:
+                block_set["locked_until"] = record.lock_until
+            if record.attempt:
+                block_set["last_attempt"] = now
+            ops.append(
+                UpdateOne(
+                    {"_id": keys.block_id},
+                    {"$set": block_set, **self._push(now, failures=record.block_failure)},
+                    upsert=True,
+                )
+            )
+            ops.append(
+                UpdateOne(
+                    {"_id": keys.address_id},
+                    {"$set": {"expires_at": expires}, **self._push(now, failures=record.address_failure)},
+                    upsert=True,
+                )
+            )
+        try:
+            await self.db[COUNTERS].bulk_write(ops, ordered=True, session=s)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and all(e.get("code") in RACE_CODES for e in errors):
+                raise StaleCounters(keys.principal) from None
+            raise
+        except DuplicateKeyError:
+            raise StaleCounters(keys.principal) from None
+
+    def _push(self, now: datetime, **fields: bool) -> dict[str, Any]:
+        pushes = {name: {"$each": [now], "$slice": -self.keep} for name, on in fields.items() if on}
+        return {"$push": pushes} if pushes else {}
+
+    async def record_mail(self, keys: CounterKeys, now: datetime, s: AsyncClientSession) -> None:
+        """A recovery mail sent on an operator's command (counts towards the mailbox limit)."""
+        await self.db[COUNTERS].update_one(
+            {"_id": keys.principal_id},
+            {"$inc": {"rev": 1}, "$set": {"expires_at": now + self.retention}, **self._push(now, mails=True)},
+            upsert=True,
+            session=s,
+        )
+
+    async def has_lockout_state(self, keys: CounterKeys) -> bool:
+        """Any failure or lock on record for the principal (anything an unlock would clear)."""
+        principal = await self.db[COUNTERS].find_one({"_id": keys.principal_id}, {"failures": 1})
+        if principal and principal.get("failures"):
+            return True
+        return await self.db[COUNTERS].find_one({"principal": keys.principal}, {"_id": 1}) is not None
+
+    async def clear_lockout(self, keys: CounterKeys, s: AsyncClientSession) -> None:
+        """Forget the principal's failures, locks and slowed mode (mails and notices stay:
+        they protect the mailbox, not the account)."""
+        await self.db[COUNTERS].update_one(
+            {"_id": keys.principal_id}, {"$set": {"failures": []}, "$inc": {"rev": 1}}, session=s
+        )
+        await self.db[COUNTERS].delete_many({"principal": keys.principal}, session=s)

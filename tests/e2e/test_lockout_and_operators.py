@@ -1,8 +1,10 @@
-"""Lockout, unlock (by operator and by a key change) and every operator command."""
+"""Lockout per account and address block, slowed mode, unlock (by operator and by a key
+change), lock notices and every operator command."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 
 import pytest
@@ -14,26 +16,102 @@ from tests.e2e.conftest import World, clave_cli
 pytestmark = pytest.mark.e2e
 
 
-async def lock(world: World, c: Citizen) -> None:
-    """Fail the answers until the account locks; the owner gets a 'locked' e-mail."""
+def ipv4() -> str:
+    """A fresh documentation-range address: its own block."""
+    return f"198.{18 + secrets.randbelow(2)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+
+
+def ipv6_block() -> str:
+    """A fresh /64, as a prefix to which an interface id is appended ("...::1")."""
+    return f"2001:db8:{secrets.randbelow(65536):x}:{secrets.randbelow(65536):x}::"
+
+
+def is_notice(m: object) -> bool:
+    return "recuperar?" not in body_text(m)  # type: ignore[arg-type]
+
+
+async def wrong(world: World, c: Citizen, ip: str) -> dict:
+    rid = await world.request(c, answers={**c.answers, "birth_date": "1900-01-01"}, client_ip=ip)
+    return await world.audited(rid)
+
+
+async def lock(world: World, c: Citizen, ip: str) -> str:
+    """Fail the answers from one address until its block is locked out of the account;
+    the owner gets one lock notice. Returns the request that locked it."""
     for _ in range(world.settings.lockout_max_failures):
-        rid = await world.request(c, answers={**c.answers, "birth_date": "1900-01-01"})
-        assert "answers_wrong" in (await world.audited(rid))["reasons"]
-    await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "account_locked" and d["data"].get("request_id") == rid
-    )
-    await world.mailbox.wait_for(lambda m: c.email in str(m["To"]) and "recuperar?" not in body_text(m))
+        audit = await wrong(world, c, ip)
+        assert audit["reasons"] == ["answers_wrong"]
+    rid = audit["request_id"]
+    locked = await world.audited(rid, action="account_locked")
+    assert locked["details"]["scope"] == "address_block"
+    await world.mailbox.wait_for(lambda m: c.email in str(m["To"]) and is_notice(m))
+    return rid
+
+
+async def test_a_stranger_locks_only_their_own_block_and_the_owner_still_gets_the_mail(world: World) -> None:
+    c = await world.citizen()
+    stranger = ipv4()
+    await lock(world, c, stranger)
+    # The stranger keeps trying, right answers included: their block stays locked out.
+    for answers in ({**c.answers, "birth_date": "1900-01-01"}, dict(c.answers)):
+        rid = await world.request(c, answers=answers, client_ip=stranger)
+        assert (await world.audited(rid))["reasons"] == ["locked"]
+        assert (await world.portal.wait_outcome(rid, "request"))["status"] == "accepted"
+    # The same address spelled as IPv4-mapped IPv6 is the same block.
+    rid = await world.request(c, client_ip=f"::ffff:{stranger}")
+    assert (await world.audited(rid))["reasons"] == ["locked"]
+    # The owner, from home, gets every recovery mail of the hour's quota: the lock notice
+    # used none of it.
+    home = ipv4()
+    for _ in range(world.settings.recovery_mails_per_hour):
+        rid = await world.request(c, client_ip=home)
+        assert (await world.audited(rid))["outcome"] == "success"
+        await world.recovery_mail(rid)
+    # Now that later mails have arrived: one lock notice, however often the stranger tried.
+    mails = world.mails_to(c.email)
+    assert len([m for m in mails if is_notice(m)]) == 1
+    assert len(mails) == 1 + world.settings.recovery_mails_per_hour
+
+
+async def test_brute_force_from_many_blocks_slows_the_account_to_one_guess_per_block_an_hour(world: World) -> None:
+    s = world.settings
+    c = await world.citizen()
+    blocks = -(-s.account_max_failures // (s.lockout_max_failures - 1))
+    # Each block fails one short of its own lock (each time from another host of its /64):
+    # only the per-account cap can stop them.
+    attempts = [ipv6_block() for _ in range(blocks)]
+    counted = 0
+    for prefix in attempts:
+        for host in range(1, s.lockout_max_failures):
+            if counted == s.account_max_failures:
+                break
+            audit = await wrong(world, c, prefix + f"{host:x}")
+            assert audit["reasons"] == ["answers_wrong"]
+            counted += 1
+    slowed = await world.audited(audit["request_id"], action="account_slowed")
+    assert slowed["details"]["failures"] == s.account_max_failures
+    # A new block: one evaluated guess; its second attempt within the hour (another host of
+    # the same /64, right answers even) is refused without evaluation.
+    fresh = ipv6_block()
+    assert (await wrong(world, c, fresh + "1"))["reasons"] == ["answers_wrong"]
+    rid = await world.request(c, client_ip=fresh + "beef")
+    assert (await world.audited(rid))["reasons"] == ["rate_limited"]
+    # A block that already had its guess this hour is refused too.
+    rid = await world.request(c, client_ip=attempts[0] + "ffff")
+    assert (await world.audited(rid))["reasons"] == ["rate_limited"]
+    # The owner, from an address that has not tried this hour, gets the mail.
+    rid = await world.request(c, client_ip=ipv4())
+    assert (await world.audited(rid))["outcome"] == "success"
+    await world.recovery_mail(rid)
 
 
 async def test_lockout_then_operator_unlock(world: World) -> None:
     c = await world.citizen()
-    await lock(world, c)
-    locked_notices = len(world.mails_to(c.email))
-    rid = await world.request(c)  # correct data, but locked
+    ip = ipv4()
+    await lock(world, c, ip)
+    rid = await world.request(c, client_ip=ip)  # correct data, but from the locked block
     assert (await world.audited(rid))["reasons"] == ["locked"]
     assert (await world.portal.wait_outcome(rid, "request"))["status"] == "accepted"
-    # The real owner is told why nothing came (within the mailbox limit).
-    await world.mailbox.wait_for(lambda m: c.email in str(m["To"]), count=locked_notices + 1)
 
     result = await asyncio.to_thread(
         clave_cli, "accounts", "unlock", c.national_id, "--operator", "op-17", "--reason", "ID checked at office"
@@ -47,13 +125,16 @@ async def test_lockout_then_operator_unlock(world: World) -> None:
         )
     )
     assert audit[-1]["data"]["details"]["reason"] == "ID checked at office"
-    rid = await world.request(c)
+    rid = await world.request(c, client_ip=ip)
     await world.recovery_mail(rid)
+    # Only one lock notice was sent, the second `locked` request included (its own quota).
+    assert len([m for m in world.mails_to(c.email) if is_notice(m)]) == 1
 
 
 async def test_locked_account_unlocked_by_a_key_change(world: World) -> None:
     c = await world.citizen()
-    await lock(world, c)
+    ip = ipv4()
+    await lock(world, c, ip)
     # The office sends a recovery e-mail on the citizen's behalf; the key change unlocks.
     await asyncio.to_thread(
         clave_cli, "accounts", "send-recovery", c.national_id, "--operator", "op-9", "--reason", "case 4411"
@@ -72,7 +153,7 @@ async def test_locked_account_unlocked_by_a_key_change(world: World) -> None:
     await world.audit_log.wait(
         lambda _t, _h, d: d["data"].get("action") == "account_unlocked" and d["data"].get("request_id") == rid
     )
-    rid2 = await world.request(c)
+    rid2 = await world.request(c, client_ip=ip)
     await world.recovery_mail(rid2)
 
 

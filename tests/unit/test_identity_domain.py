@@ -1,7 +1,9 @@
-"""Identity rules: national IDs, answer normalisation, e-mail matching, lockout and decide()."""
+"""Identity rules: national IDs, answer normalisation, e-mail matching, client addresses, the
+lockout and the request decision."""
 
 from __future__ import annotations
 
+import ipaddress
 import unicodedata
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -9,24 +11,42 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from stdnum.ec import ci
 
 from services.identity.domain import (
     COUNTED_FAILURES,
     Account,
+    AddressState,
+    AnswerChecks,
+    Audit,
+    BlockState,
+    Counters,
     Decision,
-    Evidence,
+    Emit,
     InvalidId,
-    LockoutPolicy,
-    MailboxLimit,
+    Limits,
+    PrincipalState,
     Reason,
-    decide,
+    Record,
+    RequestFacts,
+    address_block,
+    address_block_or_none,
+    cheap_refusal,
+    decide_code_rejected,
+    decide_request,
     mask_email,
+    needs_answer_checks,
     normalize_answer,
     normalize_cedula,
     normalize_national_id,
+    representative_matches,
     same_mailbox,
+    slowed,
+    within,
 )
+from services.identity.settings import IdentitySettings
+from shared.schemas import RecoveryRequested
 
 NOW = datetime(2025, 3, 9, 12, 0, tzinfo=UTC)
 PROVINCES = [f"{p:02d}" for p in range(1, 25)] + ["30"]
@@ -301,59 +321,154 @@ def test_mask_email_edge_cases() -> None:
     assert mask_email("@x.org") == "***@x.org"
 
 
-# ------------------------------------------------------------------ lockout policy
+# ------------------------------------------------------------------ client addresses
 
 
-def test_lockout_recent_respects_window_boundary() -> None:
-    policy = LockoutPolicy(window=timedelta(minutes=15))
-    edge = NOW - timedelta(minutes=15)
-    inside = edge + timedelta(microseconds=1)
-    assert policy.recent([edge, inside, NOW], NOW) == [inside, NOW]
+@pytest.mark.parametrize(
+    ("raw", "block"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # IPv4-mapped, dotted
+        ("::ffff:cb00:7107", "203.0.113.7"),  # IPv4-mapped, hex
+        ("::FFFF:203.0.113.7", "203.0.113.7"),
+        ("0:0:0:0:0:ffff:cb00:7107", "203.0.113.7"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::abcd", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),  # the zone names an interface, not another host
+        ("fe80::1%25", "fe80::/64"),
+        ("::1", "::/64"),
+    ],
+)
+def test_address_block(raw: str, block: str) -> None:
+    assert address_block(raw) == block
 
 
-@given(st.integers(min_value=1, max_value=10), st.lists(st.integers(0, 3600), max_size=15))
-def test_locks_after_counts_failures_in_window_plus_this_one(max_failures: int, ages: list[int]) -> None:
-    policy = LockoutPolicy(max_failures=max_failures, window=timedelta(minutes=15))
-    failures = [NOW - timedelta(seconds=a) for a in ages]
-    in_window = sum(1 for a in ages if a < 15 * 60)
-    assert policy.locks_after(failures, NOW) == (in_window + 1 >= max_failures)
+@pytest.mark.parametrize(
+    "raw", ["", "not-an-ip", "203.0.113", "203.0.113.7/32", "203.0.113.256", "2001:db8::/64", "1.2.3.4%eth0", "::g"]
+)
+def test_address_block_refuses_what_is_not_an_address(raw: str) -> None:
+    with pytest.raises(ValueError):
+        address_block(raw)
+    assert address_block_or_none(raw) is None
 
 
-def test_locks_after_fifth_failure_by_default() -> None:
-    policy = LockoutPolicy()
-    failures: list[datetime] = []
-    for n in range(1, 6):
-        locks = policy.locks_after(failures, NOW)
-        assert locks == (n == 5), n
-        failures.append(NOW - timedelta(seconds=10 * (6 - n)))
+def test_address_block_or_none_passes_none() -> None:
+    assert address_block_or_none(None) is None
+    assert address_block_or_none("::ffff:10.0.0.1") == "10.0.0.1"
 
 
-# ------------------------------------------------------------------ mailbox limit
+# Prefix 0 holds ::ffff:0:0/96, the IPv4-mapped addresses: tested apart below.
+@given(st.integers(1, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_every_address_of_a_64_is_one_block(prefix: int, a: int, b: int) -> None:
+    first = ipaddress.IPv6Address((prefix << 64) | a)
+    second = ipaddress.IPv6Address((prefix << 64) | b)
+    assert address_block(str(first)) == address_block(str(second))
+    assert address_block(str(first)) == str(ipaddress.IPv6Network(((prefix << 64), 64)))
 
 
-def test_mailbox_limit_per_hour() -> None:
-    limit = MailboxLimit(per_hour=3)
-    assert limit.allows([], NOW)
-    two = [NOW - timedelta(minutes=5), NOW - timedelta(minutes=50)]
-    assert limit.allows(two, NOW)
-    three = [*two, NOW - timedelta(minutes=59)]
-    assert not limit.allows(three, NOW)
-    # One of them exactly an hour old no longer counts.
-    aged = [*two, NOW - timedelta(hours=1)]
-    assert limit.allows(aged, NOW)
+@given(st.integers(1, 2**64 - 2), st.integers(0, 2**64 - 1))
+def test_neighbouring_64s_are_different_blocks(prefix: int, host: int) -> None:
+    one = ipaddress.IPv6Address((prefix << 64) | host)
+    other = ipaddress.IPv6Address(((prefix + 1) << 64) | host)
+    assert address_block(str(one)) != address_block(str(other))
 
 
-@given(st.integers(min_value=1, max_value=6), st.lists(st.integers(0, 7200), max_size=10))
-def test_mailbox_limit_property(per_hour: int, ages: list[int]) -> None:
-    sent = [NOW - timedelta(seconds=a) for a in ages]
-    within = sum(1 for a in ages if a < 3600)
-    assert MailboxLimit(per_hour).allows(sent, NOW) == (within < per_hour)
+@given(st.integers(0, 2**32 - 1))
+def test_ipv4_is_per_address_and_its_mapped_form_folds_to_it(n: int) -> None:
+    v4 = ipaddress.IPv4Address(n)
+    assert address_block(str(v4)) == str(v4)
+    assert address_block(f"::ffff:{v4}") == str(v4)
+    assert address_block(str(ipaddress.IPv6Address(0xFFFF00000000 | n))) == str(v4)
+    assert address_block(str(ipaddress.IPv4Address(n ^ 1))) != str(v4)
 
 
-# ------------------------------------------------------------------ decide()
+def request_payload(client_ip: str) -> dict[str, object]:
+    return {
+        "request_id": "req-1",
+        "profile": "affiliate",
+        "national_id": "1710034065",
+        "email": "maria.perez@example.org",
+        "answers": {"birth_date": "1984-03-09"},
+        "captcha_passed": True,
+        "client_ip": client_ip,
+    }
 
-LOCKOUT = LockoutPolicy()
-MAILBOX = MailboxLimit()
+
+@pytest.mark.parametrize("ip", ["203.0.113.7", "::ffff:203.0.113.7", "fe80::1%eth0", "2001:db8::1", "::1"])
+def test_portal_client_ip_accepts_every_address_form(ip: str) -> None:
+    req = RecoveryRequested.model_validate(request_payload(ip))
+    assert address_block(req.client_ip) == address_block(ip)
+
+
+@pytest.mark.parametrize("ip", ["", "localhost", "203.0.113.7, 10.0.0.1", "203.0.113.0/24", "1.2.3.4%eth0", "x" * 46])
+def test_portal_client_ip_must_be_an_address(ip: str) -> None:
+    with pytest.raises(ValidationError):
+        RecoveryRequested.model_validate(request_payload(ip))
+
+
+# ------------------------------------------------------------------ limits
+
+
+def test_within_counts_the_window_without_its_start() -> None:
+    window = timedelta(minutes=15)
+    edge = NOW - window
+    assert within([edge, edge + timedelta(microseconds=1), NOW], NOW, window) == 2
+
+
+@given(st.lists(st.integers(0, 7200), max_size=40), st.integers(1, 7200))
+def test_within_property(ages: list[int], seconds: int) -> None:
+    times = [NOW - timedelta(seconds=a) for a in ages]
+    assert within(times, NOW, timedelta(seconds=seconds)) == sum(1 for a in ages if a < seconds)
+
+
+def test_limits_keep_and_retention_cover_every_rule() -> None:
+    limits = Limits()
+    assert limits.keep() >= max(limits.account_max_failures, limits.address_max_failures, limits.block_max_failures)
+    assert limits.retention() >= max(limits.account_window, limits.notice_window, limits.block_lock)
+    assert LIMITS == Limits()  # the defaults the README states
+
+
+def test_settings_build_the_limits() -> None:
+    s = IdentitySettings(
+        lockout_max_failures=4,
+        lockout_window_s=60,
+        lockout_duration_s=120,
+        account_max_failures=9,
+        account_failure_window_s=3600,
+        slowed_attempt_interval_s=600,
+        ip_max_requests=7,
+        ip_window_s=30,
+        recovery_mails_per_hour=2,
+        lock_notices_max=3,
+        lock_notice_window_s=900,
+    )
+    assert s.limits() == Limits(
+        block_max_failures=4,
+        block_window=timedelta(seconds=60),
+        block_lock=timedelta(seconds=120),
+        account_max_failures=9,
+        account_window=timedelta(hours=1),
+        slowed_interval=timedelta(minutes=10),
+        address_max_failures=7,
+        address_window=timedelta(seconds=30),
+        mails_per_hour=2,
+        notices_max=3,
+        notice_window=timedelta(minutes=15),
+    )
+    assert IdentitySettings().limits() == Limits()
+
+
+@pytest.mark.parametrize("name", ["lockout_max_failures", "account_max_failures", "lock_notices_max", "ip_window_s"])
+def test_settings_refuse_zero_limits(name: str) -> None:
+    with pytest.raises(ValidationError):
+        IdentitySettings(**{name: 0})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ decide_request()
+
+LIMITS = Limits()
+QUESTIONS = ("birth_date", "fingerprint_code", "mother_surname")
 
 
 def account(**kw: object) -> Account:
@@ -364,75 +479,158 @@ def account(**kw: object) -> Account:
         name="María Pérez",
         email="maria.perez@example.org",
         locale="es",
-        answer_hashes={"birth_date": "h"},
+        answer_hashes={q: "h" for q in QUESTIONS},
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def evidence(**kw: object) -> Evidence:
-    base = Evidence(
+def checks(wrong: tuple[str, ...] = (), missing: tuple[str, ...] = (), outdated: tuple[str, ...] = ()) -> AnswerChecks:
+    return AnswerChecks(
+        verified={q: q not in wrong and q not in missing for q in QUESTIONS},
+        answered=frozenset(q for q in QUESTIONS if q not in missing),
+        outdated=frozenset(outdated),
+    )
+
+
+def facts(**kw: object) -> RequestFacts:
+    base = RequestFacts(
+        seen_before=False,
+        profile="affiliate",
         captcha_passed=True,
-        id_valid=True,
+        national_id="1710034065",
         account=account(),
-        answers_ok=True,
-        email_ok=True,
-        representative_ok=True,
-        ip_rate_limited=False,
+        typed_email="Maria.Perez@example.org",
+        typed_representative=None,
+        counters=Counters(),
+        answers=checks(),
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def run(ev: Evidence) -> Decision:
-    return decide(ev, NOW, LOCKOUT, MAILBOX)
+def ago(**kw: float) -> datetime:
+    return NOW - timedelta(**kw)
 
 
-def test_decide_verified() -> None:
-    d = run(evidence())
-    assert d == Decision(True, [])
-    assert not d.count_failure and not d.lock and not d.send_locked_notice
+def run(f: RequestFacts) -> Decision:
+    return decide_request(f, LIMITS, NOW)
 
 
-def test_decide_ip_rate_limited_wins_over_everything() -> None:
-    d = run(evidence(ip_rate_limited=True, captcha_passed=False, id_valid=False, account=None, answers_ok=False))
-    assert d == Decision(False, [Reason.RATE_LIMITED])
+DECLINED = (Emit.ACCEPTED, Emit.DECLINED)
 
 
-def test_decide_captcha_missing() -> None:
-    d = run(evidence(captcha_passed=False, answers_ok=False))
-    assert d == Decision(False, [Reason.CAPTCHA_MISSING])
+def test_verified() -> None:
+    d = run(facts())
+    assert d.verified and d.reasons == ()
+    assert d.emit == (Emit.ACCEPTED, Emit.VERIFIED)
+    assert d.account == account()
+    assert d.record == Record(request=True, attempt=True, mail=True)
+    assert d.audits == ()
 
 
-def test_decide_id_invalid() -> None:
-    assert run(evidence(id_valid=False, account=None)) == Decision(False, [Reason.ID_INVALID])
+def test_verified_rehashes_only_outdated_answers() -> None:
+    d = run(facts(answers=checks(outdated=("birth_date",))))
+    assert d.verified and d.record is not None and d.record.rehash == {"birth_date"}
 
 
-def test_decide_account_unknown() -> None:
-    d = run(evidence(account=None, answers_ok=False, email_ok=False))
-    assert d == Decision(False, [Reason.ACCOUNT_UNKNOWN])
-    assert not d.count_failure
+def test_duplicate_request_does_nothing_at_all() -> None:
+    d = run(facts(seen_before=True, captcha_passed=False, answers=None))
+    assert d.reasons == (Reason.DUPLICATE_REQUEST,)
+    assert d.emit == () and d.record is None and not d.verified
+
+
+def test_address_over_its_limit_is_rate_limited_and_not_counted_again() -> None:
+    full = Counters(address=AddressState(tuple(ago(seconds=i) for i in range(LIMITS.address_max_failures))))
+    d = run(facts(counters=full, captcha_passed=False, national_id=None, account=None, answers=None))
+    assert d.reasons == (Reason.RATE_LIMITED,)
+    assert d.emit == DECLINED
+    assert d.record == Record(request=True)
+
+
+def test_old_address_failures_do_not_count() -> None:
+    old = Counters(address=AddressState(tuple(ago(minutes=16) for _ in range(50))))
+    assert run(facts(counters=old)).verified
+
+
+def test_captcha_missing_counts_against_the_address_only() -> None:
+    d = run(facts(captcha_passed=False, answers=None))
+    assert d.reasons == (Reason.CAPTCHA_MISSING,)
+    assert d.emit == DECLINED
+    assert d.record == Record(request=True, address_failure=True)
+    assert d.account == account()  # the decoy's wrong codes still count against the account
+
+
+def test_id_invalid() -> None:
+    d = run(facts(national_id=None, account=None, answers=None))
+    assert d.reasons == (Reason.ID_INVALID,)
+    assert d.emit == DECLINED
+    assert d.record == Record(request=True, address_failure=True)
+
+
+def test_account_unknown_is_counted_like_a_failure() -> None:
+    d = run(facts(account=None, answers=checks(wrong=QUESTIONS)))
+    assert d.reasons == (Reason.ACCOUNT_UNKNOWN,)
+    assert d.emit == DECLINED and d.account is None
+    assert d.record == Record(request=True, principal_failure=True, block_failure=True, address_failure=True)
+    assert d.audits == ()
+
+
+def test_profile_mismatch_is_account_unknown() -> None:
+    d = run(facts(profile="employer"))
+    assert d.reasons == (Reason.ACCOUNT_UNKNOWN,) and d.account is None
 
 
 @pytest.mark.parametrize(
-    ("field", "reason"),
+    ("overrides", "reason"),
     [
-        ("answers_ok", Reason.ANSWERS_WRONG),
-        ("email_ok", Reason.EMAIL_MISMATCH),
-        ("representative_ok", Reason.REPRESENTATIVE_MISMATCH),
+        ({"answers": checks(wrong=("mother_surname",))}, Reason.ANSWERS_WRONG),
+        ({"answers": checks(missing=("birth_date",))}, Reason.ANSWERS_WRONG),
+        ({"account": account(answer_hashes={"birth_date": "h", "fingerprint_code": "h"})}, Reason.ANSWERS_WRONG),
+        ({"typed_email": "maria.perez@example.com"}, Reason.EMAIL_MISMATCH),
+        ({"typed_email": "not an address"}, Reason.EMAIL_MISMATCH),
+        (
+            {"profile": "employer", "account": account(profile="employer", representative_id="1710034065")},
+            Reason.REPRESENTATIVE_MISMATCH,
+        ),
     ],
 )
-def test_decide_single_counted_failure(field: str, reason: str) -> None:
-    d = run(evidence(**{field: False}))
+def test_single_counted_failure(overrides: dict[str, object], reason: str) -> None:
+    d = run(facts(**overrides))
     assert not d.verified
-    assert d.reasons == [reason]
+    assert d.reasons == (reason,)
     assert reason in COUNTED_FAILURES
-    assert d.count_failure
-    assert not d.lock and not d.send_locked_notice
+    assert d.emit == DECLINED
+    assert d.record == Record(
+        request=True, principal_failure=True, block_failure=True, address_failure=True, attempt=True
+    )
+
+
+def test_answers_with_no_questions_are_never_right() -> None:
+    d = run(facts(answers=AnswerChecks(verified={}, answered=frozenset())))
+    assert d.reasons == (Reason.ANSWERS_WRONG,)
+
+
+@pytest.mark.parametrize(("typed", "ok"), [("1710034065", True), ("171003406-5", True), (None, False), ("x", False)])
+def test_representative_check(typed: str | None, ok: bool) -> None:
+    employer = account(profile="employer", national_id="1790011674001", representative_id="1710034065")
+    d = run(facts(profile="employer", account=employer, typed_representative=typed))
+    assert d.verified == ok
+    assert representative_matches(employer, typed) == ok
+    assert representative_matches(account(), None)  # an affiliate names no representative
 
 
 @given(st.booleans(), st.booleans(), st.booleans())
-def test_decide_reports_every_wrong_secret_at_once(answers: bool, email: bool, rep: bool) -> None:
-    d = run(evidence(answers_ok=answers, email_ok=email, representative_ok=rep))
-    expected = [
+def test_every_wrong_secret_is_reported_at_once(answers: bool, email: bool, rep: bool) -> None:
+    employer = account(profile="employer", representative_id="1710034065")
+    d = run(
+        facts(
+            profile="employer",
+            account=employer,
+            answers=checks() if answers else checks(wrong=("birth_date",)),
+            typed_email=employer.email if email else "other@example.org",
+            typed_representative="1710034065" if rep else "0926687856",
+        )
+    )
+    expected = tuple(
         r
         for ok, r in [
             (answers, Reason.ANSWERS_WRONG),
@@ -440,79 +638,303 @@ def test_decide_reports_every_wrong_secret_at_once(answers: bool, email: bool, r
             (rep, Reason.REPRESENTATIVE_MISMATCH),
         ]
         if not ok
-    ]
+    )
     assert d.reasons == expected
     assert d.verified == (not expected)
-    assert d.count_failure == bool(expected)
+    assert d.record is not None and d.record.principal_failure == bool(expected)
 
 
-def test_decide_locked_account_reports_only_locked_and_counts_nothing() -> None:
-    acc = account(locked_until=NOW + timedelta(minutes=1))
-    d = run(evidence(account=acc, answers_ok=False, email_ok=False))
-    assert d.reasons == [Reason.LOCKED]
-    assert not d.verified and not d.count_failure and not d.lock
-    # Even correct answers do not get through a lock.
-    assert run(evidence(account=acc)).reasons == [Reason.LOCKED]
+def test_fifth_failure_from_a_block_locks_it_and_tells_the_owner() -> None:
+    four = Counters(block=BlockState(failures=tuple(ago(minutes=m) for m in (1, 2, 3, 4))))
+    d = run(facts(counters=four, answers=checks(wrong=("birth_date",))))
+    assert d.reasons == (Reason.ANSWERS_WRONG,)
+    assert d.audits == (Audit.LOCKED,)
+    assert d.emit == (*DECLINED, Emit.LOCK_NOTICE)
+    assert d.locked_until == NOW + LIMITS.block_lock
+    assert d.record is not None and d.record.lock_until == NOW + LIMITS.block_lock and d.record.notice
+    three = Counters(block=BlockState(failures=tuple(ago(minutes=m) for m in (1, 2, 3))))
+    d = run(facts(counters=three, typed_email="x@example.org"))
+    assert d.audits == () and d.emit == DECLINED and d.record is not None and d.record.lock_until is None
 
 
-def test_decide_locked_notice_within_mailbox_limit() -> None:
-    acc = account(locked_until=NOW + timedelta(minutes=10))
-    assert run(evidence(account=acc)).send_locked_notice
-    full = account(locked_until=NOW + timedelta(minutes=10), mails_sent=[NOW - timedelta(minutes=m) for m in (1, 2, 3)])
-    d = run(evidence(account=full))
-    assert d.reasons == [Reason.LOCKED]
-    assert not d.send_locked_notice
+def test_old_block_failures_do_not_lock() -> None:
+    old = Counters(block=BlockState(failures=tuple(ago(minutes=16 + m) for m in range(10))))
+    d = run(facts(counters=old, answers=checks(wrong=QUESTIONS)))
+    assert d.audits == () and d.record is not None and d.record.lock_until is None
 
 
-def test_decide_lock_expiry_boundary() -> None:
-    expired = account(locked_until=NOW)
-    assert run(evidence(account=expired)) == Decision(True, [])
-    still = account(locked_until=NOW + timedelta(microseconds=1))
-    assert run(evidence(account=still)).reasons == [Reason.LOCKED]
+def test_lock_notice_has_its_own_quota() -> None:
+    four = BlockState(failures=tuple(ago(minutes=m) for m in (1, 2, 3, 4)))
+    told = PrincipalState(notices=(ago(hours=5),))
+    d = run(facts(counters=Counters(told, four), answers=checks(wrong=QUESTIONS)))
+    assert d.audits == (Audit.LOCKED,) and Emit.LOCK_NOTICE not in d.emit
+    assert d.record is not None and not d.record.notice and not d.record.mail
+    # Six hours on, the owner may be told again; the recovery-mail quota plays no part.
+    long_ago = PrincipalState(notices=(ago(hours=6),), mails=tuple(ago(minutes=m) for m in (1, 2, 3)))
+    d = run(facts(counters=Counters(long_ago, four), answers=checks(wrong=QUESTIONS)))
+    assert Emit.LOCK_NOTICE in d.emit
 
 
-def test_decide_lock_on_nth_failure_and_notice() -> None:
-    four = [NOW - timedelta(minutes=m) for m in (1, 2, 3, 4)]
-    d = run(evidence(account=account(failures=four), answers_ok=False))
-    assert d.reasons == [Reason.ANSWERS_WRONG]
-    assert d.count_failure and d.lock and d.send_locked_notice
-    three = four[:3]
-    d = run(evidence(account=account(failures=three), email_ok=False))
-    assert d.count_failure and not d.lock and not d.send_locked_notice
+def test_locked_block_refuses_even_right_answers_and_counts_no_failure() -> None:
+    locked = Counters(block=BlockState(locked_until=NOW + timedelta(minutes=1)))
+    d = run(facts(counters=locked))
+    assert d.reasons == (Reason.LOCKED,)
+    assert d.emit == (*DECLINED, Emit.LOCK_NOTICE)
+    assert d.locked_until == NOW + timedelta(minutes=1)
+    assert d.record == Record(request=True, address_failure=True, notice=True)
+    told = Counters(PrincipalState(notices=(ago(minutes=5),)), locked.block)
+    d = run(facts(counters=told, answers=checks(wrong=QUESTIONS)))
+    assert d.reasons == (Reason.LOCKED,) and d.emit == DECLINED
 
 
-def test_decide_old_failures_do_not_lock() -> None:
-    old = [NOW - timedelta(minutes=20 + m) for m in range(10)]
-    d = run(evidence(account=account(failures=old), answers_ok=False))
-    assert d.count_failure and not d.lock
+def test_lock_expiry_boundary() -> None:
+    assert run(facts(counters=Counters(block=BlockState(locked_until=NOW)))).verified
+    still = Counters(block=BlockState(locked_until=NOW + timedelta(microseconds=1)))
+    assert run(facts(counters=still)).reasons == (Reason.LOCKED,)
 
 
-def test_decide_mailbox_limit_turns_success_into_rate_limited() -> None:
-    full = account(mails_sent=[NOW - timedelta(minutes=m) for m in (5, 15, 45)])
-    d = run(evidence(account=full))
-    assert d == Decision(False, [Reason.RATE_LIMITED])
-    assert not d.count_failure
+def slowed_principal() -> PrincipalState:
+    return PrincipalState(failures=tuple(ago(minutes=30 * i + 1) for i in range(LIMITS.account_max_failures)))
+
+
+def test_slowed_account_refuses_a_second_attempt_from_a_block_within_the_hour() -> None:
+    recent = Counters(slowed_principal(), BlockState(last_attempt=ago(minutes=59)))
+    d = run(facts(counters=recent))
+    assert d.reasons == (Reason.RATE_LIMITED,)
+    assert d.emit == DECLINED
+    assert d.record == Record(request=True, address_failure=True)  # not evaluated: no failure, no attempt
+
+
+def test_slowed_account_evaluates_a_fresh_block_and_an_hour_old_one() -> None:
+    for block in (BlockState(), BlockState(last_attempt=ago(hours=1))):
+        d = run(facts(counters=Counters(slowed_principal(), block)))
+        assert d.verified, block
+        d = run(facts(counters=Counters(slowed_principal(), block), answers=checks(wrong=QUESTIONS)))
+        assert d.reasons == (Reason.ANSWERS_WRONG,) and d.record is not None and d.record.attempt
+
+
+def test_unslowed_account_lets_a_block_try_again_at_once() -> None:
+    almost = PrincipalState(failures=slowed_principal().failures[1:])
+    d = run(facts(counters=Counters(almost, BlockState(last_attempt=ago(seconds=1)))))
+    assert d.verified
+
+
+def test_reaching_the_account_cap_is_audited_once() -> None:
+    almost = PrincipalState(failures=slowed_principal().failures[1:])
+    d = run(facts(counters=Counters(almost), answers=checks(wrong=QUESTIONS)))
+    assert d.audits == (Audit.SLOWED,)
+    d = run(facts(counters=Counters(slowed_principal()), answers=checks(wrong=QUESTIONS)))
+    assert d.audits == ()
+
+
+def test_mailbox_limit_turns_success_into_rate_limited_without_a_failure() -> None:
+    full = Counters(PrincipalState(mails=tuple(ago(minutes=m) for m in (5, 15, 45))))
+    d = run(facts(counters=full))
+    assert d.reasons == (Reason.RATE_LIMITED,) and d.emit == DECLINED
+    assert d.record == Record(request=True, attempt=True)
     # A wrong guess on a flooded mailbox is still a counted failure, not "rate limited".
-    d = run(evidence(account=full, answers_ok=False))
-    assert d.reasons == [Reason.ANSWERS_WRONG] and d.count_failure
+    d = run(facts(counters=full, answers=checks(wrong=("birth_date",))))
+    assert d.reasons == (Reason.ANSWERS_WRONG,) and d.record is not None and d.record.principal_failure
+    aged = Counters(PrincipalState(mails=(ago(minutes=5), ago(minutes=15), ago(hours=1))))
+    assert run(facts(counters=aged)).verified
 
 
-def test_lockout_simulation_against_handler_rules() -> None:
-    """Replay what the handler does with each decision: lock at the 5th failure within the
-    window, refuse during the lock, accept once the lock has expired."""
-    acc = account()
+@pytest.mark.parametrize(
+    ("overrides", "hashes"),
+    [
+        ({"seen_before": True}, False),
+        ({"captcha_passed": False}, False),
+        ({"national_id": None, "account": None}, False),
+        ({"counters": Counters(address=AddressState((NOW,) * 30))}, False),
+        ({}, True),
+        ({"account": None}, True),
+        ({"counters": Counters(block=BlockState(locked_until=NOW + timedelta(minutes=5)))}, True),
+        ({"counters": Counters(slowed_principal(), BlockState(last_attempt=NOW))}, True),
+        ({"counters": Counters(PrincipalState(mails=(NOW,) * 3))}, True),
+    ],
+)
+def test_cheap_checks_skip_hashing_and_nothing_else_does(overrides: dict[str, object], hashes: bool) -> None:
+    f = facts(answers=None, **overrides)
+    assert needs_answer_checks(f, LIMITS, NOW) == hashes
+    assert (cheap_refusal(f, LIMITS, NOW) is None) == hashes
+    assert not needs_answer_checks(replace(f, answers=checks()), LIMITS, NOW)  # already hashed
+
+
+def test_every_refusal_but_a_duplicate_declines_and_the_portal_always_hears_accepted() -> None:
+    cases = [
+        facts(captcha_passed=False),
+        facts(national_id=None, account=None),
+        facts(account=None),
+        facts(answers=checks(wrong=QUESTIONS)),
+        facts(typed_email="x@example.org"),
+        facts(counters=Counters(block=BlockState(locked_until=NOW + timedelta(minutes=5)))),
+        facts(counters=Counters(slowed_principal(), BlockState(last_attempt=NOW))),
+        facts(counters=Counters(PrincipalState(mails=(NOW,) * 3))),
+        facts(counters=Counters(address=AddressState((NOW,) * 30))),
+    ]
+    reasons = set()
+    for f in cases:
+        d = run(f)
+        assert not d.verified
+        assert d.emit[:2] == DECLINED and Emit.VERIFIED not in d.emit
+        assert d.record is not None and d.record.request and not d.record.mail
+        reasons.update(d.reasons)
+    assert reasons == {
+        Reason.CAPTCHA_MISSING,
+        Reason.ID_INVALID,
+        Reason.ACCOUNT_UNKNOWN,
+        Reason.ANSWERS_WRONG,
+        Reason.EMAIL_MISMATCH,
+        Reason.LOCKED,
+        Reason.RATE_LIMITED,
+    }
+
+
+# ------------------------------------------------------------------ decide_code_rejected()
+
+
+def test_wrong_code_counts_per_account_and_block() -> None:
+    d = decide_code_rejected(account(), Counters(), True, LIMITS, NOW)
+    assert d.reasons == () and d.emit == () and d.audits == ()
+    assert d.record == Record(principal_failure=True, block_failure=True, address_failure=True)
+
+
+def test_wrong_code_without_an_address_counts_per_account_only() -> None:
+    four = Counters(block=BlockState(failures=(NOW,) * 4))
+    d = decide_code_rejected(account(), four, False, LIMITS, NOW)
+    assert d.record == Record(principal_failure=True)
+    assert d.audits == ()
+
+
+def test_fifth_wrong_code_from_a_block_locks_it() -> None:
+    four = Counters(block=BlockState(failures=(NOW,) * 4))
+    d = decide_code_rejected(account(), four, True, LIMITS, NOW)
+    assert d.audits == (Audit.LOCKED,) and d.emit == (Emit.LOCK_NOTICE,)
+    assert d.record is not None and d.record.lock_until == NOW + LIMITS.block_lock and not d.record.attempt
+
+
+def test_wrong_code_for_an_unknown_id_is_a_subject_failure() -> None:
+    d = decide_code_rejected(None, Counters(block=BlockState(failures=(NOW,) * 4)), True, LIMITS, NOW)
+    assert d.account is None and d.emit == () and d.audits == ()
+    assert d.record == Record(principal_failure=True, block_failure=True, address_failure=True)
+
+
+# ------------------------------------------------------------------ the lockout, played out
+
+
+class Counted:
+    """The store's counters in memory, updated from each decision's Record as the store does."""
+
+    def __init__(self, limits: Limits = LIMITS) -> None:
+        self.limits = limits
+        self.principal = PrincipalState()
+        self.blocks: dict[str, BlockState] = {}
+        self.addresses: dict[str, AddressState] = {}
+        self.mails: list[tuple[datetime, str]] = []
+
+    def counters(self, block: str) -> Counters:
+        return Counters(self.principal, self.blocks.get(block, BlockState()), self.addresses.get(block, AddressState()))
+
+    def apply(self, block: str, record: Record, now: datetime) -> None:
+        keep = self.limits.keep() + 1
+
+        def push(times: tuple[datetime, ...], on: bool) -> tuple[datetime, ...]:
+            return (*times, now)[-keep:] if on else times
+
+        p = self.principal
+        self.principal = PrincipalState(
+            p.rev + 1,
+            push(p.failures, record.principal_failure),
+            push(p.mails, record.mail),
+            push(p.notices, record.notice),
+        )
+        b = self.blocks.get(block, BlockState())
+        self.blocks[block] = BlockState(
+            push(b.failures, record.block_failure),
+            record.lock_until or b.locked_until,
+            now if record.attempt else b.last_attempt,
+        )
+        a = self.addresses.get(block, AddressState())
+        self.addresses[block] = AddressState(push(a.failures, record.address_failure))
+
+    def request(self, block: str, now: datetime, *, right: bool) -> Decision:
+        f = facts(counters=self.counters(block), answers=checks() if right else checks(wrong=QUESTIONS))
+        d = decide_request(f, self.limits, now)
+        assert d.record is not None
+        self.apply(block, d.record, now)
+        if Emit.VERIFIED in d.emit:
+            self.mails.append((now, "recovery"))
+        if Emit.LOCK_NOTICE in d.emit:
+            self.mails.append((now, "lock_notice"))
+        return d
+
+
+def test_a_stranger_cannot_stop_the_owner() -> None:
+    """Someone who knows the cédula fails from their own address as fast as they like; the
+    owner, answering right from home, still gets every recovery mail the quota allows."""
+    world = Counted()
     t = NOW
-    outcomes = []
-    for _ in range(6):
-        d = decide(evidence(account=acc, answers_ok=False), t, LOCKOUT, MAILBOX)
-        outcomes.append((d.reasons, d.lock))
-        if d.count_failure:
-            acc = replace(
-                acc, failures=[*acc.failures, t], locked_until=t + LOCKOUT.duration if d.lock else acc.locked_until
-            )
+    reasons = []
+    for _ in range(40):
+        reasons.append(world.request("stranger", t, right=False).reasons)
+        t += timedelta(seconds=5)
+    assert reasons[: LIMITS.block_max_failures] == [(Reason.ANSWERS_WRONG,)] * LIMITS.block_max_failures
+    # Locked out, until the address's own limit of failed requests makes it rate-limited.
+    cap = LIMITS.address_max_failures
+    assert set(reasons[LIMITS.block_max_failures : cap]) == {(Reason.LOCKED,)}
+    assert set(reasons[cap:]) == {(Reason.RATE_LIMITED,)}
+    for _ in range(LIMITS.mails_per_hour):
+        assert world.request("home", t, right=True).verified
         t += timedelta(minutes=1)
-    assert [lock for _, lock in outcomes] == [False, False, False, False, True, False]
-    assert outcomes[5][0] == [Reason.LOCKED]
-    assert acc.locked_until is not None
-    after = acc.locked_until + timedelta(seconds=1)
-    assert decide(evidence(account=acc), after, LOCKOUT, MAILBOX) == Decision(True, [])
+    assert [kind for _, kind in world.mails] == ["lock_notice"] + ["recovery"] * LIMITS.mails_per_hour
+
+
+def test_a_stranger_with_many_blocks_slows_the_account_but_the_owner_gets_through_within_the_hour() -> None:
+    world = Counted()
+    t = NOW
+    # Four blocks, five failures each: each block is locked and the account reaches its cap.
+    for block in ("s1", "s2", "s3", "s4"):
+        for _ in range(LIMITS.block_max_failures):
+            world.request(block, t, right=False)
+            t += timedelta(seconds=10)
+    assert slowed(world.principal, LIMITS, t)
+    # A fifth block gets one evaluated guess, then waits an hour.
+    assert world.request("s5", t, right=False).reasons == (Reason.ANSWERS_WRONG,)
+    assert world.request("s5", t + timedelta(seconds=1), right=True).reasons == (Reason.RATE_LIMITED,)
+    # The owner, from an address that has not tried this hour, is evaluated and mailed.
+    assert world.request("home", t + timedelta(minutes=2), right=True).verified
+    notices = [kind for _, kind in world.mails if kind == "lock_notice"]
+    assert len(notices) == 1  # four locks, one notice: the owner's mailbox is not flooded
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.integers(1, 600)),  # (block, seconds since the previous attempt)
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_brute_force_stays_capped(attempts: list[tuple[int, int]]) -> None:
+    """Whatever the pattern, guesses evaluated per block after the cap are at most one an
+    hour, the guesses in the first day are bounded, and lock notices are one per six hours."""
+    world = Counted()
+    t = NOW
+    evaluated: list[tuple[datetime, str, bool]] = []  # when, block, account slowed at the time
+    for block_no, gap in attempts:
+        t += timedelta(seconds=gap)
+        block = f"b{block_no}"
+        was_slowed = slowed(world.principal, LIMITS, t)
+        d = world.request(block, t, right=False)
+        if d.reasons == (Reason.ANSWERS_WRONG,):
+            evaluated.append((t, block, was_slowed))
+    for when, block, was_slowed in evaluated:
+        if was_slowed:
+            others = [w for w, b, _ in evaluated if b == block and when - LIMITS.slowed_interval < w < when]
+            assert others == [], (block, when)
+    blocks = {b for _, b, _ in evaluated}
+    days = (t - NOW) / timedelta(days=1) + 1
+    assert len(evaluated) <= (LIMITS.account_max_failures + len(blocks) * 24) * days
+    notice_times = [w for w, kind in world.mails if kind == "lock_notice"]
+    for earlier, later in zip(notice_times, notice_times[1:], strict=False):
+        assert later - earlier >= LIMITS.notice_window
+    assert not [kind for _, kind in world.mails if kind == "recovery"]

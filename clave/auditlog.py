@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -12,12 +14,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from clave.kafkaio import read_topic
-from shared.audit import Break, verify_chain
+from shared.audit import ChainVerifier, RecordedHead
 from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS
 
 
-def _matches(
+def matches(
     doc: dict[str, Any], request_id: str | None, account_id: str | None, action: str | None, correlationid: str | None
 ) -> bool:
     data = doc.get("data") or {}
@@ -28,6 +30,29 @@ def _matches(
     if action and data.get("action") != action:
         return False
     return not (correlationid and doc.get("correlationid") != correlationid)
+
+
+async def iter_events(
+    settings: PlatformSettings,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: bool = False,
+) -> AsyncIterator[dict[str, Any]]:
+    """Audit events one at a time, in log order (per producer partition): nothing is kept,
+    so a reader of the whole log uses the same memory for a thousand events or a billion."""
+    # Progress goes to stderr, so `--json` output on stdout stays clean JSON lines.
+    with Progress(transient=True, disable=not progress, console=Console(stderr=True)) as bar:
+        task = bar.add_task("reading audit.events", total=None)
+        async for record in read_topic(settings, AUDIT_EVENTS, since=since, until=until):
+            bar.advance(task)
+            try:
+                doc = json.loads(record.value)
+            except (ValueError, RecursionError):
+                doc = None
+            if not isinstance(doc, dict):
+                doc = {"id": f"unparseable@{record.partition}/{record.offset}", "data": {}}
+            yield doc
 
 
 async def collect(
@@ -43,19 +68,48 @@ async def collect(
 ) -> list[dict[str, Any]]:
     """Audit events in log order (per producer partition), filtered; a request matches by
     `data.request_id` or by correlation id."""
-    out: list[dict[str, Any]] = []
-    # Progress goes to stderr, so `--json` output on stdout stays clean JSON lines.
-    with Progress(transient=True, disable=not progress, console=Console(stderr=True)) as bar:
-        task = bar.add_task("reading audit.events", total=None)
-        async for record in read_topic(settings, AUDIT_EVENTS, since=since, until=until):
-            bar.advance(task)
+    return [
+        doc
+        async for doc in iter_events(settings, since=since, until=until, progress=progress)
+        if matches(doc, request_id, account_id, action, correlationid)
+    ]
+
+
+def file_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The events of an exported copy (JSON lines), read line by line."""
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
             try:
-                doc = json.loads(record.value)
+                doc = json.loads(line)
             except (ValueError, RecursionError):
-                doc = {"id": f"unparseable@{record.partition}/{record.offset}", "data": {}}
-            if _matches(doc, request_id, account_id, action, correlationid):
-                out.append(doc)
-    return out
+                doc = None
+            yield doc if isinstance(doc, dict) else {"id": f"unparseable line {number}", "data": {}}
+
+
+async def verify_log(
+    settings: PlatformSettings,
+    verifier: ChainVerifier,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: bool = False,
+) -> None:
+    async for doc in iter_events(settings, since=since, until=until, progress=progress):
+        verifier.feed(doc)
+
+
+async def recorded_heads(settings: PlatformSettings) -> list[RecordedHead]:
+    """The chain heads the audit service recorded (its read model), one per producer."""
+    from services.audit.app import make_store
+    from services.audit.domain import as_recorded_head
+
+    store = make_store(settings)
+    try:
+        return [as_recorded_head(producer, doc) for producer, doc in sorted((await store.heads()).items())]
+    finally:
+        await store.close()
 
 
 async def from_read_model(settings: PlatformSettings, request_id: str) -> list[dict[str, Any]]:
@@ -80,10 +134,6 @@ async def from_read_model(settings: PlatformSettings, request_id: str) -> list[d
         }
         for d in docs
     ]
-
-
-def verify(events: list[dict[str, Any]], key: str, from_start: bool = True) -> tuple[int, list[Break]]:
-    return verify_chain(events, key=key, from_start=from_start)
 
 
 def in_time_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@
     clave accounts update-email ID NEW   after an in-person check at an office
     clave accounts unlock ID             lift a lockout
     clave accounts send-recovery ID      send a recovery e-mail to the registered address
-    clave audit replay|verify|timeline   read the audit log
+    clave audit replay|verify|timeline   read the audit log (public keys only, no secret)
+    clave audit heads|keygen|rebuild     signed chain heads, signing keys, read-model check
 
 Every operator action needs `--operator` and `--reason` and is audited.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -22,12 +24,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from clave import auditlog
 from clave.kafkaio import publish
+from services.audit.settings import AuditorSettings
+from shared.audit import ChainVerifier, check_seal
+from shared.auditkeys import AuditKeyError, KeyRing, PublicKeyEntry, kid_of, load_signing_key, private_pem
 from shared.envelope import new_event
 from shared.schemas import OperatorCommand
-from shared.settings import PlatformSettings, load
+from shared.settings import ClientSettings, PlatformSettings, load
 from shared.topics import IDENTITY_COMMANDS, EventType
 
 app = typer.Typer(help="Clave operator and auditor tools.", no_args_is_help=True)
@@ -41,8 +47,16 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
 
 def cli_settings() -> PlatformSettings:
     """The platform settings, refused (exit 78, naming each problem) when unsafe in production."""
-    settings = load(PlatformSettings)
+    settings = load(ClientSettings)
     settings.ensure_safe("clave")
+    return settings
+
+
+def auditor_settings() -> AuditorSettings:
+    """What the audit commands need: Kafka, the audit store and the producers' public keys.
+    No secret: an auditor can check the log, never sign into it."""
+    settings = load(AuditorSettings)
+    settings.ensure_safe("clave audit")
     return settings
 
 
@@ -153,22 +167,52 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
     """Replay audit.events from the start (or --since), filtered."""
+    settings = auditor_settings()
+    if as_json:  # streamed: an export of the whole log needs no memory for it
+
+        async def export() -> None:
+            async for e in auditlog.iter_events(settings, since=_when(since), until=_when(until)):
+                if auditlog.matches(e, request, account, action, None):
+                    sys.stdout.write(json.dumps(e, ensure_ascii=False) + "\n")
+
+        asyncio.run(export())
+        return
     events = asyncio.run(
         auditlog.collect(
-            cli_settings(),
+            settings,
             since=_when(since),
             until=_when(until),
             request_id=request,
             account_id=account,
             action=action,
-            progress=not as_json,
+            progress=True,
         )
     )
-    if as_json:
-        for e in events:
-            sys.stdout.write(json.dumps(e, ensure_ascii=False) + "\n")
-        return
     console.print(auditlog.table(events))
+
+
+EXIT_BROKEN = 1  # a break: a forged, altered, missing, inserted or reordered event, or a cut-off tail
+EXIT_CANNOT_VERIFY = 2  # the keys or the recorded heads could not be read: nothing was verified
+EXIT_UNVERIFIED = 3  # intact, but legacy HMAC-sealed events could not be checked (no AUDIT_HMAC_KEY)
+
+
+def _keyring(settings: AuditorSettings) -> KeyRing:
+    try:
+        return KeyRing.load(settings.audit_public_keys)
+    except AuditKeyError as exc:
+        err.print(f"cannot verify: AUDIT_PUBLIC_KEYS: {exc}")
+        raise typer.Exit(EXIT_CANNOT_VERIFY) from None
+
+
+def _recorded_heads(settings: AuditorSettings) -> list[Any]:
+    try:
+        return asyncio.run(auditlog.recorded_heads(settings))
+    except Exception as exc:  # the store is away or refuses us: say so, verify nothing
+        err.print(
+            f"cannot read the chain heads the audit service recorded ({exc.__class__.__name__}); "
+            "--no-heads verifies without the cut-off tail check"
+        )
+        raise typer.Exit(EXIT_CANNOT_VERIFY) from None
 
 
 @audit.command("verify")
@@ -176,22 +220,117 @@ def verify(
     since: Annotated[str | None, typer.Option(help="Verify from this ISO time (range check)")] = None,
     until: Annotated[str | None, typer.Option()] = None,
     file: Annotated[Path | None, typer.Option(help="Verify an exported JSON-lines copy instead")] = None,
+    no_heads: Annotated[
+        bool, typer.Option("--no-heads", help="Skip the comparison with the heads the audit service recorded")
+    ] = False,
 ) -> None:
-    """Check every audit event's MAC and each producer's chain; exit 1 naming the first break."""
-    settings = cli_settings()
+    """Check every audit event's signature (public keys only: AUDIT_PUBLIC_KEYS) and each
+    producer's chain, and that each chain reaches the head the audit service recorded.
+    Exit 1 naming the first break (an unknown producer or key fails too), 2 if nothing
+    could be verified, 3 if legacy HMAC-sealed events could not be checked."""
+    settings = auditor_settings()
+    keys = _keyring(settings)
+    verifier = ChainVerifier(keys, legacy_key=settings.legacy_hmac_key(), from_start=since is None)
+    heads = [] if no_heads else verifier.expect(_recorded_heads(settings))
     if file is not None:
-        events = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        verifier.feed_all(auditlog.file_events(file))
     else:
-        events = asyncio.run(auditlog.collect(settings, since=_when(since), until=_when(until)))
-    count, breaks = auditlog.verify(events, settings.audit_hmac_key, from_start=since is None)
-    if breaks:
-        first = breaks[0]
+        asyncio.run(auditlog.verify_log(settings, verifier, since=_when(since), until=_when(until), progress=True))
+    notes = verifier.check_tails(heads, since=_when(since), until=_when(until))
+    for note in notes:
+        err.print(f"note: {note}")
+    redelivered = f" ({verifier.redeliveries} exact redeliveries counted once)" if verifier.redeliveries else ""
+    if not verifier.ok:
+        first = verifier.breaks[0]
         err.print(
             f"BROKEN at event {first.event_id} (position {first.position}, producer {first.producer}): "
-            f"{first.problem}; {len(breaks)} problem(s) in {count} events"
+            f"{first.problem}; {verifier.break_count} problem(s) in {verifier.count} events"
         )
-        raise typer.Exit(1)
-    console.print(f"OK: {count} audit events verified, chains intact")
+        for b in verifier.breaks[1:10]:
+            err.print(f"  also: event {b.event_id} (position {b.position}, producer {b.producer}): {b.problem}")
+        raise typer.Exit(EXIT_BROKEN)
+    tails = f"tails reach the recorded heads of {verifier.tails_compared} producers"
+    if no_heads:
+        tails = "tail check skipped (--no-heads)"
+    if verifier.legacy_unverified:
+        err.print(
+            f"UNVERIFIED: {verifier.legacy_unverified} legacy HMAC-sealed event(s) cannot be checked without "
+            f"AUDIT_HMAC_KEY; the other {verifier.count - verifier.legacy_unverified} events are verified, "
+            f"chains intact, {tails}{redelivered}"
+        )
+        raise typer.Exit(EXIT_UNVERIFIED)
+    legacy = f", {verifier.legacy_verified} of them legacy (HMAC)" if verifier.legacy_verified else ""
+    console.print(f"OK: {verifier.count} audit events verified{legacy}, chains intact, {tails}{redelivered}")
+
+
+@audit.command("heads")
+def heads(as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False) -> None:
+    """The chain heads the audit service recorded (the last authentic event of each
+    producer), each checked against the producer's public key."""
+    settings = auditor_settings()
+    keys = _keyring(settings)
+    rows = []
+    for head in _recorded_heads(settings):
+        authentic = bool(head.event) and check_seal(json.loads(head.event), keys, settings.legacy_hmac_key()).authentic
+        rows.append(
+            {
+                "producer": head.producer,
+                "seq": head.seq,
+                "time": head.time,
+                "event_id": head.event_id,
+                "hash": head.hash,
+                "authentic": authentic,
+            }
+        )
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table("producer", "seq", "time", "event", "signature", title="recorded chain heads")
+    for row in rows:
+        signature = "valid" if row["authentic"] else "NOT VERIFIED"
+        table.add_row(str(row["producer"]), str(row["seq"]), str(row["time"]), str(row["event_id"]), signature)
+    console.print(table)
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    """Write a private key readable by its owner alone (0600 from creation, then renamed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    os.replace(tmp, path)
+
+
+@audit.command("keygen")
+def keygen(
+    producers: Annotated[list[str], typer.Argument(help="Services to make a signing key for, e.g. identity")],
+    key_dir: Annotated[Path, typer.Option(help="Where each private key goes: KEY_DIR/<producer>.pem (0600)")],
+    public_dir: Annotated[Path, typer.Option(help="Where verifiers read public keys (AUDIT_PUBLIC_KEYS)")],
+    rotate: Annotated[bool, typer.Option(help="Replace an existing private key with a new one")] = False,
+    not_before: Annotated[str | None, typer.Option(help="The new public key is valid from this ISO time")] = None,
+) -> None:
+    """Make each producer's Ed25519 signing key and publish its public key as
+    PUBLIC_DIR/<producer>-<kid>.json. An existing private key is kept (its public entry
+    written again if missing) unless --rotate. Give the service the private key only after
+    its public key has reached every verifier."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public_dir.mkdir(parents=True, exist_ok=True)
+    for producer in producers:
+        private = key_dir / f"{producer}.pem"
+        if private.exists() and not rotate:
+            key = load_signing_key(str(private))
+        else:
+            key = Ed25519PrivateKey.generate()
+            _write_private(private, private_pem(key))
+        public = key.public_key()
+        entry_path = public_dir / f"{producer}-{kid_of(public)}.json"
+        if not entry_path.exists():
+            entry = PublicKeyEntry.of(producer, public, not_before=_when(not_before))
+            entry_path.write_text(entry.model_dump_json(indent=1, exclude_none=True) + "\n", encoding="utf-8")
+        console.print(f"{producer}: key {kid_of(public)}, private {private}, public {entry_path}")
 
 
 @audit.command("timeline")
@@ -201,7 +340,7 @@ def timeline(
     from_log: Annotated[bool, typer.Option("--from-log", help="Scan audit.events instead of the read model")] = False,
 ) -> None:
     """Everything that happened to one recovery, across the four services, in order."""
-    settings = cli_settings()
+    settings = auditor_settings()
     if from_log:
         events = asyncio.run(auditlog.collect(settings, request_id=request_id))
     else:
@@ -217,20 +356,24 @@ def timeline(
 
 @audit.command("rebuild")
 def rebuild_read_model() -> None:
-    """Rebuild the audit read model from offset 0 into a copy and compare it with the live one."""
+    """Rebuild the audit read model from offset 0 into a copy and compare it with the live one
+    (events, chain heads and the breaks each found)."""
     from services.audit.rebuild import rebuild
 
-    report = asyncio.run(rebuild(cli_settings()))
+    settings = auditor_settings()
+    _keyring(settings)  # a clear message, not a traceback, when the keys are missing
+    report = asyncio.run(rebuild(settings))
     console.print(
         f"rebuilt {report.events} events ({report.duplicates} exact redeliveries, {report.skipped} invalid skipped); "
-        f"chain problems: {len(report.breaks)}"
+        f"chain problems: {len(report.breaks)} (live model: {report.live_breaks})"
     )
     for problem in report.breaks[:10]:
         err.print(f"chain: {problem}")
     if not report.identical:
         err.print(
             f"DIFFERS from the live read model: {len(report.missing_live)} missing, "
-            f"{len(report.different)} different, heads differ for {report.heads_differ}"
+            f"{len(report.different)} different, heads differ for {report.heads_differ}, "
+            f"breaks differ for {report.breaks_differ[:10]}"
         )
         raise typer.Exit(1)
     console.print("identical to the live read model")

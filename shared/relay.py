@@ -44,6 +44,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from shared import audit
+from shared.auditkeys import load_signing_key
 from shared.kafka import client_kwargs
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
@@ -90,6 +91,7 @@ class OutboxRelay:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.signer = audit.Signer(load_signing_key(settings.audit_signing_key))  # this service's key alone
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -354,7 +356,7 @@ class OutboxRelay:
                         producer=self.service,
                         seq=seq,
                         prev=prev,
-                        key=self.settings.audit_hmac_key,
+                        signer=self.signer,
                     )
                     await self.store.db[OUTBOX].update_one(
                         {"_id": doc["_id"]}, {"$set": {"value": value, "sealed": True}}, session=session

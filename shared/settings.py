@@ -2,7 +2,7 @@
 
 `PlatformSettings` holds only what every Clave process shares: Kafka, the store,
 the metrics endpoints, delivery limits and the keys of the platform itself (DLQ
-sealing, the audit chain). Each service subclasses it with its own section in
+sealing, and the service's own audit signing key). Each service subclasses it with its own section in
 `services/<name>/settings.py`, so a process loads only the rules and keys it uses.
 
 Fail closed: `CLAVE_ENV` is `production` unless set otherwise (the local stack and
@@ -18,17 +18,19 @@ import binascii
 import re
 import sys
 from functools import cache
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.auditkeys import signing_key_problems
+
 # Development-only keys (Fernet keys are 32 url-safe base64 bytes). Production refuses them.
 DEV_NOTIFIER_KEY = "ZGV2LW5vdGlmaWVyLWtleS1ub3QtZm9yLXByb2QtMDE="
 DEV_PASSWORD_KEY = "ZGV2LXBhc3N3b3JkLWtleS1ub3QtZm9yLXByb2QtMDE="
 DEV_DLQ_KEY = "ZGV2LWRscS1wYXlsb2FkLWtleS1ub3QtZm9yLXByb2Q="
-DEV_AUDIT_KEY = "dev-audit-hmac-key-not-for-production"
+DEV_AUDIT_KEY = "dev-audit-hmac-key-not-for-production"  # legacy audit MACs (before signatures)
 DEV_PSEUDONYM_KEY = "dev-pseudonym-key-not-for-production"
 DEV_CODE_KEY = "dev-code-hmac-key-not-for-production"
 DEV_KEYS = frozenset({DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, DEV_DLQ_KEY, DEV_AUDIT_KEY, DEV_PSEUDONYM_KEY, DEV_CODE_KEY})
@@ -73,9 +75,14 @@ class PlatformSettings(BaseSettings):
     max_event_bytes: int = Field(default=64 * 1024)
     consumer_workers: int = 3  # consumers per hot topic and service instance (<= partitions)
 
-    # Platform keys: every consumer dead-letters, every relay seals its audit chain.
+    # Platform keys: every consumer dead-letters, every relay signs its audit chain with the
+    # service's own Ed25519 key (a PEM file path; empty: the public development key).
     dlq_keys: str = DEV_DLQ_KEY
-    audit_hmac_key: str = DEV_AUDIT_KEY
+    audit_signing_key: str = ""
+
+    # Does this process sign an audit chain? Services do (their outbox relay); command-line
+    # clients do not, and are neither given nor asked for a signing key.
+    signs_audit: ClassVar[bool] = True
 
     @property
     def production(self) -> bool:
@@ -95,7 +102,12 @@ class PlatformSettings(BaseSettings):
 
     def hmac_keys(self) -> dict[str, str]:
         """HMAC keys this process loads, by variable name (subclasses add theirs)."""
-        return {"AUDIT_HMAC_KEY": self.audit_hmac_key}
+        return {}
+
+    def signing_key_problems(self) -> list[str]:
+        if not self.signs_audit:
+            return []
+        return [f"AUDIT_SIGNING_KEY: {p}" for p in signing_key_problems(self.audit_signing_key)]
 
     def problems(self) -> list[str]:
         """Every setting production refuses, one line each (never the secret's value)."""
@@ -104,6 +116,7 @@ class PlatformSettings(BaseSettings):
             found += [f"{name}: {p}" for p in key_list_problems(keys, fernet=True)]
         for name, keys in self.hmac_keys().items():
             found += [f"{name}: {p}" for p in key_list_problems(keys, fernet=False)]
+        found += self.signing_key_problems()
         if self.kafka_security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
             found.append(f"KAFKA_SECURITY_PROTOCOL: {self.kafka_security_protocol} sends credentials and data in clear")
         if not mongodb_uri_uses_tls(self.mongodb_uri):
@@ -113,7 +126,10 @@ class PlatformSettings(BaseSettings):
     def insecure_defaults(self) -> list[str]:
         """Key variables still at their development value (development mode warns about them)."""
         keys = {**self.fernet_keys(), **self.hmac_keys()}
-        return [name for name, value in keys.items() if any(k.strip() in DEV_KEYS for k in value.split(","))]
+        found = [name for name, value in keys.items() if any(k.strip() in DEV_KEYS for k in value.split(","))]
+        if any("development" in p for p in self.signing_key_problems()):
+            found.append("AUDIT_SIGNING_KEY")
+        return found
 
     def ensure_safe(self, process: str) -> None:
         """In production, refuse to start on any unsafe setting: name each, exit non-zero."""
@@ -127,6 +143,13 @@ class PlatformSettings(BaseSettings):
                 "Fix these settings, or set CLAVE_ENV=development on a development machine.\n"
             )
             raise SystemExit(EXIT_UNSAFE_SETTINGS)
+
+
+class ClientSettings(PlatformSettings):
+    """A command-line client (operator commands): it publishes no audit event, so it signs
+    no chain and needs no signing key."""
+
+    signs_audit: ClassVar[bool] = False
 
 
 def _decode_key(text: str) -> bytes | None:

@@ -10,13 +10,21 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
   mongodb/<service>.uri: each service's own MongoDB user, allowed only its own database;
 - keys/<VARIABLE>: every key the services load (their settings classes' key lists: Fernet
   keys for the sealing lists, 32 random bytes for the HMAC keys);
+- audit/<service>.pem: each service's own Ed25519 audit signing key (PKCS#8 PEM, its
+  AUDIT_SIGNING_KEY), and audit/public/<service>-<kid>.json: its public key, in the form
+  `clave audit keygen` writes. The public folder is not secret (it is made here because
+  it comes from the private keys): the verifiers mount it as AUDIT_PUBLIC_KEYS. Rotate a
+  service's key by deleting its .pem: the next run makes a new pair and adds its public
+  entry, and every older entry stays (the events they signed are verified with them);
+  set the old entry's `not_after` (README, "Auditing Clave");
 - grafana/admin.password;
 - tls/: a private CA and a certificate for each broker, store member and the mail catcher
   (with the compose host names), since production mode refuses Kafka and MongoDB without TLS.
   tls/ca.key stays here: no container mounts it.
 
 The directory is created owner-only (0700). The files themselves are 0644: Compose
-bind-mounts them as they are, and each container reads them as its own non-root user.
+bind-mounts them as they are, and each container reads them as its own non-root user
+(audit/public/ is 0755 for the same reason: it is bind-mounted as a folder).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import inspect
 import ipaddress
 import secrets
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +46,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +55,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
 
 import provision  # noqa: E402
 
+from shared.auditkeys import PublicKeyEntry, kid_of, load_signing_key, private_pem  # noqa: E402
 from shared.settings import PlatformSettings  # noqa: E402
 
 SERVICES = ("identity", "tokens", "notifier", "password", "audit")
@@ -58,22 +69,34 @@ CERT_DAYS = 825
 
 
 def settings_class(service: str) -> type[PlatformSettings]:
-    """The settings class of services/<service>/settings.py."""
-    module = importlib.import_module(f"services.{service}.settings")
+    """The settings class service <service> runs with: the one its app's `build(settings=...)`
+    loads (a settings module may hold others, e.g. the auditor's next to the audit service's)."""
+    build = importlib.import_module(f"services.{service}.app").build
+    hint = typing.get_type_hints(build).get("settings")
     found = [
-        cls
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, PlatformSettings) and cls.__module__ == module.__name__
+        cls for cls in typing.get_args(hint) or (hint,) if inspect.isclass(cls) and issubclass(cls, PlatformSettings)
     ]
     if len(found) != 1:
-        raise LookupError(f"services/{service}/settings.py: expected one settings class, found {found}")
+        raise LookupError(f"services/{service}/app.py: build(settings=...) names not one settings class: {hint}")
     return found[0]
 
 
 def service_keys(service: str) -> dict[str, bool]:
-    """The key variables a service loads: name -> True for a Fernet list, False for HMAC."""
-    settings = settings_class(service)()
+    """The key variables a service loads: name -> True for a Fernet list, False for HMAC.
+    From the class's defaults, not this process's environment (an optional key, such as the
+    audit service's legacy AUDIT_HMAC_KEY, is loaded only when given, so it is not made)."""
+    settings = settings_class(service).model_construct()
     return {**dict.fromkeys(settings.fernet_keys(), True), **dict.fromkeys(settings.hmac_keys(), False)}
+
+
+def signs_audit(service: str) -> bool:
+    """Does the service sign an audit chain (and so need its own AUDIT_SIGNING_KEY)?"""
+    return settings_class(service).signs_audit
+
+
+def verifies_audit(service: str) -> bool:
+    """Does the service check the producers' signatures (and so need AUDIT_PUBLIC_KEYS)?"""
+    return "audit_public_keys" in settings_class(service).model_fields
 
 
 def all_keys() -> dict[str, bool]:
@@ -168,6 +191,31 @@ def _joined(make: Callable[[str], tuple[bytes, bytes]], host: str) -> bytes:
     return b"".join(make(host))
 
 
+def _public_entry(producer: str, key: Ed25519PrivateKey) -> str:
+    # What `clave audit keygen` publishes (no validity bounds: set not_after when rotating).
+    return PublicKeyEntry.of(producer, key.public_key()).model_dump_json(indent=1, exclude_none=True) + "\n"
+
+
+def make_audit_keys(w: Writer) -> None:
+    """Each signing service's Ed25519 key pair: its private key alone for it, every public
+    key in the folder the verifiers read. A kept private key gets its public entry again
+    if that is missing."""
+    (w.root / "audit").mkdir(exist_ok=True, mode=0o700)
+    public = w.root / "audit" / "public"
+    public.mkdir(exist_ok=True)
+    public.chmod(0o755)  # bind-mounted as a folder: the container's user must list it
+    for service in SERVICES:
+        if not signs_audit(service):
+            continue
+        private = w.root / "audit" / f"{service}.pem"
+        key = load_signing_key(str(private)) if private.exists() else Ed25519PrivateKey.generate()
+        w.file(f"audit/{service}.pem", functools.partial(private_pem, key))
+        w.file(
+            f"audit/public/{service}-{kid_of(key.public_key())}.json",
+            functools.partial(_public_entry, service, key),
+        )
+
+
 def make_tls(w: Writer) -> None:
     ca_key_path = w.root / "tls" / "ca.key"
     if ca_key_path.exists():
@@ -210,6 +258,7 @@ def make_all(root: Path) -> list[str]:
         w.file(f"mongodb/{service}.uri", functools.partial(_service_uri, service))
     for name, fernet in all_keys().items():
         w.file(f"keys/{name}", _fernet_key if fernet else _password)
+    make_audit_keys(w)
     w.file("grafana/admin.password", _password)
     make_tls(w)
     return w.created

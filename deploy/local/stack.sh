@@ -59,6 +59,12 @@
 # Each service gets its own principal in KAFKA_SASL_USERNAME/PASSWORD; a command run by
 # `run` gets KAFKA_CLIENT_PROPERTIES=.../admin.properties.
 #
+# Audit signing keys: on the first start of a service, an Ed25519 key pair per service is
+# made in $VAR_DIR/secrets/audit (<service>.pem, mode 0600; public keys in public/). Each
+# service gets its own private key only (AUDIT_SIGNING_KEY); everything else run by the
+# stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
+# private key.
+#
 # Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 # (see mailcatcher.py); `down` removes them together with the mail catcher.
 # $VAR_DIR/log/stack.log gets one line per start/stop command, with its caller.
@@ -105,6 +111,12 @@ MONGODB_URI=${MONGODB_URI:-mongodb://127.0.0.1:$STORE_PORT/?replicaSet=secantus}
 # development keys, PLAINTEXT Kafka and TLS-less store and SMTP.
 CLAVE_ENV=${CLAVE_ENV:-development}
 export VAR_DIR MAIL_DIR SMTP_HOST SMTP_PORT METRICS_HOST KAFKA_BOOTSTRAP_SERVERS MONGODB_URI CLAVE_ENV
+# Audit keys (see audit_keys below): the public keys for everyone, no private key for anyone
+# but the service it belongs to.
+AUDIT_KEYS_DIR=$VAR_DIR/secrets/audit
+AUDIT_PUBLIC_KEYS=${AUDIT_PUBLIC_KEYS:-$AUDIT_KEYS_DIR/public}
+export AUDIT_PUBLIC_KEYS
+unset AUDIT_SIGNING_KEY
 
 KAFKA_POM=$HERE/kafka/pom.xml
 KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
@@ -376,6 +388,28 @@ EOF
   fi
 }
 
+# ---------------------------------------------------------------------------- audit keys
+
+# audit_keys: make the missing signing keys, one Ed25519 key pair per service, kept across
+# restarts (the log keeps their signatures forever): $AUDIT_KEYS_DIR/<service>.pem (0600, in
+# a 0700 folder) and its public key in $AUDIT_PUBLIC_KEYS/<service>-<kid>.json.
+audit_keys() {
+  local s missing=()
+  for s in "${SERVICES[@]}"; do
+    if [[ ! -s $AUDIT_KEYS_DIR/$s.pem ]] || ! compgen -G "$AUDIT_PUBLIC_KEYS/$s-*.json" >/dev/null; then
+      missing+=("$s")
+    fi
+  done
+  ((${#missing[@]})) || return 0
+  need_python
+  (umask 077 && mkdir -p "$AUDIT_KEYS_DIR" && chmod 700 "$AUDIT_KEYS_DIR")
+  "$PY" -m clave.cli audit keygen "${missing[@]}" --key-dir "$AUDIT_KEYS_DIR" --public-dir "$AUDIT_PUBLIC_KEYS" \
+    || die "audit keys: could not make the signing keys of ${missing[*]}"
+}
+
+# audit_env SERVICE: what that service alone gets on top of the stack's environment.
+audit_env() { printf 'AUDIT_SIGNING_KEY=%s' "$AUDIT_KEYS_DIR/$1.pem"; }
+
 # ---------------------------------------------------------------------------- start / stop
 
 command_of() {
@@ -391,10 +425,12 @@ command_of() {
       CMD=("$PROMETHEUS_BIN" "--config.file=$PROM_CONFIG" "--storage.tsdb.path=$PROM_DATA"
         "--web.listen-address=127.0.0.1:$PROMETHEUS_PORT") ;;
     *)
-      # The service's own Kafka principal, in the variables shared/settings.py reads. The
-      # password goes from its file into the environment (owner-readable), never on a command
-      # line; an inherited KAFKA_CLIENT_PROPERTIES (a test's admin file) must not override it.
-      CMD=(bash -c "$SERVICE_KAFKA_ENV" clave-kafka-env "$SECRETS_DIR/$1.password" "$1" "$PY" -m "services.$1") ;;
+      # The service's own audit signing key (audit_env), and its own Kafka principal in the
+      # variables shared/settings.py reads: the password goes from its file into the
+      # environment (owner-readable), never on a command line; an inherited
+      # KAFKA_CLIENT_PROPERTIES (a test's admin file) must not override it.
+      CMD=(env "$(audit_env "$1")"
+        bash -c "$SERVICE_KAFKA_ENV" clave-kafka-env "$SECRETS_DIR/$1.password" "$1" "$PY" -m "services.$1") ;;
   esac
 }
 
@@ -439,7 +475,7 @@ launch() {
     kafka) kafka_prepare; mkdir -p "$KAFKA_DATA"; log=$LOG_DIR/kafka-console.log ;;
     store) mkdir -p "$STORE_DATA"; log=$LOG_DIR/store.log ;;
     prometheus) prometheus_config; mkdir -p "$PROM_DATA"; log=$LOG_DIR/prometheus.log ;;
-    *) log=$LOG_DIR/$c.log ;;
+    *) audit_keys; log=$LOG_DIR/$c.log ;;
   esac
   command_of "$c"
   printf '===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$c" >>"$log"

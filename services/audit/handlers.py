@@ -1,44 +1,53 @@
-"""The audit read model's one handler: project each audit event and follow its chain."""
+"""The audit read model's one handler: project each audit event, check its seal and follow
+its producer's chain; count and record every break."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.audit import domain
 from services.audit.store import AuditStore
+from shared.auditkeys import LiveKeyRing
 from shared.consumer import HandlerContext
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord
 
+log = logging.getLogger(__name__)
+
 
 class AuditHandlers:
-    def __init__(self, store: AuditStore, metrics: ServiceMetrics) -> None:
+    def __init__(self, store: AuditStore, metrics: ServiceMetrics, keys: LiveKeyRing, legacy_key: str | None) -> None:
         self.store = store
+        self.keys = keys
+        self.legacy_key = legacy_key
         self.projected = metrics.counter("clave_audit_events_projected_total", "Audit events in the read model")
         self.breaks = metrics.counter(
-            "clave_audit_chain_breaks_total", "Audit events out of chain order (possible tampering)"
+            "clave_audit_chain_breaks_total",
+            "Audit events that break their producer's chain: bad or unknown signature, out of order (tampering)",
+            ["reason"],
         )
+        for reason in domain.BREAK_REASONS:
+            self.breaks.labels(reason)  # every series exists from the start, at 0
 
     async def audit_event(self, ctx: HandlerContext, record: AuditRecord) -> None:
         event = json.loads(ctx.raw)
         doc = domain.project(event)
         producer = doc["producer"]
-        step = None
-        if producer is not None:
-            step = domain.follow(*await self.store.head(producer), event)
+        head = await self.store.head(producer) if producer is not None else None
+        step = domain.follow(head, event, self.keys.ring, self.legacy_key)
+        if step.reason in ("unknown_key", "key_not_valid") and self.keys.reload():
+            # A rotation publishes the new public key before the producer uses it: read them again.
+            step = domain.follow(head, event, self.keys.ring, self.legacy_key)
 
         async def writes(s: AsyncClientSession) -> None:
-            await self.store.record(
-                doc,
-                producer,
-                (step.head_seq, step.head_hash) if step else None,
-                step.problem if step else None,
-                s,
-            )
+            problem = (step.reason or "", step.problem) if step.problem is not None else None
+            await self.store.record(doc, producer, step.head, problem, s)
 
         await ctx.commit(writes)
         self.projected.inc()
-        if step is not None and not step.ok:
-            self.breaks.inc()
+        if step.problem is not None:
+            self.breaks.labels(step.reason).inc()
+            log.warning("audit chain break (%s): event %s of %r: %s", step.reason, doc["_id"], producer, step.problem)

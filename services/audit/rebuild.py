@@ -13,10 +13,11 @@ from pydantic import ValidationError
 from clave.kafkaio import read_topic
 from services.audit import domain
 from services.audit.app import make_store
+from services.audit.settings import AuditSettings
 from services.audit.store import EVENTS, HEADS
+from shared.auditkeys import KeyRing
 from shared.envelope import BadInput, parse_event
 from shared.schemas import AuditRecord
-from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS, EventType
 
 REBUILD_SUFFIX = "_rebuild"
@@ -31,21 +32,26 @@ class RebuildReport:
     missing_live: list[str] = field(default_factory=list)
     different: list[str] = field(default_factory=list)
     heads_differ: list[str] = field(default_factory=list)
+    live_breaks: int = 0  # breaks the live model recorded for the same events
+    breaks_differ: list[str] = field(default_factory=list)  # event ids where the two disagree
 
     @property
     def identical(self) -> bool:
-        return not (self.missing_live or self.different or self.heads_differ)
+        return not (self.missing_live or self.different or self.heads_differ or self.breaks_differ)
 
 
-async def rebuild(settings: PlatformSettings, wait_for_live: float = 60.0) -> RebuildReport:
+async def rebuild(settings: AuditSettings, wait_for_live: float = 60.0) -> RebuildReport:
     report = RebuildReport()
+    keys = KeyRing.load(settings.audit_public_keys)
+    legacy_key = settings.legacy_hmac_key()
     copy = make_store(settings, REBUILD_SUFFIX)
     live = make_store(settings)
     try:
         await copy.client.drop_database(copy.db.name)
         await copy.ensure_indexes()
-        heads: dict[str, tuple[int, str]] = {}
+        heads: dict[str, dict] = {}
         docs: dict[str, dict] = {}
+        broken: dict[str, str] = {}  # event id -> reason
         async for record in read_topic(settings, AUDIT_EVENTS):
             try:
                 parse_event(record.value, max_bytes=settings.max_event_bytes, known_types={EventType.AUDIT})
@@ -59,16 +65,17 @@ async def rebuild(settings: PlatformSettings, wait_for_live: float = 60.0) -> Re
                 continue
             doc = domain.project(event)
             producer = doc["producer"]
-            if producer is not None:
-                step = domain.follow(*heads.get(producer, (0, "")), event)
-                heads[producer] = (step.head_seq, step.head_hash)
-                if step.problem:
-                    report.breaks.append(f"{event['id']}: {step.problem}")
+            step = domain.follow(heads.get(producer) if producer is not None else None, event, keys, legacy_key)
+            if producer is not None and step.head is not None:
+                heads[producer] = step.head
+            if step.problem:
+                report.breaks.append(f"{event['id']}: {step.problem}")
+                broken[doc["_id"]] = step.reason or ""
             docs[doc["_id"]] = doc
         if docs:
             await copy.db[EVENTS].insert_many(list(docs.values()))
-        for producer, (seq, digest) in heads.items():
-            await copy.db[HEADS].insert_one({"_id": producer, "seq": seq, "hash": digest})
+        for producer, head in heads.items():
+            await copy.db[HEADS].insert_one({"_id": producer, **head})
         report.events = len(docs)
 
         # The live model may still be catching up with the end of the log: wait (bounded).
@@ -85,10 +92,14 @@ async def rebuild(settings: PlatformSettings, wait_for_live: float = 60.0) -> Re
             elif live_docs[event_id] != doc:
                 report.different.append(event_id)
         live_heads = {d["_id"]: (d["seq"], d["hash"]) async for d in live.db[HEADS].find()}
+        live_broken = await live.breaks_for(list(docs))
+        report.live_breaks = len(live_broken)
+        report.breaks_differ = sorted(set(broken) ^ set(live_broken))
         for producer, head in heads.items():
             # The live head may be ahead (newer events); it must never be behind or elsewhere.
             live_head = live_heads.get(producer)
-            if live_head is None or (live_head[0] == head[0] and live_head[1] != head[1]) or live_head[0] < head[0]:
+            seq, digest = head["seq"], head["hash"]
+            if live_head is None or (live_head[0] == seq and live_head[1] != digest) or live_head[0] < seq:
                 report.heads_differ.append(producer)
         return report
     finally:

@@ -38,7 +38,7 @@ async def portal_inputs(settings: WorkbenchSettings) -> tuple[set[str], set[str]
             try:
                 data = json.loads(record.value).get("data") or {}
             except (ValueError, AttributeError, RecursionError):
-                continue  # not an event (the poison records of test_poison_records: one nests too deep)
+                continue  # the poison records of the dead-letter tests: nothing a citizen typed
             if not isinstance(data, dict):
                 continue
             answers = data.get("answers")

@@ -14,10 +14,13 @@
   asks a broker for, recorded by an in-memory admin client.
 
 Against the code, in every file: each environment variable set for a Clave process is a
-field of that process's settings class; each secret comes from a secret (a compose secret
-file or a Kubernetes secretKeyRef), never a value; and each service's settings, filled
-from the file and freshly made secrets, pass the production gate (`problems()` is empty
-with CLAVE_ENV=production). Ports, probe paths, principals and topics come from the code.
+field of that process's settings class (the class its app's `build` loads); each secret
+comes from a secret (a compose secret file or a Kubernetes secretKeyRef), never a value;
+each service signs its audit chain with its own Ed25519 key, a file from its own secret
+(AUDIT_SIGNING_KEY is that file's path), and each verifier reads every producer's public
+key (AUDIT_PUBLIC_KEYS: a folder, not secret); and each service's settings, filled from
+the file and freshly made secrets and keys, pass the production gate (`problems()` is
+empty with CLAVE_ENV=production). Ports, probe paths, principals and topics come from the code.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from ruamel.yaml import YAML
 
+from services.audit.settings import AuditorSettings, AuditSettings
 from shared import topics as t
 from shared.acl import ALLOW
+from shared.auditkeys import KeyRing, is_dev_key, kid_of, load_signing_key
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.settings import PlatformSettings
 
@@ -79,6 +84,7 @@ SERVICES = sorted(p.parent.name for p in ROOT.glob("services/*/__main__.py"))
 # Variables a Clave container may set that are not Clave settings, and why.
 NOT_SETTINGS = {"SSL_CERT_FILE": "OpenSSL's CA bundle: the notifier checks the compose SMTP relay's certificate"}
 SECRET_FILE = "__FILE"  # VAR__FILE=path: the image's entry point reads VAR from the file
+SIGNING_KEY, PUBLIC_KEYS = "AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS"  # settings that are file paths
 KAFKA_ADMIN = "admin"  # the super user the provisioning job runs as
 
 
@@ -109,6 +115,10 @@ def secret_variables(service: str) -> set[str]:
     """What must come from a secret: its keys, its Kafka password, its store URI (it holds
     the store user's password)."""
     return key_variables(service) | {"KAFKA_SASL_PASSWORD", "MONGODB_URI"}
+
+
+def signing_kid(pem: Path) -> str:
+    return kid_of(load_signing_key(str(pem)).public_key())
 
 
 def gate(cls: type[PlatformSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -377,19 +387,48 @@ def mounted_secrets(service: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def bind_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """target path -> (host path as written, read-only)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if source.startswith("."):
+            out[target] = (source, mode == ["ro"])
+    return out
+
+
+def made_file(relative_to_compose: str, secrets_dir: Path) -> Path:
+    """Where a ./secrets/... path of the compose file is among the files make_secrets.py made."""
+    source = (COMPOSE_DIR / relative_to_compose).resolve()
+    return secrets_dir / source.relative_to((COMPOSE_DIR / "secrets").resolve())
+
+
+def host_path(compose: dict[str, Any], service: dict[str, Any], path: str, secrets_dir: Path) -> Path:
+    """The made file (or folder) a container sees at `path`: a mounted secret, or a file
+    under a bind-mounted folder."""
+    secrets = mounted_secrets(service)
+    if path in secrets:
+        return made_file(compose["secrets"][secrets[path]]["file"], secrets_dir)
+    for target, (source, _) in bind_mounts(service).items():
+        if path == target or path.startswith(target + "/"):
+            return made_file(source, secrets_dir) / path.removeprefix(target).lstrip("/")
+    raise AssertionError(f"{path}: neither a mounted secret nor under a bind mount")
+
+
 def resolve_secret_files(
     compose: dict[str, Any], service: dict[str, Any], env: dict[str, str], secrets_dir: Path
 ) -> dict[str, str]:
     """The environment the entry point hands the process: VAR__FILE replaced by the file's
-    content, read from the files make_secrets.py made."""
+    content, read from the files make_secrets.py made; the settings that are file paths
+    (the signing key, the public keys) pointed at those files."""
     mounts = mounted_secrets(service)
     out = {}
     for name, value in env.items():
         if name.endswith(SECRET_FILE):
             assert value in mounts, f"{name}={value}: no such secret mounted"
-            source = (COMPOSE_DIR / compose["secrets"][mounts[value]]["file"]).resolve()
-            relative = source.relative_to((COMPOSE_DIR / "secrets").resolve())
-            out[name.removesuffix(SECRET_FILE)] = (secrets_dir / relative).read_text().strip()
+            out[name.removesuffix(SECRET_FILE)] = host_path(compose, service, value, secrets_dir).read_text().strip()
+        elif name in (SIGNING_KEY, PUBLIC_KEYS):
+            out[name] = str(host_path(compose, service, value, secrets_dir))
         else:
             out[name] = value
     return out
@@ -424,23 +463,58 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         assert "healthcheck" not in spec
         assert spec["read_only"] is True and spec["tmpfs"] == ["/tmp"] and spec["cap_drop"] == ["ALL"]
         assert spec["user"] == "10001:10001"
+        # Its own audit signing key, from a secret of its own, read as a file.
+        assert make_secrets.signs_audit(name)
+        assert env[SIGNING_KEY] == "/run/secrets/audit_signing_key.pem" and SIGNING_KEY + SECRET_FILE not in env
+        own = mounted_secrets(spec)[env[SIGNING_KEY]]
+        assert own == f"{name}_audit_signing_key" and compose["secrets"][own]["file"] == f"./secrets/audit/{name}.pem"
+        # Verifiers read the public keys, a read-only folder (not a secret); no one else gets them.
+        assert (PUBLIC_KEYS in env) == make_secrets.verifies_audit(name), name
+        if PUBLIC_KEYS in env:
+            assert bind_mounts(spec)[env[PUBLIC_KEYS]] == ("./secrets/audit/public", True)
         # With the secrets make_secrets.py makes, production mode accepts every setting.
         resolved = resolve_secret_files(compose, spec, env, made_secrets)
         assert gate(cls, resolved, monkeypatch) == [], name
 
 
+def test_compose_verifiers_know_every_producers_signing_key(compose: dict[str, Any], made_secrets: Path) -> None:
+    """The public keys the audit service reads are those of the private keys the services
+    sign with: one per producer, each a different key."""
+    services = compose["services"]
+    kids = {}
+    for name in SERVICES:
+        env = compose_env(services[name])
+        kids[name] = signing_kid(host_path(compose, services[name], env[SIGNING_KEY], made_secrets))
+    assert len(set(kids.values())) == len(SERVICES), "a key shared between services could sign for another"
+    verifiers = [n for n in SERVICES if make_secrets.verifies_audit(n)]
+    assert verifiers == ["audit"]
+    for name in verifiers:
+        env = compose_env(services[name])
+        ring = KeyRing.load(str(host_path(compose, services[name], env[PUBLIC_KEYS], made_secrets)))
+        assert ring.producers() == set(SERVICES)
+        assert all(ring.get(producer, kid) is not None for producer, kid in kids.items())
+
+
 def test_compose_gate_would_catch_a_missing_secret(
     compose: dict[str, Any], made_secrets: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gate check above can fail: drop the notifier's key file or its TLS, and it names them."""
+    """The gate check above can fail: drop the notifier's key file, its signing key or its
+    TLS, or the audit service's public keys, and it names them."""
     spec = compose["services"]["notifier"]
     env = compose_env(spec)
     env.pop("NOTIFIER_KEYS__FILE")
+    env.pop(SIGNING_KEY)
     env["SMTP_STARTTLS"] = "false"
     problems = gate(
         make_secrets.settings_class("notifier"), resolve_secret_files(compose, spec, env, made_secrets), monkeypatch
     )
     assert any(p.startswith("NOTIFIER_KEYS") for p in problems) and any("SMTP_STARTTLS" in p for p in problems)
+    assert any(p.startswith(f"{SIGNING_KEY}: not set") for p in problems), problems
+    audit = compose["services"]["audit"]
+    env = compose_env(audit)
+    env.pop(PUBLIC_KEYS)
+    problems = gate(AuditSettings, resolve_secret_files(compose, audit, env, made_secrets), monkeypatch)
+    assert problems == [f"{PUBLIC_KEYS}: not set: no producer's signature can be checked"], problems
 
 
 def test_compose_secrets_are_files_made_by_make_secrets(compose: dict[str, Any], made_secrets: Path) -> None:
@@ -451,6 +525,11 @@ def test_compose_secrets_are_files_made_by_make_secrets(compose: dict[str, Any],
         assert (made_secrets / relative).is_file(), f"secret {name}: make_secrets.py does not make {relative}"
     used = {s for svc in compose["services"].values() for s in mounted_secrets(svc).values()}
     assert used == set(compose["secrets"]), "declared but unused, or used but undeclared"
+    # Folders bind-mounted from ./secrets are made too (the public keys).
+    for name, svc in compose["services"].items():
+        for source, read_only in bind_mounts(svc).values():
+            if source.startswith("./secrets/"):
+                assert read_only and made_file(source, made_secrets).is_dir(), f"{name}: {source}"
     assert "secrets/" in (COMPOSE_DIR / ".gitignore").read_text().split()
     # No environment value anywhere looks like one of the secrets.
     values = {f.read_text().strip() for f in made_secrets.rglob("*") if f.is_file()}
@@ -467,7 +546,20 @@ def test_make_secrets_is_idempotent_and_makes_usable_material(made_secrets: Path
         if fernet:
             Fernet(value)
         assert len(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))) == 32
+    # The shared audit HMAC key is gone: no setting loads it (only an optional legacy one).
+    assert "AUDIT_HMAC_KEY" not in make_secrets.all_keys()
+    assert not (made_secrets / "keys" / "AUDIT_HMAC_KEY").exists()
     assert oct((made_secrets).stat().st_mode & 0o777) == "0o700"
+    # One Ed25519 signing key per service (none the development key) and its public entry.
+    kids = {s: signing_kid(made_secrets / "audit" / f"{s}.pem") for s in make_secrets.SERVICES}
+    assert not any(is_dev_key(load_signing_key(str(made_secrets / "audit" / f"{s}.pem"))) for s in kids)
+    assert len(set(kids.values())) == len(kids)
+    public = made_secrets / "audit" / "public"
+    assert sorted(p.name for p in public.iterdir()) == sorted(f"{s}-{k}.json" for s, k in kids.items())
+    ring = KeyRing.load(str(public))
+    assert len(ring) == len(kids) and all(ring.get(s, k) for s, k in kids.items())
+    assert oct(public.stat().st_mode & 0o777) == "0o755", "the container's user lists the mounted folder"
+    assert oct((made_secrets / "audit").stat().st_mode & 0o777) == "0o700"
     ca = x509.load_pem_x509_certificate((made_secrets / "tls" / "ca.pem").read_bytes())
     hosts = {
         **{h: f"{h}.pem" for h in (*make_secrets.KAFKA_BROKERS, *make_secrets.MONGO_MEMBERS)},
@@ -480,6 +572,30 @@ def test_make_secrets_is_idempotent_and_makes_usable_material(made_secrets: Path
         assert host in names.get_values_for_type(x509.DNSName)
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert ExtendedKeyUsageOID.SERVER_AUTH in usage and ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+def test_make_secrets_rotates_one_signing_key_and_keeps_the_old_public_one(made_secrets: Path, tmp_path: Path) -> None:
+    """Deleting a service's private key and running again makes a new pair; the old public
+    entry stays (the events it signed are verified with it), the other services keep theirs."""
+    copy = tmp_path / "secrets"
+    shutil.copytree(made_secrets, copy)
+    old = signing_kid(copy / "audit" / "identity.pem")
+    (copy / "audit" / "identity.pem").unlink()
+    created = make_secrets.make_all(copy)
+    new = signing_kid(copy / "audit" / "identity.pem")
+    assert new != old and created == ["audit/identity.pem", f"audit/public/identity-{new}.json"]
+    ring = KeyRing.load(str(copy / "audit" / "public"))
+    assert ring.get("identity", old) and ring.get("identity", new) and len(ring) == len(make_secrets.SERVICES) + 1
+
+
+def test_settings_class_is_the_one_the_service_runs_with() -> None:
+    """services/audit/settings.py holds the read model's class and the auditor's: the
+    deployment files are checked against the one the audit service's app loads."""
+    assert make_secrets.settings_class("audit") is AuditSettings
+    assert AuditorSettings is not AuditSettings and issubclass(AuditorSettings, AuditSettings)
+    for service in SERVICES:
+        cls = make_secrets.settings_class(service)
+        assert cls.__module__ == f"services.{service}.settings", cls
 
 
 def test_compose_kafka_nodes_use_scram_and_acls(compose: dict[str, Any]) -> None:
@@ -590,10 +706,12 @@ def helm() -> str:
     return done.stdout.strip()
 
 
-def render(helm: str, *sets: str) -> list[dict[str, Any]]:
+def render(helm: str, *sets: str, values: Path | None = None) -> list[dict[str, Any]]:
     args = [helm, "template", "clave", str(CHART), "--kube-version", KUBE_VERSION]
     for s in sets:
         args += ["--set", s]
+    if values is not None:
+        args += ["--values", str(values)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return yaml_load_all(done.stdout)
@@ -602,6 +720,16 @@ def render(helm: str, *sets: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def manifests(helm: str) -> list[dict[str, Any]]:
     return render(helm)
+
+
+@pytest.fixture(scope="module")
+def keyed_manifests(helm: str, made_secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The chart with the producers' public keys in its values (the entries make_secrets.py
+    made, as `clave audit keygen` writes them), so the chart makes their ConfigMap."""
+    entries = [json.loads(f.read_text()) for f in sorted((made_secrets / "audit" / "public").glob("*.json"))]
+    values = tmp_path_factory.mktemp("helm") / "values.json"  # JSON is YAML
+    values.write_text(json.dumps({"auditKeys": {"publicKeys": entries}}))
+    return render(helm, values=values)
 
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -658,9 +786,30 @@ def fake_secret(name: str, fernet: bool | None) -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
 
 
-def test_chart_deployments_match_the_code(manifests: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def mounted_from(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume a container sees `path` in (the file or folder itself), mounted read-only."""
+    (mount,) = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+    assert mount.get("readOnly") is True, mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return dict(volume)
+
+
+def configmap_folder(configmap: dict[str, Any], folder: Path) -> Path:
+    """A ConfigMap as the kubelet mounts it: one file per key."""
+    folder.mkdir()
+    for key, text in configmap["data"].items():
+        (folder / key).write_text(text)
+    return folder
+
+
+def test_chart_deployments_match_the_code(
+    keyed_manifests: list[dict[str, Any]], made_secrets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifests = keyed_manifests
     deployments = of_kind(manifests, "Deployment")
-    configmap = next(iter(of_kind(manifests, "ConfigMap").values()))["data"]
+    configmaps = of_kind(manifests, "ConfigMap")
+    configmap = configmaps["clave-config"]["data"]
+    public_keys = configmap_folder(configmaps["clave-audit-public-keys"], tmp_path / "public-keys")
     for name in SERVICES:
         cls = make_secrets.settings_class(name)
         pod = deployments[f"clave-{name}"]["spec"]["template"]["spec"]
@@ -690,9 +839,45 @@ def test_chart_deployments_match_the_code(manifests: list[dict[str, Any]], monke
         assert not secret_variables(name) & set(values)
         assert values["KAFKA_SASL_USERNAME"] == name and name in provision.PRINCIPALS
         assert values[f"{name.upper()}_METRICS_PORT"] == str(port) and values["METRICS_HOST"] == "0.0.0.0"  # noqa: S104
+        # Its own signing key: a file from its own Secret (the one its secretKeyRefs name).
+        secret_names = {i["valueFrom"]["secretKeyRef"]["name"] for i in container["env"] if "valueFrom" in i}
+        signing = mounted_from(pod, container, values[SIGNING_KEY])["secret"]
+        assert [signing["secretName"]] == sorted(secret_names), name
+        assert signing["items"] == [{"key": SIGNING_KEY, "path": Path(values[SIGNING_KEY]).name}]
+        assert signing["defaultMode"] & 0o007 == 0, "not readable by other users"
+        # Verifiers, and only they, read the public keys: the chart's ConfigMap, as a folder.
+        assert (PUBLIC_KEYS in values) == make_secrets.verifies_audit(name), name
+        files: dict[str, str] = {}
+        if PUBLIC_KEYS in values:
+            folder = mounted_from(pod, container, values[PUBLIC_KEYS])
+            assert folder["configMap"]["name"] == "clave-audit-public-keys"
+            files[PUBLIC_KEYS] = str(public_keys)
+        # The Secret holds the PEM make_secrets.py (or `clave audit keygen`) made for it.
+        files[SIGNING_KEY] = str(made_secrets / "audit" / f"{name}.pem")
         keys = make_secrets.service_keys(name)
-        filled = {**values, **{k: fake_secret(k, keys.get(k)) for k in from_secret if not k.startswith("SMTP_")}}
+        filled = {
+            **values,
+            **{k: fake_secret(k, keys.get(k)) for k in from_secret if not k.startswith("SMTP_")},
+            **files,
+        }
         assert gate(cls, filled, monkeypatch) == [], name
+
+
+def test_chart_public_keys_configmap(
+    manifests: list[dict[str, Any]], keyed_manifests: list[dict[str, Any]], made_secrets: Path, tmp_path: Path
+) -> None:
+    """With the entries in its values the chart makes the ConfigMap, one file per key, that
+    reads back as every producer's key; without them it expects one made from `clave audit
+    keygen`'s folder (kubectl create configmap ... --from-file), as it expects the Secrets."""
+    made = KeyRing.load(str(made_secrets / "audit" / "public"))
+    rendered = of_kind(keyed_manifests, "ConfigMap")["clave-audit-public-keys"]
+    ring = KeyRing.load(str(configmap_folder(rendered, tmp_path / "rendered")))
+    kids = {s: signing_kid(made_secrets / "audit" / f"{s}.pem") for s in SERVICES}
+    assert len(ring) == len(made) == len(SERVICES) and all(ring.get(s, k) for s, k in kids.items())
+    assert sorted(rendered["data"]) == sorted(f"{s}-{k}.json" for s, k in kids.items())
+    assert "clave-audit-public-keys" not in of_kind(manifests, "ConfigMap")
+    audit = of_kind(manifests, "Deployment")["clave-audit"]["spec"]["template"]["spec"]
+    assert {"name": "audit-public-keys", "configMap": {"name": "clave-audit-public-keys"}} in audit["volumes"]
 
 
 def test_chart_services_monitoring_and_policies(manifests: list[dict[str, Any]]) -> None:

@@ -324,6 +324,7 @@ def test_alerts_cover_what_operators_must_hear_about() -> None:
         "clave_reset_to_key_changed_seconds",
         "clave_handler_failures_total",
         "clave_relay_errors_total",
+        "clave_audit_chain_breaks_total",
     }
     assert expected <= used, f"no alert on {sorted(expected - used)}"
     assert any(re.search(r"\bup\{[^}]*\}\s*==\s*0", e) for e in rule_exprs()), (
@@ -338,6 +339,7 @@ IDENTITY = f'{T}, instance="127.0.0.1:9401", service="identity"'
 TOKENS = f'{T}, instance="127.0.0.1:9402", service="tokens"'
 NOTIFIER = f'{T}, instance="127.0.0.1:9403", service="notifier"'
 PASSWORD = f'{T}, instance="127.0.0.1:9404", service="password"'
+AUDIT = f'{T}, instance="127.0.0.1:9405", service="audit"'
 LINK = 'kind="recovery_link"'
 
 
@@ -346,7 +348,7 @@ def s(metric: str, labels: str, values: str) -> dict[str, str]:
 
 
 def ups(values: str = "1x40") -> list[dict[str, str]]:
-    return [s("up", svc, values) for svc in (IDENTITY, TOKENS, NOTIFIER, PASSWORD)]
+    return [s("up", svc, values) for svc in (IDENTITY, TOKENS, NOTIFIER, PASSWORD, AUDIT)]
 
 
 def buckets(metric: str, labels: str, counts: dict[str, str]) -> list[dict[str, str]]:
@@ -368,6 +370,9 @@ QUIET_DAY = [
     s("clave_outbox_pending", IDENTITY, "0x40"),
     s("clave_outbox_published_total", IDENTITY, "0+20x40"),
     s("clave_relay_errors_total", IDENTITY, "0x40"),
+    # The read model's break counters exist from its start, at 0.
+    s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="unknown_key"', "0x40"),
+    s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="sequence"', "0x40"),
     s("clave_consumer_lag_messages", f'{NOTIFIER}, topic="tokens.issued"', "10x40"),
     *buckets(
         "clave_event_to_mail_seconds",
@@ -385,6 +390,14 @@ QUIET_DAY = [
 FIRST_DEAD_LETTER = [
     *ups(),
     s("clave_dlq_messages_total", f'{NOTIFIER}, topic="t", reason="undecryptable"', "_x12 1x28"),
+]
+
+# A forged event reaches the read model in the minute the audit service restarted: its
+# counters come back with the break already counted, after a gap in the scrapes.
+BREAK_AT_RESTART = [
+    *(s("up", svc, "1x40") for svc in (IDENTITY, TOKENS, NOTIFIER, PASSWORD)),
+    s("up", AUDIT, "1x19 0x2 1x19"),
+    s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="bad_signature"', "0x19 _x2 1x19"),
 ]
 
 # (alert, input series, evaluation time, labels of the alert expected to fire then)
@@ -480,6 +493,18 @@ INCIDENTS: list[tuple[str, list[dict[str, str]], str, dict[str, str]]] = [
         {"result": "rate_limited"},
     ),
     (
+        "ClaveAuditChainBroken",  # one forged event, counted by the running read model
+        [*ups(), s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="unknown_key"', "0x10 1x30")],
+        "12m",
+        {"service": "audit", "reason": "unknown_key"},
+    ),
+    (
+        "ClaveAuditChainBroken",
+        BREAK_AT_RESTART,
+        "23m",
+        {"service": "audit", "reason": "bad_signature"},
+    ),
+    (
         "ClaveMailLatencyHigh",  # every mail between 30 and 60 s
         buckets(
             "clave_event_to_mail_seconds",
@@ -543,6 +568,21 @@ def test_alerts_fire_on_their_incidents_and_stay_quiet_otherwise(tmp_path: Path)
                 ],
             }
         )
+    # A chain break stops alerting once it is 15 minutes old and nothing new came (the
+    # break itself stays recorded in the read model's chain_breaks collection).
+    tests.append(
+        {
+            "name": "ClaveAuditChainBroken resolves",
+            "interval": "1m",
+            "input_series": [
+                *ups(),
+                s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="unknown_key"', "0x10 1x30"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "30m", "alertname": "ClaveAuditChainBroken", "exp_alerts": []}
+            ],
+        }
+    )
     # The first dead letter stops alerting once it is 10 minutes old and nothing new came.
     tests.append(
         {

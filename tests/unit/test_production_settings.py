@@ -7,16 +7,20 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.audit.settings import AuditSettings
+from services.audit.settings import AuditorSettings, AuditSettings
 from services.identity.settings import IdentitySettings
 from services.notifier.settings import NotifierSettings
 from services.password.settings import PasswordSettings
 from services.tokens.settings import TokensSettings
-from shared.settings import EXIT_UNSAFE_SETTINGS, PlatformSettings, key_problems
+from shared.auditkeys import PublicKeyEntry, dev_signing_key, private_pem
+from shared.settings import EXIT_UNSAFE_SETTINGS, ClientSettings, PlatformSettings, key_problems
 
 ALL_CLASSES = (PlatformSettings, IdentitySettings, TokensSettings, NotifierSettings, PasswordSettings, AuditSettings)
 
@@ -29,6 +33,21 @@ def hmac_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+# These name files (a private key readable by its service alone; public keys): the path is
+# printed to help, the key itself never.
+FILE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS")
+KEY_DIR = Path(tempfile.mkdtemp(prefix="clave-audit-keys-"))
+
+
+def signing_key_file(name: str, key: Ed25519PrivateKey | None = None) -> str:
+    """An audit signing key as production gives it: a PEM file."""
+    key = key or Ed25519PrivateKey.generate()
+    path = KEY_DIR / f"{name}.pem"
+    path.write_bytes(private_pem(key))
+    (KEY_DIR / f"{name}.json").write_text(PublicKeyEntry.of(name, key.public_key()).model_dump_json(exclude_none=True))
+    return str(path)
+
+
 SAFE = {
     "CLAVE_ENV": "production",
     "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
@@ -36,7 +55,8 @@ SAFE = {
     "SMTP_STARTTLS": "true",
     "PORTAL_BASE_URL": "https://portal.example.org",
     "DLQ_KEYS": fernet(),
-    "AUDIT_HMAC_KEY": hmac_key(),
+    "AUDIT_SIGNING_KEY": signing_key_file("service"),
+    "AUDIT_PUBLIC_KEYS": str(KEY_DIR / "service.json"),
     "PSEUDONYM_KEY": hmac_key(),
     "CODE_HMAC_KEY": hmac_key(),
     "NOTIFIER_KEYS": fernet(),
@@ -72,6 +92,8 @@ def test_development_defaults_are_refused_by_name(monkeypatch: pytest.MonkeyPatc
     problems = "\n".join(cls().problems())
     for name in {**cls().fernet_keys(), **cls().hmac_keys()}:
         assert f"{name}: a development key" in problems
+    if cls.signs_audit:
+        assert "AUDIT_SIGNING_KEY: not set (the development signing key is public" in problems
     assert "KAFKA_SECURITY_PROTOCOL" in problems
     assert "MONGODB_URI" in problems
 
@@ -84,7 +106,11 @@ def test_development_defaults_are_refused_by_name(monkeypatch: pytest.MonkeyPatc
         (PlatformSettings, "MONGODB_URI", "mongodb://db1/?replicaSet=rs0", "MONGODB_URI"),
         (PlatformSettings, "MONGODB_URI", "mongodb+srv://cluster.example.org/?tls=false", "MONGODB_URI"),
         (PlatformSettings, "DLQ_KEYS", "c2hvcnQ=", "DLQ_KEYS"),
-        (PlatformSettings, "AUDIT_HMAC_KEY", "correct-horse-battery-staple-correct-horse", "AUDIT_HMAC_KEY"),
+        (PlatformSettings, "AUDIT_SIGNING_KEY", signing_key_file("dev", dev_signing_key()), "AUDIT_SIGNING_KEY"),
+        (PlatformSettings, "AUDIT_SIGNING_KEY", "/nonexistent/audit.pem", "AUDIT_SIGNING_KEY: cannot read"),
+        (AuditSettings, "AUDIT_PUBLIC_KEYS", "", "AUDIT_PUBLIC_KEYS: not set"),
+        (AuditorSettings, "AUDIT_PUBLIC_KEYS", "/nonexistent", "AUDIT_PUBLIC_KEYS"),
+        (AuditSettings, "AUDIT_HMAC_KEY", "correct-horse-battery-staple-correct-horse", "AUDIT_HMAC_KEY"),
         (IdentitySettings, "PSEUDONYM_KEY", secrets.token_urlsafe(16), "PSEUDONYM_KEY"),
         (TokensSettings, "CODE_HMAC_KEY", "not base64 !", "CODE_HMAC_KEY"),
         (TokensSettings, "PASSWORD_KEYS", f"{Fernet.generate_key().decode()},c2hvcnQ=", "PASSWORD_KEYS: key 2 of 2"),
@@ -100,7 +126,8 @@ def test_each_unsafe_setting_is_named(
     env.setenv(variable, value)
     problems = cls().problems()
     assert any(p.startswith(named) for p in problems), problems
-    assert all(value not in p for p in problems if "KEY" in variable), "a key's value must never be printed"
+    if "KEY" in variable and variable not in FILE_SETTINGS:
+        assert all(value not in p for p in problems), "a key's value must never be printed"
 
 
 def test_implicit_tls_satisfies_the_smtp_rule(env: pytest.MonkeyPatch) -> None:
@@ -138,12 +165,25 @@ def key_fields(cls: type[PlatformSettings]) -> set[str]:
 
 
 def test_each_process_loads_only_the_keys_it_uses() -> None:
-    platform = {"dlq_keys", "audit_hmac_key"}
+    platform = {"dlq_keys", "audit_signing_key"}
     assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys"}
     assert key_fields(TokensSettings) == platform | {"notifier_keys", "password_keys", "code_hmac_key"}
     assert key_fields(NotifierSettings) == platform | {"notifier_keys"}
     assert key_fields(PasswordSettings) == platform | {"password_keys"}
-    assert key_fields(AuditSettings) == platform
+    # Verifiers: public keys, and the old HMAC key only for a log that still has legacy events.
+    assert key_fields(AuditSettings) == platform | {"audit_public_keys", "audit_hmac_key"}
+
+
+def test_auditors_and_operators_need_no_signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`clave audit ...` runs with public keys and Kafka/store settings alone: no secret."""
+    for name in list(os.environ):
+        if name.upper() in SAFE:
+            monkeypatch.delenv(name)
+    for name in ("CLAVE_ENV", "KAFKA_SECURITY_PROTOCOL", "MONGODB_URI", "AUDIT_PUBLIC_KEYS"):
+        monkeypatch.setenv(name, SAFE[name])
+    assert AuditorSettings().problems() == []
+    assert not any(p.startswith("AUDIT_SIGNING_KEY") for p in ClientSettings().problems())
+    assert any(p.startswith("AUDIT_SIGNING_KEY") for p in PlatformSettings().problems())
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -175,5 +215,10 @@ def test_processes_refuse_to_start_before_connecting(args: list[str]) -> None:
     assert result.returncode == EXIT_UNSAFE_SETTINGS, result.stderr[-2000:]
     assert "refusing to start in production" in result.stderr
     assert "KAFKA_SECURITY_PROTOCOL" in result.stderr and "MONGODB_URI" in result.stderr
-    assert "DLQ_KEYS: a development key" in result.stderr
+    if "clave.cli" in args:  # the auditor holds no secret: it is asked for public keys only
+        assert "AUDIT_PUBLIC_KEYS" in result.stderr
+        assert "DLQ_KEYS" not in result.stderr and "AUDIT_SIGNING_KEY" not in result.stderr
+    else:
+        assert "DLQ_KEYS: a development key" in result.stderr
+        assert "AUDIT_SIGNING_KEY: not set" in result.stderr
     assert "Traceback" not in result.stderr

@@ -6,7 +6,7 @@ Every consumed topic has a `.dlq` twin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Portal-facing (public contract).
 RECOVERY_REQUESTS = "recovery.requests"
@@ -80,6 +80,9 @@ class TopicSpec:
     segment_ms: int | None = None  # None: the broker's default (7 days)
     broker_time: bool = False  # message.timestamp.type=LogAppendTime
     file_delete_delay_ms: int | None = None  # None: the broker's default (1 min)
+    # In-sync copies an acks=all write needs: the cluster's (KAFKA_MIN_INSYNC_REPLICAS), None:
+    # the broker's default.
+    min_insync_replicas: int | None = None
 
     def configs(self) -> dict[str, str]:
         """The Kafka topic configs this spec sets (and create_topics.py keeps set)."""
@@ -92,6 +95,8 @@ class TopicSpec:
             configs["message.timestamp.type"] = "LogAppendTime"
         if self.file_delete_delay_ms is not None:
             configs["file.delete.delay.ms"] = str(self.file_delete_delay_ms)
+        if self.min_insync_replicas is not None:
+            configs["min.insync.replicas"] = str(self.min_insync_replicas)
         return configs
 
     def kept_at_most_ms(self) -> int | None:
@@ -115,8 +120,11 @@ def portal_input(name: str, partitions: int, retention_ms: int) -> TopicSpec:
     )
 
 
-def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms: int) -> list[TopicSpec]:
-    """Every topic Clave needs, with its retention; `audit.events` is kept forever."""
+def all_topics(
+    partitions: int, portal_retention_ms: int, internal_retention_ms: int, min_insync_replicas: int | None = None
+) -> list[TopicSpec]:
+    """Every topic Clave needs, with its retention; `audit.events` is kept forever. With
+    `min_insync_replicas`, every topic sets it (the provisioning passes the cluster's)."""
     specs: list[TopicSpec] = []
     for name in CONSUMED + PRODUCED_ONLY:
         if name == AUDIT_EVENTS:
@@ -128,7 +136,7 @@ def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms:
     for name in CONSUMED:
         # A DLQ is kept as long as internal topics: long enough for an operator to act.
         specs.append(TopicSpec(dlq(name), partitions, internal_retention_ms))
-    return specs
+    return [replace(s, min_insync_replicas=min_insync_replicas) for s in specs]
 
 
 class EventType:

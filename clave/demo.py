@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from clave.kafkaio import as_principal
 from clave.portal import Mailbox, Portal, body_text, extract_link
 from clave.testdata import new_citizen, new_key, write_jsonl
 from clave.workbench import workbench_settings
+from shared.acl import PORTAL
 
 
 class Steps:
@@ -51,7 +53,7 @@ async def run() -> str:
 
     mailbox = Mailbox(settings.mail_dir)
     before = mailbox.snapshot()
-    portal = Portal(settings)
+    portal = Portal(as_principal(settings, PORTAL))  # the portal's own Kafka principal
     await portal.start()
     try:
         request_id = await portal.request_recovery(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -18,6 +21,22 @@ from aiokafka.errors import KafkaError
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
 from shared.settings import PlatformSettings
+
+S = TypeVar("S", bound=PlatformSettings)
+
+
+def principal_properties(principal: str) -> Path:
+    """The local stack's client settings for a Kafka principal (written by `make up`)."""
+    return Path(os.environ.get("VAR_DIR", "var")) / "secrets" / "kafka" / f"{principal}.properties"
+
+
+def as_principal(settings: S, principal: str) -> S:
+    """`settings` connecting to Kafka as `principal` (see shared/acl.py) on the local stack.
+    Fails when its properties file is missing rather than falling back to another principal."""
+    path = principal_properties(principal)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no Kafka client settings for {principal!r} (the local stack writes them)")
+    return settings.model_copy(update={"kafka_client_properties": str(path.resolve())})
 
 
 @dataclass(frozen=True)

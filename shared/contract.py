@@ -2,9 +2,9 @@
 
 The one table of the topic contract that is not in the topic names themselves
 (shared/topics.py) or the payload models (shared/schemas.py). The AsyncAPI document
-(docs/asyncapi.yaml, built by clave/asyncapi.py) is made from it, and so can the Kafka
-ACLs: `SERVICES` has the shape of shared/acl.py's table (`consumes`, `produces`), and
-`CLIENTS` names what the people-facing principals write and read.
+(docs/asyncapi.yaml, built by clave/asyncapi.py) and the Kafka ACLs (shared/acl.py, one
+principal per service and per entry of `CLIENTS`) are both made from it: a topic a service
+starts to consume or produce is granted on the broker once it is listed here.
 
 Rules that are not listed per service, because they hold for every one:
 
@@ -68,7 +68,7 @@ SERVICES: dict[str, ServiceTopics] = {
     "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
-# The people-facing parties (their Kafka principals): what they write and read.
+# The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
     "portal": ServiceTopics(consumes=(t.RECOVERY_OUTCOMES,), produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS)),
     # The `clave` command: its commands' results are read from the audit log.

@@ -51,6 +51,9 @@ class PlatformSettings(BaseSettings):
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = ""
     kafka_ssl_cafile: str = ""
+    # A client properties file (librdkafka syntax, as `kcat -F` reads): when set, its
+    # bootstrap.servers, security.protocol, sasl.* and ssl.ca.location replace the kafka_* above.
+    kafka_client_properties: str = ""
     kafka_topic_partitions: int = 6
     portal_topic_retention_ms: int = 3_600_000
     internal_topic_retention_ms: int = 7 * 24 * 3_600_000

@@ -6,7 +6,7 @@ Every consumed topic has a `.dlq` twin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Portal-facing (public contract).
 RECOVERY_REQUESTS = "recovery.requests"
@@ -36,7 +36,8 @@ def dlq(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
-# Topics some service consumes: each gets a DLQ twin.
+# Topics some service consumes: each gets a DLQ twin (`audit.events` too: without its twin, the
+# audit service's relay could never publish a letter of the audit read model).
 CONSUMED = (
     RECOVERY_REQUESTS,
     RECOVERY_RESETS,
@@ -51,13 +52,10 @@ CONSUMED = (
     TOKENS_CODE_REJECTED,
     PASSWORD_UPDATED,
     PASSWORD_REJECTED,
+    AUDIT_EVENTS,  # by the audit read model, which dead-letters what it cannot project
 )
 
-PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED, AUDIT_EVENTS)
-
-# Topics whose bad records some consumer parks in a `.dlq` twin: the audit read model's
-# `audit.events` too (without its twin, the audit service's relay could never publish a letter).
-DEAD_LETTERED = (*CONSUMED, AUDIT_EVENTS)
+PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED)
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -82,6 +80,9 @@ class TopicSpec:
     segment_ms: int | None = None  # None: the broker's default (7 days)
     broker_time: bool = False  # message.timestamp.type=LogAppendTime
     file_delete_delay_ms: int | None = None  # None: the broker's default (1 min)
+    # In-sync copies an acks=all write needs: the cluster's (KAFKA_MIN_INSYNC_REPLICAS), None:
+    # the broker's default.
+    min_insync_replicas: int | None = None
 
     def configs(self) -> dict[str, str]:
         """The Kafka topic configs this spec sets (and create_topics.py keeps set)."""
@@ -94,6 +95,8 @@ class TopicSpec:
             configs["message.timestamp.type"] = "LogAppendTime"
         if self.file_delete_delay_ms is not None:
             configs["file.delete.delay.ms"] = str(self.file_delete_delay_ms)
+        if self.min_insync_replicas is not None:
+            configs["min.insync.replicas"] = str(self.min_insync_replicas)
         return configs
 
     def kept_at_most_ms(self) -> int | None:
@@ -117,8 +120,11 @@ def portal_input(name: str, partitions: int, retention_ms: int) -> TopicSpec:
     )
 
 
-def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms: int) -> list[TopicSpec]:
-    """Every topic Clave needs, with its retention; `audit.events` is kept forever."""
+def all_topics(
+    partitions: int, portal_retention_ms: int, internal_retention_ms: int, min_insync_replicas: int | None = None
+) -> list[TopicSpec]:
+    """Every topic Clave needs, with its retention; `audit.events` is kept forever. With
+    `min_insync_replicas`, every topic sets it (the provisioning passes the cluster's)."""
     specs: list[TopicSpec] = []
     for name in CONSUMED + PRODUCED_ONLY:
         if name == AUDIT_EVENTS:
@@ -127,10 +133,10 @@ def all_topics(partitions: int, portal_retention_ms: int, internal_retention_ms:
             specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
             specs.append(TopicSpec(name, partitions, internal_retention_ms))
-    for name in DEAD_LETTERED:
+    for name in CONSUMED:
         # A DLQ is kept as long as internal topics: long enough for an operator to act.
         specs.append(TopicSpec(dlq(name), partitions, internal_retention_ms))
-    return specs
+    return [replace(s, min_insync_replicas=min_insync_replicas) for s in specs]
 
 
 class EventType:

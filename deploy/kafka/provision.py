@@ -1,174 +1,157 @@
-"""Provision a Kafka cluster for Clave: its topics, then its ACLs (idempotent).
+"""Provision a Kafka cluster for Clave: its topics and its ACLs (idempotent).
 
-    python deploy/kafka/provision.py [--replication-factor N] [--describe]
+    python deploy/kafka/provision.py [--replication-factor N] [--dry-run] [--prune] [--describe]
 
 The production deployments run it as a one-off job from the service image
 (deploy/compose: the `kafka-provision` service; deploy/helm/clave: a pre-install and
-pre-upgrade hook Job) with KAFKA_REPLICATION_FACTOR=3 and KAFKA_MIN_INSYNC_REPLICAS=2.
-It connects with the KAFKA_* settings of shared/settings.py as a principal allowed to
-create topics and ACLs (`admin`, a super user of the brokers).
+pre-upgrade hook Job) with KAFKA_REPLICATION_FACTOR=3 and KAFKA_MIN_INSYNC_REPLICAS=2; the
+local stack runs it after each Kafka start (replication factor 1). It connects with the
+admin client settings of the environment: KAFKA_CLIENT_PROPERTIES=FILE (librdkafka syntax:
+bootstrap.servers, security.protocol=SASL_SSL, sasl.mechanism, sasl.username, sasl.password,
+ssl.ca.location) or the KAFKA_* variables. The principal must be allowed to create topics and
+ACLs (`admin`, a super user of the brokers, or CREATE and ALTER on the cluster).
 
 1. Topics: every topic of shared/topics.py `all_topics`, with the documented retentions
-   (portal inputs 1 h, internal topics and DLQs 7 days, `audit.events` forever),
-   replication factor and `min.insync.replicas` (deploy/local/create_topics.py, which the
-   local stack also uses). Existing topics are left alone; a difference is reported.
-2. ACLs: every ALLOW binding of `all_acls()`; creating one that exists changes nothing.
-   The brokers refuse whatever no ACL allows (`allow.everyone.if.no.acl.found=false`).
+   (portal inputs 1 h, internal topics and DLQs 7 days, `audit.events` forever), the
+   replication factor (`--replication-factor`, else KAFKA_REPLICATION_FACTOR) and
+   `min.insync.replicas` (KAFKA_MIN_INSYNC_REPLICAS), see deploy/local/create_topics.py,
+   which the local stack also uses. Missing topics are created; an existing topic gets the
+   wanted configs, a difference in partitions is only reported.
+2. ACLs: every ALLOW binding of shared/acl.py (derived from the topic contract,
+   shared/contract.py) that is missing. `--prune` also deletes ACLs of Clave's principals
+   that the table no longer grants (otherwise they are only reported): a permission removed
+   from the table is then removed from the cluster.
 
-SCRAM users are not created here (aiokafka has no AlterUserScramCredentials): the
-compose stack's `kafka-users` job does it with kafka-configs.sh; a Kubernetes cluster's
-Kafka operator does it from `PRINCIPALS`.
-
-TODO(integrator): the ACL table below stands in for the shared one of issue 9
-("Every principal proven", shared/acl.py with its own deploy/kafka/provision.py). When that
-lands it replaces this file: keep the names the deployment files and their tests use
-(`PRINCIPALS`, `all_acls()`, the `--replication-factor` option, KAFKA_REPLICATION_FACTOR and
-KAFKA_MIN_INSYNC_REPLICAS through create_topics.run).
+The brokers must run an authorizer that refuses what no ACL allows
+(`allow.everyone.if.no.acl.found=false`), with SCRAM users for every principal of
+shared.acl.PRINCIPALS. They are not created here (aiokafka has no
+AlterUserScramCredentials): the local stack bootstraps them at format time, the compose
+stack's `kafka-users` job runs kafka-configs.sh, a Kubernetes cluster's Kafka operator
+makes them; see the README, "Kafka principals and ACLs".
+Exit 0 when the cluster matches the table, 1 otherwise (2: the settings are inconsistent).
 """
-
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
-# Runnable as a file from any directory: the repository root holds `shared` (in the image
-# it is installed), deploy/local the topic creation shared with the local stack.
+# Runnable as a file from any directory: the repository root holds the `shared` package,
+# deploy/local the topic creation shared with the local stack.
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import create_topics  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
-from aiokafka.protocol.admin import CreateAclsRequest  # noqa: E402
+from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest, DescribeAclsRequest  # noqa: E402
 
-from shared import topics as t  # noqa: E402
+from shared.acl import ALLOW, PRINCIPALS, Acl, Operation, PatternType, ResourceType, all_acls  # noqa: E402
 
-# What each service consumes (services/<name>/app.py) and produces (through its outbox).
-CONSUMES: dict[str, tuple[str, ...]] = {
-    "identity": (t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS),
-    "tokens": (
-        t.IDENTITY_VERIFIED,
-        t.RECOVERY_RESETS,
-        t.PASSWORD_UPDATED,
-        t.PASSWORD_REJECTED,
-        t.IDENTITY_EMAIL_CHANGED,
-    ),
-    "notifier": (t.TOKENS_ISSUED, t.PASSWORD_UPDATED, t.IDENTITY_LOCKED, t.IDENTITY_EMAIL_CHANGED),
-    "password": (t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED),
-    "audit": (t.AUDIT_EVENTS,),
-}
-PRODUCES: dict[str, tuple[str, ...]] = {
-    "identity": (
-        t.IDENTITY_VERIFIED,
-        t.IDENTITY_LOCKED,
-        t.IDENTITY_EMAIL_CHANGED,
-        t.IDENTITY_ACCOUNT_REGISTERED,
-        t.RECOVERY_OUTCOMES,
-    ),
-    "tokens": (t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.RECOVERY_OUTCOMES),
-    "notifier": (t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
-    "password": (t.PASSWORD_UPDATED, t.PASSWORD_REJECTED),
-    "audit": (),
-}
-SERVICES = tuple(CONSUMES)
-ADMIN, PORTAL, OPERATOR, AUDITOR = "admin", "portal", "operator", "auditor"
-# Every SCRAM principal: admin (a super user: no ACL), the three people-facing ones, and
-# one per service process.
-PRINCIPALS: tuple[str, ...] = (ADMIN, PORTAL, OPERATOR, AUDITOR, *SERVICES)
-
-
-class ResourceType(IntEnum):  # Kafka's wire codes
-    TOPIC = 2
-    GROUP = 3
-
-
-class Operation(IntEnum):
-    READ = 3
-    WRITE = 4
-
-
-class Pattern(IntEnum):
-    LITERAL = 3
-    PREFIXED = 4
-
-
-ALLOW = 3
+ANY = 1  # the ANY filter value of resource type, pattern type, operation and permission
 ANY_HOST = "*"
 
 
-@dataclass(frozen=True, order=True)
-class Acl:
-    principal: str
-    operation: Operation
-    resource_type: ResourceType
-    resource_name: str
-    pattern: Pattern = Pattern.LITERAL
-
-    def __str__(self) -> str:
-        prefixed = " (prefixed)" if self.pattern is Pattern.PREFIXED else ""
-        return f"User:{self.principal} {self.operation.name} {self.resource_type.name} {self.resource_name}{prefixed}"
-
-
-def _topics(principal: str, operation: Operation, names: tuple[str, ...]) -> list[Acl]:
-    return [Acl(principal, operation, ResourceType.TOPIC, name) for name in names]
-
-
-def all_acls() -> list[Acl]:
-    """Least privilege: a service reads what it consumes in its own group `clave-<service>`
-    and writes what it produces, the DLQ twins of what it consumes and `audit.events`; the
-    portal writes its two inputs and reads the outcomes; the operator writes commands and
-    reads their audited results; the auditor reads the audit log."""
-    acls: list[Acl] = []
-    for service in SERVICES:
-        # The DLQ twins of what it consumes (every topic of shared/topics.py DEAD_LETTERED has one).
-        dlqs = {t.dlq(n) for n in CONSUMES[service] if n in t.DEAD_LETTERED}
-        writes = tuple(sorted({*PRODUCES[service], *dlqs, t.AUDIT_EVENTS}))
-        acls += _topics(service, Operation.READ, CONSUMES[service])
-        acls += _topics(service, Operation.WRITE, writes)
-        acls.append(Acl(service, Operation.READ, ResourceType.GROUP, f"clave-{service}"))
-    acls += _topics(PORTAL, Operation.WRITE, (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS))
-    acls += _topics(PORTAL, Operation.READ, (t.RECOVERY_OUTCOMES,))
-    acls.append(Acl(PORTAL, Operation.READ, ResourceType.GROUP, PORTAL, Pattern.PREFIXED))
-    acls += _topics(OPERATOR, Operation.WRITE, (t.IDENTITY_COMMANDS,))
-    acls += _topics(OPERATOR, Operation.READ, (t.AUDIT_EVENTS,))
-    acls += _topics(AUDITOR, Operation.READ, (t.AUDIT_EVENTS,))
-    acls.append(Acl(AUDITOR, Operation.READ, ResourceType.GROUP, AUDITOR, Pattern.PREFIXED))
-    return sorted(set(acls))
-
-
-async def provision_acls(describe: bool) -> int:
+def admin_client() -> AIOKafkaAdminClient:
     settings = create_topics.load(create_topics.ClusterSettings)
-    admin = AIOKafkaAdminClient(**create_topics.admin_kwargs(settings))
+    return AIOKafkaAdminClient(**{**create_topics.admin_kwargs(settings), "client_id": "clave-provision"})
+
+
+async def _send(admin: AIOKafkaAdminClient, request: Any) -> Any:
+    # aiokafka ships the ACL requests (CreateAcls/DescribeAcls/DeleteAcls v1, supported by
+    # Kafka 2.0 to 4.x) but no admin method for them: send them to any broker, which forwards
+    # them to the KRaft controller.
+    return await admin._client.send(admin._client.get_random_node(), request)  # noqa: SLF001
+
+
+async def current_acls(admin: AIOKafkaAdminClient) -> set[Acl | tuple[Any, ...]]:
+    """Every ACL on the cluster: an `Acl` when it is an ALLOW from any host with codes we
+    know, else the raw tuple (reported, never matched)."""
+    response = await _send(admin, DescribeAclsRequest(ANY, None, ANY, None, None, ANY, ANY))
+    if response.error_code:
+        raise RuntimeError(f"DescribeAcls failed: error {response.error_code} {response.error_message or ''}")
+    found: set[Acl | tuple[Any, ...]] = set()
+    for resource_type, name, pattern, acls in response.resources:
+        for principal, host, operation, permission in acls:
+            try:
+                if permission != ALLOW or host != ANY_HOST or not principal.startswith("User:"):
+                    raise ValueError
+                found.add(
+                    Acl(
+                        principal.removeprefix("User:"),
+                        Operation(operation),
+                        ResourceType(resource_type),
+                        name,
+                        PatternType(pattern),
+                    )
+                )
+            except ValueError:
+                found.add((principal, host, operation, permission, resource_type, name, pattern))
+    return found
+
+
+async def create_acl(admin: AIOKafkaAdminClient, acl: Acl) -> str | None:
+    request = CreateAclsRequest(
+        acl.resource_type, acl.resource_name, acl.pattern, acl.kafka_principal, ANY_HOST, acl.operation, ALLOW
+    )
+    response = await _send(admin, request)
+    code, message = response.creation_responses[0]
+    return None if code == 0 else f"{acl}: error {code} {message or ''}".rstrip()
+
+
+async def delete_acl(admin: AIOKafkaAdminClient, acl: Acl) -> str | None:
+    request = DeleteAclsRequest(
+        acl.resource_type, acl.resource_name, acl.pattern, acl.kafka_principal, ANY_HOST, acl.operation, ALLOW
+    )
+    response = await _send(admin, request)
+    code, message, _ = response.filter_responses[0]
+    return None if code == 0 else f"{acl}: error {code} {message or ''}".rstrip()
+
+
+def ours(acl: Acl | tuple[Any, ...]) -> bool:
+    principal = acl.principal if isinstance(acl, Acl) else str(acl[0]).removeprefix("User:")
+    return principal in PRINCIPALS
+
+
+async def provision_acls(dry_run: bool, prune: bool, describe: bool) -> int:
+    wanted = all_acls()
+    admin = admin_client()
     await admin.start()
-    failures: list[str] = []
     try:
-        wanted = all_acls()
-        for acl in wanted:
-            request = CreateAclsRequest(
-                acl.resource_type,
-                acl.resource_name,
-                acl.pattern,
-                f"User:{acl.principal}",
-                ANY_HOST,
-                acl.operation,
-                ALLOW,
-            )
-            response = await admin._send_request(request)  # noqa: SLF001 - aiokafka has no public ACL call
-            code, message = response.creation_responses[0][:2]
-            if code:
-                failures.append(f"{acl}: error {code} {message or ''}".rstrip())
-        print(f"acls: {len(wanted)} wanted, {len(wanted) - len(failures)} in place, {len(failures)} failed")
+        have = await current_acls(admin)
+        missing = [a for a in wanted if a not in have]
+        extra = sorted((a for a in have if ours(a) and a not in wanted), key=str)
+        failures: list[str] = []
+        if not dry_run:
+            for acl in missing:
+                if (error := await create_acl(admin, acl)) is not None:
+                    failures.append(error)
+            if prune:
+                for acl in extra:
+                    if not isinstance(acl, Acl):
+                        failures.append(f"cannot prune {acl}: not an ALLOW from any host; remove it by hand")
+                    elif (error := await delete_acl(admin, acl)) is not None:
+                        failures.append(error)
+        verb = "to create" if dry_run else "created"
+        print(
+            f"acls: {len(wanted)} wanted, {len(missing) - len(failures) if not dry_run else len(missing)} {verb}, "
+            f"{len(wanted) - len(missing)} already present, {len(failures)} failed"
+        )
+        for acl in missing if dry_run else []:
+            print(f"  would create: {acl}")
+        for acl in extra:
+            action = "would delete" if dry_run and prune else "deleted" if prune else "warning: not in the table"
+            print(f"  {action}: {acl}")
         for line in failures:
             print(f"  error: {line}", file=sys.stderr)
         if describe:
             for acl in wanted:
                 print(f"  {acl}")
-        return 1 if failures else 0
+        stale = bool(extra) and not (prune and not dry_run)
+        return 1 if failures or stale or (dry_run and missing) else 0
     finally:
         await admin.close()
 
@@ -178,13 +161,14 @@ def main() -> int:
     parser.add_argument(
         "--replication-factor", type=int, default=None, help="for new topics (default: KAFKA_REPLICATION_FACTOR)"
     )
+    parser.add_argument("--dry-run", action="store_true", help="only report the ACLs that would change")
+    parser.add_argument("--prune", action="store_true", help="delete ACLs of Clave's principals not in the table")
     parser.add_argument("--describe", action="store_true", help="also list every topic and every ACL")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    topics = asyncio.run(create_topics.run(args.describe, args.replication_factor))
-    if topics:
-        return topics
-    return asyncio.run(provision_acls(args.describe))
+    topics = 0 if args.dry_run else asyncio.run(create_topics.run(args.describe, args.replication_factor))
+    acls = asyncio.run(provision_acls(args.dry_run, args.prune, args.describe))
+    return topics or acls
 
 
 if __name__ == "__main__":

@@ -62,10 +62,6 @@ def admin_kwargs(s: PlatformSettings) -> dict[str, Any]:
     return {**client_kwargs(s), "client_id": "clave-create-topics", "request_timeout_ms": 30_000}
 
 
-def topic_configs(spec: TopicSpec, min_insync_replicas: int = 1) -> dict[str, str]:
-    return {**spec.configs(), "min.insync.replicas": str(min_insync_replicas)}
-
-
 MANAGED = (
     "retention.ms",
     "retention.bytes",
@@ -155,9 +151,7 @@ async def partitions_of(admin: AIOKafkaAdminClient, names: list[str]) -> dict[st
     return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
 
 
-async def create(
-    admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int, min_isr: int
-) -> list[str]:
+async def create(admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int) -> list[str]:
     """Create `specs`, retrying transient errors for a while; returns the failures."""
     pending = list(specs)
     deadline = time.monotonic() + CREATE_DEADLINE_S
@@ -166,7 +160,7 @@ async def create(
         if pending:
             response = await admin.create_topics(
                 [
-                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=topic_configs(s, min_isr))
+                    NewTopic(s.name, s.partitions, replication_factor, topic_configs=s.configs())
                     for s in pending
                 ]
             )
@@ -193,6 +187,7 @@ async def run(describe_all: bool, replication_factor: int | None = None) -> int:
         settings.kafka_topic_partitions,
         settings.portal_topic_retention_ms,
         settings.internal_topic_retention_ms,
+        min_insync_replicas=min_isr,
     )
     admin = AIOKafkaAdminClient(**admin_kwargs(settings))
     await admin.start()
@@ -200,7 +195,7 @@ async def run(describe_all: bool, replication_factor: int | None = None) -> int:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         present = [s for s in specs if s.name in existing]
-        failed = await create(admin, missing, replicas, min_isr)
+        failed = await create(admin, missing, replicas)
 
         # Existing topics: wanted configs that differ are set; other differences reported.
         changes: dict[str, dict[str, str]] = {}
@@ -210,7 +205,7 @@ async def run(describe_all: bool, replication_factor: int | None = None) -> int:
             parts = await partitions_of(admin, [s.name for s in present])
             for s in present:
                 have = configs.get(s.name, {})
-                differ = {k: v for k, v in topic_configs(s, min_isr).items() if have.get(k) != v}
+                differ = {k: v for k, v in s.configs().items() if have.get(k) != v}
                 if differ:
                     changes[s.name] = differ
                 if parts.get(s.name) != s.partitions:

@@ -24,6 +24,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 ATTEMPT_TIMEOUT_S = 3.0
 INTERVAL_S = 0.5
@@ -32,9 +33,16 @@ INTERVAL_S = 0.5
 def probe_kafka(bootstrap: str) -> str:
     from aiokafka.admin import AIOKafkaAdminClient
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from shared.kafka import client_kwargs
+    from shared.settings import PlatformSettings
+
+    # SASL as the environment says (stack.sh: KAFKA_CLIENT_PROPERTIES, the admin's file).
+    kwargs = client_kwargs(PlatformSettings(kafka_bootstrap_servers=bootstrap))
+
     async def run() -> str:
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **kwargs,
             request_timeout_ms=int(ATTEMPT_TIMEOUT_S * 1000),
             client_id="clave-stack-probe",
         )

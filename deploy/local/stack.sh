@@ -24,7 +24,7 @@
 #   kill-service NAME     SIGKILL, no clean shutdown (NAME: a service, kafka, store, mailcatcher);
 #                         after a service, the store's open transactions are aborted at once
 #                         (killAllSessions; see "The store" below)
-#   topics                create missing topics and list every topic's configuration
+#   topics                create missing topics and ACLs, list every topic and ACL
 #   kafka-fetch           only fetch the Kafka jars into the cache (skipped when complete)
 #   prometheus-start | prometheus-stop
 #                         start (as with PROMETHEUS=1) or stop the local Prometheus alone
@@ -68,6 +68,13 @@
 # block writes to the same documents for that long.  So kill-service, which knows the
 # client is dead, aborts the store's open transactions at once (killAllSessions; the live
 # services' transactions it aborts are retried, as any transient error).
+# Kafka runs SASL/SCRAM-SHA-512 with ACLs (KRaft's StandardAuthorizer, nothing allowed
+# without an ACL): one principal per service plus admin, portal, operator and auditor
+# (shared/acl.py). Their random passwords are made on the first start and kept in
+# $VAR_DIR/secrets/kafka/ (0600), with each principal's client settings in
+# <principal>.properties (`kcat -F FILE`, or KAFKA_CLIENT_PROPERTIES=FILE for `clave`).
+# Each service gets its own principal in KAFKA_SASL_USERNAME/PASSWORD; a command run by
+# `run` gets KAFKA_CLIENT_PROPERTIES=.../admin.properties.
 #
 # Audit signing keys: on the first start of a service, an Ed25519 key pair per service is
 # made in $VAR_DIR/secrets/audit (<service>.pem, mode 0600; public keys in public/). Each
@@ -95,6 +102,8 @@ LOG_DIR=$VAR_DIR/log
 MAIL_DIR=${MAIL_DIR:-$VAR_DIR/mail}
 KAFKA_DATA=$VAR_DIR/kafka-data
 STORE_DATA=$VAR_DIR/store-data
+SECRETS_DIR=$VAR_DIR/secrets/kafka
+ADMIN_PROPS=$SECRETS_DIR/admin.properties
 STARTED_FILE=$RUN_DIR/started-by-ensure
 PROMETHEUS=${PROMETHEUS:-0}
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
@@ -139,6 +148,7 @@ KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFK
 KAFKA_CACHE=${CLAVE_CACHE:-$HOME/.cache/clave}/kafka-$KAFKA_VERSION
 KAFKA_LIBS=$KAFKA_CACHE/libs
 KAFKA_PROPS=$RUN_DIR/kafka-server.properties
+KAFKA_SASL_MARKER=$KAFKA_DATA/.clave-scram  # hash of the passwords the storage was formatted with
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}
 KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true}
 read -r -a KAFKA_JAVA <<<"java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS"
@@ -252,7 +262,7 @@ probe() {
   local c=$1 timeout=$2 pid=${3:-0}
   local args=(--timeout "$timeout" --pid "$pid")
   case $c in
-    kafka) "$PY" "$HERE/probe.py" kafka "$KAFKA_BOOTSTRAP_SERVERS" "${args[@]}" ;;
+    kafka) KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$PY" "$HERE/probe.py" kafka "$KAFKA_BOOTSTRAP_SERVERS" "${args[@]}" ;;
     store) "$PY" "$HERE/probe.py" store "$MONGODB_URI" "${args[@]}" ;;
     mailcatcher) "$PY" "$HERE/probe.py" smtp "$SMTP_HOST" "$SMTP_PORT" "${args[@]}" ;;
     prometheus)
@@ -317,19 +327,57 @@ kafka_libs() {
 
 kafka_java() { "${KAFKA_JAVA[@]}" "$@"; }
 
+# kafka_secrets: every principal's password (made once) and client properties file, in
+# $SECRETS_DIR; sets KAFKA_PRINCIPALS (from shared/acl.py, the one list of principals).
+kafka_secrets() {
+  local out
+  out=$("$PY" "$HERE/kafka_secrets.py" "$SECRETS_DIR" "$KAFKA_BOOTSTRAP_SERVERS") \
+    || die "kafka: could not write the credentials in $SECRETS_DIR"
+  mapfile -t KAFKA_PRINCIPALS <<<"$out"
+}
+
+secret() { local v; v=$(<"$SECRETS_DIR/$1.password") || die "kafka: $SECRETS_DIR/$1.password missing"; printf '%s' "$v"; }
+
+# What the storage was (or would be) formatted with: a change means the broker's SCRAM
+# users and our password files disagree.
+kafka_credentials_hash() {
+  local p
+  for p in "${KAFKA_PRINCIPALS[@]}"; do printf '%s=%s\n' "$p" "$(secret "$p")"; done | sha256sum | cut -d' ' -f1
+}
+
 kafka_prepare() {
   command -v java >/dev/null || die "java not found (Kafka needs Java 17+)"
   kafka_libs
-  cat >"$KAFKA_PROPS" <<EOF
-# Written by deploy/local/stack.sh at each start: single-node KRaft, static quorum.
+  kafka_secrets
+  local admin_pw controller_pw want p
+  admin_pw=$(secret admin)
+  controller_pw=$(secret controller)
+  # Clients and the broker itself (inter-broker) log in with SCRAM on CLIENT; the broker logs
+  # in to its own controller with PLAIN on CONTROLLER (SCRAM users live in the metadata the
+  # controller serves). Super users: the broker (admin) and the controller. Holds passwords:
+  # owner only.
+  (
+    umask 077
+    cat >"$KAFKA_PROPS" <<EOF
+# Written by deploy/local/stack.sh at each start: single-node KRaft, static quorum,
+# SASL/SCRAM-SHA-512 and ACLs (deploy/kafka/provision.py creates them from shared/acl.py).
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=CLIENT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=CLIENT://127.0.0.1:$KAFKA_PORT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=CLIENT
+listener.security.protocol.map=CLIENT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT
+listener.name.client.sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.client.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$admin_pw";
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="controller" password="$controller_pw" user_controller="$controller_pw";
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:admin;User:controller
 log.dirs=$KAFKA_DATA
 offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
@@ -342,13 +390,25 @@ auto.create.topics.enable=false
 # outlives its retention (shared/topics.py). Production: 5 min (the default) or less.
 log.retention.check.interval.ms=300000
 EOF
+  )
+  want=$(kafka_credentials_hash)
   if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
-    local cluster_id
+    local cluster_id scram=()
     mkdir -p "$KAFKA_DATA"
     cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOG_DIR/kafka-console.log")
-    say "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
-    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
+    # SCRAM users live in the metadata log: bootstrapped at format time (KIP-900), every
+    # principal at once, so the broker and each client can log in from the first start.
+    for p in "${KAFKA_PRINCIPALS[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$p,password=$(secret "$p")]")
+    done
+    say "kafka: formatting $KAFKA_DATA (cluster id $cluster_id, ${#KAFKA_PRINCIPALS[@]} SCRAM users)"
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" "${scram[@]}" \
       >>"$LOG_DIR/kafka-console.log" 2>&1 || { show_logs kafka; die "kafka: storage format failed"; }
+    printf '%s\n' "$want" >"$KAFKA_SASL_MARKER"
+  elif [[ ! -f $KAFKA_SASL_MARKER ]]; then
+    die "kafka: $KAFKA_DATA was formatted without SCRAM users (a stack from before Kafka ACLs); start afresh: rm -rf $KAFKA_DATA $STORE_DATA (the audit chain spans both)"
+  elif [[ $(<"$KAFKA_SASL_MARKER") != "$want" ]]; then
+    die "kafka: the passwords in $SECRETS_DIR are not those $KAFKA_DATA was formatted with (files removed, or principals added); start afresh: rm -rf $KAFKA_DATA $STORE_DATA"
   fi
 }
 
@@ -495,9 +555,23 @@ command_of() {
     prometheus)
       CMD=("$PROMETHEUS_BIN" "--config.file=$PROM_CONFIG" "--storage.tsdb.path=$PROM_DATA"
         "--web.listen-address=127.0.0.1:$PROMETHEUS_PORT") ;;
-    *) CMD=(env "$(audit_env "$1")" "$PY" -m "services.$1") ;;
+    *)
+      # The service's own audit signing key (audit_env), and its own Kafka principal in the
+      # variables shared/settings.py reads: the password goes from its file into the
+      # environment (owner-readable), never on a command line; an inherited
+      # KAFKA_CLIENT_PROPERTIES (a test's admin file) must not override it.
+      CMD=(env "$(audit_env "$1")"
+        bash -c "$SERVICE_KAFKA_ENV" clave-kafka-env "$SECRETS_DIR/$1.password" "$1" "$PY" -m "services.$1") ;;
   esac
 }
+
+# $1 password file, $2 principal, then the command.
+# shellcheck disable=SC2016
+SERVICE_KAFKA_ENV='unset KAFKA_CLIENT_PROPERTIES
+KAFKA_SASL_PASSWORD=$(<"$1") || exit 1
+export KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT KAFKA_SASL_MECHANISM=SCRAM-SHA-512 KAFKA_SASL_USERNAME=$2 KAFKA_SASL_PASSWORD
+shift 2
+exec "$@"'
 
 # await_exec COMPONENT PID: $! is first a copy of this shell, forked to run the command,
 # and is the component only once that copy has exec'd it; from then on /proc/PID/cmdline
@@ -579,16 +653,19 @@ start() {
   for c in "$@"; do wait_ready "$c" "$t0"; done
 }
 
+# Topics and ACLs, as admin (the same script provisions a production cluster).
 create_topics() {
   local t0
   t0=$(now_ms)
-  "$PY" "$HERE/create_topics.py" "$@" || die "topic creation failed"
-  say "topics: done in $(since "$t0")"
+  KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$PY" "$ROOT/deploy/kafka/provision.py" --replication-factor 1 "$@" \
+    || die "topic or ACL provisioning failed"
+  say "topics and ACLs: done in $(since "$t0")"
 }
 
 infra_up() {
   local c kafka_started=0
   need_python
+  kafka_secrets  # the services need their passwords even when Kafka is already running
   start "${INFRA[@]}"
   store_engine_check
   for c in "${STARTED[@]}"; do [[ $c == kafka ]] && kafka_started=1; done
@@ -849,7 +926,9 @@ cmd_run() {
     "$self" down --only-started || true
     exit 1
   fi
-  "$@" || rc=$?
+  # The command (tests, demo, bench) observes as admin; it takes another principal's
+  # properties file where it plays the portal, an operator or an auditor.
+  KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$@" || rc=$?
   "$self" down --only-started || true
   exit "$rc"
 }
@@ -858,7 +937,8 @@ summary() {
   local c pid
   say ""
   say "Clave local stack is up."
-  say "  KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
+  say "  KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS (SASL/SCRAM; client settings per principal:"
+  say "    $SECRETS_DIR/<principal>.properties, e.g. KAFKA_CLIENT_PROPERTIES=$SECRETS_DIR/operator.properties clave ...)"
   say "  MONGODB_URI=$MONGODB_URI"
   say "  SMTP: $SMTP_HOST:$SMTP_PORT  captured mail (.eml): $MAIL_DIR"
   for c in "${SERVICES[@]}"; do

@@ -5,6 +5,7 @@ never stand anything in for them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,9 +19,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from clave.kafkaio import as_principal, principal_properties
 from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from clave.testdata import Citizen, new_citizen, write_jsonl
 from clave.workbench import WorkbenchSettings, workbench_settings
+from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.crypto import keyed_hash
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
@@ -98,7 +101,7 @@ def fetch_ok(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
-    p = Portal(stack)
+    p = Portal(as_principal(stack, PORTAL))  # plays the portal with the portal's principal
     await p.start()
     yield p
     await p.stop()
@@ -126,9 +129,24 @@ def mailbox(stack: WorkbenchSettings) -> Mailbox:
     return Mailbox(stack.mail_dir)
 
 
-def clave_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+# Who runs each `clave` command group: operators the accounts, auditors the audit log.
+CLI_PRINCIPALS = {"accounts": OPERATOR, "audit": AUDITOR}
+
+
+def cli_env(principal: str) -> dict[str, str]:
+    """The environment with Kafka access as `principal` (its properties file)."""
+    return {**os.environ, "KAFKA_CLIENT_PROPERTIES": str(principal_properties(principal).resolve())}
+
+
+def clave_cli(*args: str, check: bool = True, principal: str | None = None) -> subprocess.CompletedProcess[str]:
+    principal = principal or CLI_PRINCIPALS[args[0]]
     result = subprocess.run(
-        [sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-m", "clave.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=cli_env(principal),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"clave {' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")

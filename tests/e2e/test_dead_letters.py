@@ -50,7 +50,7 @@ CASES = {
 async def test_bad_input_is_dead_lettered_with_reason_and_origin(world: World, reason: str) -> None:
     marker = f"SECRET{uuid.uuid4().hex}"
     key = uuid.uuid4().hex
-    await publish_raw(world.settings, RECOVERY_RESETS, key.encode(), CASES[reason](marker))
+    await publish_raw(world.portal.settings, RECOVERY_RESETS, key.encode(), CASES[reason](marker))
     box = SecretBox(world.settings.dlq_keys)
     found = await world.dead_letters.wait(
         lambda topic, headers, d: (
@@ -84,8 +84,8 @@ async def test_redelivered_event_id_changes_nothing(world: World) -> None:
         correlationid=rid,
         data={"request_id": rid, "token": token, "new_password": new_key()},
     )
-    await publish_raw(world.settings, RECOVERY_RESETS, rid.encode(), event.to_bytes())
-    await publish_raw(world.settings, RECOVERY_RESETS, rid.encode(), event.to_bytes())
+    await publish_raw(world.portal.settings, RECOVERY_RESETS, rid.encode(), event.to_bytes())
+    await publish_raw(world.portal.settings, RECOVERY_RESETS, rid.encode(), event.to_bytes())
     assert (await world.portal.wait_outcome(rid, "reset"))["status"] == "completed"
     await world.dead_letters.wait(
         lambda topic, headers, d: headers.get("clave-dlq-reason") == "duplicate_event" and d.get("correlationid") == rid

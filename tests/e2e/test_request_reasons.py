@@ -126,7 +126,9 @@ async def test_invalid_check_digit_is_id_invalid(world: World, decisions: KeyedW
 async def test_unknown_account(world: World, decisions: KeyedWatcher) -> None:
     cedula = random_cedula()
     rid = await world.portal.request_recovery(
-        national_id=cedula[:9] + "-" + cedula[9], email_address="nobody@example.org", answers={"birth_date": "1990"}
+        national_id=cedula[:9] + "-" + cedula[9],
+        email_address="nobody@example.org",
+        answers={"birth_date": "1990-07-15"},
     )
     audit = await assert_refused_quietly(world, decisions, rid, "account_unknown")
     assert audit["subject_ref"] == keyed_hash(world.settings.pseudonym_key, cedula)  # a keyed hash, not the ID

@@ -42,8 +42,10 @@ from typing import Any
 
 import pytest
 
+from clave.kafkaio import as_principal, principal_properties
 from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
 from clave.workbench import WorkbenchSettings, workbench_settings
+from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.audit import canonical
 from shared.crypto import keyed_hash
 from shared.topics import AUDIT_EVENTS, CONSUMED, RECOVERY_OUTCOMES, dlq
@@ -98,8 +100,16 @@ async def wait_ready(settings: WorkbenchSettings, timeout: float = 90) -> None:
 
 
 def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    # Operators run `accounts`, auditors `audit`: each with its own Kafka principal.
+    principal = {"accounts": OPERATOR, "audit": AUDITOR}[args[0]]
+    env = {**os.environ, "KAFKA_CLIENT_PROPERTIES": str(principal_properties(principal).resolve())}
     return subprocess.run(
-        [sys.executable, "-m", "clave.cli", *args], capture_output=True, text=True, check=False, timeout=timeout
+        [sys.executable, "-m", "clave.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -243,7 +253,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
     outcome_tail = Tail(settings, outcome_starts, on_outcome)
     mails = MailIndex(Path(settings.mail_dir))
     mails.snapshot_existing()
-    portal = RetryingPortal(settings)
+    portal = RetryingPortal(as_principal(settings, PORTAL))
     await audit_tail.start()
     await outcome_tail.start()
     await mails.start()

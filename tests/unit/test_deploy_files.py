@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.protocol.admin import CreateAclsRequest, DescribeAclsRequest
 from cryptography import x509
 from cryptography.fernet import Fernet
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -53,6 +54,7 @@ from ruamel.yaml import YAML
 
 from services.audit.settings import AuditorSettings, AuditSettings
 from shared import topics as t
+from shared.acl import ALLOW
 from shared.auditkeys import KeyRing, is_dev_key, kid_of, load_signing_key
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.settings import PlatformSettings
@@ -959,13 +961,16 @@ def test_chart_refuses_more_consumers_than_partitions(helm: str) -> None:
 
 
 class RecordingAdmin:
-    """An in-memory AIOKafkaAdminClient: an empty cluster that records what it is asked."""
+    """An in-memory AIOKafkaAdminClient: an empty cluster that records what it is asked and
+    keeps the ACLs created (DescribeAcls answers with them)."""
 
     created_topics: list[Any] = []
     acl_requests: list[Any] = []
+    acls: set[tuple[Any, ...]] = set()
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
+        self._client = RecordingClient()
 
     async def start(self) -> None: ...
 
@@ -978,8 +983,26 @@ class RecordingAdmin:
         RecordingAdmin.created_topics += topics
         return type("R", (), {"topic_errors": [(n.name, 0) for n in topics]})()
 
-    async def _send_request(self, request: Any) -> Any:
+
+class RecordingClient:
+    """The admin's connection: provision.py sends its ACL requests through it."""
+
+    def get_random_node(self) -> int:
+        return 1
+
+    async def send(self, node: int, request: Any) -> Any:
+        if isinstance(request, DescribeAclsRequest):
+            resources = [
+                (rtype, name, pattern, [(principal, "*", operation, ALLOW)])
+                for rtype, name, pattern, principal, operation in sorted(RecordingAdmin.acls)
+            ]
+            return type("R", (), {"error_code": 0, "error_message": None, "resources": resources})()
+        assert isinstance(request, CreateAclsRequest), request
         RecordingAdmin.acl_requests.append(request)
+        r = request
+        RecordingAdmin.acls.add(
+            (r._resource_type, r._resource_name, r._resource_pattern_type_filter, r._principal, r._operation)
+        )
         return type("R", (), {"creation_responses": [(0, None)]})()
 
 
@@ -996,7 +1019,7 @@ def provisioning_env(compose: dict[str, Any], made_secrets: Path, monkeypatch: p
     create_topics.load.cache_clear()
     monkeypatch.setattr(create_topics, "AIOKafkaAdminClient", RecordingAdmin)
     monkeypatch.setattr(provision, "AIOKafkaAdminClient", RecordingAdmin)
-    RecordingAdmin.created_topics, RecordingAdmin.acl_requests = [], []
+    RecordingAdmin.created_topics, RecordingAdmin.acl_requests, RecordingAdmin.acls = [], [], set()
     yield
     create_topics.load.cache_clear()
 
@@ -1033,7 +1056,7 @@ def test_local_defaults_stay_single_broker(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: None) -> None:
-    assert asyncio.run(provision.provision_acls(False)) == 0
+    assert asyncio.run(provision.provision_acls(dry_run=False, prune=False, describe=False)) == 0
     asked = {
         (r._principal, r._operation, r._resource_type, r._resource_name, r._resource_pattern_type_filter)
         for r in RecordingAdmin.acl_requests
@@ -1057,6 +1080,10 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
         a.resource_name for a in wanted if a.principal == "portal" and a.operation is provision.Operation.WRITE
     }
     assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
+    # Idempotent: a second run finds every ACL in place and asks for none.
+    RecordingAdmin.acl_requests = []
+    assert asyncio.run(provision.provision_acls(dry_run=False, prune=False, describe=False)) == 0
+    assert RecordingAdmin.acl_requests == []
 
 
 def java_properties(text: str) -> dict[str, str]:

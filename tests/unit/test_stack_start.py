@@ -43,6 +43,11 @@ def run_harness(tmp_path: Path, python_body: str, **extra_env: str) -> dict[str,
     fake = tmp_path / "fake-python"
     fake.write_text(f"#!{sys.executable}\n{python_body}\n")
     fake.chmod(0o755)
+    # A service is launched with its Kafka principal's password (read from this file by the
+    # wrapper that execs it, see command_of): a stand-in one.
+    secrets = tmp_path / "var" / "secrets" / "kafka"
+    secrets.mkdir(parents=True)
+    (secrets / "identity.password").write_text("stand-in-password-for-the-test\n")
     env = {
         **os.environ,
         "STACK": str(STACK),

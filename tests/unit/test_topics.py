@@ -37,5 +37,15 @@ def test_a_short_portal_retention_still_rolls_segments() -> None:
 def test_every_consumed_topic_has_a_dead_letter_twin() -> None:
     """Including audit.events, which the audit read model consumes: a letter to a topic that does
     not exist would hold up its service's outbox relay for good."""
-    for name in (*CONSUMED, AUDIT_EVENTS):
+    assert AUDIT_EVENTS in CONSUMED
+    for name in CONSUMED:
         assert dlq(name) in SPECS
+
+
+def test_min_insync_replicas_is_a_topic_config_when_the_cluster_sets_it() -> None:
+    """The provisioning passes KAFKA_MIN_INSYNC_REPLICAS: every topic, DLQs included, sets it
+    (creation and the config update alike use TopicSpec.configs()); unset, the broker's default."""
+    with_isr = all_topics(6, HOUR_MS, HOUR_MS, min_insync_replicas=2)
+    assert {s.configs()["min.insync.replicas"] for s in with_isr} == {"2"}
+    assert len(with_isr) == len(SPECS)
+    assert all("min.insync.replicas" not in s.configs() for s in SPECS.values())

@@ -545,6 +545,10 @@ audit_keys() {
 # audit_env SERVICE: what that service alone gets on top of the stack's environment.
 audit_env() { printf 'AUDIT_SIGNING_KEY=%s' "$AUDIT_KEYS_DIR/$1.pem"; }
 
+# dkim_env SERVICE: the notifier's DKIM key, made on its first start by deploy/local/dkim_key.py,
+# which also publishes its DNS record in $VAR_DIR/dkim/ (the others get an empty setting).
+dkim_env() { if [[ $1 == notifier ]]; then "$PY" "$HERE/dkim_key.py" "$VAR_DIR/secrets/dkim" "$VAR_DIR/dkim"; else printf 'DKIM_PRIVATE_KEY='; fi; }
+
 # ---------------------------------------------------------------------------- start / stop
 
 command_of() {
@@ -560,7 +564,7 @@ command_of() {
       # variables shared/settings.py reads: the password goes from its file into the
       # environment (owner-readable), never on a command line; an inherited
       # KAFKA_CLIENT_PROPERTIES (a test's admin file) must not override it.
-      CMD=(env "$(audit_env "$1")"
+      CMD=(env "$(audit_env "$1")" "$(dkim_env "$1")"
         bash -c "$SERVICE_KAFKA_ENV" clave-kafka-env "$SECRETS_DIR/$1.password" "$1" "$PY" -m "services.$1") ;;
   esac
 }

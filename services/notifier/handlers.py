@@ -18,6 +18,7 @@ from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
 from services.notifier.rendering import MailRenderer, build_message, mask_email
 from services.notifier.settings import NotifierSettings
+from services.notifier.signing import DkimSigner, Envelope, envelope
 from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
@@ -202,6 +203,14 @@ class MailSender:
         self.on_outbox = on_outbox
         self.box = SecretBox(settings.notifier_keys)
         self.renderer = MailRenderer(settings.templates_dir or None)
+        # Read (and tried) at start: a key that cannot sign stops the service, not each mail.
+        self.signer = (
+            DkimSigner.from_file(settings.dkim_private_key, settings.dkim_selector, settings.signing_domain())
+            if settings.dkim_private_key
+            else None
+        )
+        if self.signer is None:
+            log.warning("DKIM_PRIVATE_KEY not set: mail leaves unsigned (development only)")
         self.retry = RetryPolicy(
             settings.smtp_max_attempts, settings.smtp_backoff_initial_s, settings.smtp_backoff_max_s
         )
@@ -258,8 +267,9 @@ class MailSender:
             context["code"] = secrets["code"]
         return context
 
-    async def _smtp_send(self, message: Any) -> aiosmtplib.SMTP:
-        """Connect and send; returns the open connection once the server accepted the message."""
+    async def _smtp_send(self, mail: Envelope) -> aiosmtplib.SMTP:
+        """Connect and send the signed bytes; returns the open connection once the server
+        accepted the message."""
         smtp = aiosmtplib.SMTP(
             hostname=self.settings.smtp_host,
             port=self.settings.smtp_port,
@@ -272,7 +282,9 @@ class MailSender:
         try:
             async with asyncio.timeout(self.smtp_deadline):
                 await smtp.connect()
-                await smtp.send_message(message)
+                await smtp.sendmail(
+                    mail.sender, mail.recipients, mail.data, mail_options=["SMTPUTF8"] if mail.utf8 else None
+                )
         except BaseException:
             smtp.close()
             raise
@@ -295,7 +307,7 @@ class MailSender:
                 message_id=domain.message_id(doc["_id"]),
                 date=doc.get("created_at") or now,  # stable: a resend is the same message
             )
-            smtp = await self._smtp_send(message)
+            smtp = await self._smtp_send(envelope(message, self.signer))
         except aiosmtplib.SMTPRecipientsRefused as exc:
             code = min(r.code for r in exc.recipients)
             error = f"recipient refused ({code})"

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared.audit import audit_event
-from shared.crypto import SecretBox
+from shared.crypto import Purpose, SealError, SealExpired, SealMismatch, SecretBox
 from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_errors, new_event, parse_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
@@ -360,6 +360,28 @@ class EventPipeline:
             Outgoing(topic=dlq(record.topic), key=key, event=letter, headers=headers),
             audit_event(record_audit, correlationid=correlation, causationid=None, source=f"/clave/{self.service}"),
         ]
+
+
+def open_sealed(
+    box: SecretBox,
+    sealed: str,
+    *,
+    purpose: Purpose,
+    context: dict[str, str],
+    ttl_s: int | None,
+    what: str,
+) -> dict[str, Any]:
+    """A sealed field of the event being handled, opened for `purpose` and `context` (the
+    event's own identifiers); else the BadInput that dead-letters the event with its reason,
+    before the handler has done anything."""
+    try:
+        return box.open(sealed, purpose=purpose, context=context, ttl_s=ttl_s)
+    except SealMismatch as exc:
+        raise BadInput(DeadLetterReason.SEALED_CONTEXT_MISMATCH, f"{what}: {exc}") from None
+    except SealExpired as exc:
+        raise BadInput(DeadLetterReason.SEALED_EXPIRED, f"{what}: {exc}") from None
+    except SealError:
+        raise BadInput(DeadLetterReason.UNDECRYPTABLE, f"{what} does not open with our keys") from None
 
 
 def backoff(streak: int) -> float:

@@ -268,8 +268,8 @@ class MailSender:
         if doc.get("sealed"):
             # Checked again against the queued mail itself: the secrets open only for its own
             # token, account, request and address. No lifetime here: retries may take minutes.
-            context = secrets_context(doc.get("token_id") or "", doc["account_id"], doc["request_id"], doc["to"])
-            secrets = self.box.open(doc["sealed"], purpose=Purpose.RECOVERY_SECRETS, context=context, ttl_s=None)
+            bound = secrets_context(doc.get("token_id") or "", doc["account_id"], doc["request_id"], doc["to"])
+            secrets = self.box.open(doc["sealed"], purpose=Purpose.RECOVERY_SECRETS, context=bound, ttl_s=None)
             context["link"] = domain.recovery_link(self.settings.portal_base_url, doc["request_id"], secrets["token"])
             context["code"] = secrets["code"]
         return context

@@ -291,6 +291,8 @@ async def test_link_and_code_for_their_own_recipient_are_queued() -> None:
     sender = MailSender(Outbox(), NOTIFIER, ServiceMetrics("notifier"), lambda: None)  # type: ignore[arg-type]
     rendered = sender._render_context(doc)
     assert rendered["code"] == "123456" and "tok-secret" in rendered["link"]
+    mail = sender.renderer.render(doc["kind"], doc["locale"], **rendered)
+    assert VICTIM.name in mail.text and "123456" in mail.text and "tok-secret" in mail.text
 
 
 async def test_link_and_code_readdressed_to_the_attacker_are_not_queued() -> None:

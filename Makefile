@@ -58,17 +58,17 @@ test-faults: install ## run the fault tests (tests/faults, marker "faults")
 	@$(STACK) run -- $(PY) -m pytest -q -m faults tests/faults $(PYTEST_ARGS)
 
 demo: install ## run one recovery end to end, as the portal would
-	@$(STACK) run -- $(PY) -m clave.demo
+	@$(STACK) run -- $(PY) -m tools.demo
 
 bench: install ## throughput/latency benchmark against the local stack
-	@$(STACK) run -- $(PY) -m clave.bench $(BENCH_ARGS)
+	@$(STACK) run -- $(PY) -m tools.bench $(BENCH_ARGS)
 
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
-	@$(PY) -m clave.bench_audit
+	@$(PY) -m tools.bench_audit
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave
+	$(VENV)/bin/mypy shared services clave tools
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

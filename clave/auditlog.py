@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from clave.kafkaio import read_topic
 from shared.audit import ChainVerifier, RecordedHead
+from shared.kafkaio import read_topic
 from shared.settings import PlatformSettings
 from shared.topics import AUDIT_EVENTS
 

@@ -27,11 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from clave import auditlog
-from clave.kafkaio import publish
 from services.audit.settings import AuditorSettings
 from shared.audit import ChainVerifier, check_seal
 from shared.auditkeys import AuditKeyError, KeyRing, PublicKeyEntry, kid_of, load_signing_key, private_pem
 from shared.envelope import new_event
+from shared.kafkaio import publish
 from shared.schemas import OperatorCommand
 from shared.settings import ClientSettings, PlatformSettings, load
 from shared.topics import IDENTITY_COMMANDS, EventType

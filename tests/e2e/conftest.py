@@ -19,10 +19,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from clave.kafkaio import as_principal, principal_properties
-from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
-from clave.testdata import Citizen, new_citizen, write_jsonl
-from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.crypto import keyed_hash
 from shared.envelope import CONTENT_TYPE, new_event
@@ -40,6 +36,9 @@ from shared.topics import (
     EventType,
     dlq,
 )
+from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.workbench import WorkbenchSettings, as_principal, principal_properties, workbench_settings
 
 SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e

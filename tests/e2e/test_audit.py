@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clave.kafkaio import publish_raw
-from clave.portal import body_text
-from clave.testdata import new_key
 from services.audit.app import make_store
 from services.audit.store import BREAKS
 from shared.audit import Signer, canonical, check_seal, seal
 from shared.auditkeys import KeyRing
+from shared.kafkaio import publish_raw
 from shared.topics import AUDIT_EVENTS
 from tests.e2e.conftest import World, clave_cli, fetch, metric_value, metrics_url
+from tools.portal import body_text
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clave.portal import body_text, extract_code
-from clave.testdata import new_key
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
+from tools.portal import body_text, extract_code
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

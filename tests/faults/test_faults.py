@@ -42,15 +42,14 @@ from typing import Any
 
 import pytest
 
-from clave.kafkaio import as_principal, principal_properties
-from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
-from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.audit import canonical
 from shared.crypto import keyed_hash
 from shared.topics import AUDIT_EVENTS, CONSUMED, RECOVERY_OUTCOMES, dlq
 from tests.faults import harness
 from tests.faults.harness import MailIndex, Rec, RetryingPortal, Tail, end_offsets, read_records, stack, utc_now
+from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
+from tools.workbench import WorkbenchSettings, as_principal, principal_properties, workbench_settings
 
 pytestmark = pytest.mark.faults
 

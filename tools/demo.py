@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from clave.kafkaio import as_principal
-from clave.portal import Mailbox, Portal, body_text, extract_link
-from clave.testdata import new_citizen, new_key, write_jsonl
-from clave.workbench import workbench_settings
 from shared.acl import PORTAL
+from tools.portal import Mailbox, Portal, body_text, extract_link
+from tools.testdata import new_citizen, new_key, write_jsonl
+from tools.workbench import as_principal, workbench_settings
 
 
 class Steps:

@@ -1,4 +1,4 @@
-"""Reading and writing topics from the command line, the demo and the tests.
+"""Reading and writing whole topics: the `clave` command and the audit service's rebuild.
 
 `read_topic` reads a whole topic (or from a point in time) up to the end
 offsets seen when it starts, so a replay of a live log terminates.
@@ -6,37 +6,16 @@ offsets seen when it starts, so a replay of a live log terminates.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
 from shared.settings import PlatformSettings
-
-S = TypeVar("S", bound=PlatformSettings)
-
-
-def principal_properties(principal: str) -> Path:
-    """The local stack's client settings for a Kafka principal (written by `make up`)."""
-    return Path(os.environ.get("VAR_DIR", "var")) / "secrets" / "kafka" / f"{principal}.properties"
-
-
-def as_principal(settings: S, principal: str) -> S:
-    """`settings` connecting to Kafka as `principal` (see shared/acl.py) on the local stack.
-    Fails when its properties file is missing rather than falling back to another principal."""
-    path = principal_properties(principal)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Kafka client settings for {principal!r} (the local stack writes them)")
-    return settings.model_copy(update={"kafka_client_properties": str(path.resolve())})
 
 
 @dataclass(frozen=True)
@@ -48,18 +27,6 @@ class Record:
     value: bytes
     headers: dict[str, str]
     timestamp_ms: int
-
-
-async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
-    """Stop a task that polls `consumer`, then the consumer. aiokafka's fetcher can surface its
-    own cancelled retry sleep (or a broker error) on close: neither matters once we stop."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if consumer is not None:
-        with contextlib.suppress(asyncio.CancelledError, KafkaError):
-            await consumer.stop()
 
 
 async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:

@@ -57,10 +57,10 @@ from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED, RECOVERY_REQUESTS
 from tools.portal import Portal, extract_link
 from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
+from tools.workbench import RECOVERY_SERVICES, metrics_url, workbench_settings
 from tools.workbench import WorkbenchSettings as Settings
-from tools.workbench import workbench_settings
 
-SERVICES = ("identity", "tokens", "notifier", "password")
+SERVICES = RECOVERY_SERVICES
 INFRA = ("kafka", "store", "mailcatcher")
 OPTIONAL = ("audit",)  # the audit read model, when the stack runs it
 STACK_SH = str(Path(__file__).resolve().parent.parent / "deploy" / "local" / "stack.sh")
@@ -175,9 +175,7 @@ def stack_cpu() -> dict[str, float]:
 
 
 def scrape(settings: Settings, service: str) -> str:
-    port = settings.metrics_port(service)
-    url = f"http://{settings.metrics_host}:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the stack's own loopback endpoint
+    with urllib.request.urlopen(metrics_url(settings, service), timeout=5) as response:  # noqa: S310 - the stack's own loopback endpoint
         return response.read().decode()  # type: ignore[no-any-return]
 
 

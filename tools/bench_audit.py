@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.audit import GENESIS, ChainVerifier, Signer, audit_event, seal
 from shared.auditkeys import KeyRing, PublicKeyEntry
 from shared.schemas import AuditRecord
-
-SERVICES = ("identity", "tokens", "notifier", "password", "audit")
+from tools.workbench import SERVICES
 
 
 def write_log(path: Path, keys_dir: Path, n: int, producers: int) -> None:

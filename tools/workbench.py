@@ -13,9 +13,15 @@ from services.identity.settings import IdentitySettings
 from services.notifier.settings import NotifierSettings
 from services.password.settings import PasswordSettings
 from services.tokens.settings import TokensSettings
+from shared import contract
 from shared.settings import PlatformSettings, load
 
 S = TypeVar("S", bound=PlatformSettings)
+
+# The service list is the contract table's (shared/contract.py), never written out again.
+SERVICES: tuple[str, ...] = tuple(contract.SERVICES)
+# The services a recovery passes through (the audit service only reads their audit events).
+RECOVERY_SERVICES: tuple[str, ...] = tuple(s for s in SERVICES if s != "audit")
 
 
 class WorkbenchSettings(IdentitySettings, TokensSettings, NotifierSettings, PasswordSettings):
@@ -24,6 +30,11 @@ class WorkbenchSettings(IdentitySettings, TokensSettings, NotifierSettings, Pass
 
 def workbench_settings() -> WorkbenchSettings:
     return load(WorkbenchSettings)
+
+
+def metrics_url(settings: PlatformSettings, service: str, path: str = "/metrics") -> str:
+    """A service's metrics (or /healthz, /readyz) endpoint on the local stack."""
+    return f"http://{settings.metrics_host}:{settings.metrics_port(service)}{path}"
 
 
 def principal_properties(principal: str) -> Path:

@@ -38,15 +38,16 @@ from shared.topics import (
 )
 from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from tools.testdata import Citizen, new_citizen, write_jsonl
-from tools.workbench import WorkbenchSettings, as_principal, principal_properties, workbench_settings
+from tools.workbench import (
+    SERVICES,
+    WorkbenchSettings,
+    as_principal,
+    metrics_url,
+    principal_properties,
+    workbench_settings,
+)
 
-SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e
-
-
-def metrics_url(settings: WorkbenchSettings, service: str, path: str = "/metrics") -> str:
-    port = getattr(settings, f"{service}_metrics_port")
-    return f"http://{settings.metrics_host}:{port}{path}"
 
 
 def fetch(url: str, timeout: float = 5.0) -> tuple[int, str]:

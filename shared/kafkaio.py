@@ -7,7 +7,7 @@ offsets seen when it starts, so a replay of a live log terminates.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,7 +31,7 @@ class Record:
 
 async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
-    await producer.start()
+    await _started(producer)
     try:
         await producer.send_and_wait(
             topic, event.to_bytes(), key=key.encode(), headers=[("content-type", CONTENT_TYPE.encode())]
@@ -42,20 +42,38 @@ async def publish(settings: PlatformSettings, topic: str, key: str, event: Cloud
 
 async def publish_raw(settings: PlatformSettings, topic: str, key: bytes | None, value: bytes) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings))
-    await producer.start()
+    await _started(producer)
     try:
         await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
 
 
-async def read_topic(
-    settings: PlatformSettings, topic: str, *, since: datetime | None = None, until: datetime | None = None
-) -> AsyncIterator[Record]:
+async def partitions_of(settings: PlatformSettings, topic: str) -> list[int]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    await consumer.start()
+    await _started(consumer)
+    try:
+        return sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def read_topic(
+    settings: PlatformSettings,
+    topic: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    partition: int | None = None,
+) -> AsyncGenerator[Record, None]:
+    """The records of `topic` (or of one partition), one partition after another."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    await _started(consumer)
     try:
         partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        if partition is not None:
+            partitions = [p for p in partitions if p == partition]
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
@@ -93,6 +111,17 @@ async def read_topic(
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()
+
+
+async def _started(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Start a client; one that cannot start (no broker) is closed before the error goes up, so
+    the caller sees the error alone, not also an "Unclosed AIOKafka..." warning."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

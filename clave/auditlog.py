@@ -45,7 +45,11 @@ async def iter_events(
     so a reader of the whole log uses the same memory for a thousand events or a billion."""
     # Progress goes to stderr, so `--json` output on stdout stays clean JSON lines.
     console = Console(stderr=True)
-    with Progress(transient=True, disable=not (progress and console.is_terminal), console=console) as bar:
+    if not (progress and console.is_terminal):  # a disabled Progress still prints an empty line
+        async for record in read_topic(settings, AUDIT_EVENTS, since=since, until=until):
+            yield _doc(record.value, f"{record.partition}/{record.offset}")
+        return
+    with Progress(transient=True, console=console) as bar:
         task = bar.add_task("reading audit.events", total=None)
         async for record in read_topic(settings, AUDIT_EVENTS, since=since, until=until):
             bar.advance(task)

@@ -3,13 +3,16 @@
 Imports the sample accounts as an operator would, publishes a recovery
 request, waits for the e-mail in the mail catcher's folder, takes the link
 from it, submits a new key, waits for the outcome and the "key changed" mail.
-Prints each step with its time; exits non-zero if any step fails.
+Prints each step with its time; exits non-zero if any step fails. Then, if the stack keeps
+running after the demo (`make demo KEEP=1`, or a stack started by `make up`), prints commands
+to look further, each one tried first: only those that work are printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,7 +22,14 @@ from pathlib import Path
 from shared.acl import PORTAL
 from tools.portal import Mailbox, Portal, body_text, extract_link
 from tools.testdata import new_citizen, new_key, write_jsonl
-from tools.workbench import as_principal, workbench_settings
+from tools.workbench import (
+    SERVICES,
+    WorkbenchSettings,
+    as_principal,
+    metrics_url,
+    principal_properties,
+    workbench_settings,
+)
 
 
 class Steps:
@@ -32,7 +42,7 @@ class Steps:
         print(f"[{time.monotonic() - self.t0:7.2f}s] {self.n}. {text}", flush=True)
 
 
-async def run() -> str:
+async def run() -> tuple[str, str]:
     settings = workbench_settings()
     steps = Steps()
     # A fresh citizen each run, so a second demo is not refused by the first one's limits.
@@ -85,29 +95,94 @@ async def run() -> str:
         steps.say(f'"key changed" e-mail captured: "{changed[-1]["Subject"]}"')
     finally:
         await portal.stop()
-    return request_id
+    return request_id, citizen.national_id
 
 
-def summary(request_id: str) -> None:
+def stack_stays_up() -> bool:
+    """Whether the stack outlives the demo: `stack.sh run` stops only what it started for it,
+    and lists that in started-by-ensure (empty or missing: it started nothing)."""
+    started = Path(os.environ.get("VAR_DIR", "var")) / "run" / "started-by-ensure"
+    try:
+        return not started.read_text(encoding="utf-8").strip()
+    except OSError:
+        return True
+
+
+def _rel(path: str | Path) -> str:
+    return os.path.relpath(Path(path).resolve())
+
+
+def cli_environment(settings: WorkbenchSettings) -> dict[str, str]:
+    """What `clave` needs on this machine, beyond a principal's Kafka client settings."""
+    return {
+        "CLAVE_ENV": "development",
+        "MONGODB_URI": settings.mongodb_uri,
+        "AUDIT_PUBLIC_KEYS": _rel(os.environ.get("AUDIT_PUBLIC_KEYS", "var/secrets/audit/public")),
+    }
+
+
+def works(argv: list[str], env: dict[str, str], timeout: float = 30.0) -> bool:
+    """Run a command the demo is about to print; True when it exits 0 (retried to the deadline:
+    the audit read model may be a moment behind the log)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CLAVE_", "MONGODB_", "AUDIT_"))}
+    full.update(env)
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(argv, env=full, capture_output=True, text=True, check=False, timeout=120)  # noqa: S603
+        if result.returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            print(f"  (left out, it failed: {shlex.join(argv)}: {result.stderr.strip()[-200:]})")
+            return False
+        time.sleep(1)  # polling for the read model to catch up, until the deadline
+
+
+def fetches(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the stack's loopback endpoint
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def summary(request_id: str, national_id: str) -> None:
     settings = workbench_settings()
     print()
-    print(f"Captured e-mails: {os.path.abspath(settings.mail_dir)}")
-    print(
-        f"Metrics: http://{settings.metrics_host}:{settings.identity_metrics_port}/metrics (identity), "
-        f":{settings.tokens_metrics_port} (tokens), :{settings.notifier_metrics_port} (notifier), "
-        f":{settings.password_metrics_port} (password)"
-    )
-    print(f"Audit trail of this recovery: .venv/bin/clave audit timeline {request_id}")
+    print(f"Captured e-mails: {_rel(settings.mail_dir)}/*.eml")
+    if not stack_stays_up():
+        print("The stack stops now (it was started for this demo). `make demo KEEP=1` leaves it running")
+        print("and then prints commands to look further (audit timeline, metrics); `make down` stops it.")
+        return
+    env = cli_environment(settings)
+    clave = _rel(Path(sys.executable).parent / "clave")
+    auditor = {**env, "KAFKA_CLIENT_PROPERTIES": _rel(principal_properties("auditor"))}
+    tried = [
+        ("The audit trail of this recovery, across the services:", [clave, "audit", "timeline", request_id]),
+        ("Everything audited for this citizen (by national ID):", [clave, "audit", "replay", "--account", national_id]),
+    ]
+    print("The stack keeps running (`make status` shows it, `make down` stops it). In this shell:")
+    print(f"  export {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}")
+    for text, argv in tried:
+        if works(argv, auditor):
+            print(f"  # {text}")
+            print(f"  KAFKA_CLIENT_PROPERTIES={auditor['KAFKA_CLIENT_PROPERTIES']} {shlex.join(argv)}")
+    answering = {s: metrics_url(settings, s) for s in SERVICES if fetches(metrics_url(settings, s))}
+    if answering:
+        print(f"  # Metrics (Prometheus text) of {', '.join(answering)}:")
+        for url in answering.values():
+            print(f"  curl -s {url} | grep '^clave_'")
 
 
 def main() -> None:
     try:
-        request_id = asyncio.run(run())
+        request_id, national_id = asyncio.run(run())
     except Exception as exc:  # a demo step failed: say which, exit non-zero
         print(f"DEMO FAILED: {exc}", file=sys.stderr)
         sys.exit(1)
-    summary(request_id)
     print("Demo completed: the recovery went through every service.")
+    summary(request_id, national_id)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from pathlib import Path
 import dkim
 import pytest
 
-from clave.portal import body_text
-from clave.testdata import new_key
 from tests.e2e.conftest import World
+from tools.portal import body_text
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

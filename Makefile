@@ -68,7 +68,7 @@ bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 1
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave
+	$(VENV)/bin/mypy shared services clave deploy/local
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

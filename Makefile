@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -56,6 +56,26 @@ test: install ## run the whole test suite against the real local stack
 
 test-faults: install ## run the fault tests (tests/faults, marker "faults")
 	@$(STACK) run -- $(PY) -m pytest -q -m faults tests/faults $(PYTEST_ARGS)
+
+# Several instances per service: the fault suite's scenario and checks (tests/faults/test_faults.py)
+# with FAULT_PLAN=scale (one instance of every service SIGKILLed mid-load, not restarted) or
+# FAULT_PLAN=none (no fault: the throughput). A stack already up with fewer instances gets the
+# missing ones for the run (and loses them after). Report: $(VAR_DIR)/faults-report.json.
+SCALE_N     ?= 300
+SCALE_TEST  := $(PY) -m pytest -q -m faults tests/faults/test_faults.py
+REPORT_DIR  := $${VAR_DIR:-var}
+
+test-scale: install ## scale test: 2 instances of every service, SCALE_N=300 recoveries, one instance of each SIGKILLed mid-load
+	@INSTANCES=2 FAULT_PLAN=scale FAULT_N=$(SCALE_N) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS)
+
+bench-scale: install ## recoveries/s with 1, then 2 instances of every service (SCALE_N recoveries, no fault)
+	@for n in 1 2; do \
+	  INSTANCES=$$n FAULT_PLAN=none FAULT_N=$(SCALE_N) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS) || exit 1; \
+	  cp "$(REPORT_DIR)/faults-report.json" "$(REPORT_DIR)/scale-$$n.json"; \
+	done; \
+	for n in 1 2; do \
+	  $(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"instances\"]} instance(s) per service: {r[\"throughput_per_s\"]} recoveries/s ({r[\"n\"]} in {r[\"load_seconds\"]:.1f} s)")' "$(REPORT_DIR)/scale-$$n.json"; \
+	done
 
 demo: install ## run one recovery end to end, as the portal would
 	@$(STACK) run -- $(PY) -m clave.demo

@@ -190,3 +190,13 @@ def test_the_wrapper_runs_stack_py() -> None:
         ["bash", str(STACK_PY.with_name("stack.sh")), "help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0 and "INSTANCES" in out.stdout, out.stderr
+
+
+def test_prometheus_scrapes_every_instance(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stack, "instances", 2)
+    stack.prometheus_config()
+    text = stack.prom_config.read_text()
+    for name, port in SERVICE_PORTS.items():
+        assert f'targets: ["127.0.0.1:{port}", "127.0.0.1:{port + 10}"]' in text, name
+    assert f"- {STACK.PROM_DIR}/alerts.yml" in text
+    assert '"127.0.0.1:9401"' not in text  # no default target left: a stack on other ports scrapes its own

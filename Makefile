@@ -63,6 +63,8 @@ test-faults: install ## run the fault tests (tests/faults, marker "faults")
 # missing ones for the run (and loses them after). Report: $(VAR_DIR)/faults-report.json.
 SCALE_N     ?= 300
 SCALE_TEST  := $(PY) -m pytest -q -m faults tests/faults/test_faults.py
+# A measurement, not a bounded check: on a busy machine one instance may need longer.
+BENCH_SCALE_ENV := FAULT_BUDGET_S=1800 FAULT_LOAD_TIMEOUT_S=1200 FAULT_IMPORT_TIMEOUT_S=600
 REPORT_DIR  := $${VAR_DIR:-var}
 
 test-scale: install ## scale test: 2 instances of every service, SCALE_N=300 recoveries, one instance of each SIGKILLed mid-load
@@ -70,11 +72,11 @@ test-scale: install ## scale test: 2 instances of every service, SCALE_N=300 rec
 
 bench-scale: install ## recoveries/s with 1, then 2 instances of every service (SCALE_N recoveries, no fault)
 	@for n in 1 2; do \
-	  INSTANCES=$$n FAULT_PLAN=none FAULT_N=$(SCALE_N) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS) || exit 1; \
+	  INSTANCES=$$n FAULT_PLAN=none FAULT_N=$(SCALE_N) $(BENCH_SCALE_ENV) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS) || exit 1; \
 	  cp "$(REPORT_DIR)/faults-report.json" "$(REPORT_DIR)/scale-$$n.json"; \
 	done; \
 	for n in 1 2; do \
-	  $(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"instances\"]} instance(s) per service: {r[\"throughput_per_s\"]} recoveries/s ({r[\"n\"]} in {r[\"load_seconds\"]:.1f} s)")' "$(REPORT_DIR)/scale-$$n.json"; \
+	  $(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"instances\"]} instance(s) per service: {r[\"throughput_per_s\"]} recoveries/s ({r[\"n\"]} in {r[\"load_seconds\"]:.1f} s, load average {r.get(\"loadavg_1m\")})")' "$(REPORT_DIR)/scale-$$n.json"; \
 	done
 
 demo: install ## run one recovery end to end, as the portal would

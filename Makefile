@@ -1,7 +1,7 @@
 # Clave: entry points for people and CI.  `make` alone lists the targets.
 #
-# The local stack (Kafka, SecantusDB, mail catcher, the four services) is run by
-# deploy/local/stack.sh (the store, secantusd-rs, is built once with cargo into
+# The local stack (Kafka, SecantusDB, mail catcher, the services; INSTANCES=N of each) is run by
+# deploy/local/stack.py through its wrapper deploy/local/stack.sh (the store, secantusd-rs, is built once with cargo into
 # ~/.cache/clave on the first start, 4-8 min; STORE_ENGINE=py runs secantusd-py instead).  test/demo/bench/test-faults go through `stack.sh run -- CMD`:
 # start whatever is not running yet, run CMD with the stack's environment, then stop
 # exactly what was started for it (a stack you started with `make up` stays up), and

@@ -76,7 +76,7 @@ bench-scale: install ## recoveries/s with 1, then 2 instances of every service (
 	  cp "$(REPORT_DIR)/faults-report.json" "$(REPORT_DIR)/scale-$$n.json"; \
 	done; \
 	for n in 1 2; do \
-	  $(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"instances\"]} instance(s) per service: {r[\"throughput_per_s\"]} recoveries/s ({r[\"n\"]} in {r[\"load_seconds\"]:.1f} s, load average {r.get(\"loadavg_1m\")})")' "$(REPORT_DIR)/scale-$$n.json"; \
+	  $(PY) -c 'import json, sys; r = json.load(open(sys.argv[1])); print("%s instance(s) per service: %s recoveries/s (%s in %.1f s, load average %s)" % (r["instances"], r["throughput_per_s"], r["n"], r["load_seconds"], r.get("loadavg_1m")))' "$(REPORT_DIR)/scale-$$n.json"; \
 	done
 
 demo: install ## run one recovery end to end, as the portal would

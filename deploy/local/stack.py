@@ -789,7 +789,8 @@ log.retention.check.interval.ms=300000
         """Key material the services need, made once before the first of them starts (the small
         deploy/local/*.py scripts other features add are called from here, one line each)."""
         self.audit_keys()
-        self.dkim_env = self.dkim_env or self.key_script("dkim_key.py", self.var_dir / "secrets/dkim", self.var_dir / "dkim")
+        dkim_dirs = (self.var_dir / "secrets" / "dkim", self.var_dir / "dkim")
+        self.dkim_env = self.dkim_env or self.key_script("dkim_key.py", *dkim_dirs)
 
     def key_script(self, script: str, *args: Path) -> dict[str, str]:
         """Run a deploy/local key script; the settings it prints (NAME=value lines) for the

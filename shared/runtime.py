@@ -193,7 +193,7 @@ class Service:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a death was reported already
                 await task
         for fn in self._stoppers:
             await fn()

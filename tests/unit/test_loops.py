@@ -242,3 +242,62 @@ async def test_the_service_watches_its_relay_and_its_periodic_jobs(monkeypatch: 
         assert not await service.ready()
     finally:
         await service._shutdown()
+
+
+async def test_the_lag_monitor_reconnects_after_a_failed_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker away at the lag monitor's first run left a half-started client that failed
+    every later run (the lag gauge froze); now a failed run drops its clients."""
+    from aiokafka import TopicPartition
+    from aiokafka.errors import KafkaConnectionError
+
+    from shared import lag
+
+    starts: list[str] = []
+
+    class Admin:
+        def __init__(self, **_: Any) -> None:
+            return None
+
+        async def start(self) -> None:
+            starts.append("admin")
+            if starts.count("admin") == 1:
+                raise KafkaConnectionError("broker away")
+
+        async def list_consumer_group_offsets(self, group: str) -> dict[Any, Any]:
+            return {TopicPartition("t", 0): type("Offset", (), {"offset": 3})()}
+
+        async def close(self) -> None:
+            return None
+
+    class Consumer:
+        def __init__(self, **_: Any) -> None:
+            self._client = type("Client", (), {"force_metadata_update": staticmethod(_noop)})()
+
+        async def start(self) -> None:
+            starts.append("consumer")
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0}
+
+        async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return dict.fromkeys(partitions, 10)
+
+        async def beginning_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return dict.fromkeys(partitions, 0)
+
+        async def stop(self) -> None:
+            return None
+
+    monkeypatch.setattr(lag, "AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr(lag, "AIOKafkaConsumer", Consumer)
+    metrics = ServiceMetrics("test")
+    monitor = lag.LagMonitor(PlatformSettings(clave_env="development"), "g", ["t"], metrics)
+    with pytest.raises(KafkaConnectionError):
+        await monitor.measure()
+    await monitor.measure()
+    assert starts == ["admin", "admin", "consumer"]
+    assert sample(metrics, "clave_consumer_lag_messages", topic="t") == 7
+
+
+async def _noop() -> None:
+    return None

@@ -21,14 +21,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from clave.kafkaio import as_principal
-from clave.portal import TopicWatcher
-from clave.testdata import new_citizen
 from shared.crypto import Purpose, SecretBox, recovery_secrets_context
 from shared.schemas import Recipient, TokensIssued
 from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, TOKENS_ISSUED, EventType
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
 from tests.e2e.test_forgeries import on, produce
+from tools.portal import TopicWatcher
+from tools.testdata import new_citizen
+from tools.workbench import as_principal
 
 pytestmark = pytest.mark.e2e
 

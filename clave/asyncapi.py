@@ -259,7 +259,8 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
     }
     schemas["AuditRecord"]["properties"]["reasons"]["description"] = (
         "Stable codes: a request's `RequestReason`s, a reset's `ResetReason`s, a dead letter's "
-        "`DeadLetterReason`, `smtp_gave_up` for a mail that could not be sent."
+        "`DeadLetterReason`, `smtp_gave_up` for a mail that could not be sent, `render_failed` for one whose mail "
+        "could not be rendered, `send_error` for one whose sending raised an unexpected error."
     )
     schemas["AuditRecord"]["properties"]["integrity"]["description"] = (
         "Added by the producer's outbox relay: `producer`, `seq` (1, 2, 3… per producer), `prev` (SHA-256 of the "

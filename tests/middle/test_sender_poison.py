@@ -12,6 +12,7 @@ from pymongo.errors import AutoReconnect
 
 from services.notifier.domain import State
 from services.notifier.handlers import MailSender, secrets_context
+from services.notifier.signing import Envelope
 from shared.crypto import Purpose, SecretBox
 from shared.store import OUTBOX
 from tests.middle.test_relay import until
@@ -107,10 +108,10 @@ async def test_an_unexpected_library_error_on_one_mail_fails_it_and_the_next_is_
     sender = running.sender
     real = sender._smtp_send
 
-    async def library_bug(message: Any) -> Any:
-        if str(message["To"]) == "maria@example.org":
+    async def library_bug(mail: Envelope) -> Any:
+        if mail.recipients == ["maria@example.org"]:
             raise AttributeError("'NoneType' object has no attribute 'x'")
-        return await real(message)
+        return await real(mail)
 
     monkeypatch.setattr(sender, "_smtp_send", library_bug)
     doc = await bad_then_good(running, catcher, notification())

@@ -61,6 +61,7 @@ SAFE = {
     "CODE_HMAC_KEY": hmac_key(),
     "NOTIFIER_KEYS": fernet(),
     "PASSWORD_KEYS": f"{fernet()},{fernet()}",
+    "IMPORT_KEYS": fernet(),
 }
 
 
@@ -166,7 +167,7 @@ def key_fields(cls: type[PlatformSettings]) -> set[str]:
 
 def test_each_process_loads_only_the_keys_it_uses() -> None:
     platform = {"dlq_keys", "audit_signing_key"}
-    assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys"}
+    assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys", "import_keys"}
     assert key_fields(TokensSettings) == platform | {"notifier_keys", "password_keys", "code_hmac_key"}
     assert key_fields(NotifierSettings) == platform | {"notifier_keys"}
     assert key_fields(PasswordSettings) == platform | {"password_keys"}

@@ -141,6 +141,9 @@ AUDIT_KEYS_DIR=$VAR_DIR/secrets/audit
 AUDIT_PUBLIC_KEYS=${AUDIT_PUBLIC_KEYS:-$AUDIT_KEYS_DIR/public}
 export AUDIT_PUBLIC_KEYS
 unset AUDIT_SIGNING_KEY
+# Development operator keys (deploy/local/operator_keys.py): what the stack runs (tests, demo)
+# signs operator commands as op-1 unless told otherwise; op-2 is the second operator.
+OPERATOR_KEYS_DIR=$VAR_DIR/secrets/operators
 
 KAFKA_POM=$HERE/kafka/pom.xml
 KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
@@ -659,6 +662,8 @@ create_topics() {
   t0=$(now_ms)
   KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$PY" "$ROOT/deploy/kafka/provision.py" --replication-factor 1 "$@" \
     || die "topic or ACL provisioning failed"
+  # Development operator keys (op-1, op-2; demo and bench for those), registered by admin.
+  if [[ ${1:-} != --describe ]]; then KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$PY" "$HERE/operator_keys.py" "$OPERATOR_KEYS_DIR" op-1 op-2 demo bench || die "operator keys failed"; fi
   say "topics and ACLs: done in $(since "$t0")"
 }
 
@@ -928,7 +933,7 @@ cmd_run() {
   fi
   # The command (tests, demo, bench) observes as admin; it takes another principal's
   # properties file where it plays the portal, an operator or an auditor.
-  KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS "$@" || rc=$?
+  KAFKA_CLIENT_PROPERTIES=$ADMIN_PROPS OPERATOR_KEYS_DIR=$OPERATOR_KEYS_DIR OPERATOR_ID=${OPERATOR_ID:-op-1} "$@" || rc=$?
   "$self" down --only-started || true
   exit "$rc"
 }

@@ -215,10 +215,11 @@ class OperatorHandlers:
         change_id: str | None = None,
         effective_at: datetime | None = None,
         detail: str | None = None,
+        report: bool = True,
         **details: Any,
     ) -> None:
         """Audit a verified command's result with who, why and which command; report it to the
-        operator; count it."""
+        operator (one result per command: `report=False` for a part of it); count it."""
         ctx.audit(
             action,
             outcome,
@@ -229,6 +230,9 @@ class OperatorHandlers:
             reasons=reasons,
             details={"reason": cmd.reason, "command_id": cmd.command_id, **details},
         )
+        self.operator_commands.labels(action, outcome).inc()
+        if not report:
+            return
         status = status or ("rejected" if outcome == "rejected" else "succeeded")
         self._result(
             ctx,
@@ -240,7 +244,6 @@ class OperatorHandlers:
             effective_at=effective_at,
             detail=detail,
         )
-        self.operator_commands.labels(action, outcome).inc()
 
     async def _commit(self, ctx: HandlerContext, cmd: Signed, writes: Writes | None = None) -> None:
         """Commit the effect together with the record of the command id (replays are refused)."""
@@ -529,7 +532,7 @@ class OperatorHandlers:
             fields["updated_at"] = datetime.now(UTC)
             self._done(
                 ctx, cmd, "account_updated", "success", account_id=account.account_id, subject_ref=subject_ref,
-                effect="updated", changed=",".join(changed), line=cmd.line or 0,
+                effect="updated", changed=",".join(changed), line=cmd.line or 0, report=not email_changes,
             )  # fmt: skip
         if email_changes:
             # The same rule as update-email: a second operator and the cooling-off period.

@@ -115,7 +115,7 @@ async def test_lockout_then_operator_unlock(world: World) -> None:
     result = await asyncio.to_thread(
         clave_cli, "accounts", "unlock", c.national_id, "--operator", "op-1", "--reason", "ID checked at office"
     )
-    assert "success" in result.stdout
+    assert "succeeded" in result.stdout
     audit = await world.audit_log.wait(
         lambda _t, _h, d: (
             d["data"].get("action") == "operator_unlock"

@@ -182,3 +182,29 @@ def test_import_secrets_open_only_for_the_command_and_id_they_were_sealed_for() 
         open_secrets(box, sealed, "c1", "0926687856")
     with pytest.raises(ValueError, match="IMPORT_KEYS"):
         open_secrets(SecretBox("ZGV2LW5vdGlmaWVyLWtleS1ub3QtZm9yLXByb2QtMDE="), sealed, "c1", "1710034065")
+
+
+# ---- no operator path chooses or sees a key ----------------------------------------------------
+
+SECRET_WORDS = ("password", "token", "code", "secret", "link", "key")
+# The operator's own key id and signature, and the import's sealed blob (the registry's initial
+# key, sealed for identity, never shown back) are the only names that may hold such a word.
+ALLOWED = {"key_id", "signature", "sealed_secrets", "legacy_key", "command_id", "command"}
+
+
+def test_no_operator_path_chooses_or_sees_a_key() -> None:
+    """No field of an operator command or of its result, and no option of an `accounts` command,
+    carries a citizen's key, link or code: the operator can neither choose one nor read one."""
+    import typer.main
+
+    from clave.cli import accounts
+    from shared.schemas import AccountImport, CommandResult, OperatorApproval, OperatorCommand
+
+    for model in (OperatorCommand, OperatorApproval, AccountImport, CommandResult):
+        risky = {f for f in model.model_fields if any(w in f for w in SECRET_WORDS)} - ALLOWED
+        assert not risky, f"{model.__name__}: {risky}"
+    group = typer.main.get_group(accounts)
+    for name, cmd in group.commands.items():
+        options = {p.name for p in cmd.params if p.name}
+        risky = {o for o in options if any(w in o for w in SECRET_WORDS)} - {"key_file", "legacy_keys"}
+        assert not risky, f"clave accounts {name}: {risky}"

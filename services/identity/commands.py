@@ -28,7 +28,6 @@ from services.identity.operator_domain import CommandReason, EmailChange, Regist
 from services.identity.registry import AccountRecord, open_secrets, validate_record
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore, CounterKeys, StaleChange
-from shared import operator_keys
 from shared.audit import audit_event
 from shared.consumer import HandlerContext, Writes
 from shared.crypto import SecretBox, keyed_hash
@@ -92,25 +91,15 @@ class OperatorHandlers:
     # ---- identity.operator_keys: the registry (only `admin` may write the topic) -------------
 
     async def key_registered(self, ctx: HandlerContext, evt: OperatorKeyRegistered) -> None:
-        try:
-            public = operator_keys.public_from_b64(evt.public_key)
-        except operator_keys.OperatorKeyError as exc:
-            raise BadInput(DeadLetterReason.SCHEMA_INVALID, f"public_key: {exc}") from None
-        if operator_keys.key_id(public) != evt.key_id:
-            raise BadInput(DeadLetterReason.SCHEMA_INVALID, "key_id is not the id of public_key")
-        details = {"operator_id": evt.operator_id, "key_id": evt.key_id, "reason": evt.reason}
-        existing = await self.store.operator_key(evt.key_id)
-        if existing is not None:
-            same = existing.operator_id == evt.operator_id and existing.public_key == evt.public_key
-            ctx.audit(
-                "operator_key_registered",
-                "info" if same else "rejected",
-                actor=evt.registered_by,
-                reasons=["already_registered" if same else "key_id_taken"],
-                details=details,
-            )
-            return
         key = RegisteredKey(evt.key_id, evt.operator_id, evt.public_key)
+        problem = operator_domain.registration_problem(await self.store.operator_key(evt.key_id), key)
+        if problem in ("public_key_invalid", "key_id_mismatch"):
+            raise BadInput(DeadLetterReason.SCHEMA_INVALID, f"{problem}: public_key is not the key key_id names")
+        details = {"operator_id": evt.operator_id, "key_id": evt.key_id, "reason": evt.reason}
+        if problem is not None:
+            outcome = "info" if problem == "already_registered" else "rejected"
+            ctx.audit("operator_key_registered", outcome, actor=evt.registered_by, reasons=[problem], details=details)
+            return
         ctx.audit("operator_key_registered", "success", actor=evt.registered_by, details=details)
 
         async def writes(s: AsyncClientSession) -> None:

@@ -55,6 +55,23 @@ class Refusal:
     detail: str  # for the dead letter and the audit: never an input value
 
 
+def registration_problem(existing: RegisteredKey | None, new: RegisteredKey) -> str | None:
+    """Why a key registration changes nothing (None: register it). A key id names one key of one
+    operator for ever: re-registering the same key is a no-op, and a key id cannot be moved to
+    another operator or key (it would let that operator sign as the first)."""
+    try:
+        public = operator_keys.public_from_b64(new.public_key)
+    except operator_keys.OperatorKeyError:
+        return "public_key_invalid"
+    if operator_keys.key_id(public) != new.key_id:
+        return "key_id_mismatch"
+    if existing is None:
+        return None
+    if existing.operator_id == new.operator_id and existing.public_key == new.public_key:
+        return "already_registered"
+    return "key_id_taken"
+
+
 def check_signed(
     event_type: str,
     data: Mapping[str, Any],

@@ -208,3 +208,14 @@ def test_no_operator_path_chooses_or_sees_a_key() -> None:
         options = {p.name for p in cmd.params if p.name}
         risky = {o for o in options if any(w in o for w in SECRET_WORDS)} - {"key_file", "legacy_keys"}
         assert not risky, f"clave accounts {name}: {risky}"
+
+
+def test_a_key_id_names_one_key_of_one_operator_for_ever() -> None:
+    new = registered("op-1", KEY)
+    assert od.registration_problem(None, new) is None
+    assert od.registration_problem(new, new) == "already_registered"
+    moved = od.RegisteredKey(new.key_id, "op-2", new.public_key)  # the same key for another operator
+    assert od.registration_problem(new, moved) == "key_id_taken"
+    other = registered("op-1", OTHER)
+    assert od.registration_problem(None, od.RegisteredKey(new.key_id, "op-1", other.public_key)) == "key_id_mismatch"
+    assert od.registration_problem(None, od.RegisteredKey(new.key_id, "op-1", "not base64!")) == "public_key_invalid"

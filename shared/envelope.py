@@ -43,6 +43,11 @@ class DeadLetterReason:
     OPERATOR_UNKNOWN = "operator_unknown"
     COMMAND_EXPIRED = "command_expired"
     COMMAND_REPLAYED = "command_replayed"
+    # Added: a sealed field made for another purpose or event, or past its lifetime, and an
+    # event whose `source` is not the service that owns its topic.
+    SEALED_CONTEXT_MISMATCH = "sealed_context_mismatch"
+    SEALED_EXPIRED = "sealed_expired"
+    WRONG_SOURCE = "wrong_source"
 
 
 class BadInput(Exception):

@@ -30,7 +30,7 @@ from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore, CounterKeys, StaleChange
 from shared.audit import audit_event
 from shared.consumer import HandlerContext, Writes
-from shared.crypto import SecretBox, keyed_hash
+from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash
 from shared.envelope import BadInput, DeadLetterReason, describe_errors, new_event
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
@@ -464,7 +464,11 @@ class OperatorHandlers:
                 EventType.ACCOUNT_REGISTERED,
                 AccountRegistered(
                     account_id=account_id,
-                    sealed_initial_key=self.password_box.seal({"password": record.password}),
+                    sealed_initial_key=self.password_box.seal(
+                        {"password": record.password},
+                        purpose=Purpose.INITIAL_KEY,
+                        context=initial_key_context(account_id=account_id),
+                    ),
                     legacy_key=cmd.legacy_key,
                 ),
             )

@@ -77,15 +77,16 @@ class ImportSecrets(BaseModel):
 
 
 def seal_secrets(box: SecretBox, secrets: ImportSecrets) -> str:
-    return box.seal(secrets.model_dump())
+    # Its own key list (IMPORT_KEYS), and the binding is in the payload: checked by open_secrets.
+    return box.seal_bytes(secrets.model_dump_json().encode())
 
 
 def open_secrets(box: SecretBox, sealed: str, command_id: str, national_id: str) -> ImportSecrets:
     """The sealed secrets of one import command; ValueError when they do not open with our
     keys, are not what an import seals, or were sealed for another command or ID."""
     try:
-        secrets = ImportSecrets.model_validate(box.open(sealed))
-    except (SealError, ValidationError):
+        secrets = ImportSecrets.model_validate_json(box.open_bytes(sealed))
+    except (SealError, ValidationError, ValueError):
         raise ValueError("sealed secrets do not open with IMPORT_KEYS") from None
     if not (
         constant_time_equal(secrets.command_id, command_id) and constant_time_equal(secrets.national_id, national_id)

@@ -26,10 +26,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clave.kafkaio import as_principal
-from clave.portal import TopicWatcher, body_text
-from clave.testdata import Citizen, new_citizen, write_jsonl
-from clave.workbench import WorkbenchSettings
 from shared import operator_keys
 from shared.acl import OPERATOR
 from shared.crypto import keyed_hash
@@ -37,6 +33,9 @@ from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_COMMAND_RESULTS, IDENTITY_COMMANDS, EventType, dlq
 from tests.e2e.conftest import World, clave_cli
+from tools.portal import TopicWatcher, body_text
+from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.workbench import WorkbenchSettings, as_principal
 
 pytestmark = pytest.mark.e2e
 SEND_RECOVERY = EventType.OPERATOR_SEND_RECOVERY

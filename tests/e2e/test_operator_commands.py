@@ -91,14 +91,14 @@ class OperatorPublisher:
         if self.producer is not None:
             await self.producer.stop()
 
-    async def send(self, data: dict[str, Any], event_type: str = SEND_RECOVERY) -> str:
+    async def send(self, data: dict[str, Any], event_type: str = SEND_RECOVERY, key: str | None = None) -> str:
         """A new event (a fresh event id) carrying `data`; returns the event id."""
         assert self.producer is not None
         event = new_event(type=event_type, source="/clave/cli", data=data, correlationid=data["command_id"])
         await self.producer.send_and_wait(
             IDENTITY_COMMANDS,
             event.to_bytes(),
-            key=data["national_id"].encode(),
+            key=(key or data["national_id"]).encode(),
             headers=[("content-type", CONTENT_TYPE.encode())],
         )
         return event.id
@@ -286,22 +286,40 @@ async def test_email_change_needs_a_second_operator(world: World, results: Topic
     assert mail["To"] == new_email
 
 
-async def test_an_approved_change_waits_for_the_cooling_off(world: World, results: TopicWatcher) -> None:
+async def test_an_approved_change_waits_for_the_cooling_off(
+    world: World, operator_publisher: OperatorPublisher, results: TopicWatcher
+) -> None:
+    """Request and approval signed and sent at once (no CLI start-up in between), so the approval
+    lands well inside the cooling-off period: the change must wait for its end."""
+    from clave.operators import Signer
+    from shared.schemas import OperatorApproval, OperatorCommand
+
     c = await world.citizen()
     new_email = f"nuevo.{uuid.uuid4().hex[:8]}@example.org"
-    pending = await request_change(world, c, new_email, results, notices=False)
+    ask = OperatorCommand(
+        command_id=uuid.uuid4().hex, operator_id="op-1", reason="cédula checked", national_id=c.national_id,
+        new_email=new_email,
+    )  # fmt: skip
+    _, request_event = Signer("op-1", key_of("op-1")).event(EventType.OPERATOR_EMAIL_UPDATE, ask)
+    await operator_publisher.send(request_event.data, EventType.OPERATOR_EMAIL_UPDATE)
+    pending = await result_of(results, ask.command_id)
     not_before = cooling_off_or_skip(pending)
-    out = await cli("accounts", "approve", pending["change_id"], "-o", "op-2", "-r", "second check")
-    await told_of_request(world, c.email, new_email)
-    approved = await result_of(results, sent_id(out.stdout))
-    if datetime.now(UTC) >= not_before:
-        pytest.skip("the approval came after the cooling-off period (a slow machine): nothing left to check")
+    ok = OperatorApproval(
+        command_id=uuid.uuid4().hex, operator_id="op-2", reason="second check", approves=ask.command_id
+    )
+    _, approve_event = Signer("op-2", key_of("op-2")).event(EventType.OPERATOR_APPROVE, ok, "approves")
+    await operator_publisher.send(approve_event.data, EventType.OPERATOR_APPROVE, key=ask.command_id)
+    approved = await result_of(results, ok.command_id)
+    assert approved["status"] == "succeeded", approved
+    if datetime.fromisoformat(approved["effective_at"]) > not_before + timedelta(milliseconds=1):
+        pytest.skip("the approval came after the cooling-off period (a very slow machine): nothing left to check")
     effective = datetime.fromisoformat(approved["effective_at"])
     assert abs(effective - not_before) < timedelta(milliseconds=1)  # the store keeps milliseconds
+    await told_of_request(world, c.email, new_email)
     applied = await world.audit_log.wait(
         lambda _t, _h, d: (
             d["data"].get("action") == "email_change_applied"
-            and d["data"].get("details", {}).get("change_id") == pending["change_id"]
+            and d["data"].get("details", {}).get("change_id") == ask.command_id
         )
     )
     assert datetime.fromisoformat(applied[0]["time"]) >= effective  # not one moment earlier

@@ -46,10 +46,10 @@ down: ## stop the local stack
 status: ## show each component of the local stack
 	@$(STACK) status
 
-# Short token lifetimes when `make test` starts the services itself, so the expiry
-# tests take seconds (a stack already started by `make up` keeps its settings, and the
-# expiry test then skips, saying why).
-TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20
+# Short token lifetimes and e-mail change cooling-off when `make test` starts the services
+# itself, so the expiry and approval tests take seconds (a stack already started by `make up`
+# keeps its settings, and those tests then skip, saying why).
+TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20 EMAIL_CHANGE_COOLING_OFF_S=10
 
 test: install ## run the whole test suite against the real local stack
 	@$(TEST_ENV) $(STACK) run -- $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -298,7 +298,7 @@ class EventPipeline:
         return True
 
     def _letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> list[Outgoing]:
-        return self._outgoing(
+        letter = self._outgoing(
             record,
             reason=bad.reason,
             detail=safe_text(bad.detail, DLQ_DETAIL_CHARS),
@@ -306,6 +306,7 @@ class EventPipeline:
             key=dlq_key(record),
             payload=self._sealed(raw),
         )
+        return letter + [o for o in bad.also if isinstance(o, Outgoing)]
 
     def _minimal_letter(
         self, record: ConsumerRecord[Any, Any], raw: bytes, reason: str, exc: Exception

@@ -13,7 +13,7 @@ Nothing polls while idle (each poll is a store round trip, and an idle stack mus
 cost its store almost nothing):
 - the relay is woken by its own process's commits (`wake()`: the consumer pipeline,
   the periodic jobs and the notifier's sender call it) and, for commits made by any
-  other process (a second instance of the service, `clave accounts import`), by a
+  other process (a second instance of the service), by a
   change stream on the outbox: one getMore that waits up to WATCH_AWAIT_S in the store;
 - it holds the lease only while it has work: it takes it when woken, renews it at most
   every RENEW_S while busy (not on every cycle), and gives it back after LINGER_S

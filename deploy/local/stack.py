@@ -89,6 +89,11 @@ service gets its own private key only (AUDIT_SIGNING_KEY); everything else run b
 stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
 private key.
 
+Operator keys: with the topics, development operators (op-1, op-2, demo, bench) get an
+Ed25519 key pair each in $VAR_DIR/secrets/operators (<operator>.pem, 0600), registered by
+admin on identity.operator_keys (deploy/local/operator_keys.py); `run` gives its command
+OPERATOR_KEYS_DIR and OPERATOR_ID=op-1, so `clave accounts ...` signs as op-1.
+
 Pid files: a pid is ours only while /proc/PID/cmdline carries the component's signature
 (a reused pid is never signalled).  A pid file is written once the process has exec'd its
 command (subprocess waits for the exec), so a starting component is never taken for one
@@ -133,6 +138,8 @@ KAFKA_POM = HERE / "kafka" / "pom.xml"
 KAFKA_LOG4J = HERE / "kafka" / "log4j2.yaml"
 PROM_DIR = ROOT / "deploy" / "prometheus"
 
+# Development operators the stack makes and registers (deploy/local/operator_keys.py).
+DEV_OPERATORS = ("op-1", "op-2", "demo", "bench")
 INFRA = ("store", "kafka", "mailcatcher")
 TIERS = ("prometheus", "services", "mailcatcher", "store", "kafka")  # stop order
 READY_TIMEOUT = {"kafka": 120, "store": 60, "mailcatcher": 30, "prometheus": 60, "service": 90}
@@ -300,6 +307,7 @@ class Stack:
         self.started_file = self.run_dir / "started-by-ensure"
         self.audit_keys_dir = self.var_dir / "secrets" / "audit"
         self.dkim_env: dict[str, str] = {}  # the notifier's DKIM setting (local_keys)
+        self.operator_keys_dir = self.var_dir / "secrets" / "operators"
         self.audit_public = Path(env.get("AUDIT_PUBLIC_KEYS") or self.audit_keys_dir / "public")
         self.prometheus = env.get("PROMETHEUS", "0") == "1"
         self.prometheus_port = env_int("PROMETHEUS_PORT", 9090)
@@ -631,7 +639,20 @@ log.retention.check.interval.ms=300000
         )
         if rc != 0:
             raise StackError("topic or ACL provisioning failed")
+        if "--describe" not in extra:
+            self.operator_keys()
         say(f"topics and ACLs: done in {since(t0)}")
+
+    def operator_keys(self) -> None:
+        """Development operators (op-1, op-2; demo and bench for those programs): their key pairs
+        in OPERATOR_KEYS_DIR, registered by admin on identity.operator_keys (every operator
+        command is signed; deploy/local/operator_keys.py)."""
+        rc = subprocess.call(
+            [str(self.py), str(HERE / "operator_keys.py"), str(self.operator_keys_dir), *DEV_OPERATORS],
+            env={**os.environ, "KAFKA_CLIENT_PROPERTIES": str(self.admin_props)},
+        )
+        if rc != 0:
+            raise StackError("operator keys failed")
 
     # ---- the store
 
@@ -1194,7 +1215,14 @@ def cmd_run(argv: list[str]) -> int:
     # The command (tests, demo, bench) observes as admin; it takes another principal's
     # properties file where it plays the portal, an operator or an auditor.
     try:
-        rc = subprocess.call(argv, env={**os.environ, "KAFKA_CLIENT_PROPERTIES": str(stack.admin_props)})
+        # ... and signs operator commands as op-1 (op-2 is the second operator) unless told otherwise.
+        env = {
+            **os.environ,
+            "KAFKA_CLIENT_PROPERTIES": str(stack.admin_props),
+            "OPERATOR_KEYS_DIR": str(stack.operator_keys_dir),
+            "OPERATOR_ID": os.environ.get("OPERATOR_ID", "op-1"),
+        }
+        rc = subprocess.call(argv, env=env)
     except OSError as exc:
         print(f"stack: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         rc = 127

@@ -29,6 +29,7 @@ from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
     EmailChanged,
+    EmailChangeRequested,
     IdentityLocked,
     NotificationResult,
     PasswordUpdated,
@@ -157,6 +158,34 @@ class NotifierHandlers:
                     request_id=evt.request_id,
                     context={"unlock_minutes": minutes},
                 )
+            ],
+        )
+
+    async def email_change_requested(self, ctx: HandlerContext, evt: EmailChangeRequested) -> None:
+        """Both addresses are told as soon as a change is requested, before it can take effect."""
+        context = {
+            "requested_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
+            "not_before": evt.not_before.strftime("%Y-%m-%d %H:%M UTC"),
+        }
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "email_change_requested_old",
+                    evt.old_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={**context, "new_email_masked": mask_email(evt.new_recipient.email)},
+                ),
+                self._doc(
+                    ctx,
+                    "email_change_requested_new",
+                    evt.new_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context=context,
+                ),
             ],
         )
 

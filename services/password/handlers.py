@@ -70,11 +70,18 @@ class PasswordHandlers:
         if await self.store.exists(evt.account_id):
             ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
             return
+        breaks = domain.assess(self.policy, key, reused=False)
+        if breaks and not evt.legacy_key:
+            # An initial key must meet the policy like any other; only the import's explicit
+            # migration option takes one that does not (and marks it to be changed).
+            ctx.audit("initial_key_refused", "rejected", account_id=evt.account_id, reasons=breaks)
+            return
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
-        ctx.audit("initial_key_set", "success", account_id=evt.account_id)
+        details = {"must_change": True, "meets_policy": not breaks} if evt.legacy_key else {}
+        ctx.audit("initial_key_set", "success", account_id=evt.account_id, details=details)
 
         async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, history, datetime.now(UTC), s)
+            await self.store.save(evt.account_id, history, datetime.now(UTC), s, must_change=evt.legacy_key)
 
         await ctx.commit(save)
 

@@ -36,10 +36,20 @@ class CredentialStore(ServiceStore):
         now: datetime,
         s: AsyncClientSession,
         token_id: str | None = None,
+        *,
+        must_change: bool = False,
     ) -> None:
+        # must_change: a legacy key taken by the import's migration option; any key change clears it.
         await self.db[CREDENTIALS].update_one(
             {"_id": account_id},
-            {"$set": {"hash": history.current, "previous": history.previous, "changed_at": now}},
+            {
+                "$set": {
+                    "hash": history.current,
+                    "previous": history.previous,
+                    "changed_at": now,
+                    "must_change": must_change,
+                }
+            },
             upsert=True,
             session=s,
         )

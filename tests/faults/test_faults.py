@@ -311,7 +311,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         path = write_jsonl([*citizens, witness], Path(tempfile.mkdtemp(prefix="faults-")) / "accounts.jsonl")
         t = time.monotonic()
         result = await asyncio.to_thread(
-            run_cli, "accounts", "import", str(path), "--operator", "op-faults", timeout=300
+            run_cli, "accounts", "import", str(path), "--operator", "op-1", "--wait", "280", timeout=300
         )
         assert result.returncode == 0, f"import failed: {result.stdout}{result.stderr}"
         refs = {keyed_hash(settings.pseudonym_key, c.national_id) for c in citizens}

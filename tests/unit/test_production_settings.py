@@ -70,6 +70,7 @@ SAFE = {
     "NOTIFIER_KEYS": fernet(),
     "PASSWORD_KEYS": f"{fernet()},{fernet()}",
     "DKIM_PRIVATE_KEY": str(DKIM_KEY),
+    "IMPORT_KEYS": fernet(),
 }
 
 
@@ -178,7 +179,7 @@ def key_fields(cls: type[PlatformSettings]) -> set[str]:
 
 def test_each_process_loads_only_the_keys_it_uses() -> None:
     platform = {"dlq_keys", "audit_signing_key"}
-    assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys"}
+    assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys", "import_keys"}
     assert key_fields(TokensSettings) == platform | {"notifier_keys", "password_keys", "code_hmac_key"}
     assert key_fields(NotifierSettings) == platform | {"notifier_keys", "dkim_private_key"}
     assert key_fields(PasswordSettings) == platform | {"password_keys"}

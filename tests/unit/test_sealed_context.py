@@ -90,7 +90,14 @@ class Credentials(Outbox):
         return token_id in self.used
 
     async def save(
-        self, account_id: str, history: KeyHistory, now: datetime, s: Any, token_id: str | None = None
+        self,
+        account_id: str,
+        history: KeyHistory,
+        now: datetime,
+        s: Any,
+        token_id: str | None = None,
+        *,
+        must_change: bool = False,
     ) -> None:
         self.saved[account_id] = history
         if token_id is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,6 @@ from typing import Any, TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared.audit import audit_event
 from shared.crypto import SecretBox
@@ -43,7 +43,7 @@ from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_err
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
 from shared.settings import PlatformSettings
-from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
+from shared.store import DuplicateEvent, Outgoing, ServiceStore, Write, is_transient
 from shared.topics import EventType, dlq
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same wa
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
 DLQ_DETAIL_CHARS = 500
-
-Writes = Callable[[AsyncClientSession], Awaitable[None]]
 
 
 @dataclass
@@ -116,9 +114,26 @@ class HandlerContext:
             audit_event(record, correlationid=self.event.correlationid, causationid=self.event.id, source=self.source)
         )
 
-    async def commit(self, writes: Writes | None = None) -> None:
-        await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=writes, outgoing=self.outgoing)
+    async def commit(self, *writes: Any) -> None:
+        """Store everything at once: the processed-event record, the staged events and the
+        store's intent writes (`shared.store.Write`), in one transaction, as one bulk write.
+
+        A single callable taking the session (handlers not yet moved to intents) is passed
+        on as it is: the store runs it in the same transaction, a round trip per write."""
+        staged: Any = list(writes)
+        if len(writes) == 1 and _is_legacy(writes[0]):
+            staged = writes[0]
+        await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=staged, outgoing=self.outgoing)
         self.committed = True
+
+
+def _is_legacy(write: Any) -> bool:
+    if isinstance(write, Write) or not callable(write):
+        return False
+    try:
+        return len(inspect.signature(write).parameters) == 1
+    except (TypeError, ValueError):
+        return False
 
 
 Handler = Callable[[HandlerContext, Any], Awaitable[None]]

@@ -7,13 +7,11 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.identity import domain
 from services.identity.domain import Account, AnswerChecks, Audit, Decision, Emit, Reason, RequestFacts
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore, CounterKeys, StaleCounters
-from shared.consumer import HandlerContext, Writes
+from shared.consumer import HandlerContext
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
@@ -29,6 +27,7 @@ from shared.schemas import (
     RecoveryOutcome,
     RecoveryRequested,
 )
+from shared.store import Write
 from shared.topics import (
     IDENTITY_DECLINED,
     IDENTITY_EMAIL_CHANGED,
@@ -125,22 +124,21 @@ class IdentityHandlers:
         decision: Decision,
         rehashed: dict[str, str],
         now: datetime,
-    ) -> Writes:
-        async def writes(s: AsyncClientSession) -> None:
-            if decision.record is None:
-                return
-            if decision.record.request:
-                await self.store.record_request(request_id, now, s)
-            await self.store.record_counters(keys, seen, decision.record, now, s)
-            if rehashed and decision.account is not None:
-                await self.store.set_answer_hashes(decision.account.account_id, rehashed, s)
-
+    ) -> list[Write]:
+        if decision.record is None:
+            return []
+        writes = []
+        if decision.record.request:
+            writes.append(self.store.record_request(request_id, now))
+        writes.extend(self.store.record_counters(keys, seen, decision.record, now))
+        if rehashed and decision.account is not None:
+            writes.append(self.store.set_answer_hashes(decision.account.account_id, rehashed))
         return writes
 
-    async def _committed(self, ctx: HandlerContext, writes: Writes, attempt: int) -> bool:
+    async def _committed(self, ctx: HandlerContext, writes: list[Write], attempt: int) -> bool:
         """Commit what was staged; on a race for the same counters, unstage and say so."""
         try:
-            await ctx.commit(writes)
+            await ctx.commit(*writes)
             return True
         except StaleCounters:
             if attempt == STALE_RETRIES:
@@ -319,10 +317,7 @@ class IdentityHandlers:
                 details={"by": "key_change"},
             )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(keys, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(*self.store.clear_lockout(keys))
 
     # ---- identity.commands: operator actions --------------------------------------------------
 
@@ -375,11 +370,8 @@ class IdentityHandlers:
         if account is None:
             return
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(CounterKeys.for_account(account.account_id), s)
-
         self._operator_result(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
-        await ctx.commit(writes)
+        await ctx.commit(*self.store.clear_lockout(CounterKeys.for_account(account.account_id)))
 
     async def operator_email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
         action = "operator_email_update"
@@ -409,10 +401,7 @@ class IdentityHandlers:
             ctx, cmd, action, "success", account_id=account.account_id, new_email_masked=domain.mask_email(new_email)
         )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.set_email(account.account_id, new_email, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(self.store.set_email(account.account_id, new_email))
 
     async def operator_send_recovery(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
         action = "operator_send_recovery"
@@ -447,7 +436,4 @@ class IdentityHandlers:
         )
         self._operator_result(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_mail(keys, now, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(self.store.record_mail(keys, now))

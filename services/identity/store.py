@@ -19,12 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import UpdateOne
-from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
-
 from services.identity.domain import Account, AddressState, BlockState, Counters, PrincipalState, Record
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 ACCOUNTS = "accounts"
 COUNTERS = "counters"
@@ -107,24 +103,24 @@ class AccountStore(ServiceStore):
         doc = await self.db[ACCOUNTS].find_one({"_id": account_id})
         return _to_account(doc) if doc else None
 
-    async def set_answer_hashes(self, account_id: str, hashes: dict[str, str], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one(
-            {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}, session=s
+    def set_answer_hashes(self, account_id: str, hashes: dict[str, str]) -> Write:
+        return self.update(
+            ACCOUNTS, {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}
         )
 
-    async def set_email(self, account_id: str, email: str, s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one({"_id": account_id}, {"$set": {"email": email}}, session=s)
+    def set_email(self, account_id: str, email: str) -> Write:
+        return self.update(ACCOUNTS, {"_id": account_id}, {"$set": {"email": email}})
 
-    async def upsert(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].replace_one({"_id": doc["_id"]}, doc, upsert=True, session=s)
+    def upsert(self, doc: dict[str, Any]) -> Write:
+        return self.replace(ACCOUNTS, {"_id": doc["_id"]}, doc, upsert=True)
 
     # ---- requests ------------------------------------------------------------------------------
 
     async def request_seen(self, request_id: str) -> bool:
         return await self.db[REQUESTS].find_one({"_id": request_id}, {"_id": 1}) is not None
 
-    async def record_request(self, request_id: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[REQUESTS].insert_one({"_id": request_id, "at": now}, session=s)
+    def record_request(self, request_id: str, now: datetime) -> Write:
+        return self.insert(REQUESTS, {"_id": request_id, "at": now})
 
     # ---- counters ------------------------------------------------------------------------------
 
@@ -150,21 +146,26 @@ class AccountStore(ServiceStore):
             AddressState(failures=_times(a, "failures")),
         )
 
-    async def record_counters(
-        self, keys: CounterKeys, seen: Counters, record: Record, now: datetime, s: AsyncClientSession
-    ) -> None:
-        """Apply one decision's counts in one round trip. The same three updates on every path
-        (only their contents differ), so no path costs the store more than another.
-        Raises StaleCounters when the principal changed since `seen` was read."""
+    def record_counters(self, keys: CounterKeys, seen: Counters, record: Record, now: datetime) -> list[Write]:
+        """One decision's counts: the same three updates on every path (only their contents
+        differ), so no path costs the store more than another. The commit raises
+        StaleCounters when the principal changed since `seen` was read."""
         expires = now + self.retention
         principal_push = self._push(now, failures=record.principal_failure, mails=record.mail, notices=record.notice)
-        ops = [
+
+        def stale() -> Exception:
+            return StaleCounters(keys.principal)
+
+        writes = [
             # Upsert on {_id, rev}: a missing document is created (rev 0 → 1); an existing one
             # with another rev makes the insert collide on _id, which is how a race shows.
-            UpdateOne(
+            self.update(
+                COUNTERS,
                 {"_id": keys.principal_id, "rev": seen.principal.rev},
                 {"$inc": {"rev": 1}, "$set": {"expires_at": expires}, **principal_push},
                 upsert=True,
+                stale=stale,
+                race_codes=RACE_CODES,
             )
         ]
         if keys.block_id is not None and keys.address_id is not None:
@@ -174,41 +175,39 @@ class AccountStore(ServiceStore):
                 block_set["locked_until"] = record.lock_until
             if record.attempt:
                 block_set["last_attempt"] = now
-            ops.append(
-                UpdateOne(
+            writes.append(
+                self.update(
+                    COUNTERS,
                     {"_id": keys.block_id},
                     {"$set": block_set, **self._push(now, failures=record.block_failure)},
                     upsert=True,
+                    stale=stale,
+                    race_codes=RACE_CODES,
                 )
             )
-            ops.append(
-                UpdateOne(
+            writes.append(
+                self.update(
+                    COUNTERS,
                     {"_id": keys.address_id},
                     {"$set": {"expires_at": expires}, **self._push(now, failures=record.address_failure)},
                     upsert=True,
+                    stale=stale,
+                    race_codes=RACE_CODES,
                 )
             )
-        try:
-            await self.db[COUNTERS].bulk_write(ops, ordered=True, session=s)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") in RACE_CODES for e in errors):
-                raise StaleCounters(keys.principal) from None
-            raise
-        except DuplicateKeyError:
-            raise StaleCounters(keys.principal) from None
+        return writes
 
     def _push(self, now: datetime, **fields: bool) -> dict[str, Any]:
         pushes = {name: {"$each": [now], "$slice": -self.keep} for name, on in fields.items() if on}
         return {"$push": pushes} if pushes else {}
 
-    async def record_mail(self, keys: CounterKeys, now: datetime, s: AsyncClientSession) -> None:
+    def record_mail(self, keys: CounterKeys, now: datetime) -> Write:
         """A recovery mail sent on an operator's command (counts towards the mailbox limit)."""
-        await self.db[COUNTERS].update_one(
+        return self.update(
+            COUNTERS,
             {"_id": keys.principal_id},
             {"$inc": {"rev": 1}, "$set": {"expires_at": now + self.retention}, **self._push(now, mails=True)},
             upsert=True,
-            session=s,
         )
 
     async def has_lockout_state(self, keys: CounterKeys) -> bool:
@@ -224,10 +223,10 @@ class AccountStore(ServiceStore):
         }
         return await self.db[COUNTERS].find_one(blocked, {"_id": 1}) is not None
 
-    async def clear_lockout(self, keys: CounterKeys, s: AsyncClientSession) -> None:
+    def clear_lockout(self, keys: CounterKeys) -> list[Write]:
         """Forget the principal's failures, locks and slowed mode (mails and notices stay:
         they protect the mailbox, not the account)."""
-        await self.db[COUNTERS].update_one(
-            {"_id": keys.principal_id}, {"$set": {"failures": []}, "$inc": {"rev": 1}}, session=s
-        )
-        await self.db[COUNTERS].delete_many({"principal": keys.principal}, session=s)
+        return [
+            self.update(COUNTERS, {"_id": keys.principal_id}, {"$set": {"failures": []}, "$inc": {"rev": 1}}),
+            self.delete(COUNTERS, {"principal": keys.principal}, many=True),
+        ]

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosmtplib
-from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import PyMongoError
 
 from services.notifier import domain
@@ -83,10 +82,7 @@ class NotifierHandlers:
         }
 
     async def _queue(self, ctx: HandlerContext, docs: list[dict[str, Any]]) -> None:
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.add(docs, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(*self.store.add(docs))
         self.wake_sender()
 
     async def tokens_issued(self, ctx: HandlerContext, evt: TokensIssued) -> None:
@@ -320,15 +316,8 @@ class MailSender:
         if state == State.PENDING:
             self.retried.labels(doc["kind"]).inc()
 
-            async def back_to_pending(s: AsyncClientSession) -> None:
-                update = {
-                    "$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error},
-                    "$unset": {"lease_until": "", "claim": ""},
-                }
-                if not await self.store.finish(doc["_id"], doc["claim"], update, s):
-                    raise LostClaim(doc["_id"])
-
-            await self.store.in_transaction(back_to_pending)
+            if not await self.store.retry_later(doc["_id"], doc["claim"], next_at, error):
+                raise LostClaim(doc["_id"])
         else:
             await self._settle(doc, State.FAILED, error, now)
             self.failed.labels(doc["kind"]).inc()
@@ -407,13 +396,6 @@ class MailSender:
             audit_event(record, correlationid=doc["correlationid"], causationid=doc["causationid"], source=SOURCE),
         ]
 
-        async def writes(s: AsyncClientSession) -> None:
-            update = {
-                "$set": {"state": state, "finished_at": now, "last_error": error},
-                "$unset": {"sealed": "", "lease_until": "", "claim": ""},
-            }
-            if not await self.store.finish(doc["_id"], doc["claim"], update, s):
-                raise LostClaim(doc["_id"])
-
-        await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
+        lost = self.store.settle(doc["_id"], doc["claim"], state, error, now, lambda: LostClaim(doc["_id"]))
+        await self.store.commit(consumer=None, event_id=None, writes=[lost], outgoing=outgoing)
         self.on_outbox()

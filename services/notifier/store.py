@@ -21,11 +21,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo import ReturnDocument
-from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import PyMongoError
 
 from services.notifier.domain import State
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 NOTIFICATIONS = "notifications"
 # Default claim length; the sender passes one derived from its SMTP deadline.
@@ -47,8 +46,8 @@ class NotificationStore(ServiceStore):
         await self.db[NOTIFICATIONS].create_index([("state", 1), ("lease_until", 1)])
         await self.db[NOTIFICATIONS].create_index("purge_at", expireAfterSeconds=0)
 
-    async def add(self, docs: list[dict[str, Any]], s: AsyncClientSession) -> None:
-        await self.db[NOTIFICATIONS].insert_many(docs, session=s)
+    def add(self, docs: list[dict[str, Any]]) -> list[Write]:
+        return [self.insert(NOTIFICATIONS, doc) for doc in docs]
 
     async def claim_due(self, now: datetime, lease: timedelta = SENDING_LEASE) -> dict[str, Any] | None:
         """Atomically take one notification to work on, with a fresh fencing token:
@@ -134,9 +133,26 @@ class NotificationStore(ServiceStore):
         )
         return result.matched_count == 1
 
-    async def finish(self, nid: str, claim: str, update: dict[str, Any], s: AsyncClientSession) -> bool:
-        """Apply `update` if this sender still holds the claim; False when it lost it."""
+    def _claimed(self, nid: str, claim: str) -> dict[str, Any]:
+        return {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim}
+
+    def settle(self, nid: str, claim: str, state: str, error: str | None, now: datetime, lost: Any) -> Write:
+        """The final state (sent or failed), the sealed secrets dropped; staged for the commit
+        that also announces it. Refused with `lost()` unless this sender still holds the claim."""
+        update = {
+            "$set": {"state": state, "finished_at": now, "last_error": error},
+            "$unset": {"sealed": "", "lease_until": "", "claim": ""},
+        }
+        return self.update(NOTIFICATIONS, self._claimed(nid, claim), update, stale=lost, must_match=True)
+
+    async def retry_later(self, nid: str, claim: str, next_at: datetime | None, error: str) -> bool:
+        """Back to pending until `next_at`, if this sender still holds the claim (False when it
+        lost it). One document, one write: no transaction needed."""
         result = await self.db[NOTIFICATIONS].update_one(
-            {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim}, update, session=s
+            self._claimed(nid, claim),
+            {
+                "$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error},
+                "$unset": {"lease_until": "", "claim": ""},
+            },
         )
         return result.modified_count == 1

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.password.domain import KeyHistory
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 CREDENTIALS = "credentials"
 USED_TOKENS = "used_tokens"
@@ -29,20 +27,16 @@ class CredentialStore(ServiceStore):
     async def token_used(self, token_id: str) -> bool:
         return await self.db[USED_TOKENS].find_one({"_id": token_id}, {"_id": 1}) is not None
 
-    async def save(
-        self,
-        account_id: str,
-        history: KeyHistory,
-        now: datetime,
-        s: AsyncClientSession,
-        token_id: str | None = None,
-    ) -> None:
-        await self.db[CREDENTIALS].update_one(
-            {"_id": account_id},
-            {"$set": {"hash": history.current, "previous": history.previous, "changed_at": now}},
-            upsert=True,
-            session=s,
-        )
+    def save(self, account_id: str, history: KeyHistory, now: datetime, token_id: str | None = None) -> list[Write]:
+        writes = [
+            self.update(
+                CREDENTIALS,
+                {"_id": account_id},
+                {"$set": {"hash": history.current, "previous": history.previous, "changed_at": now}},
+                upsert=True,
+            )
+        ]
         if token_id is not None:
             # One key change per token, even if the tokens service released and re-reserved it.
-            await self.db[USED_TOKENS].insert_one({"_id": token_id, "at": now}, session=s)
+            writes.append(self.insert(USED_TOKENS, {"_id": token_id, "at": now}))
+        return writes

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.tokens import domain
 from services.tokens.domain import By, Reason, State, TokenView
 from services.tokens.settings import TokensSettings
@@ -112,11 +110,8 @@ class TokenHandlers:
             details={"token_id": token.token_id, "revoked_earlier": earlier},
         )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.revoke_account(evt.account_id, s)  # decoys of the account too, as a real one
-            await self.store.insert(token, s)
-
-        await ctx.commit(writes)
+        # Decoys of the account are revoked too, as a real one.
+        await ctx.commit(self.store.revoke_account(evt.account_id), self.store.insert_token(token))
         self.issued.inc()
 
     # ---- identity.declined -> a decoy, so the code path is no oracle ---------------------------
@@ -149,11 +144,9 @@ class TokenHandlers:
             details={"token_id": decoy.token_id},
         )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.insert(decoy, s)  # never mailed, never revokes anything
-
-        # No metric of its own: identity's clave_identity_requests_total{result} counts these.
-        await ctx.commit(writes)
+        # Never mailed, never revokes anything. No metric of its own: identity's
+        # clave_identity_requests_total{result} counts these.
+        await ctx.commit(self.store.insert_token(decoy))
 
     # ---- recovery.resets -> tokens.redeemed | outcome rejected ------------------------------
 
@@ -208,10 +201,7 @@ class TokenHandlers:
         )
         until = now + timedelta(seconds=self.settings.reservation_timeout_s)
 
-        async def reserve(s: AsyncClientSession) -> None:
-            await self.store.reserve(token.token_id, by, until, s)
-
-        await ctx.commit(reserve)
+        await ctx.commit(self.store.reserve(token.token_id, by, until))
         self.redeemed.inc()
 
     async def _refuse(
@@ -250,13 +240,14 @@ class TokenHandlers:
                 ),
             )
 
-        async def count(s: AsyncClientSession) -> None:
-            if wrong:
-                assert token is not None and token.guard_key is not None
-                await self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill, s)
-                await self.store.record_code_failure(token.guard_key, now, now + self.account_window, s)
-
-        await ctx.commit(count)
+        if wrong:
+            assert token is not None and token.guard_key is not None
+            await ctx.commit(
+                self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill),
+                self.store.record_code_failure(token.guard_key, now, now + self.account_window),
+            )
+        else:
+            await ctx.commit()
         self.rejected.labels(verdict.reason).inc()
 
     def _reject(
@@ -310,13 +301,12 @@ class TokenHandlers:
             RecoveryOutcome(request_id=evt.request_id, stage="reset", status=settlement.status),
         )
 
-        async def spend(s: AsyncClientSession) -> None:
-            if settlement.move is not None and token is not None:
-                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
-            if clears and token is not None and token.guard_key is not None:
-                await self.store.clear_code_failures(token.guard_key, s)
-
-        await ctx.commit(spend)
+        writes = []
+        if settlement.move is not None and token is not None:
+            writes.append(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
+        if clears and token is not None and token.guard_key is not None:
+            writes.append(self.store.clear_code_failures(token.guard_key))
+        await ctx.commit(*writes)
         self.settled.labels("spent").inc()
 
     async def password_rejected(self, ctx: HandlerContext, evt: PasswordRejected) -> None:
@@ -346,13 +336,12 @@ class TokenHandlers:
             ),
         )
 
-        async def settle(s: AsyncClientSession) -> None:
-            if settlement.move is domain.RELEASE:
-                await self.store.release(evt.token_id, s)
-            elif settlement.move is domain.SPEND and token is not None:
-                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
-
-        await ctx.commit(settle)
+        if settlement.move is domain.RELEASE:
+            await ctx.commit(self.store.release(evt.token_id))
+        elif settlement.move is domain.SPEND and token is not None:
+            await ctx.commit(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
+        else:
+            await ctx.commit()
         moved = settlement.move
         result = "released" if moved is domain.RELEASE else "spent" if moved is domain.SPEND else "kept"
         self.settled.labels(result).inc()
@@ -366,10 +355,7 @@ class TokenHandlers:
             details={"count": count, "cause": "email_changed", "command_id": evt.command_id},
         )
 
-        async def revoke(s: AsyncClientSession) -> None:
-            await self.store.revoke_account(evt.account_id, s)
-
-        await ctx.commit(revoke)
+        await ctx.commit(self.store.revoke_account(evt.account_id))
 
     # ---- periodic: a reservation nobody answered is released -----------------------------------
 
@@ -387,14 +373,11 @@ class TokenHandlers:
                 details={"token_id": doc["_id"]},
             )
 
-            async def release(s: AsyncClientSession, token_id: str = doc["_id"]) -> None:
-                await self.store.release(token_id, s)
-
             try:
                 await self.store.commit(
                     consumer=None,
                     event_id=None,
-                    writes=release,
+                    writes=[self.store.release(doc["_id"])],
                     outgoing=[
                         audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
                     ],

@@ -12,10 +12,8 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.tokens.domain import KILL, RELEASE, RESERVE, REVOKE, SPEND, By, Move, NewToken, State, TokenView
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 TOKENS = "tokens"
 CODE_FAILURES = "code_failures"  # one document per wrong code, by account (or ID keyed hash)
@@ -94,66 +92,66 @@ class TokenStore(ServiceStore):
         """Wrong codes for this account (or ID) since `since`."""
         return await self.db[CODE_FAILURES].count_documents({"key": key, "at": {"$gte": since}})
 
-    # ---- writes (inside the handler's transaction) ----------------------------------------
+    # ---- writes: staged, applied by the handler's commit in its transaction -------------------
 
-    async def insert(self, token: NewToken, s: AsyncClientSession) -> None:
-        await self.db[TOKENS].insert_one(_document(token), session=s)
+    def insert_token(self, token: NewToken) -> Write:
+        return self.insert(TOKENS, _document(token))
 
-    async def revoke_account(self, account_id: str, s: AsyncClientSession) -> int:
+    def revoke_account(self, account_id: str) -> Write:
         """Revoke every token of the account that could still be used, reserved ones included:
         a reservation revoked now is never released (a key change already made still stands)."""
-        result = await self.db[TOKENS].update_many(
+        return self.update(
+            TOKENS,
             {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}},
             {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
-            session=s,
+            many=True,
         )
-        return result.modified_count
 
-    async def reserve(self, token_id: str, by: By, until: datetime, s: AsyncClientSession) -> None:
-        await self._move(token_id, RESERVE, State.LIVE, s, {"reserved_until": until, "reserved_by": by})
+    def reserve(self, token_id: str, by: By, until: datetime) -> Write:
+        return self._move(token_id, RESERVE, State.LIVE, {"reserved_until": until, "reserved_by": by})
 
-    async def release(self, token_id: str, s: AsyncClientSession) -> None:
-        await self._move(token_id, RELEASE, State.RESERVED, s, unset=("reserved_until",))
+    def release(self, token_id: str) -> Write:
+        return self._move(token_id, RELEASE, State.RESERVED, unset=("reserved_until",))
 
-    async def spend(self, token_id: str, seen: str, now: datetime, s: AsyncClientSession) -> None:
-        await self._move(token_id, SPEND, seen, s, {"spent_at": now}, unset=("reserved_until",))
+    def spend(self, token_id: str, seen: str, now: datetime) -> Write:
+        return self._move(token_id, SPEND, seen, {"spent_at": now}, unset=("reserved_until",))
 
-    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool, s: AsyncClientSession) -> None:
+    def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool) -> Write:
         """One more wrong code on a live token (killing it on the last allowed one). Conditional
         on the count the decision saw, so two racing guesses are decided one after the other."""
         update: dict[str, Any] = {"$inc": {"code_attempts": 1}}
         if kill:
             assert KILL.allows(State.LIVE)
             update["$set"] = {"state": KILL.target}
-        result = await self.db[TOKENS].update_one(
-            {"_id": token_id, "state": State.LIVE, "code_attempts": seen_attempts}, update, session=s
+        return self.update(
+            TOKENS,
+            {"_id": token_id, "state": State.LIVE, "code_attempts": seen_attempts},
+            update,
+            stale=lambda: StaleToken(token_id),
+            must_match=True,
         )
-        if result.modified_count != 1:
-            raise StaleToken(token_id)
 
-    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime, s: AsyncClientSession) -> None:
+    def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> Write:
         # An insert per wrong code, never a read-modify-write: parallel guesses are all counted.
-        await self.db[CODE_FAILURES].insert_one(
-            {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until}, session=s
-        )
+        return self.insert(CODE_FAILURES, {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until})
 
-    async def clear_code_failures(self, key: str, s: AsyncClientSession) -> None:
-        await self.db[CODE_FAILURES].delete_many({"key": key}, session=s)
+    def clear_code_failures(self, key: str) -> Write:
+        return self.delete(CODE_FAILURES, {"key": key}, many=True)
 
-    async def _move(
+    def _move(
         self,
         token_id: str,
         move: Move,
         seen: str,
-        s: AsyncClientSession,
         fields: dict[str, Any] | None = None,
         unset: tuple[str, ...] = (),
-    ) -> None:
+    ) -> Write:
+        """One move of the state machine, applied only if the token is still in `seen`."""
         if not move.allows(seen):
             raise ValueError(f"{move.name} does not start from {seen}")
         update: dict[str, Any] = {"$set": {"state": move.target, **(fields or {})}}
         if unset:
             update["$unset"] = dict.fromkeys(unset, "")
-        result = await self.db[TOKENS].update_one({"_id": token_id, "state": seen}, update, session=s)
-        if result.modified_count != 1:
-            raise StaleToken(token_id)
+        return self.update(
+            TOKENS, {"_id": token_id, "state": seen}, update, stale=lambda: StaleToken(token_id), must_match=True
+        )

@@ -5,7 +5,7 @@ re-decision when a concurrent reset, revocation or timeout moved the token first
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +30,7 @@ from shared.schemas import (
 )
 from shared.store import Outgoing
 from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
+from tests.memory import apply_all, staged
 
 SETTINGS = TokensSettings()
 RECIPIENT = Recipient(email="maria.perez@example.org", name="María Pérez", locale="es")
@@ -64,7 +65,8 @@ class MemoryStore:
     async def code_failures(self, key: str, since: datetime) -> int:
         return sum(k == key and at >= since for k, at in self.failures)
 
-    async def insert(self, token: NewToken, s: Any) -> None:
+    @staged
+    async def insert_token(self, token: NewToken) -> None:
         self.tokens[token.token_id] = {
             "_id": token.token_id,
             "account_id": token.account_id,
@@ -80,7 +82,8 @@ class MemoryStore:
             "recipient": token.recipient,
         }
 
-    async def revoke_account(self, account_id: str, s: Any) -> int:
+    @staged
+    async def revoke_account(self, account_id: str) -> int:
         hit = [t for t in self.tokens.values() if t["account_id"] == account_id and domain.REVOKE.allows(t["state"])]
         for t in hit:
             t["state"] = State.REVOKED
@@ -93,16 +96,20 @@ class MemoryStore:
             raise StaleToken(token_id)
         token.update(state=move.target, **fields)
 
-    async def reserve(self, token_id: str, by: By, until: datetime, s: Any) -> None:
+    @staged
+    async def reserve(self, token_id: str, by: By, until: datetime) -> None:
         self._move(token_id, domain.RESERVE, State.LIVE, reserved_by=by, reserved_until=until)
 
-    async def release(self, token_id: str, s: Any) -> None:
+    @staged
+    async def release(self, token_id: str) -> None:
         self._move(token_id, domain.RELEASE, State.RESERVED)
 
-    async def spend(self, token_id: str, seen: str, now: datetime, s: Any) -> None:
+    @staged
+    async def spend(self, token_id: str, seen: str, now: datetime) -> None:
         self._move(token_id, domain.SPEND, seen)
 
-    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool, s: Any) -> None:
+    @staged
+    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool) -> None:
         token = self.tokens[token_id]
         if token["state"] != State.LIVE or token["code_attempts"] != seen_attempts:
             raise StaleToken(token_id)
@@ -110,10 +117,12 @@ class MemoryStore:
         if kill:
             token["state"] = State.DEAD
 
-    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime, s: Any) -> None:
+    @staged
+    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> None:
         self.failures.append((key, now))
 
-    async def clear_code_failures(self, key: str, s: Any) -> None:
+    @staged
+    async def clear_code_failures(self, key: str) -> None:
         self.failures = [(k, at) for k, at in self.failures if k != key]
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
@@ -124,7 +133,7 @@ class MemoryStore:
         *,
         consumer: str | None,
         event_id: str | None,
-        writes: Callable[[Any], Awaitable[None]] | None,
+        writes: Any,
         outgoing: list[Outgoing],
     ) -> None:
         if self.race is not None:
@@ -133,8 +142,7 @@ class MemoryStore:
         # All or nothing, as the transaction: a write that raises leaves no trace.
         saved = copy.deepcopy((self.tokens, self.failures))
         try:
-            if writes is not None:
-                await writes(None)
+            await apply_all(writes)
         except BaseException:
             self.tokens, self.failures = saved
             raise

@@ -127,6 +127,13 @@ class HandlerContext:
         self.committed = True
 
 
+    def settled(self) -> None:
+        """The handler stored its effect itself, in one idempotent write keyed by the event
+        (the audit read model): no transaction, no processed-event record, nothing to relay."""
+        assert not self.outgoing, "a handler that emits commits through the outbox"
+        self.committed = True
+
+
 def _is_legacy(write: Any) -> bool:
     if isinstance(write, Write) or not callable(write):
         return False
@@ -186,12 +193,13 @@ class EventPipeline:
         started = time.perf_counter()
         position = (record.partition, record.offset)
         settled = False  # handled or parked: nothing about this record is kept
+        relay = True  # something went to the outbox: the relay has work
         try:
             parsed = self._parse(raw)
             if isinstance(parsed, BadInput):
                 await self._park(record, raw, parsed)
             else:
-                await self._handle(record, raw, parsed)
+                relay = await self._handle(record, raw, parsed)
             settled = True
         except Exception as exc:
             # Store or broker trouble (or a handler failure not yet counted out): back off,
@@ -207,7 +215,8 @@ class EventPipeline:
                 self._attempts.pop(position, None)
             self.metrics.duration.labels(self.topic).observe(time.perf_counter() - started)
         self._failure_streak = 0
-        self.on_committed()
+        if relay:
+            self.on_committed()  # not for nothing: a wake with nothing to publish costs a read
 
     def _parse(self, raw: bytes) -> Parsed | BadInput:
         """The only parse of the record: the event, its route and its data, or why not."""
@@ -228,7 +237,8 @@ class EventPipeline:
                 HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
             )
 
-    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> None:
+    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> bool:
+        """Run the handler (or park the record); whether anything went to the outbox."""
         event, route, data = parsed
         ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
         try:
@@ -251,9 +261,10 @@ class EventPipeline:
             bad = BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}")
         else:
             self.metrics.consumed.labels(self.topic, event.type).inc()
-            return
+            return bool(ctx.outgoing)
         bad.correlationid = event.correlationid
         await self._park(record, raw, bad)
+        return True
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
         """Count a handler failure against its record: has it failed too often to retry?"""

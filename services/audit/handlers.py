@@ -1,12 +1,12 @@
 """The audit read model's one handler: project each audit event, check its seal and follow
-its producer's chain; count and record every break."""
+its producer's chain; count and record every break. Two round trips an event: the producer's
+head, then one idempotent write of the event's entry (no transaction, no processed record)."""
 
 from __future__ import annotations
 
 import json
 import logging
-
-from pymongo.asynchronous.client_session import AsyncClientSession
+from typing import Any
 
 from services.audit import domain
 from services.audit.store import AuditStore
@@ -42,12 +42,18 @@ class AuditHandlers:
             # A rotation publishes the new public key before the producer uses it: read them again.
             step = domain.follow(head, event, self.keys.ring, self.legacy_key)
 
-        async def writes(s: AsyncClientSession) -> None:
-            problem = (step.reason or "", step.problem) if step.problem is not None else None
-            await self.store.record(doc, producer, step.head, problem, s)
-
-        await ctx.commit(writes)
+        if step.problem is not None and await self._redelivered(doc):
+            ctx.settled()  # projected already (a relay's republish): nothing new to record or count
+            return
+        await self.store.record(domain.entry(doc, step))
+        ctx.settled()
         self.projected.inc()
         if step.problem is not None:
             self.breaks.labels(step.reason).inc()
             log.warning("audit chain break (%s): event %s of %r: %s", step.reason, doc["_id"], producer, step.problem)
+
+    async def _redelivered(self, doc: dict[str, Any]) -> bool:
+        """An event that seems to break its chain may be one already projected, delivered again
+        (it then trails its own head): the same id with the same digest. Read only then."""
+        stored = await self.store.projected(doc["_id"])
+        return stored is not None and stored.get("digest") == doc["digest"]

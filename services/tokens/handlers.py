@@ -8,6 +8,7 @@ again on fresh state, so two racing resets never both reserve one token."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +39,10 @@ from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED
 # A decision is retried on fresh state this many times when the token moved under it; more
 # than that is not a race but a loop, and the failure goes to the consumer's redelivery.
 DECIDE_ATTEMPTS = 5
+# The reservation sweeper sleeps until the earliest reservation ends (plus a margin, so the
+# store's clock has passed it too), at most SWEEP_SAFETY_S.
+SWEEP_SAFETY_S = 60.0
+SWEEP_MARGIN_S = 0.05
 
 
 async def decide_on_fresh_state(ctx: HandlerContext, attempt: Callable[[], Awaitable[None]]) -> None:
@@ -64,6 +69,7 @@ class TokenHandlers:
         self.redeemed = metrics.counter("clave_tokens_redeemed_total", "Tokens reserved for a key change")
         self.rejected = metrics.counter("clave_tokens_rejected_total", "Reset submissions refused", ["reason"])
         self.settled = metrics.counter("clave_tokens_settled_total", "Reservations settled", ["result"])
+        self.reserved = asyncio.Event()  # a reservation was made: the sweeper looks at its end
 
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
@@ -202,6 +208,7 @@ class TokenHandlers:
         until = now + timedelta(seconds=self.settings.reservation_timeout_s)
 
         await ctx.commit(self.store.reserve(token.token_id, by, until))
+        self.reserved.set()
         self.redeemed.inc()
 
     async def _refuse(
@@ -357,9 +364,32 @@ class TokenHandlers:
 
         await ctx.commit(self.store.revoke_account(evt.account_id))
 
-    # ---- periodic: a reservation nobody answered is released -----------------------------------
+    # ---- a reservation nobody answered is released ---------------------------------------------
 
-    async def release_overdue(self) -> None:
+    async def sweep_forever(self, on_outbox: Callable[[], None]) -> None:
+        """Release overdue reservations, then sleep until the earliest reservation runs out or a
+        new one is made; not a poll. SWEEP_SAFETY_S bounds the sleep, for reservations another
+        instance made and then died."""
+        look = True
+        while True:
+            self.reserved.clear()  # before looking: a reservation made meanwhile wakes the wait
+            if look and await self.release_overdue():
+                on_outbox()
+            end = await self.store.next_reservation_end()
+            delay = SWEEP_SAFETY_S
+            if end is not None:
+                delay = min(max((end - datetime.now(UTC)).total_seconds(), 0.0) + SWEEP_MARGIN_S, SWEEP_SAFETY_S)
+            try:
+                await asyncio.wait_for(self.reserved.wait(), timeout=delay)
+                # Woken by a new reservation: it ends later than any seen, so nothing is overdue
+                # yet; only the length of the sleep is read again.
+                look = False
+            except TimeoutError:
+                look = True
+
+    async def release_overdue(self) -> int:
+        """Release what is overdue; how many were released."""
+        released = 0
         now = datetime.now(UTC)
         for doc in await self.store.overdue_reservations(now):
             if domain.settle_timeout(doc["state"]) is None:
@@ -384,7 +414,9 @@ class TokenHandlers:
                 )
             except StaleToken:  # settled, or revoked, meanwhile: nothing to release
                 continue
+            released += 1
             self.settled.labels("timed_out").inc()
+        return released
 
 
 __all__ = ["Reason", "State", "TokenHandlers"]

@@ -88,6 +88,15 @@ class TokenStore(ServiceStore):
         cursor = self.db[TOKENS].find({"state": State.RESERVED, "reserved_until": {"$lt": now}}).limit(100)
         return await cursor.to_list()
 
+    async def next_reservation_end(self) -> datetime | None:
+        """When the earliest reservation runs out (None: nothing reserved): one indexed read,
+        so the sweeper sleeps until then instead of polling."""
+        doc = await self.db[TOKENS].find_one(
+            {"state": State.RESERVED}, {"reserved_until": 1}, sort=[("reserved_until", 1)]
+        )
+        until = doc.get("reserved_until") if doc else None
+        return until if isinstance(until, datetime) else None
+
     async def code_failures(self, key: str, since: datetime) -> int:
         """Wrong codes for this account (or ID) since `since`."""
         return await self.db[CODE_FAILURES].count_documents({"key": key, "at": {"$gte": since}})

@@ -4,6 +4,8 @@ re-decision when a concurrent reset, revocation or timeout moved the token first
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -46,6 +48,7 @@ class MemoryStore:
         self.commits: list[list[Outgoing]] = []
         # Someone else's write, committed between our read and our commit (the next commit's).
         self.race: Hook | None = None
+        self.reads = 0  # the sweeper's reads
 
     def _find(self, **match: Any) -> dict[str, Any] | None:
         return next((t for t in self.tokens.values() if all(t.get(k) == v for k, v in match.items())), None)
@@ -126,7 +129,17 @@ class MemoryStore:
         self.failures = [(k, at) for k, at in self.failures if k != key]
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
-        return [copy.deepcopy(t) for t in self.tokens.values() if t["state"] == State.RESERVED]
+        self.reads += 1
+        return [
+            copy.deepcopy(t)
+            for t in self.tokens.values()
+            if t["state"] == State.RESERVED and t.get("reserved_until", now) <= now
+        ]
+
+    async def next_reservation_end(self) -> datetime | None:
+        self.reads += 1
+        ends = [t["reserved_until"] for t in self.tokens.values() if t["state"] == State.RESERVED]
+        return min(ends, default=None)
 
     async def commit(
         self,
@@ -253,6 +266,30 @@ async def test_a_reservation_revoked_before_the_timeout_commits_is_left_alone(
     await h.release_overdue()
     assert store.tokens[token_id]["state"] == State.REVOKED
     assert len(store.commits) == commits  # no "reservation_expired" audited either
+
+
+async def test_the_sweeper_sleeps_until_a_reservation_runs_out(setup: tuple[MemoryStore, TokenHandlers]) -> None:
+    """Not a poll: idle, it reads nothing; a reservation wakes it, and it releases the
+    reservation when it runs out (not at the next tick of a timer)."""
+    store, h = setup
+    token_id, _, _ = await issue(h, store)
+    published = asyncio.Event()
+    sweeper = asyncio.create_task(h.sweep_forever(on_outbox=published.set))
+    try:
+        await asyncio.sleep(0.3)
+        assert store.reads == 2  # one look at start-up (overdue, next end), then asleep
+        store.tokens[token_id].update(state=State.RESERVED, reserved_until=datetime.now(UTC) + timedelta(seconds=0.5))
+        h.reserved.set()  # what the reservation's commit does
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(published.wait(), timeout=5)
+        took = asyncio.get_running_loop().time() - t0
+        assert store.tokens[token_id]["state"] == State.LIVE
+        assert 0.4 <= took < 2.0, took
+        assert store.reads <= 6, store.reads  # woken (1), at the end (2), after (1)
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
 
 
 # ------------------------------------------------------------------ decoys

@@ -51,7 +51,7 @@ def build(settings: TokensSettings | None = None) -> Service:
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
 
     async def sweep() -> None:
-        await h.sweep_forever(on_outbox=service.relay.wake)
+        await h.sweep_forever(on_outbox=service.relay.committed)
 
     # Not a poll: sleeps until the earliest reservation runs out or a new one is made.
     service.every("release-overdue-reservations", 1.0, sweep)

@@ -5,7 +5,6 @@ outage never blocks a partition and a queued mail survives a crash."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -207,6 +206,9 @@ class MailSender:
         self.smtp_deadline = max(2 * settings.smtp_timeout_s, 5.0)
         self.lease = timedelta(seconds=self.smtp_deadline + 10)
         self.wake = asyncio.Event()
+        # When a claim (another sender's, or one of a sender that died) runs out, as last seen:
+        # only then can an orphan be there to take over. None: no claim was seen.
+        self._orphans_at: datetime | None = datetime.min.replace(tzinfo=UTC)  # look at start-up
         self.sent = metrics.counter("clave_mails_sent_total", "E-mails accepted by SMTP", ["kind"])
         self.failed = metrics.counter("clave_mails_failed_total", "E-mails given up", ["kind"])
         self.retried = metrics.counter("clave_mails_retried_total", "Temporary SMTP failures", ["kind"])
@@ -222,17 +224,28 @@ class MailSender:
             # Cleared before looking: a mail queued meanwhile makes the wait return at once.
             self.wake.clear()
             await self.deliver_due()
-            due = await self.store.next_due_at()
+            pending, self._orphans_at = await self.store.due_times()
+            due = min((t for t in (pending, self._orphans_at) if t is not None), default=None)
             delay = SAFETY_POLL_S
             if due is not None:
                 # Not below MIN_SLEEP_S: a due time that has just passed is claimed on the next turn.
                 delay = min(max((due - datetime.now(UTC)).total_seconds(), MIN_SLEEP_S), SAFETY_POLL_S)
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self.wake.wait(), timeout=delay)
+            except TimeoutError:
+                # Also for what another instance claimed since: it is only seen by looking.
+                self._orphans_at = datetime.min.replace(tzinfo=UTC)
+
+    def _orphans_due(self, now: datetime) -> bool:
+        return self._orphans_at is not None and self._orphans_at <= now
 
     async def deliver_due(self) -> int:
         count = 0
-        while (doc := await self.store.claim_due(datetime.now(UTC), self.lease)) is not None:
+        while True:
+            now = datetime.now(UTC)
+            doc = await self.store.claim_due(now, self.lease, orphans=self._orphans_due(now))
+            if doc is None:
+                break
             try:
                 if doc["state"] == ACCEPTED:
                     # Its sender died after the SMTP server accepted it: record it, never resend.

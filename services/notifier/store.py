@@ -49,13 +49,18 @@ class NotificationStore(ServiceStore):
     def add(self, docs: list[dict[str, Any]]) -> list[Write]:
         return [self.insert(NOTIFICATIONS, doc) for doc in docs]
 
-    async def claim_due(self, now: datetime, lease: timedelta = SENDING_LEASE) -> dict[str, Any] | None:
+    async def claim_due(
+        self, now: datetime, lease: timedelta = SENDING_LEASE, *, orphans: bool = True
+    ) -> dict[str, Any] | None:
         """Atomically take one notification to work on, with a fresh fencing token:
         first one accepted but not settled (its sender died), then one whose sender died
-        mid-send (in doubt), then the next due one."""
+        mid-send (in doubt), then the next due one. `orphans=False` skips the first two
+        (the caller knows no claim has run out since it last looked: one round trip, not three)."""
         if self._unanswered:
             await self._give_back_unanswered(now)
         claim = uuid.uuid4().hex
+        if not orphans:
+            return await self._claim_pending(claim, now, lease)
         doc = await self._claim(
             claim,
             {"state": ACCEPTED, "lease_until": {"$lt": now}},
@@ -70,6 +75,9 @@ class NotificationStore(ServiceStore):
         )
         if doc is not None:
             return doc
+        return await self._claim_pending(claim, now, lease)
+
+    async def _claim_pending(self, claim: str, now: datetime, lease: timedelta) -> dict[str, Any] | None:
         return await self._claim(
             claim,
             {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
@@ -78,20 +86,26 @@ class NotificationStore(ServiceStore):
         )
 
     async def next_due_at(self) -> datetime | None:
-        """When `claim_due` will next find something: the earliest next attempt of a pending
-        notification, or the earliest end of a claim (a sender that may have died). None:
-        nothing is waiting. Two indexed reads, so the sender can sleep instead of polling."""
+        """When `claim_due` will next find something (None: nothing is waiting)."""
+        pending, claimed = await self.due_times()
+        times = [t for t in (pending, claimed) if t is not None]
+        return min(times) if times else None
+
+    async def due_times(self) -> tuple[datetime | None, datetime | None]:
+        """The earliest next attempt of a pending notification, and the earliest end of a
+        claim (a sender that may have died). Two indexed reads, so the sender can sleep
+        instead of polling."""
         coll = self.db[NOTIFICATIONS]
         pending = await coll.find_one({"state": State.PENDING}, {"next_attempt_at": 1}, sort=[("next_attempt_at", 1)])
         claimed = await coll.find_one(
             {"state": {"$in": [State.SENDING, ACCEPTED]}}, {"lease_until": 1}, sort=[("lease_until", 1)]
         )
-        times = [
-            doc[key]
-            for doc, key in ((pending, "next_attempt_at"), (claimed, "lease_until"))
-            if doc is not None and isinstance(doc.get(key), datetime)
-        ]
-        return min(times) if times else None
+        pending_at = pending.get("next_attempt_at") if pending else None
+        claimed_at = claimed.get("lease_until") if claimed else None
+        return (
+            pending_at if isinstance(pending_at, datetime) else None,
+            claimed_at if isinstance(claimed_at, datetime) else None,
+        )
 
     async def _claim(
         self, claim: str, query: dict[str, Any], update: dict[str, Any], **kw: Any

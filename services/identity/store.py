@@ -211,17 +211,18 @@ class AccountStore(ServiceStore):
         )
 
     async def has_lockout_state(self, keys: CounterKeys) -> bool:
-        """Any failure or lock on record for the principal (anything an unlock would clear)."""
-        principal = await self.db[COUNTERS].find_one({"_id": keys.principal_id}, {"failures": 1})
-        if principal and principal.get("failures"):
-            return True
-        # Every evaluated request leaves a block document (its last attempt): only failures or a
-        # lock in one are state an unlock clears (slowed mode follows the principal's failures).
-        blocked = {
-            "principal": keys.principal,
-            "$or": [{"failures.0": {"$exists": True}}, {"locked_until": {"$ne": None}}],
+        """Any failure or lock on record for the principal (anything an unlock would clear),
+        in one read. Every evaluated request leaves a block document (its last attempt): only
+        failures or a lock in one are state an unlock clears (slowed mode follows the
+        principal's failures)."""
+        failed = {"failures.0": {"$exists": True}}
+        query = {
+            "$or": [
+                {"_id": keys.principal_id, **failed},
+                {"principal": keys.principal, "$or": [failed, {"locked_until": {"$ne": None}}]},
+            ]
         }
-        return await self.db[COUNTERS].find_one(blocked, {"_id": 1}) is not None
+        return await self.db[COUNTERS].find_one(query, {"_id": 1}) is not None
 
     def clear_lockout(self, keys: CounterKeys) -> list[Write]:
         """Forget the principal's failures, locks and slowed mode (mails and notices stay:

@@ -74,7 +74,8 @@ class TokenHandlers:
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
     async def identity_verified(self, ctx: HandlerContext, evt: IdentityVerified) -> None:
-        if await self.store.by_request(evt.request_id) is not None:
+        seen, earlier = await self.store.issue_facts(evt.request_id, evt.account_id)
+        if seen:
             ctx.audit(
                 "token_issue_skipped",
                 "info",
@@ -91,7 +92,6 @@ class TokenHandlers:
             ttl=self.ttl,
             code_key=self.settings.code_hmac_key,
         )
-        earlier = await self.store.revocable_count(evt.account_id)
         ctx.emit(
             TOKENS_ISSUED,
             evt.account_id,

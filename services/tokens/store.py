@@ -81,6 +81,17 @@ class TokenStore(ServiceStore):
     async def by_id(self, token_id: str) -> dict[str, Any] | None:
         return await self.db[TOKENS].find_one({"_id": token_id})
 
+    async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
+        """Has this request a token already, and how many of the account's tokens could still
+        be used (they are revoked by the new one): one read."""
+        query = {
+            "$or": [{"request_id": request_id}, {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}}]
+        }
+        docs = await self.db[TOKENS].find(query, {"request_id": 1, "account_id": 1, "state": 1}).to_list()
+        seen = any(d.get("request_id") == request_id for d in docs)
+        count = sum(d.get("account_id") == account_id and REVOKE.allows(d.get("state", "")) for d in docs)
+        return seen, count
+
     async def revocable_count(self, account_id: str) -> int:
         return await self.db[TOKENS].count_documents({"account_id": account_id, "state": {"$in": list(REVOKE.sources)}})
 

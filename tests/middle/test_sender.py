@@ -161,4 +161,4 @@ async def test_a_retry_is_sent_when_due_without_polling(running: Sender, smtp: t
     # Woken by its own schedule: not before the backoff, and not much after it.
     assert BACKOFF_S - 0.2 <= retried_after <= BACKOFF_S + 1.0, f"retried after {retried_after:.2f}s"
     between = [name for t, name, _ in running.commands.log if refused_at + 0.5 < t < refused_at + BACKOFF_S - 0.2]
-    assert between == [], f"store commands while waiting for the retry: {between} {[(round(t - refused_at, 2), n) for t, n, _ in running.commands.log if t > refused_at - 1]}"
+    assert between == [], f"store commands while waiting for the retry: {between}"

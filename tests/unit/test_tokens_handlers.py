@@ -65,6 +65,9 @@ class MemoryStore:
     async def revocable_count(self, account_id: str) -> int:
         return sum(t["account_id"] == account_id and domain.REVOKE.allows(t["state"]) for t in self.tokens.values())
 
+    async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
+        return self._find(request_id=request_id) is not None, await self.revocable_count(account_id)
+
     async def code_failures(self, key: str, since: datetime) -> int:
         return sum(k == key and at >= since for k, at in self.failures)
 

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from clave.kafkaio import publish_raw
-from clave.testdata import new_key
 from shared.crypto import SecretBox
 from shared.envelope import new_event
+from shared.kafkaio import publish_raw
 from shared.topics import RECOVERY_RESETS, TOKENS_REDEEMED, EventType, dlq
 from tests.e2e.conftest import World
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

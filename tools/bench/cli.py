@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.bench import summary
 from tools.bench.common import console, ratio
 from tools.bench.dlq import dlq_throughput
 from tools.bench.floor import bench_argon2, floor_figures
@@ -82,8 +83,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         with console.status(f"stack CPU with no traffic, {args.idle_seconds:.0f}s ..."):
             idle = await idle_cpu(args.idle_seconds)
         results["idle_core_share"] = idle
+    sweep = []
+    for level in args.sweep:
+        console.print(f"sweep: {args.sweep_n} recoveries, {level} at a time")
+        run_ = await end_to_end(settings, args.sweep_n, level, 0, args.step_timeout, args.budget)
+        sweep.append(summary.point(run_, level))
     if args.n > 0:
         e2e = await end_to_end(settings, args.n, args.concurrency, args.serial, args.step_timeout, args.budget)
+        results["headline"] = summary.headline(results, summary.point(e2e, args.concurrency), sweep)
         r = results["end_to_end"] = summarize_e2e(e2e, args.n, args.concurrency, idle)
         bench_case = results["floor"]["cases"]["bench_citizen"]
         floor_rate = bench_case["max_recoveries_per_s"]
@@ -129,6 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="restart the services, then time the first request to its e-mail [on]",
     )
+    parser.add_argument(
+        "--sweep",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=[1, 4, 10],
+        help="concurrency levels measured before the main run, for the chart ('' for none) [1,4,10]",
+    )
+    parser.add_argument("--sweep-n", type=int, default=30, help="recoveries per sweep level [30]")
+    parser.add_argument("--out", type=Path, default=None, help="where latest.json and latest.png go [var/bench]")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.n < 0 or args.serial < 0 or args.dlq < 0 or args.concurrency < 1 or args.threads < 1:
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     results["bench_seconds"] = time.perf_counter() - started
     console.print(f"bench took {results['bench_seconds']:.0f}s")
+    if "headline" in results:
+        summary.write(args.out or var_dir() / "bench", results["headline"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
         console.print(f"results written to {args.json}")

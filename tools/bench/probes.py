@@ -40,8 +40,12 @@ def scrape(settings: Settings, service: str) -> str:
 
 
 async def scrape_all(settings: Settings) -> dict[str, str]:
+    """Every service's /metrics; the optional ones (the audit read model) when they answer."""
     texts = await asyncio.gather(*(asyncio.to_thread(scrape, settings, s) for s in SERVICES))
-    return dict(zip(SERVICES, texts, strict=True))
+    optional = await asyncio.gather(*(asyncio.to_thread(scrape, settings, s) for s in OPTIONAL), return_exceptions=True)
+    found = dict(zip(SERVICES, texts, strict=True))
+    found.update({s: t for s, t in zip(OPTIONAL, optional, strict=True) if isinstance(t, str)})
+    return found
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float:

@@ -220,11 +220,20 @@ class MailSender:
         """Deliver what is due, then sleep until the next notification falls due (a retry's
         `next_attempt_at`, the end of a claim's lease) or a handler queues one (`wake`); not
         a poll. SAFETY_POLL_S bounds the sleep, for what another instance scheduled."""
+        look_at_claims = True
+        looked = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             # Cleared before looking: a mail queued meanwhile makes the wait return at once.
             self.wake.clear()
             await self.deliver_due()
-            pending, self._orphans_at = await self.store.due_times()
+            if look_at_claims or loop.time() - looked > SAFETY_POLL_S:
+                looked = loop.time()
+                pending, self._orphans_at = await self.store.due_times()
+            else:
+                # Woken by a handler: the claims seen at the last look still stand (this sender
+                # settled its own); what another instance claimed since is seen after a timeout.
+                pending, _ = await self.store.due_times(claims=False)
             due = min((t for t in (pending, self._orphans_at) if t is not None), default=None)
             delay = SAFETY_POLL_S
             if due is not None:
@@ -232,9 +241,11 @@ class MailSender:
                 delay = min(max((due - datetime.now(UTC)).total_seconds(), MIN_SLEEP_S), SAFETY_POLL_S)
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=delay)
+                look_at_claims = False
             except TimeoutError:
                 # Also for what another instance claimed since: it is only seen by looking.
                 self._orphans_at = datetime.min.replace(tzinfo=UTC)
+                look_at_claims = True
 
     def _orphans_due(self, now: datetime) -> bool:
         return self._orphans_at is not None and self._orphans_at <= now

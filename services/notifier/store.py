@@ -91,12 +91,14 @@ class NotificationStore(ServiceStore):
         times = [t for t in (pending, claimed) if t is not None]
         return min(times) if times else None
 
-    async def due_times(self) -> tuple[datetime | None, datetime | None]:
+    async def due_times(self, *, claims: bool = True) -> tuple[datetime | None, datetime | None]:
         """The earliest next attempt of a pending notification, and the earliest end of a
-        claim (a sender that may have died). Two indexed reads, so the sender can sleep
-        instead of polling."""
+        claim (a sender that may have died; not read with `claims=False`). Indexed reads, so
+        the sender can sleep instead of polling."""
         coll = self.db[NOTIFICATIONS]
         pending = await coll.find_one({"state": State.PENDING}, {"next_attempt_at": 1}, sort=[("next_attempt_at", 1)])
+        if not claims:
+            return pending.get("next_attempt_at") if pending else None, None
         claimed = await coll.find_one(
             {"state": {"$in": [State.SENDING, ACCEPTED]}}, {"lease_until": 1}, sort=[("lease_until", 1)]
         )

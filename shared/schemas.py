@@ -138,7 +138,9 @@ class AccountRegistered(InternalPayload):
     """A new account from the registry: its initial key, sealed for the password service."""
 
     account_id: str = AccountId
-    sealed_initial_key: str
+    sealed_initial_key: str = Field(
+        description="The initial key, sealed for the password service (PASSWORD_KEYS), bound to `account_id`."
+    )
 
 
 class OperatorCommand(Payload):
@@ -159,7 +161,10 @@ class TokensIssued(InternalPayload):
     recipient: Recipient
     link_expires_at: datetime
     code_expires_at: datetime
-    sealed_secrets: str  # {"token", "code"} sealed for the notifier
+    sealed_secrets: str = Field(
+        description="The link token and code, sealed for the notifier (NOTIFIER_KEYS), bound to `token_id`, "
+        "`account_id`, `request_id` and the recipient's address."
+    )
     requested_at: datetime | None = None
 
 
@@ -168,7 +173,10 @@ class TokensRedeemed(InternalPayload):
     account_id: str = AccountId
     token_id: str
     recipient: Recipient
-    sealed_new_key: str  # {"new_password"} sealed for the password service
+    sealed_new_key: str = Field(
+        description="The new key, sealed for the password service (PASSWORD_KEYS), bound to `token_id`, "
+        "`account_id` and `request_id`."
+    )
     submitted_at: datetime | None = None  # when the portal published the reset (end-to-end latency)
 
 
@@ -226,7 +234,7 @@ class AuditRecord(InternalPayload):
     request_id: str | None = None
     reasons: list[str] = Field(default_factory=list)
     details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, mac
+    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, kid, sig
 
 
 SCHEMAS: dict[str, type[Payload]] = {

@@ -69,7 +69,7 @@ WEEK_MS = 7 * 24 * HOUR_MS
 # and count time by the broker's clock (a producer's timestamp cannot keep a record longer):
 # 1 h + 30 min + 5 min + 1 min, gone within 1 h 36 min of being written.
 PORTAL_FILE_DELETE_DELAY_MS = MINUTE_MS
-RETENTION_CHECK_INTERVAL_MS = 5 * MINUTE_MS  # the broker's, set in deploy/local/stack.sh
+RETENTION_CHECK_INTERVAL_MS = 5 * MINUTE_MS  # the broker's, set in deploy/local/stack.py
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
   PRINCIPALS) and the brokers' controller listener; kafka/cluster.id;
 - mongodb/root.password, mongodb/keyfile (the replica set's internal authentication),
   mongodb/<service>.uri: each service's own MongoDB user, allowed only its own database;
+  mongodb/auditor.uri: the auditor job's user, allowed only to read the audit read model;
 - keys/<VARIABLE>: every key the services load (their settings classes' key lists: Fernet
   keys for the sealing lists, 32 random bytes for the HMAC keys);
 - audit/<service>.pem: each service's own Ed25519 audit signing key (PKCS#8 PEM, its
@@ -256,6 +257,7 @@ def make_all(root: Path) -> list[str]:
     w.file("mongodb/keyfile", lambda: base64.b64encode(secrets.token_bytes(756)).decode())
     for service in SERVICES:
         w.file(f"mongodb/{service}.uri", functools.partial(_service_uri, service))
+    w.file("mongodb/auditor.uri", functools.partial(_service_uri, "auditor"))
     for name, fernet in all_keys().items():
         w.file(f"keys/{name}", _fernet_key if fernet else _password)
     make_audit_keys(w)

@@ -22,7 +22,7 @@ from services.identity import domain
 from services.identity.settings import IdentitySettings
 from services.identity.store import ACCOUNTS, AccountStore
 from shared.audit import audit_event
-from shared.crypto import SecretBox, keyed_hash
+from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash
 from shared.envelope import describe_errors, new_event
 from shared.hashing import SecretHasher
 from shared.schemas import AccountRegistered, AuditRecord
@@ -131,7 +131,11 @@ async def import_accounts(
                 correlationid=command_id,
                 data=AccountRegistered(
                     account_id=account_id,
-                    sealed_initial_key=password_box.seal({"password": record.password}),
+                    sealed_initial_key=password_box.seal(
+                        {"password": record.password},
+                        purpose=Purpose.INITIAL_KEY,
+                        context=initial_key_context(account_id=account_id),
+                    ),
                 ).model_dump(mode="json"),
             )
             outgoing.append(Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event))

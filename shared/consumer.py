@@ -73,6 +73,8 @@ class HandlerContext:
     outgoing: list[Outgoing] = field(default_factory=list)
     committed: bool = False
     raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
+    partition: int = -1  # where the record came from (-1: not from Kafka)
+    offset: int = -1
 
     @property
     def source(self) -> str:
@@ -128,7 +130,6 @@ class HandlerContext:
             staged = writes[0]
         await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=staged, outgoing=self.outgoing)
         self.committed = True
-
 
     def settled(self) -> None:
         """The handler stored its effect itself, in one idempotent write keyed by the event
@@ -253,7 +254,16 @@ class EventPipeline:
     async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> bool:
         """Run the handler (or park the record); whether anything went to the outbox."""
         event, route, data = parsed
-        ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
+        ctx = HandlerContext(
+            self.service,
+            self.consumer,
+            self.topic,
+            event,
+            self.store,
+            raw=raw,
+            partition=record.partition,
+            offset=record.offset,
+        )
         try:
             await route.handler(ctx, data)
             if not ctx.committed:

@@ -1,6 +1,13 @@
 """The audit read model's one handler: project each audit event, check its seal and follow
-its producer's chain; count and record every break. Two round trips an event: the producer's
-head, then one idempotent write of the event's entry (no transaction, no processed record)."""
+its producer's chain; count and record every break. One idempotent write of the event's entry
+per event (no transaction, no processed record), plus a read of the producer's head when it is
+not known.
+
+Audit events are keyed by their producer, so a producer's chain lives in one partition. The
+heads this process recorded from a partition stay valid while it reads that partition without
+a gap: when the next record's offset follows the last one it handled there, nobody else can
+have moved those heads (a rebalance, a redelivery or a seek leaves a gap, and the heads of that
+partition are read again)."""
 
 from __future__ import annotations
 
@@ -31,12 +38,32 @@ class AuditHandlers:
         )
         for reason in domain.BREAK_REASONS:
             self.breaks.labels(reason)  # every series exists from the start, at 0
+        # partition -> (offset of the last record handled from it, producer -> head recorded)
+        self._known: dict[int, tuple[int, dict[str, dict[str, Any] | None]]] = {}
+
+    async def _head(self, ctx: HandlerContext, producer: str) -> dict[str, Any] | None:
+        last, heads = self._known.get(ctx.partition, (-2, {}))
+        if ctx.partition >= 0 and ctx.offset == last + 1 and producer in heads:
+            return heads[producer]
+        if last + 1 != ctx.offset:
+            self._known.pop(ctx.partition, None)  # a gap: what this process knew may be stale
+        return await self.store.head(producer)
+
+    def _handled(self, ctx: HandlerContext, producer: str | None, head: dict[str, Any] | None) -> None:
+        if ctx.partition < 0:
+            return
+        last, heads = self._known.get(ctx.partition, (ctx.offset - 1, {}))
+        if last + 1 != ctx.offset:
+            heads = {}
+        if producer is not None:
+            heads[producer] = head
+        self._known[ctx.partition] = (ctx.offset, heads)
 
     async def audit_event(self, ctx: HandlerContext, record: AuditRecord) -> None:
         event = json.loads(ctx.raw)
         doc = domain.project(event)
         producer = doc["producer"]
-        head = await self.store.head(producer) if producer is not None else None
+        head = await self._head(ctx, producer) if producer is not None else None
         step = domain.follow(head, event, self.keys.ring, self.legacy_key)
         if step.reason in ("unknown_key", "key_not_valid") and self.keys.reload():
             # A rotation publishes the new public key before the producer uses it: read them again.
@@ -44,9 +71,11 @@ class AuditHandlers:
 
         if step.problem is not None and await self._redelivered(doc):
             ctx.settled()  # projected already (a relay's republish): nothing new to record or count
+            self._handled(ctx, producer, head)
             return
         await self.store.record(domain.entry(doc, step))
         ctx.settled()
+        self._handled(ctx, producer, step.head if step.head is not None else head)
         self.projected.inc()
         if step.problem is not None:
             self.breaks.labels(step.reason).inc()

@@ -33,8 +33,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # requirements.lock pins the transitive dependencies (pip constraints).
-$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
+$(VENV)/.installed: pyproject.toml requirements.lock clients/page/pyproject.toml | $(PY)
 	$(PY) -m pip install -c requirements.lock -e '.[dev]'
+	@# The reference page (clients/page): its dependencies are pinned in the dev extra above.
+	$(PY) -m pip install --no-deps -e clients/page
 	@touch $@
 
 up: install ## start the local stack (Kafka, store, mail catcher, services) and leave it running
@@ -93,7 +95,7 @@ bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 1
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave tools deploy/local
+	$(VENV)/bin/mypy shared services clave tools deploy/local clients/page/clave_page
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

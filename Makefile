@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status portal test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -47,6 +47,16 @@ down: ## stop the local stack
 
 status: ## show each component of the local stack
 	@$(STACK) status
+
+# The reference recovery page (clients/page) on 127.0.0.1:$(PAGE_PORT), with the stack, as the
+# portal principal; the sample accounts (deploy/local/sample/accounts.jsonl) are imported
+# first, so the page can be tried at once.  Ctrl-C stops the page and what it started.
+PAGE_PORT ?= 8000
+
+portal: install ## serve the reference recovery page on 127.0.0.1:8000 with the local stack
+	@PAGE_PORT=$(PAGE_PORT) $(STACK) run -- bash -c 'KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/operator.properties $(PY) -m clave.cli accounts import deploy/local/sample/accounts.jsonl --operator portal-demo >/dev/null && \
+	  echo "The page: http://127.0.0.1:$(PAGE_PORT)/solicitar  (sample accounts: deploy/local/sample/accounts.jsonl; mail in var/mail)" && \
+	  KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/portal.properties exec $(PY) -m clave_page'
 
 # Short token lifetimes when `make test` starts the services itself, so the expiry
 # tests take seconds (a stack already started by `make up` keeps its settings, and the

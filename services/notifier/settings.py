@@ -28,7 +28,7 @@ class NotifierSettings(PlatformSettings):
     mail_from: str = "Clave <no-reply@clave.example.org>"
     mail_reply_to: str = "soporte@clave.example.org"
     templates_dir: str = ""  # overrides shipped templates, file by file
-    portal_base_url: str = "http://127.0.0.1:8080"
+    portal_base_url: str = "http://127.0.0.1:8000"  # the reference page (`make portal`)
 
     def fernet_keys(self) -> dict[str, str]:
         return {**super().fernet_keys(), "NOTIFIER_KEYS": self.notifier_keys}

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from shared.acl import PORTAL
 from tests.e2e.conftest import World, cli_env
 from tools.portal import body_text, extract_code, extract_link
 from tools.testdata import Citizen
 from tools.workbench import WorkbenchSettings
-from shared.acl import PORTAL
 
 pytestmark = pytest.mark.e2e
 

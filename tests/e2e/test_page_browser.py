@@ -63,7 +63,7 @@ def page_url(stack: WorkbenchSettings) -> Iterator[str]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no chromium at {CHROMIUM}: .ci/run installs Debian's chromium (apt-get install chromium)")
     base = f"http://127.0.0.1:{page_port()}"
-    log_path = Path(stack.var_dir) / "log" / "page-test.log"
+    log_path = Path(os.environ.get("VAR_DIR", "var")) / "log" / "page-test.log"
     env = {**cli_env(PORTAL), "CLAVE_ENV": "development", "PAGE_PORT": str(page_port())}
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "clave_page"], stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -298,7 +298,7 @@ class PasswordHandlers:
             result = LoginResult(
                 check_id=evt.check_id, status="valid" if verdict.valid else "invalid", reasons=list(verdict.reasons)
             )
-            ctx.emit(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)
+            ctx.reply(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)  # sent at once after the commit
 
         await self.keys.check(
             ctx, evt.national_id, evt.key, evt.client_ip, purpose="login", reference=evt.check_id, stage=answer

@@ -169,8 +169,14 @@ class AccountRegistered(InternalPayload):
     national ID again without a key (it backfills the login name; a key is never overwritten)."""
 
     account_id: str = AccountId
-    sealed_initial_key: str | None = None
-    national_id: str | None = None
+    sealed_initial_key: str | None = Field(
+        default=None,
+        description="A new account's initial key, sealed for the password service (PASSWORD_KEYS), bound to "
+        "`account_id`; absent when the registry gave none or the account exists.",
+    )
+    national_id: str | None = Field(
+        default=None, description="The account's national ID, normalised: its login name (credential checks)."
+    )
 
 
 class OperatorCommand(Payload):
@@ -191,7 +197,10 @@ class TokensIssued(InternalPayload):
     recipient: Recipient
     link_expires_at: datetime
     code_expires_at: datetime
-    sealed_secrets: str  # {"token", "code"} sealed for the notifier
+    sealed_secrets: str = Field(
+        description="The link token and code, sealed for the notifier (NOTIFIER_KEYS), bound to `token_id`, "
+        "`account_id`, `request_id` and the recipient's address."
+    )
     requested_at: datetime | None = None
 
 
@@ -200,7 +209,10 @@ class TokensRedeemed(InternalPayload):
     account_id: str = AccountId
     token_id: str
     recipient: Recipient
-    sealed_new_key: str  # {"new_password"} sealed for the password service
+    sealed_new_key: str = Field(
+        description="The new key, sealed for the password service (PASSWORD_KEYS), bound to `token_id`, "
+        "`account_id` and `request_id`."
+    )
     submitted_at: datetime | None = None  # when the portal published the reset (end-to-end latency)
 
 
@@ -258,7 +270,7 @@ class AuditRecord(InternalPayload):
     request_id: str | None = None
     reasons: list[str] = Field(default_factory=list)
     details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, mac
+    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, kid, sig
 
 
 SCHEMAS: dict[str, type[Payload]] = {

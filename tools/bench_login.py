@@ -7,7 +7,7 @@ its answer on login.results. Target (issue 11): p99 <= 100 ms.
 Three kinds, rotating so each follows each alike: the right key, a wrong key, an unknown ID (the
 last two must take the same time: the decoy hash). Each check comes from a fresh address so the
 throttling stays out of the way. Prints p50/p95/p99 per kind and overall; writes the figures to
-var/bench/login-<UTC time>.json. Run as a file (no package): it imports only the client library,
+var/bench/login-<UTC time>.json. It imports only the client library,
 the `clave` CLI (for the account import) and python-stdnum.
 """
 

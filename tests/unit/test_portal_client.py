@@ -175,3 +175,13 @@ def test_key_change_groups_must_be_the_portals() -> None:
     with pytest.raises(ClaveError):
         c.key_changes(group_id="other-group")
     c.key_changes(group_id="portal-sessions")
+
+
+async def test_two_waiters_on_one_id_both_get_their_answer() -> None:
+    c, _ = client()
+    rid = "req-both"
+    first = asyncio.create_task(c.request_outcome(rid, timeout=2))
+    second = asyncio.create_task(c.request_outcome(rid, timeout=2))
+    await asyncio.sleep(0)
+    answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, {"request_id": rid, "stage": "request", "status": "accepted"})
+    assert [o.status for o in await asyncio.gather(first, second)] == ["accepted", "accepted"]

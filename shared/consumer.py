@@ -351,14 +351,16 @@ class EventPipeline:
         return True
 
     def _letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> list[Outgoing]:
-        return self._outgoing(
+        letter = self._outgoing(
             record,
             reason=bad.reason,
             detail=safe_text(bad.detail, DLQ_DETAIL_CHARS),
             correlation=bad.correlationid or record_origin(record),
             key=dlq_key(record),
             payload=self._sealed(raw),
-        ) + self._answer(record, bad)
+        )
+        also = [o for o in bad.also if isinstance(o, Outgoing)]
+        return letter + also + self._answer(record, bad)
 
     def _answer(self, record: ConsumerRecord[Any, Any], bad: BadInput) -> list[Outgoing]:
         """The portal's answer to a record it will never get another one for (see InvalidAnswer)."""

@@ -37,6 +37,12 @@ class DeadLetterReason:
     DUPLICATE_EVENT = "duplicate_event"
     UNDECRYPTABLE = "undecryptable"
     HANDLER_ERROR = "handler_error"
+    # Operator commands (identity.commands): each must be signed by a registered operator key.
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_INVALID = "signature_invalid"
+    OPERATOR_UNKNOWN = "operator_unknown"
+    COMMAND_EXPIRED = "command_expired"
+    COMMAND_REPLAYED = "command_replayed"
     # Added: a sealed field made for another purpose or event, or past its lifetime, and an
     # event whose `source` is not the service that owns its topic.
     SEALED_CONTEXT_MISMATCH = "sealed_context_mismatch"
@@ -55,6 +61,9 @@ class BadInput(Exception):
         self.detail = detail
         self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
         self.data = data  # the record's `data` object, when the parse got that far (an answer's id is read there)
+        # Outgoing events (shared.store.Outgoing) committed with the dead letter, atomically: e.g. the
+        # result an operator waits for when identity refuses a command.
+        self.also: list[Any] = []
 
 
 class CloudEvent(BaseModel):

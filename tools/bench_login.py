@@ -64,17 +64,20 @@ def citizens(count: int) -> list[dict[str, Any]]:
 
 
 def import_accounts(records: list[dict[str, Any]]) -> None:
-    """With the operator's principal and command, as an operator would."""
+    """With the operator's principal and command, signed as the development operator `bench`."""
     path = Path(tempfile.mkdtemp()) / "bench-accounts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     env = {**os.environ, "KAFKA_CLIENT_PROPERTIES": str((VAR / "secrets/kafka/operator.properties").resolve())}
-    subprocess.run(  # noqa: S603 - our own CLI
-        [sys.executable, "-m", "clave.cli", "accounts", "import", str(path), "--operator", "op-bench"],
-        check=True,
+    result = subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "clave.cli", "accounts", "import", str(path), "--operator", "bench"],
+        check=False,
         env=env,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"clave accounts import failed ({result.returncode}): {result.stdout}{result.stderr}")
 
 
 async def wait_ready(client: PortalClient, records: list[dict[str, Any]], timeout: float = 120) -> None:

@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status portal test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status portal test test-faults test-scale bench-scale demo bench bench-login bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -32,10 +32,12 @@ install: $(VENV)/.installed ## create .venv and install the project (re-runs pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# requirements.lock pins the transitive dependencies (pip constraints).
-$(VENV)/.installed: pyproject.toml requirements.lock clients/page/pyproject.toml | $(PY)
-	$(PY) -m pip install -c requirements.lock -e '.[dev]'
-	@# The reference page (clients/page): its dependencies are pinned in the dev extra above.
+# requirements.lock pins the transitive dependencies (pip constraints). The portal's client
+# library (clients/python, package clave_portal) and the reference page (clients/page) are
+# packages of their own, installed editable too (the page's dependencies are pinned in the
+# dev extra).
+$(VENV)/.installed: pyproject.toml requirements.lock clients/python/pyproject.toml clients/page/pyproject.toml | $(PY)
+	$(PY) -m pip install -c requirements.lock -e '.[dev]' -e clients/python
 	$(PY) -m pip install --no-deps -e clients/page
 	@touch $@
 
@@ -54,14 +56,14 @@ status: ## show each component of the local stack
 PAGE_PORT ?= 8000
 
 portal: install ## serve the reference recovery page on 127.0.0.1:8000 with the local stack
-	@PAGE_PORT=$(PAGE_PORT) $(STACK) run -- bash -c 'KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/operator.properties $(PY) -m clave.cli accounts import deploy/local/sample/accounts.jsonl --operator portal-demo >/dev/null && \
+	@PAGE_PORT=$(PAGE_PORT) $(STACK) run -- bash -c 'KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/operator.properties $(PY) -m clave.cli accounts import deploy/local/sample/accounts.jsonl >/dev/null && \
 	  echo "The page: http://127.0.0.1:$(PAGE_PORT)/solicitar  (sample accounts: deploy/local/sample/accounts.jsonl; mail in var/mail)" && \
 	  KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/portal.properties exec $(PY) -m clave_page'
 
-# Short token lifetimes when `make test` starts the services itself, so the expiry
-# tests take seconds (a stack already started by `make up` keeps its settings, and the
-# expiry test then skips, saying why).
-TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20
+# Short token lifetimes and e-mail change cooling-off when `make test` starts the services
+# itself, so the expiry and approval tests take seconds (a stack already started by `make up`
+# keeps its settings, and those tests then skip, saying why).
+TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20 EMAIL_CHANGE_COOLING_OFF_S=10
 
 test: install ## run the whole test suite against the real local stack
 	@$(TEST_ENV) $(STACK) run -- $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -100,12 +102,15 @@ demo: install ## run one recovery end to end, as the portal would (KEEP=1: leave
 bench: install ## throughput/latency benchmark against the local stack
 	@$(STACK) run -- $(PY) -m tools.bench $(BENCH_ARGS)
 
+bench-login: install ## login idle latency (p50/p95/p99, target p99 <= 100 ms) against the local stack
+	@$(STACK) run -- $(PY) -m tools.bench_login $(BENCH_ARGS)
+
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
 	@$(PY) -m tools.bench_audit
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave tools deploy/local clients/page/clave_page
+	$(VENV)/bin/mypy shared services clave tools deploy/local clients/python/clave_portal clients/page/clave_page
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

@@ -68,6 +68,14 @@ ACTIONS: frozenset[str] = frozenset(
         "operator_unlock",
         "operator_email_update",
         "operator_send_recovery",
+        "operator_command_refused",  # unsigned, forged, unknown operator, expired or replayed
+        "operator_key_registered",
+        "operator_key_revoked",
+        "email_change_requested",
+        "email_change_approved",
+        "email_change_applied",
+        "account_import_unchanged",
+        "account_import_refused",
         # tokens
         "token_issued",
         "token_issue_skipped",
@@ -86,8 +94,13 @@ ACTIONS: frozenset[str] = frozenset(
         # password
         "initial_key_set",
         "initial_key_skipped",
+        "initial_key_refused",  # an initial key breaking the key policy (not a legacy import)
         "key_changed",
         "key_rejected",
+        "key_change_unannounced",
+        "key_checked",  # a credential check (login), never the key
+        "key_checks_locked",
+        "key_checks_slowed",
         # every consumer
         "message_dead_lettered",
     }

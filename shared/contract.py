@@ -38,7 +38,13 @@ class ServiceTopics:
 # (besides its DLQs and audit events).
 SERVICES: dict[str, ServiceTopics] = {
     "identity": ServiceTopics(
-        consumes=(t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS, t.TOKENS_CODE_REJECTED),
+        consumes=(
+            t.RECOVERY_REQUESTS,
+            t.PASSWORD_UPDATED,
+            t.IDENTITY_COMMANDS,
+            t.TOKENS_CODE_REJECTED,
+            t.IDENTITY_OPERATOR_KEYS,  # the registry of operator public keys (written by `admin` only)
+        ),
         produces=(
             t.RECOVERY_OUTCOMES,  # "accepted" for every request
             t.IDENTITY_VERIFIED,
@@ -46,6 +52,8 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
             t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)
+            t.IDENTITY_EMAIL_CHANGE_REQUESTED,  # both addresses are told before a change takes effect
+            t.IDENTITY_COMMAND_RESULTS,  # what became of each operator command, for the operator
         ),
     ),
     "tokens": ServiceTopics(
@@ -60,25 +68,45 @@ SERVICES: dict[str, ServiceTopics] = {
         produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.TOKENS_CODE_REJECTED, t.RECOVERY_OUTCOMES),
     ),
     "notifier": ServiceTopics(
-        consumes=(t.TOKENS_ISSUED, t.PASSWORD_UPDATED, t.IDENTITY_LOCKED, t.IDENTITY_EMAIL_CHANGED),
+        consumes=(
+            t.TOKENS_ISSUED,
+            t.PASSWORD_UPDATED,
+            t.IDENTITY_LOCKED,
+            t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_EMAIL_CHANGE_REQUESTED,
+        ),
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
     "password": ServiceTopics(
-        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED),
-        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED),
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.LOGIN_CHECKS),
+        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
     ),
     "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
 # The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
-    "portal": ServiceTopics(consumes=(t.RECOVERY_OUTCOMES,), produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS)),
-    # The `clave` command: its commands' results are read from the audit log.
-    "operator": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=(t.IDENTITY_COMMANDS,)),
+    "portal": ServiceTopics(
+        consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
+        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS),
+    ),
+    # The `clave` command: signed commands; their results on a narrow topic (not the audit log).
+    "operator": ServiceTopics(consumes=(t.IDENTITY_COMMAND_RESULTS,), produces=(t.IDENTITY_COMMANDS,)),
     "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
-PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES)
+PORTAL_FACING = (
+    t.RECOVERY_REQUESTS,
+    t.RECOVERY_RESETS,
+    t.RECOVERY_OUTCOMES,
+    t.LOGIN_CHECKS,
+    t.LOGIN_RESULTS,
+    t.ACCOUNT_KEY_CHANGED,
+)
+
+# Written by the `admin` principal alone (a broker super user, which needs no ACL): no ACL lets
+# anyone else write them. The operator key registry: only admin decides who is an operator.
+ADMIN_ONLY = (t.IDENTITY_OPERATOR_KEYS,)
 
 
 def group_id(service: str) -> str:
@@ -101,10 +129,10 @@ def source_of(service: str) -> str:
 def expected_sources(topic: str) -> frozenset[str] | None:
     """The `source`s an event on `topic` may carry: those of the services that write it (for
     `audit.events`, every service). None for a topic a people-facing client writes (the portal,
-    the operator's command): they name themselves as they like, and the broker's ACLs are what
-    prove them. A topic no one writes accepts no source."""
-    if any(topic in spec.produces for spec in CLIENTS.values()):
-        return None
+    the operator's command) or `admin` alone (ADMIN_ONLY): they name themselves as they like, and
+    the broker's ACLs are what prove them. A topic no one writes accepts no source."""
+    if topic in ADMIN_ONLY or any(topic in spec.produces for spec in CLIENTS.values()):
+        return None  # admin's operator key registry: its broker ACL (admin alone) is the proof
     return frozenset(source_of(service) for service in SERVICES if topic in writes(service))
 
 
@@ -131,6 +159,22 @@ TOPICS: dict[str, TopicContract] = {
         "The `request_id`.",
         "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
     ),
+    t.LOGIN_CHECKS: TopicContract(
+        (EventType.LOGIN_CHECK_REQUESTED,),
+        "The national ID as the citizen typed it.",
+        "The portal asks whether a key is the citizen's (a login): answered on `login.results` by `check_id`.",
+    ),
+    t.LOGIN_RESULTS: TopicContract(
+        (EventType.LOGIN_RESULT,),
+        "The `check_id`.",
+        "The password service's answer to a credential check: `valid` or `invalid`, the same for an unknown ID "
+        "as for a wrong key.",
+    ),
+    t.ACCOUNT_KEY_CHANGED: TopicContract(
+        (EventType.ACCOUNT_KEY_CHANGED,),
+        "The national ID (normalised: digits only).",
+        "A citizen's key changed (a recovery, or the initial key from the registry): end their other sessions.",
+    ),
     t.IDENTITY_VERIFIED: TopicContract(
         (EventType.IDENTITY_VERIFIED,),
         "The internal `account_id`.",
@@ -152,9 +196,35 @@ TOPICS: dict[str, TopicContract] = {
         "An account came from the registry import, with its initial key sealed for the password service.",
     ),
     t.IDENTITY_COMMANDS: TopicContract(
-        (EventType.OPERATOR_EMAIL_UPDATE, EventType.OPERATOR_UNLOCK, EventType.OPERATOR_SEND_RECOVERY),
-        "The national ID the command is about.",
-        "Operator commands from the `clave` command (each with an operator id and a reason).",
+        (
+            EventType.OPERATOR_EMAIL_UPDATE,
+            EventType.OPERATOR_UNLOCK,
+            EventType.OPERATOR_SEND_RECOVERY,
+            EventType.OPERATOR_APPROVE,
+            EventType.OPERATOR_ACCOUNT_IMPORT,
+        ),
+        "The national ID the command is about (an approval: the id of the command it approves).",
+        "Operator commands from the `clave` command, each signed with the operator's Ed25519 key (with an "
+        "operator id and a reason). Unsigned, badly signed, unknown-operator, expired or replayed commands are "
+        "dead-lettered with their reason.",
+    ),
+    t.IDENTITY_OPERATOR_KEYS: TopicContract(
+        (EventType.OPERATOR_KEY_REGISTERED, EventType.OPERATOR_KEY_REVOKED),
+        "The operator id.",
+        "The registry of operator public keys. Only the `admin` principal may write it (no ACL grants it to "
+        "anyone else); identity audits each change. Kept forever.",
+    ),
+    t.IDENTITY_COMMAND_RESULTS: TopicContract(
+        (EventType.OPERATOR_COMMAND_RESULT,),
+        "The command id.",
+        "What became of each operator command (done, refused with reasons, pending approval, applied): what the "
+        "operator reads instead of the audit log.",
+    ),
+    t.IDENTITY_EMAIL_CHANGE_REQUESTED: TopicContract(
+        (EventType.IDENTITY_EMAIL_CHANGE_REQUESTED,),
+        "The internal `account_id`.",
+        "An e-mail change was requested: tell the old and the new address before it takes effect (after a "
+        "second operator's approval and the cooling-off period).",
     ),
     t.IDENTITY_DECLINED: TopicContract(
         (EventType.IDENTITY_DECLINED,),

@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 RECOVERY_REQUESTS = "recovery.requests"
 RECOVERY_RESETS = "recovery.resets"
 RECOVERY_OUTCOMES = "recovery.outcomes"
+LOGIN_CHECKS = "login.checks"  # portal -> password: is this the citizen's key?
+LOGIN_RESULTS = "login.results"  # password -> portal: valid / invalid, keyed by check_id
+ACCOUNT_KEY_CHANGED = "account.key_changed"  # password -> portal: end the citizen's other sessions
 
 # Internal.
 IDENTITY_VERIFIED = "identity.verified"
@@ -20,6 +23,11 @@ IDENTITY_EMAIL_CHANGED = "identity.email_changed"
 IDENTITY_ACCOUNT_REGISTERED = "identity.account_registered"
 IDENTITY_COMMANDS = "identity.commands"
 IDENTITY_DECLINED = "identity.declined"
+# Operators (issue 9): the registry of their public keys (written by `admin` alone), the results
+# of their commands (read by the operator), and the notice of a requested e-mail change.
+IDENTITY_OPERATOR_KEYS = "identity.operator_keys"
+IDENTITY_COMMAND_RESULTS = "identity.command_results"
+IDENTITY_EMAIL_CHANGE_REQUESTED = "identity.email_change_requested"
 TOKENS_ISSUED = "tokens.issued"
 TOKENS_REDEEMED = "tokens.redeemed"
 TOKENS_CODE_REJECTED = "tokens.code_rejected"
@@ -47,15 +55,30 @@ CONSUMED = (
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMANDS,
     IDENTITY_DECLINED,
+    IDENTITY_OPERATOR_KEYS,
+    IDENTITY_EMAIL_CHANGE_REQUESTED,
     TOKENS_ISSUED,
     TOKENS_REDEEMED,
     TOKENS_CODE_REJECTED,
     PASSWORD_UPDATED,
     PASSWORD_REJECTED,
     AUDIT_EVENTS,  # by the audit read model, which dead-letters what it cannot project
+    LOGIN_CHECKS,
 )
 
-PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED)
+PRODUCED_ONLY = (
+    RECOVERY_OUTCOMES,
+    NOTIFIER_SENT,
+    NOTIFIER_FAILED,
+    IDENTITY_COMMAND_RESULTS,
+    LOGIN_RESULTS,
+    ACCOUNT_KEY_CHANGED,
+)
+# Kept forever: the audit log, and the operator key registry (its log of record, small).
+KEPT_FOREVER = (AUDIT_EVENTS, IDENTITY_OPERATOR_KEYS)
+
+# What citizens typed, in the clear: short retention, off the disk soon after (portal_input).
+PORTAL_INPUTS = (RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS)
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -127,9 +150,9 @@ def all_topics(
     `min_insync_replicas`, every topic sets it (the provisioning passes the cluster's)."""
     specs: list[TopicSpec] = []
     for name in CONSUMED + PRODUCED_ONLY:
-        if name == AUDIT_EVENTS:
+        if name in KEPT_FOREVER:
             specs.append(TopicSpec(name, partitions, -1))
-        elif name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+        elif name in PORTAL_INPUTS:
             specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
             specs.append(TopicSpec(name, partitions, internal_retention_ms))
@@ -153,6 +176,12 @@ class EventType:
     OPERATOR_EMAIL_UPDATE = "ec.clave.operator.email_update.v1"
     OPERATOR_UNLOCK = "ec.clave.operator.unlock.v1"
     OPERATOR_SEND_RECOVERY = "ec.clave.operator.send_recovery.v1"
+    OPERATOR_APPROVE = "ec.clave.operator.approve.v1"
+    OPERATOR_ACCOUNT_IMPORT = "ec.clave.operator.account_import.v1"
+    OPERATOR_KEY_REGISTERED = "ec.clave.operator.key_registered.v1"
+    OPERATOR_KEY_REVOKED = "ec.clave.operator.key_revoked.v1"
+    OPERATOR_COMMAND_RESULT = "ec.clave.operator.command_result.v1"
+    IDENTITY_EMAIL_CHANGE_REQUESTED = "ec.clave.identity.email_change_requested.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
     TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"
@@ -160,5 +189,8 @@ class EventType:
     PASSWORD_REJECTED = "ec.clave.password.rejected.v1"
     NOTIFIER_SENT = "ec.clave.notifier.sent.v1"
     NOTIFIER_FAILED = "ec.clave.notifier.failed.v1"
+    LOGIN_CHECK_REQUESTED = "ec.clave.login.check_requested.v1"
+    LOGIN_RESULT = "ec.clave.login.result.v1"
+    ACCOUNT_KEY_CHANGED = "ec.clave.account.key_changed.v1"
     AUDIT = "ec.clave.audit.v1"
     DEAD_LETTER = "ec.clave.dead_letter.v1"

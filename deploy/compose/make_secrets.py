@@ -18,6 +18,9 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
   service's key by deleting its .pem: the next run makes a new pair and adds its public
   entry, and every older entry stays (the events they signed are verified with them);
   set the old entry's `not_after` (README, "Auditing Clave");
+- dkim/private.pem: the notifier's DKIM key (RSA 2048, DKIM_PRIVATE_KEY), and
+  dkim/dns-record.txt: the TXT value to publish at <selector>._domainkey.<domain>; rotate by
+  a new selector (README, "Mail that lands in the inbox");
 - grafana/admin.password;
 - tls/: a private CA and a certificate for each broker, store member and the mail catcher
   (with the compose host names), since production mode refuses Kafka and MongoDB without TLS.
@@ -217,6 +220,22 @@ def make_audit_keys(w: Writer) -> None:
         )
 
 
+def make_dkim_key(w: Writer) -> None:
+    """The notifier's DKIM key (RSA 2048, PKCS#1 PEM as dkimpy reads it) and the TXT record
+    to publish at <selector>._domainkey.<domain> (README: "Mail that lands in the inbox")."""
+    private = w.root / "dkim" / "private.pem"
+    if private.exists():
+        pem = private.read_bytes()
+    else:
+        pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        w.file("dkim/private.pem", lambda: pem)
+    key = serialization.load_pem_private_key(pem, password=None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    w.file("dkim/dns-record.txt", lambda: f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}\n")
+
+
 def make_tls(w: Writer) -> None:
     ca_key_path = w.root / "tls" / "ca.key"
     if ca_key_path.exists():
@@ -261,6 +280,7 @@ def make_all(root: Path) -> list[str]:
     for name, fernet in all_keys().items():
         w.file(f"keys/{name}", _fernet_key if fernet else _password)
     make_audit_keys(w)
+    make_dkim_key(w)
     w.file("grafana/admin.password", _password)
     make_tls(w)
     return w.created

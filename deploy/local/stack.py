@@ -89,6 +89,11 @@ service gets its own private key only (AUDIT_SIGNING_KEY); everything else run b
 stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
 private key.
 
+Operator keys: with the topics, development operators (op-1, op-2, demo, bench) get an
+Ed25519 key pair each in $VAR_DIR/secrets/operators (<operator>.pem, 0600), registered by
+admin on identity.operator_keys (deploy/local/operator_keys.py); `run` gives its command
+OPERATOR_KEYS_DIR and OPERATOR_ID=op-1, so `clave accounts ...` signs as op-1.
+
 Pid files: a pid is ours only while /proc/PID/cmdline carries the component's signature
 (a reused pid is never signalled).  A pid file is written once the process has exec'd its
 command (subprocess waits for the exec), so a starting component is never taken for one
@@ -133,6 +138,8 @@ KAFKA_POM = HERE / "kafka" / "pom.xml"
 KAFKA_LOG4J = HERE / "kafka" / "log4j2.yaml"
 PROM_DIR = ROOT / "deploy" / "prometheus"
 
+# Development operators the stack makes and registers (deploy/local/operator_keys.py).
+DEV_OPERATORS = ("op-1", "op-2", "demo", "bench")
 INFRA = ("store", "kafka", "mailcatcher")
 TIERS = ("prometheus", "services", "mailcatcher", "store", "kafka")  # stop order
 READY_TIMEOUT = {"kafka": 120, "store": 60, "mailcatcher": 30, "prometheus": 60, "service": 90}
@@ -299,6 +306,8 @@ class Stack:
         self.admin_props = self.secrets_dir / "admin.properties"
         self.started_file = self.run_dir / "started-by-ensure"
         self.audit_keys_dir = self.var_dir / "secrets" / "audit"
+        self.dkim_env: dict[str, str] = {}  # the notifier's DKIM setting (local_keys)
+        self.operator_keys_dir = self.var_dir / "secrets" / "operators"
         self.audit_public = Path(env.get("AUDIT_PUBLIC_KEYS") or self.audit_keys_dir / "public")
         self.prometheus = env.get("PROMETHEUS", "0") == "1"
         self.prometheus_port = env_int("PROMETHEUS_PORT", 9090)
@@ -634,7 +643,20 @@ log.retention.check.interval.ms=300000
         )
         if rc != 0:
             raise StackError("topic or ACL provisioning failed")
+        if "--describe" not in extra:
+            self.operator_keys()
         say(f"topics and ACLs: done in {since(t0)}")
+
+    def operator_keys(self) -> None:
+        """Development operators (op-1, op-2; demo and bench for those programs): their key pairs
+        in OPERATOR_KEYS_DIR, registered by admin on identity.operator_keys (every operator
+        command is signed; deploy/local/operator_keys.py)."""
+        rc = subprocess.call(
+            [str(self.py), str(HERE / "operator_keys.py"), str(self.operator_keys_dir), *DEV_OPERATORS],
+            env={**os.environ, "KAFKA_CLIENT_PROPERTIES": str(self.admin_props)},
+        )
+        if rc != 0:
+            raise StackError("operator keys failed")
 
     # ---- the store
 
@@ -792,6 +814,18 @@ log.retention.check.interval.ms=300000
         """Key material the services need, made once before the first of them starts (the small
         deploy/local/*.py scripts other features add are called from here, one line each)."""
         self.audit_keys()
+        dkim_dirs = (self.var_dir / "secrets" / "dkim", self.var_dir / "dkim")
+        self.dkim_env = self.dkim_env or self.key_script("dkim_key.py", *dkim_dirs)
+
+    def key_script(self, script: str, *args: Path) -> dict[str, str]:
+        """Run a deploy/local key script; the settings it prints (NAME=value lines) for the
+        service that uses them. DKIM: the notifier's key (made once) and its DNS record in
+        var/dkim/."""
+        self.need_python()
+        done = subprocess.run([str(self.py), str(HERE / script), *map(str, args)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"{script}: {done.stderr.strip() or 'failed'}")
+        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
     def service_env(self, c: str) -> dict[str, str]:
         """What an instance runs with: the stack's environment, its service's own audit signing
@@ -808,6 +842,8 @@ log.retention.check.interval.ms=300000
             KAFKA_SASL_PASSWORD=self.secret(service),
         )
         env[f"{service.upper()}_METRICS_PORT"] = str(self.metrics_port(c))
+        if service == "notifier":  # the DKIM key is the notifier's alone
+            env.update(self.dkim_env)
         return env
 
     # ---- start / stop
@@ -1183,7 +1219,14 @@ def cmd_run(argv: list[str]) -> int:
     # The command (tests, demo, bench) observes as admin; it takes another principal's
     # properties file where it plays the portal, an operator or an auditor.
     try:
-        rc = subprocess.call(argv, env={**os.environ, "KAFKA_CLIENT_PROPERTIES": str(stack.admin_props)})
+        # ... and signs operator commands as op-1 (op-2 is the second operator) unless told otherwise.
+        env = {
+            **os.environ,
+            "KAFKA_CLIENT_PROPERTIES": str(stack.admin_props),
+            "OPERATOR_KEYS_DIR": str(stack.operator_keys_dir),
+            "OPERATOR_ID": os.environ.get("OPERATOR_ID", "op-1"),
+        }
+        rc = subprocess.call(argv, env=env)
     except OSError as exc:
         print(f"stack: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         rc = 127

@@ -19,11 +19,9 @@ from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
     CodeRejected,
-    EmailChanged,
     IdentityDeclined,
     IdentityLocked,
     IdentityVerified,
-    OperatorCommand,
     PasswordUpdated,
     Recipient,
     RecoveryOutcome,
@@ -31,7 +29,6 @@ from shared.schemas import (
 )
 from shared.topics import (
     IDENTITY_DECLINED,
-    IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
     IDENTITY_VERIFIED,
     RECOVERY_OUTCOMES,
@@ -63,9 +60,6 @@ class IdentityHandlers:
             "clave_identity_requests_total", "Recovery requests by audited result", ["result"]
         )
         self.lockouts = metrics.counter("clave_identity_lockouts_total", "Address blocks locked out of an account")
-        self.operator_commands = metrics.counter(
-            "clave_identity_operator_commands_total", "Operator commands", ["command", "result"]
-        )
 
     def ref(self, value: str) -> str:
         return keyed_hash(self.settings.pseudonym_key, value)
@@ -166,6 +160,16 @@ class IdentityHandlers:
                 req.request_id,
                 EventType.RECOVERY_OUTCOME,
                 RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
+            )
+        if Emit.DUPLICATE in decision.emit:
+            # Its own reason: the portal knows the first copy's answer stands (no account is named).
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                req.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(
+                    request_id=req.request_id, stage="request", status="rejected", reasons=[Reason.DUPLICATE_REQUEST]
+                ),
             )
         if Emit.VERIFIED in decision.emit and account is not None:
             ctx.emit(
@@ -321,133 +325,5 @@ class IdentityHandlers:
 
         async def writes(s: AsyncClientSession) -> None:
             await self.store.clear_lockout(keys, s)
-
-        await ctx.commit(writes)
-
-    # ---- identity.commands: operator actions --------------------------------------------------
-
-    def _operator_result(
-        self,
-        ctx: HandlerContext,
-        cmd: OperatorCommand,
-        action: str,
-        outcome: str,
-        *,
-        account_id: str | None = None,
-        subject_ref: str | None = None,
-        request_id: str | None = None,
-        reasons: list[str] | None = None,
-        **details: str,
-    ) -> None:
-        """Audit an operator command's result with who, why and which command; count it."""
-        ctx.audit(
-            action,
-            outcome,
-            actor=cmd.operator_id,
-            account_id=account_id,
-            subject_ref=subject_ref,
-            request_id=request_id,
-            reasons=reasons,
-            details={"reason": cmd.reason, "command_id": cmd.command_id, **details},
-        )
-        self.operator_commands.labels(action, outcome).inc()
-
-    async def _command_account(self, ctx: HandlerContext, cmd: OperatorCommand, action: str) -> Account | None:
-        digits = "".join(c for c in cmd.national_id if c.isdigit())
-        try:
-            national_id = domain.normalize_national_id(
-                "employer" if len(digits) == 13 else "affiliate", cmd.national_id
-            )
-        except domain.InvalidId:
-            self._operator_result(
-                ctx, cmd, action, "rejected", subject_ref=self.ref(cmd.national_id), reasons=[Reason.ID_INVALID]
-            )
-            return None
-        account = await self.store.by_national_id(national_id)
-        if account is None:
-            self._operator_result(
-                ctx, cmd, action, "rejected", subject_ref=self.ref(national_id), reasons=[Reason.ACCOUNT_UNKNOWN]
-            )
-        return account
-
-    async def operator_unlock(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        account = await self._command_account(ctx, cmd, "operator_unlock")
-        if account is None:
-            return
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(CounterKeys.for_account(account.account_id), s)
-
-        self._operator_result(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
-        await ctx.commit(writes)
-
-    async def operator_email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        action = "operator_email_update"
-        account = await self._command_account(ctx, cmd, action)
-        if account is None:
-            return
-        try:
-            new_email = domain.normalize_email(cmd.new_email or "")
-        except ValueError:
-            self._operator_result(
-                ctx, cmd, action, "rejected", account_id=account.account_id, reasons=["email_invalid"]
-            )
-            return
-        ctx.emit(
-            IDENTITY_EMAIL_CHANGED,
-            account.account_id,
-            EventType.IDENTITY_EMAIL_CHANGED,
-            EmailChanged(
-                command_id=cmd.command_id,
-                account_id=account.account_id,
-                old_recipient=recipient(account),
-                new_recipient=recipient(account, new_email),
-                operator_id=cmd.operator_id,
-            ),
-        )
-        self._operator_result(
-            ctx, cmd, action, "success", account_id=account.account_id, new_email_masked=domain.mask_email(new_email)
-        )
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.set_email(account.account_id, new_email, s)
-
-        await ctx.commit(writes)
-
-    async def operator_send_recovery(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        action = "operator_send_recovery"
-        account = await self._command_account(ctx, cmd, action)
-        if account is None:
-            return
-        now = datetime.now(UTC)
-        request_id = f"op-{cmd.command_id}"
-        keys = CounterKeys.for_account(account.account_id)
-        if not domain.mailbox_allows((await self.store.counters(keys)).principal, self.limits, now):
-            self._operator_result(
-                ctx,
-                cmd,
-                action,
-                "rejected",
-                account_id=account.account_id,
-                request_id=request_id,
-                reasons=[Reason.RATE_LIMITED],
-            )
-            return
-        # The mail goes to the registered address only; the operator never sees the link.
-        ctx.emit(
-            IDENTITY_VERIFIED,
-            account.account_id,
-            EventType.IDENTITY_VERIFIED,
-            IdentityVerified(
-                request_id=request_id,
-                account_id=account.account_id,
-                recipient=recipient(account),
-                actor=cmd.operator_id,
-            ),
-        )
-        self._operator_result(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_mail(keys, now, s)
 
         await ctx.commit(writes)

@@ -40,6 +40,8 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     "account_locked": frozenset({"name", "unlock_minutes"}),
     "email_changed_old": frozenset({"name", "new_email_masked", "changed_at"}),
     "email_changed_new": frozenset({"name"}),
+    "email_change_requested_old": frozenset({"name", "new_email_masked", "requested_at", "not_before"}),
+    "email_change_requested_new": frozenset({"name", "requested_at", "not_before"}),
 }
 
 # Values that must never reach a subject line: subjects show up in lock-screen

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from clave_portal import PortalClient, PortalSettings
 
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.contract import expected_sources
@@ -109,6 +111,20 @@ async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
 
 
 @pytest.fixture(scope="session")
+async def client(stack: WorkbenchSettings) -> AsyncIterator[PortalClient]:
+    """The portal's client library (clients/python), with the portal principal's own settings."""
+    async with PortalClient(
+        PortalSettings.from_properties(principal_properties(PORTAL)), source="/portal/tests", timeout=60
+    ) as c:
+        yield c
+
+
+def citizen_ip() -> str:
+    """A citizen's address: many of them, so the per-address limits stay out of the way."""
+    return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+
+
+@pytest.fixture(scope="session")
 async def audit_log(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
     """Every audit event published during the session."""
     w = TopicWatcher(stack, [AUDIT_EVENTS])
@@ -175,7 +191,7 @@ class World:
         """Import citizens with the operator's CLI; wait until their initial keys are stored.
         Returns their internal account ids."""
         path = write_jsonl(list(citizens), Path(tempfile.mkdtemp()) / "accounts.jsonl")
-        await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-tests")
+        await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-1")
         refs = {keyed_hash(self.settings.pseudonym_key, c.national_id) for c in citizens}
         imported = await self.audit_log.wait(
             lambda _t, _h, d: d["data"].get("action") == "account_imported" and d["data"].get("subject_ref") in refs,

@@ -415,6 +415,9 @@ def host_path(compose: dict[str, Any], service: dict[str, Any], path: str, secre
     raise AssertionError(f"{path}: neither a mounted secret nor under a bind mount")
 
 
+DKIM_KEY = "DKIM_PRIVATE_KEY"  # a file path, as the signing key
+
+
 def resolve_secret_files(
     compose: dict[str, Any], service: dict[str, Any], env: dict[str, str], secrets_dir: Path
 ) -> dict[str, str]:
@@ -427,7 +430,7 @@ def resolve_secret_files(
         if name.endswith(SECRET_FILE):
             assert value in mounts, f"{name}={value}: no such secret mounted"
             out[name.removesuffix(SECRET_FILE)] = host_path(compose, service, value, secrets_dir).read_text().strip()
-        elif name in (SIGNING_KEY, PUBLIC_KEYS):
+        elif name in (SIGNING_KEY, PUBLIC_KEYS, DKIM_KEY):
             out[name] = str(host_path(compose, service, value, secrets_dir))
         else:
             out[name] = value
@@ -472,6 +475,10 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         assert (PUBLIC_KEYS in env) == make_secrets.verifies_audit(name), name
         if PUBLIC_KEYS in env:
             assert bind_mounts(spec)[env[PUBLIC_KEYS]] == ("./secrets/audit/public", True)
+        # The notifier alone signs mail (DKIM), with a key from a secret of its own.
+        assert (DKIM_KEY in env) == (name == "notifier"), name
+        if DKIM_KEY in env:
+            assert compose["secrets"][mounted_secrets(spec)[env[DKIM_KEY]]]["file"] == "./secrets/dkim/private.pem"
         # With the secrets make_secrets.py makes, production mode accepts every setting.
         resolved = resolve_secret_files(compose, spec, env, made_secrets)
         assert gate(cls, resolved, monkeypatch) == [], name
@@ -882,6 +889,13 @@ def test_chart_deployments_match_the_code(
             files[PUBLIC_KEYS] = str(public_keys)
         # The Secret holds the PEM make_secrets.py (or `clave audit keygen`) made for it.
         files[SIGNING_KEY] = str(made_secrets / "audit" / f"{name}.pem")
+        # The notifier alone signs mail (DKIM): a file from its own Secret too.
+        assert (DKIM_KEY in values) == (name == "notifier"), name
+        if DKIM_KEY in values:
+            dkim_volume = mounted_from(pod, container, values[DKIM_KEY])["secret"]
+            assert dkim_volume["secretName"] == signing["secretName"] and dkim_volume["defaultMode"] & 0o007 == 0
+            assert dkim_volume["items"] == [{"key": DKIM_KEY, "path": Path(values[DKIM_KEY]).name}]
+            files[DKIM_KEY] = str(made_secrets / "dkim" / "private.pem")
         keys = make_secrets.service_keys(name)
         filled = {
             **values,
@@ -1135,7 +1149,7 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
     portal_writes = {
         a.resource_name for a in wanted if a.principal == "portal" and a.operation is provision.Operation.WRITE
     }
-    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
+    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS}
     # Idempotent: a second run finds every ACL in place and asks for none.
     RecordingAdmin.acl_requests = []
     assert asyncio.run(provision.provision_acls(dry_run=False, prune=False, describe=False)) == 0

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from stdnum.ec import ci
-
 from clave_page.app import create_app
 from clave_page.backend import ResetAnswer
 from clave_page.settings import PageSettings
+from fastapi.testclient import TestClient
+from stdnum.ec import ci
 
 CEDULA = "1710034065"
 RUC = "1790011674001"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from clave_page.backend import ResetAnswer
 from clave_portal import PortalClient, PortalSettings
+
+from clave_page.backend import ResetAnswer
 
 
 class PortalBackend:

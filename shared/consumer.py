@@ -38,7 +38,6 @@ from typing import Any, TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared.audit import audit_event
 from shared.contract import expected_sources
@@ -47,7 +46,7 @@ from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_err
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
 from shared.settings import PlatformSettings
-from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
+from shared.store import DuplicateEvent, Outgoing, ServiceStore, Write, is_transient
 from shared.topics import EventType, dlq
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,6 @@ HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same wa
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
 DLQ_DETAIL_CHARS = 500
-
-Writes = Callable[[AsyncClientSession], Awaitable[None]]
 
 
 @dataclass
@@ -77,6 +74,8 @@ class HandlerContext:
     replies: list[Outgoing] = field(default_factory=list)  # also sent at once after the commit (see reply)
     committed: bool = False
     raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
+    partition: int = -1  # where the record came from (-1: not from Kafka)
+    offset: int = -1
 
     @property
     def source(self) -> str:
@@ -129,8 +128,18 @@ class HandlerContext:
             audit_event(record, correlationid=self.event.correlationid, causationid=self.event.id, source=self.source)
         )
 
-    async def commit(self, writes: Writes | None = None) -> None:
-        await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=writes, outgoing=self.outgoing)
+    async def commit(self, *writes: Write) -> None:
+        """Store everything at once: the processed-event record, the staged events and the
+        store's intent writes (`shared.store.Write`), in one transaction, as one bulk write."""
+        await self.store.commit(
+            consumer=self.consumer, event_id=self.event.id, writes=list(writes), outgoing=self.outgoing
+        )
+        self.committed = True
+
+    def settled(self) -> None:
+        """The handler stored its effect itself, in one idempotent write keyed by the event
+        (the audit read model): no transaction, no processed-event record, nothing to relay."""
+        assert not self.outgoing, "a handler that emits commits through the outbox"
         self.committed = True
 
 
@@ -217,12 +226,13 @@ class EventPipeline:
         started = time.perf_counter()
         position = (record.partition, record.offset)
         settled = False  # handled or parked: nothing about this record is kept
+        relay = True  # something went to the outbox: the relay has work
         try:
             parsed = self._parse(raw)
             if isinstance(parsed, BadInput):
                 await self._park(record, raw, parsed)
             else:
-                await self._handle(record, raw, parsed)
+                relay = await self._handle(record, raw, parsed)
             settled = True
         except Exception as exc:
             # Store or broker trouble (or a handler failure not yet counted out): back off,
@@ -238,7 +248,8 @@ class EventPipeline:
                 self._attempts.pop(position, None)
             self.metrics.duration.labels(self.topic).observe(time.perf_counter() - started)
         self._failure_streak = 0
-        self.on_committed()
+        if relay:
+            self.on_committed()  # not for nothing: a wake with nothing to publish costs a read
 
     def _parse(self, raw: bytes) -> Parsed | BadInput:
         """The only parse of the record: the event, its route and its data, or why not."""
@@ -267,9 +278,19 @@ class EventPipeline:
                 HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
             )
 
-    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> None:
+    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> bool:
+        """Run the handler (or park the record); whether anything went to the outbox."""
         event, route, data = parsed
-        ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
+        ctx = HandlerContext(
+            self.service,
+            self.consumer,
+            self.topic,
+            event,
+            self.store,
+            raw=raw,
+            partition=record.partition,
+            offset=record.offset,
+        )
         try:
             await route.handler(ctx, data)
             if not ctx.committed:
@@ -292,10 +313,11 @@ class EventPipeline:
             self.metrics.consumed.labels(self.topic, event.type).inc()
             if ctx.committed and ctx.replies:
                 await self._reply_now(ctx.replies)
-            return
+            return bool(ctx.outgoing)
         bad.correlationid = event.correlationid
         bad.data = event.data
         await self._park(record, raw, bad)
+        return True
 
     async def _reply_now(self, replies: list[Outgoing]) -> None:
         """Send committed replies at once; on any failure the outbox copy still goes."""

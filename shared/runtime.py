@@ -97,7 +97,7 @@ class Service:
             store=self.store,
             settings=self.settings,
             metrics=self.metrics,
-            on_committed=self.relay.wake,
+            on_committed=self.relay.committed,
             answer=answer,
             send_now=self.relay.send_now,
         )

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.password import domain
 from services.password.domain import KeyDecision, KeyFacts
 from services.password.policy import PasswordPolicy, Reason
 from services.password.settings import PasswordSettings
 from services.password.store import CounterKeys, Credential, CredentialStore, StaleCounters
-from shared.consumer import HandlerContext, Writes, open_sealed
+from shared.consumer import HandlerContext, open_sealed
 from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash, new_key_context
 from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
@@ -40,6 +38,7 @@ from shared.schemas import (
     PasswordUpdated,
     TokensRedeemed,
 )
+from shared.store import Write
 from shared.throttle import ThrottleState, address_block
 from shared.topics import ACCOUNT_KEY_CHANGED, LOGIN_RESULTS, PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
 
@@ -61,8 +60,8 @@ class KeyVerdict:
     subject_ref: str  # keyed hash of the national ID (audit)
 
 
-# What a caller stages for a verdict (events on ctx; returned writes join the transaction).
-StageVerdict = Callable[[KeyVerdict], Writes | None]
+# What a caller stages for a verdict (events on ctx; returned writes join the one bulk write).
+StageVerdict = Callable[[KeyVerdict], Sequence[Write] | None]
 
 
 class KeyChecker:
@@ -122,7 +121,7 @@ class KeyChecker:
             extra = stage(verdict) if stage is not None else None
             writes = self._writes(keys, facts.throttle, decision, credential, stored, new_hash, extra, now)
             try:
-                await ctx.commit(writes)
+                await ctx.commit(*writes)
                 break
             except StaleCounters:
                 if attempt == STALE_RETRIES:
@@ -222,16 +221,15 @@ class KeyChecker:
         credential: Credential | None,
         stored: str | None,
         new_hash: str | None,
-        extra: Writes | None,
+        extra: Sequence[Write] | None,
         now: datetime,
-    ) -> Writes:
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_key_check(keys, seen, decision.record, now, s)
-            if decision.rehash and credential is not None and stored and new_hash:
-                await self.store.rehash(credential.account_id, stored, new_hash, s)
-            if extra is not None:
-                await extra(s)
-
+    ) -> list[Write]:
+        # The principal's counter first: a lost race refuses the commit before anything else.
+        writes = self.store.record_key_check(keys, seen, decision.record, now)
+        if decision.rehash and credential is not None and stored and new_hash:
+            writes.append(self.store.rehash(credential.account_id, stored, new_hash))
+        if extra is not None:
+            writes.extend(extra)
         return writes
 
 
@@ -287,11 +285,7 @@ class PasswordHandlers:
                 ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
             if evt.national_id is None:
                 return
-
-            async def record_name(s: AsyncClientSession, national_id: str = evt.national_id) -> None:
-                await self.store.set_national_id(evt.account_id, national_id, s)
-
-            await ctx.commit(record_name)
+            await ctx.commit(self.store.set_national_id(evt.account_id, evt.national_id))
             return
         breaks = domain.assess(self.policy, key, reused=False)
         if breaks and not evt.legacy_key:
@@ -299,23 +293,16 @@ class PasswordHandlers:
             # migration option takes one that does not (and marks it to be changed).
             ctx.audit("initial_key_refused", "rejected", account_id=evt.account_id, reasons=breaks)
             if evt.national_id is not None:
-
-                async def name_only(s: AsyncClientSession, national_id: str = evt.national_id) -> None:
-                    await self.store.set_national_id(evt.account_id, national_id, s)
-
-                await ctx.commit(name_only)
+                await ctx.commit(self.store.set_national_id(evt.account_id, evt.national_id))
             return
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
         details = {"must_change": True, "meets_policy": not breaks} if evt.legacy_key else {}
         ctx.audit("initial_key_set", "success", account_id=evt.account_id, details=details)
         self._key_changed(ctx, evt.national_id, now, "initial", None)
 
-        async def save(s: AsyncClientSession) -> None:
-            await self.store.save(
-                evt.account_id, history, now, s, national_id=evt.national_id, must_change=evt.legacy_key
-            )
-
-        await ctx.commit(save)
+        await ctx.commit(
+            *self.store.save(evt.account_id, history, now, national_id=evt.national_id, must_change=evt.legacy_key)
+        )
 
     def _key_changed(
         self, ctx: HandlerContext, national_id: str | None, now: datetime, cause: str, request_id: str | None
@@ -400,13 +387,11 @@ class PasswordHandlers:
         )
         self._key_changed(ctx, credential.national_id if credential else None, now, "recovery", evt.request_id)
 
-        async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, new_history, now, s, token_id=evt.token_id)
+        writes = self.store.save(evt.account_id, new_history, now, token_id=evt.token_id)
+        if credential is not None and credential.national_id is not None:
             # Wrong guesses at the old key no longer matter.
-            if credential is not None and credential.national_id is not None:
-                await self.store.clear_key_failures(self.keys.principal(credential.national_id), s)
-
-        await ctx.commit(save)
+            writes += self.store.clear_key_failures(self.keys.principal(credential.national_id))
+        await ctx.commit(*writes)
         self.changed.inc()
         self.latency.observe((now - (evt.submitted_at or ctx.event.time)).total_seconds())
 

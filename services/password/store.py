@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import UpdateOne
-from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
-
 from services.password.domain import KeyHistory, KeyRecord
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 from shared.throttle import ThrottleState
 
 CREDENTIALS = "credentials"
@@ -112,17 +108,16 @@ class CredentialStore(ServiceStore):
     async def token_used(self, token_id: str) -> bool:
         return await self.db[USED_TOKENS].find_one({"_id": token_id}, {"_id": 1}) is not None
 
-    async def save(
+    def save(
         self,
         account_id: str,
         history: KeyHistory,
         now: datetime,
-        s: AsyncClientSession,
         token_id: str | None = None,
         national_id: str | None = None,
         *,
         must_change: bool = False,
-    ) -> None:
+    ) -> list[Write]:
         # must_change: a legacy key taken by the import's migration option; any key change clears it.
         fields: dict[str, Any] = {
             "hash": history.current,
@@ -132,21 +127,18 @@ class CredentialStore(ServiceStore):
         }
         if national_id is not None:
             fields["national_id"] = national_id
-        await self.db[CREDENTIALS].update_one({"_id": account_id}, {"$set": fields}, upsert=True, session=s)
+        writes = [self.update(CREDENTIALS, {"_id": account_id}, {"$set": fields}, upsert=True)]
         if token_id is not None:
             # One key change per token, even if the tokens service released and re-reserved it.
-            await self.db[USED_TOKENS].insert_one({"_id": token_id, "at": now}, session=s)
+            writes.append(self.insert(USED_TOKENS, {"_id": token_id, "at": now}))
+        return writes
 
-    async def set_national_id(self, account_id: str, national_id: str, s: AsyncClientSession) -> None:
-        await self.db[CREDENTIALS].update_one(
-            {"_id": account_id}, {"$set": {"national_id": national_id}}, upsert=True, session=s
-        )
+    def set_national_id(self, account_id: str, national_id: str) -> Write:
+        return self.update(CREDENTIALS, {"_id": account_id}, {"$set": {"national_id": national_id}}, upsert=True)
 
-    async def rehash(self, account_id: str, old_hash: str, new_hash: str, s: AsyncClientSession) -> None:
+    def rehash(self, account_id: str, old_hash: str, new_hash: str) -> Write:
         """The same key, hashed with today's parameters; only if the key did not change meanwhile."""
-        await self.db[CREDENTIALS].update_one(
-            {"_id": account_id, "hash": old_hash}, {"$set": {"hash": new_hash}}, session=s
-        )
+        return self.update(CREDENTIALS, {"_id": account_id, "hash": old_hash}, {"$set": {"hash": new_hash}})
 
     # ---- login counters ------------------------------------------------------------------------
 
@@ -163,12 +155,10 @@ class CredentialStore(ServiceStore):
             address_failures=_times(a, "failures"),
         )
 
-    async def record_key_check(
-        self, keys: CounterKeys, seen: ThrottleState, record: KeyRecord, now: datetime, s: AsyncClientSession
-    ) -> None:
-        """Apply one check's counts: the same three updates on every path (only their contents
-        differ), so no path costs the store more than another. Raises StaleCounters when the
-        principal changed since `seen` was read."""
+    def record_key_check(self, keys: CounterKeys, seen: ThrottleState, record: KeyRecord, now: datetime) -> list[Write]:
+        """One check's counts: the same three updates on every path (only their contents
+        differ), so no path costs the store more than another. The commit raises StaleCounters
+        when the principal changed since `seen` was read."""
         expires = now + self.retention
         block_set: dict[str, Any] = {
             "principal": keys.principal,
@@ -178,39 +168,38 @@ class CredentialStore(ServiceStore):
             block_set["locked_until"] = record.lock_until
         if record.clear_block:
             block_set["failures"] = []
-        ops = [
+        principal = keys.principal
+        return [
             # Upsert on {_id, rev}: a missing document is created; an existing one with another
             # rev makes the insert collide on _id, which is how a race shows.
-            UpdateOne(
+            self.update(
+                LOGIN_COUNTERS,
                 {"_id": keys.principal_id, "rev": seen.rev},
                 {"$inc": {"rev": 1}, "$set": {"expires_at": expires}, **self._push(now, record.principal_failure)},
                 upsert=True,
+                stale=lambda: StaleCounters(principal),
+                race_codes=RACE_CODES,
             ),
-            UpdateOne(
-                {"_id": keys.block_id}, {"$set": block_set, **self._push(now, record.block_failure)}, upsert=True
+            self.update(
+                LOGIN_COUNTERS,
+                {"_id": keys.block_id},
+                {"$set": block_set, **self._push(now, record.block_failure)},
+                upsert=True,
             ),
-            UpdateOne(
+            self.update(
+                LOGIN_COUNTERS,
                 {"_id": keys.address_id},
                 {"$set": {"expires_at": expires}, **self._push(now, record.address_failure)},
                 upsert=True,
             ),
         ]
-        try:
-            await self.db[LOGIN_COUNTERS].bulk_write(ops, ordered=True, session=s)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") in RACE_CODES for e in errors):
-                raise StaleCounters(keys.principal) from None
-            raise
-        except DuplicateKeyError:
-            raise StaleCounters(keys.principal) from None
 
     def _push(self, now: datetime, on: bool) -> dict[str, Any]:
         return {"$push": {"failures": {"$each": [now], "$slice": -self.keep}}} if on else {}
 
-    async def clear_key_failures(self, principal: str, s: AsyncClientSession) -> None:
+    def clear_key_failures(self, principal: str) -> list[Write]:
         """A new key: the wrong guesses at the old one no longer matter (every block of it)."""
-        await self.db[LOGIN_COUNTERS].update_one(
-            {"_id": f"p:{principal}"}, {"$set": {"failures": []}, "$inc": {"rev": 1}}, session=s
-        )
-        await self.db[LOGIN_COUNTERS].delete_many({"principal": principal}, session=s)
+        return [
+            self.update(LOGIN_COUNTERS, {"_id": f"p:{principal}"}, {"$set": {"failures": []}, "$inc": {"rev": 1}}),
+            self.delete(LOGIN_COUNTERS, {"principal": principal}, many=True),
+        ]

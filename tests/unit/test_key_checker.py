@@ -24,6 +24,7 @@ from shared.schemas import LoginCheckRequested
 from shared.store import Outgoing
 from shared.throttle import ThrottleState
 from shared.topics import LOGIN_CHECKS, LOGIN_RESULTS, EventType
+from tests.memory import Thunk, apply_all, staged
 
 SETTINGS = PasswordSettings(clave_env="development", argon2_time_cost=2, argon2_memory_kib=19456)
 KEY = "Clave2024x"
@@ -47,21 +48,25 @@ class Store:
         self.calls.append("key_counters")
         return ThrottleState()
 
-    async def record_key_check(self, keys: CounterKeys, seen: Any, record: KeyRecord, now: datetime, s: Any) -> None:
+    def record_key_check(self, keys: CounterKeys, seen: Any, record: KeyRecord, now: datetime) -> list[Thunk]:
         self.calls.append("record_key_check")
-        if self.races:
-            self.races -= 1
-            raise StaleCounters(keys.principal)
-        self.records.append((keys, record))
 
-    async def rehash(self, account_id: str, old: str, new: str, s: Any) -> None:
+        async def apply() -> None:  # a lost race shows at the commit, as in the real store
+            if self.races:
+                self.races -= 1
+                raise StaleCounters(keys.principal)
+            self.records.append((keys, record))
+
+        return [apply]
+
+    @staged
+    async def rehash(self, account_id: str, old: str, new: str) -> None:
         self.rehashed.append(new)
 
     async def commit(
         self, *, consumer: str | None, event_id: str | None, writes: Any, outgoing: list[Outgoing]
     ) -> None:
-        if writes is not None:
-            await writes(None)
+        await apply_all(writes)
         self.committed.append(list(outgoing))
 
 

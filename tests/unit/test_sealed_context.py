@@ -47,6 +47,7 @@ from shared.topics import (
     EventType,
     dlq,
 )
+from tests.memory import apply_all, staged, staged_many
 
 PASSWORD = PasswordSettings(clave_env="development", argon2_memory_kib=1024, argon2_time_cost=1)
 NOTIFIER = NotifierSettings(clave_env="development")
@@ -64,8 +65,8 @@ class Outbox:
     async def commit(
         self, *, consumer: str | None, event_id: str | None, writes: Any, outgoing: list[Outgoing]
     ) -> None:
-        if writes is not None:
-            await writes(None)
+        if writes:
+            await apply_all(writes)
             self.writes += 1
         self.commits.append(list(outgoing))
 
@@ -89,10 +90,12 @@ class Credentials(Outbox):
         found = self.saved.get(account_id)
         return None if found is None else Credential(account_id, self.names.get(account_id), found)
 
-    async def set_national_id(self, account_id: str, national_id: str, s: Any) -> None:
+    @staged
+    async def set_national_id(self, account_id: str, national_id: str) -> None:
         self.names[account_id] = national_id
 
-    async def clear_key_failures(self, account_id: str, s: Any) -> None:
+    @staged_many
+    async def clear_key_failures(self, principal: str) -> None:
         pass
 
     async def exists(self, account_id: str) -> bool:
@@ -101,12 +104,12 @@ class Credentials(Outbox):
     async def token_used(self, token_id: str) -> bool:
         return token_id in self.used
 
+    @staged_many
     async def save(
         self,
         account_id: str,
         history: KeyHistory,
         now: datetime,
-        s: Any,
         token_id: str | None = None,
         national_id: str | None = None,
         *,
@@ -294,7 +297,8 @@ async def run_issued(evt: TokensIssued) -> tuple[Outbox, HandlerContext]:
     queued: list[dict[str, Any]] = []
 
     class Mails:
-        async def add(self, docs: list[dict[str, Any]], s: Any) -> None:
+        @staged_many
+        async def add(self, docs: list[dict[str, Any]]) -> None:
             queued.extend(docs)
 
     h = NotifierHandlers(Mails(), NOTIFIER, lambda: None)  # type: ignore[arg-type]

@@ -200,11 +200,18 @@ class World:
         )
         by_ref = {d["data"]["subject_ref"]: d["data"]["account_id"] for d in imported}
         ids = [by_ref[keyed_hash(self.settings.pseudonym_key, c.national_id)] for c in citizens]
-        await self.audit_log.wait(
-            lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") in ids,
+        # Set or refused (a key that breaks the password service's policy): a refusal fails
+        # here with its reasons rather than as a time-out.
+        settled = await self.audit_log.wait(
+            lambda _t, _h, d: (
+                d["data"].get("action") in ("initial_key_set", "initial_key_refused")
+                and d["data"].get("account_id") in ids
+            ),
             count=len(ids),
             timeout=60,
         )
+        refused = [d["data"]["reasons"] for d in settled if d["data"]["action"] == "initial_key_refused"]
+        assert not refused, f"the password service refused initial keys: {refused}"
         return ids
 
     async def citizen(self, **kwargs: Any) -> Citizen:

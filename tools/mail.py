@@ -173,9 +173,12 @@ class Mailbox:
         await self.stop()
 
     async def _poll(self) -> None:
-        while True:
-            self.scan()
-            await asyncio.sleep(self.poll_s)  # a folder has no push: listed again every poll_s
+        try:
+            while True:
+                self.scan()
+                await asyncio.sleep(self.poll_s)  # a folder has no push: listed again every poll_s
+        finally:
+            self._changes.notify()  # waiters see at once that it stopped
 
     def _refresh(self) -> None:
         """Before a waiter's check: scan if no poller does; a dead poller fails the waiter now."""

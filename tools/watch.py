@@ -87,11 +87,11 @@ async def read_from(
 
 async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
     """Stop a task that polls `consumer`, then the consumer. aiokafka's fetcher can surface its
-    own cancelled retry sleep (or a broker error) on close: neither matters once we stop."""
+    own cancelled retry sleep (or a broker error) on close: neither matters once we stop. A task
+    that died keeps its error for whoever reads its results (see TopicWatcher._check_alive)."""
     if task is not None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.gather(task, return_exceptions=True)
     if consumer is not None:
         with contextlib.suppress(asyncio.CancelledError, KafkaError):
             await consumer.stop()
@@ -139,7 +139,7 @@ class TopicWatcher:
 
     async def stop(self) -> None:
         await stop_background_consumer(self._task, self._consumer)
-        self._task = self._consumer = None
+        self._consumer = None  # the finished task stays: its error, if any, is still reported
 
     async def __aenter__(self) -> TopicWatcher:
         await self.start()
@@ -149,6 +149,12 @@ class TopicWatcher:
         await self.stop()
 
     async def _follow(self) -> None:
+        try:
+            await self._follow_records()
+        finally:
+            self._changes.notify()  # waiters see at once that it stopped
+
+    async def _follow_records(self) -> None:
         assert self._consumer is not None
         while True:
             try:
@@ -167,11 +173,16 @@ class TopicWatcher:
                 self._changes.notify()
 
     def _check_alive(self) -> None:
-        """A follower that died (a callback's bug) fails its waiters now, not at their deadline."""
-        if self._task is None:
-            raise RuntimeError("the topic watcher is not started")
-        if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
-            raise RuntimeError(f"the topic watcher on {self.topics} stopped") from self._task.exception()
+        """A follower that died (a callback's bug) fails its readers and waiters now, not at
+        their deadline."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the topic watcher on {self.topics} stopped") from task.exception()
+
+    def _check_following(self) -> None:
+        if self._task is None or self._consumer is None:
+            raise RuntimeError("the topic watcher is not running: nothing it waits for can come")
+        self._check_alive()
 
     # ---- waiting
 
@@ -189,10 +200,12 @@ class TopicWatcher:
             self._changes,
             deadline_of(timeout, deadline),
             what or f"a condition on {self.topics}",
-            refresh=self._check_alive,
+            refresh=self._check_following,
         )
 
     def found(self, predicate: Callable[[Rec], bool]) -> list[Rec]:
+        """The records so far matching `predicate`, in arrival order."""
+        self._check_alive()
         return [rec for rec in list(self.records) if predicate(rec)]
 
     async def wait_records(

@@ -37,7 +37,6 @@ from typing import Any, TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared.audit import audit_event
 from shared.contract import expected_sources
@@ -46,7 +45,7 @@ from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_err
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
 from shared.settings import PlatformSettings
-from shared.store import DuplicateEvent, Outgoing, ServiceStore, is_transient
+from shared.store import DuplicateEvent, Outgoing, ServiceStore, Write, is_transient
 from shared.topics import EventType, dlq
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,6 @@ HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same wa
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
 DLQ_DETAIL_CHARS = 500
-
-Writes = Callable[[AsyncClientSession], Awaitable[None]]
 
 
 @dataclass
@@ -75,6 +72,8 @@ class HandlerContext:
     outgoing: list[Outgoing] = field(default_factory=list)
     committed: bool = False
     raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
+    partition: int = -1  # where the record came from (-1: not from Kafka)
+    offset: int = -1
 
     @property
     def source(self) -> str:
@@ -119,8 +118,18 @@ class HandlerContext:
             audit_event(record, correlationid=self.event.correlationid, causationid=self.event.id, source=self.source)
         )
 
-    async def commit(self, writes: Writes | None = None) -> None:
-        await self.store.commit(consumer=self.consumer, event_id=self.event.id, writes=writes, outgoing=self.outgoing)
+    async def commit(self, *writes: Write) -> None:
+        """Store everything at once: the processed-event record, the staged events and the
+        store's intent writes (`shared.store.Write`), in one transaction, as one bulk write."""
+        await self.store.commit(
+            consumer=self.consumer, event_id=self.event.id, writes=list(writes), outgoing=self.outgoing
+        )
+        self.committed = True
+
+    def settled(self) -> None:
+        """The handler stored its effect itself, in one idempotent write keyed by the event
+        (the audit read model): no transaction, no processed-event record, nothing to relay."""
+        assert not self.outgoing, "a handler that emits commits through the outbox"
         self.committed = True
 
 
@@ -176,12 +185,13 @@ class EventPipeline:
         started = time.perf_counter()
         position = (record.partition, record.offset)
         settled = False  # handled or parked: nothing about this record is kept
+        relay = True  # something went to the outbox: the relay has work
         try:
             parsed = self._parse(raw)
             if isinstance(parsed, BadInput):
                 await self._park(record, raw, parsed)
             else:
-                await self._handle(record, raw, parsed)
+                relay = await self._handle(record, raw, parsed)
             settled = True
         except Exception as exc:
             # Store or broker trouble (or a handler failure not yet counted out): back off,
@@ -197,7 +207,8 @@ class EventPipeline:
                 self._attempts.pop(position, None)
             self.metrics.duration.labels(self.topic).observe(time.perf_counter() - started)
         self._failure_streak = 0
-        self.on_committed()
+        if relay:
+            self.on_committed()  # not for nothing: a wake with nothing to publish costs a read
 
     def _parse(self, raw: bytes) -> Parsed | BadInput:
         """The only parse of the record: the event, its route and its data, or why not."""
@@ -226,9 +237,19 @@ class EventPipeline:
                 HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
             )
 
-    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> None:
+    async def _handle(self, record: ConsumerRecord[Any, Any], raw: bytes, parsed: Parsed) -> bool:
+        """Run the handler (or park the record); whether anything went to the outbox."""
         event, route, data = parsed
-        ctx = HandlerContext(self.service, self.consumer, self.topic, event, self.store, raw=raw)
+        ctx = HandlerContext(
+            self.service,
+            self.consumer,
+            self.topic,
+            event,
+            self.store,
+            raw=raw,
+            partition=record.partition,
+            offset=record.offset,
+        )
         try:
             await route.handler(ctx, data)
             if not ctx.committed:
@@ -249,9 +270,10 @@ class EventPipeline:
             bad = BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}")
         else:
             self.metrics.consumed.labels(self.topic, event.type).inc()
-            return
+            return bool(ctx.outgoing)
         bad.correlationid = event.correlationid
         await self._park(record, raw, bad)
+        return True
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
         """Count a handler failure against its record: has it failed too often to retry?"""

@@ -64,7 +64,7 @@ from shared.kafka import client_kwargs
 from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
-from shared.store import LEASES, OUTBOX, ServiceStore
+from shared.store import DUPLICATE_KEY, LEASES, OUTBOX, ServiceStore, Write
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ class OutboxRelay:
         self._released = asyncio.Event()  # set when this relay gives its lease back
         self._seen: OrderedDict[ObjectId, None] = OrderedDict()
         self._unparkable: set[Any] = set()  # outbox ids whose parking itself failed: skipped
+        self._work_known = False  # woken by a commit of this process: there is something to publish
+        # The audit chain's head (seq, hash) as this relay last wrote it: valid only while it
+        # holds the lease and no sealing failed (nobody else seals meanwhile), so a seal needs
+        # no read of it.
+        self._chain: tuple[int, str] | None = None
 
     def tasks(self) -> list[tuple[asyncio.Task[None], bool]]:
         """The relay's tasks, each with whether it must run for ever (for the supervisor; the
@@ -129,6 +134,12 @@ class OutboxRelay:
         return [(t, forever) for t, forever in ((self._task, True), (self._watcher, False)) if t is not None]
 
     def wake(self) -> None:
+        """Look at the outbox (maybe nothing is there: a look costs one read, no lease write)."""
+        self._wake.set()
+
+    def committed(self) -> None:
+        """This process has just committed outbox events: publish them (no look first)."""
+        self._work_known = True
         self._wake.set()
 
     @property
@@ -175,9 +186,11 @@ class OutboxRelay:
             try:
                 # Cleared before looking, so a wake during the cycle makes the wait return at once.
                 self._wake.clear()
-                if await self.publish_pending() > 0:
+                if await self.publish_pending() >= BATCH:
                     backoff = 0.1
-                    continue
+                    continue  # more may be waiting
+                # Published what there was: a commit made meanwhile has set the wake, so the
+                # linger below returns at once for it; no read to find out there is nothing.
                 backoff = 0.1
                 if self.holding:
                     if await self._sleep(LINGER_S):
@@ -325,6 +338,7 @@ class OutboxRelay:
 
     def _lost(self) -> None:
         self._held_until = 0.0
+        self._chain = None
         self._released.set()
 
     # ---- publishing ----------------------------------------------------------------------------
@@ -333,7 +347,8 @@ class OutboxRelay:
         """Publish one batch of the outbox; the number published. Without the lease, look
         first: a wake or a timer with nothing to publish then costs one read, no write (and
         no lease write that would wake every change stream of a store like secantusd-py)."""
-        if not self.holding:
+        known, self._work_known = self._work_known, False
+        if not self.holding and not known:
             if await self.store.db[OUTBOX].find_one({"sent": False}, {"_id": 1}) is None:
                 self.metrics.outbox_pending.set(0)
                 return 0
@@ -412,11 +427,13 @@ class OutboxRelay:
         """Leave the document in the outbox, out of the relay's way (`sent: null`), with why."""
         oid = doc.get("_id")
         how = describe(exc) if exc is not None else reason
+        park = self.store.update(
+            OUTBOX,
+            {"_id": oid, "sent": False},
+            {"$set": {"sent": None, "parked": reason, "parked_error": how, "parked_at": datetime.now(UTC)}},
+        )
         try:
-            await self.store.db[OUTBOX].update_one(
-                {"_id": oid, "sent": False},
-                {"$set": {"sent": None, "parked": reason, "parked_error": how, "parked_at": datetime.now(UTC)}},
-            )
+            await self.store.apply([park])
         except PyMongoError as err:
             if is_outage(err):
                 raise
@@ -433,42 +450,94 @@ class OutboxRelay:
     async def _seal_audit(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Give each unsealed audit event its place in the chain, durably, before publishing.
 
-        The documents are read again inside the transaction: if a previous attempt's commit
-        landed although its reply was lost (store restart), they are sealed already and must
-        not be sealed a second time (that would skip sequence numbers in the chain)."""
+        While this relay holds the lease it knows the chain's head (it wrote it last): the
+        seals are one bulk write and the commit, each write conditional (an event not sealed
+        yet, the head still where this relay left it). If a condition fails (a previous
+        attempt's commit landed although its reply was lost), the slow path reads everything
+        again inside the transaction, so nothing is sealed twice (that would skip sequence
+        numbers in the chain)."""
+        if self._chain is not None:
+            try:
+                return await self._seal_known_head(docs, *self._chain)
+            except _ChainMoved:
+                log.warning("relay: the audit chain moved under a seal (a lost reply had landed); reading it again")
+            except BaseException:
+                self._chain = None
+                raise
+        self._chain = None
+        return await self._seal_read_head(docs)
+
+    def _seals(
+        self, docs: list[dict[str, Any]], seq: int, prev: str
+    ) -> tuple[list[dict[str, Any]], list[Write], int, str]:
+        out, writes = [], []
+        for doc in docs:
+            if doc["is_audit"] and not doc.get("sealed"):
+                seq += 1
+                value, prev = audit.seal(
+                    json.loads(bytes(doc["value"])), producer=self.service, seq=seq, prev=prev, signer=self.signer
+                )
+                writes.append(
+                    self.store.update(
+                        OUTBOX,
+                        {"_id": doc["_id"], "sealed": {"$ne": True}},
+                        {"$set": {"value": value, "sealed": True}},
+                        stale=_ChainMoved,
+                        must_match=True,
+                    )
+                )
+                doc = {**doc, "value": value, "sealed": True}
+            out.append(doc)
+        return out, writes, seq, prev
+
+    async def _seal_known_head(self, docs: list[dict[str, Any]], seq0: int, hash0: str) -> list[dict[str, Any]]:
+        out, writes, seq, prev = self._seals(docs, seq0, hash0)
+        writes.append(
+            self.store.update(
+                LEASES,
+                {"_id": CHAIN_ID, "seq": seq0},
+                {"$set": {"seq": seq, "hash": prev}},
+                upsert=True,  # the very first seal creates it; another seq collides on _id
+                stale=_ChainMoved,
+                must_match=True,
+                race_codes=frozenset({DUPLICATE_KEY}),
+            )
+        )
+
+        async def work(session: AsyncClientSession) -> None:
+            await self.store.apply(writes, session)
+
+        await self.store.in_transaction(work)
+        self._chain = (seq, prev)
+        return out
+
+    async def _seal_read_head(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ids = [d["_id"] for d in docs]
 
-        async def work(session: AsyncClientSession) -> list[dict[str, Any]]:
+        async def work(session: AsyncClientSession) -> tuple[list[dict[str, Any]], int, str]:
             head = await self.store.db[LEASES].find_one({"_id": CHAIN_ID}, session=session) or {
                 "seq": 0,
                 "hash": audit.GENESIS,
             }
-            seq, prev = int(head["seq"]), str(head["hash"])
+            seq0 = int(head["seq"])
             current = {
                 d["_id"]: d for d in await self.store.db[OUTBOX].find({"_id": {"$in": ids}}, session=session).to_list()
             }
-            out = []
-            for doc in (current[i] for i in ids if i in current):
-                if doc["is_audit"] and not doc.get("sealed"):
-                    seq += 1
-                    value, prev = audit.seal(
-                        json.loads(bytes(doc["value"])),
-                        producer=self.service,
-                        seq=seq,
-                        prev=prev,
-                        signer=self.signer,
-                    )
-                    await self.store.db[OUTBOX].update_one(
-                        {"_id": doc["_id"]}, {"$set": {"value": value, "sealed": True}}, session=session
-                    )
-                    doc = {**doc, "value": value, "sealed": True}
-                out.append(doc)
-            await self.store.db[LEASES].update_one(
-                {"_id": CHAIN_ID}, {"$set": {"seq": seq, "hash": prev}}, upsert=True, session=session
+            out, writes, seq, prev = self._seals([current[i] for i in ids if i in current], seq0, str(head["hash"]))
+            writes.append(
+                self.store.update(LEASES, {"_id": CHAIN_ID}, {"$set": {"seq": seq, "hash": prev}}, upsert=True)
             )
-            return out
+            await self.store.apply(writes, session)
+            return out, seq, prev
 
-        return await self.store.in_transaction(work)
+        out, seq, prev = await self.store.in_transaction(work)
+        if self.holding:
+            self._chain = (seq, prev)
+        return out
+
+
+class _ChainMoved(Exception):
+    """A conditional seal found the chain or an event not as this relay left it."""
 
 
 def unpublishable(doc: dict[str, Any]) -> str | None:

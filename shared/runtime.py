@@ -94,7 +94,7 @@ class Service:
             store=self.store,
             settings=self.settings,
             metrics=self.metrics,
-            on_committed=self.relay.wake,
+            on_committed=self.relay.committed,
         )
 
         subscriber = self.broker.subscriber(

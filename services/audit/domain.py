@@ -101,6 +101,19 @@ def follow(head: dict[str, Any] | None, event: dict[str, Any], keys: KeyRing, le
     return ChainStep(verdict.authentic, problem, reason, new_head)
 
 
+def entry(doc: dict[str, Any], step: ChainStep) -> dict[str, Any]:
+    """The read model's whole document for an event: its projection and what it did to its
+    producer's chain (the new head, or the break). The live consumer and the rebuild both
+    store exactly this."""
+    out = dict(doc)
+    if step.head is not None:
+        out["chain_head"] = step.head
+        out["head_seq"] = int(step.head["seq"])
+    if step.problem is not None:
+        out["chain_break"] = {"reason": step.reason or "", "problem": step.problem}
+    return out
+
+
 def as_recorded_head(producer: str, doc: dict[str, Any]) -> RecordedHead:
     return RecordedHead(
         producer=producer,

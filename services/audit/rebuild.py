@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from services.audit import domain
 from services.audit.app import make_store
 from services.audit.settings import AuditSettings
-from services.audit.store import EVENTS, HEADS
+from services.audit.store import EVENTS
 from shared.auditkeys import KeyRing
 from shared.envelope import BadInput, parse_event
 from shared.kafkaio import read_topic
@@ -71,11 +71,9 @@ async def rebuild(settings: AuditSettings, wait_for_live: float = 60.0) -> Rebui
             if step.problem:
                 report.breaks.append(f"{event['id']}: {step.problem}")
                 broken[doc["_id"]] = step.reason or ""
-            docs[doc["_id"]] = doc
+            docs[doc["_id"]] = domain.entry(doc, step)
         if docs:
             await copy.db[EVENTS].insert_many(list(docs.values()))
-        for producer, head in heads.items():
-            await copy.db[HEADS].insert_one({"_id": producer, **head})
         report.events = len(docs)
 
         # The live model may still be catching up with the end of the log: wait (bounded).
@@ -91,7 +89,7 @@ async def rebuild(settings: AuditSettings, wait_for_live: float = 60.0) -> Rebui
                 report.missing_live.append(event_id)
             elif live_docs[event_id] != doc:
                 report.different.append(event_id)
-        live_heads = {d["_id"]: (d["seq"], d["hash"]) async for d in live.db[HEADS].find()}
+        live_heads = {p: (d["seq"], d["hash"]) for p, d in (await live.heads()).items()}
         live_broken = await live.breaks_for(list(docs))
         report.live_breaks = len(live_broken)
         report.breaks_differ = sorted(set(broken) ^ set(live_broken))

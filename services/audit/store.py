@@ -1,59 +1,62 @@
-"""AuditStore: the audit read model's own database (events by id, signed chain heads, breaks)."""
+"""AuditStore: the audit read model's own database, one document per audit event.
+
+Each event is kept in ONE idempotent write keyed by its event id, with no transaction and no
+processed-event record: the document holds the event's projection and what following its
+producer's chain made of it: the producer's new head when the event advanced the chain
+(`chain_head`, `head_seq`), or the break it is (`chain_break`). A producer's recorded head is
+therefore the document with its highest `head_seq`; a redelivered event writes the same
+document again."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pymongo import ASCENDING
-from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo import ASCENDING, DESCENDING
 
 from shared.store import ServiceStore
 
 EVENTS = "events"
-HEADS = "chain_heads"
-BREAKS = "chain_breaks"
+HEAD = "chain_head"  # the producer's head after this event (only on events that advanced it)
+HEAD_SEQ = "head_seq"
+BREAK = "chain_break"  # {reason, problem}: this event broke its producer's chain
+CHAIN_FIELDS = {HEAD: 0, HEAD_SEQ: 0, BREAK: 0}
 
 
 class AuditStore(ServiceStore):
     async def ensure_service_indexes(self) -> None:
         for field in ("request_id", "account_id", "correlationid", "action", "time"):
             await self.db[EVENTS].create_index([(field, ASCENDING), ("time", ASCENDING)])
-        await self.db[BREAKS].create_index("event_id")
+        await self.db[EVENTS].create_index([("producer", ASCENDING), (HEAD_SEQ, DESCENDING)])
 
     async def head(self, producer: str) -> dict[str, Any] | None:
         """A producer's recorded head: seq, hash, kid, sig, time, event_id and the sealed event."""
-        return await self.db[HEADS].find_one({"_id": producer})
+        doc = await self.db[EVENTS].find_one(
+            {"producer": producer, HEAD_SEQ: {"$gte": 0}}, {HEAD: 1}, sort=[(HEAD_SEQ, DESCENDING)]
+        )
+        return dict(doc[HEAD]) if doc is not None else None
 
     async def heads(self) -> dict[str, dict[str, Any]]:
-        return {str(d["_id"]): d async for d in self.db[HEADS].find()}
+        producers = [p for p in await self.db[EVENTS].distinct("producer") if isinstance(p, str)]
+        found = {p: await self.head(p) for p in producers}
+        return {p: h for p, h in found.items() if h is not None}
 
-    async def record(
-        self,
-        doc: dict[str, Any],
-        producer: str | None,
-        head: dict[str, Any] | None,
-        problem: tuple[str, str] | None,
-        s: AsyncClientSession,
-    ) -> None:
-        """The projected event, the producer's new head (if it moved) and the break (if any),
-        in one transaction. `problem` is (reason code, description)."""
-        await self.db[EVENTS].replace_one({"_id": doc["_id"]}, doc, upsert=True, session=s)
-        if producer is not None and head is not None:
-            await self.db[HEADS].update_one({"_id": producer}, {"$set": head}, upsert=True, session=s)
-        if problem is not None:
-            reason, text = problem
-            await self.db[BREAKS].insert_one(
-                {"event_id": doc["_id"], "producer": producer, "reason": reason, "problem": text, "time": doc["time"]},
-                session=s,
-            )
+    async def projected(self, event_id: str) -> dict[str, Any] | None:
+        """The stored document of this event, if it was projected already (a redelivery)."""
+        return await self.db[EVENTS].find_one({"_id": event_id}, {"digest": 1})
+
+    async def record(self, entry: dict[str, Any]) -> None:
+        """The event's whole entry (`domain.entry`), in one idempotent write."""
+        await self.db[EVENTS].replace_one({"_id": entry["_id"]}, entry, upsert=True)
 
     async def breaks_for(self, event_ids: list[str]) -> dict[str, str]:
         """event id -> reason, for the recorded breaks among these events."""
         found: dict[str, str] = {}
         for i in range(0, len(event_ids), 10_000):
-            async for d in self.db[BREAKS].find({"event_id": {"$in": event_ids[i : i + 10_000]}}):
-                found[str(d["event_id"])] = str(d.get("reason", ""))
+            query = {"_id": {"$in": event_ids[i : i + 10_000]}, BREAK: {"$exists": True}}
+            async for d in self.db[EVENTS].find(query, {BREAK: 1}):
+                found[str(d["_id"])] = str((d.get(BREAK) or {}).get("reason", ""))
         return found
 
     async def find(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.db[EVENTS].find(query).sort([("time", ASCENDING), ("seq", ASCENDING)]).to_list()
+        cursor = self.db[EVENTS].find(query, CHAIN_FIELDS)
+        return await cursor.sort([("time", ASCENDING), ("seq", ASCENDING)]).to_list()

@@ -55,7 +55,7 @@ def build(settings: IdentitySettings | None = None) -> Service:
     service.consume(TOKENS_CODE_REJECTED, {EventType.TOKENS_CODE_REJECTED: Route(CodeRejected, handlers.code_rejected)})
     # Operators: signed commands, verified against the registry of their keys (which only
     # `admin` can write); approved e-mail changes are applied by a timer once due.
-    applier = EmailChangeApplier(store, on_outbox=service.relay.wake)
+    applier = EmailChangeApplier(store, on_outbox=service.relay.committed)
     ops = OperatorHandlers(store, hasher, settings, service.metrics, wake_applier=applier.wake.set)
     service.consume(
         IDENTITY_OPERATOR_KEYS,

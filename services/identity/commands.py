@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.identity import domain, operator_domain
 from services.identity.domain import Account, Reason
@@ -29,7 +28,7 @@ from services.identity.registry import AccountRecord, open_secrets, validate_rec
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore, CounterKeys, StaleChange
 from shared.audit import audit_event
-from shared.consumer import HandlerContext, Writes
+from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash
 from shared.envelope import BadInput, DeadLetterReason, describe_errors, new_event
 from shared.hashing import SecretHasher
@@ -47,7 +46,7 @@ from shared.schemas import (
     OperatorKeyRegistered,
     OperatorKeyRevoked,
 )
-from shared.store import Outgoing
+from shared.store import Outgoing, Write
 from shared.topics import (
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMAND_RESULTS,
@@ -101,11 +100,7 @@ class OperatorHandlers:
             ctx.audit("operator_key_registered", outcome, actor=evt.registered_by, reasons=[problem], details=details)
             return
         ctx.audit("operator_key_registered", "success", actor=evt.registered_by, details=details)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.register_operator_key(key, datetime.now(UTC), s)
-
-        await ctx.commit(writes)
+        await ctx.commit(self.store.register_operator_key(key, datetime.now(UTC)))
 
     async def key_revoked(self, ctx: HandlerContext, evt: OperatorKeyRevoked) -> None:
         details = {"operator_id": evt.operator_id, "key_id": evt.key_id, "reason": evt.reason}
@@ -116,11 +111,7 @@ class OperatorHandlers:
             )
             return
         ctx.audit("operator_key_revoked", "success", actor=evt.revoked_by, details=details)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.revoke_operator_key(evt.key_id, datetime.now(UTC), s)
-
-        await ctx.commit(writes)
+        await ctx.commit(self.store.revoke_operator_key(evt.key_id, datetime.now(UTC)))
 
     # ---- verification, results, commit --------------------------------------------------------
 
@@ -234,15 +225,9 @@ class OperatorHandlers:
             detail=detail,
         )
 
-    async def _commit(self, ctx: HandlerContext, cmd: Signed, writes: Writes | None = None) -> None:
+    async def _commit(self, ctx: HandlerContext, cmd: Signed, *writes: Write) -> None:
         """Commit the effect together with the record of the command id (replays are refused)."""
-
-        async def all_writes(s: AsyncClientSession) -> None:
-            await self.store.record_command(cmd.command_id, cmd.operator_id, datetime.now(UTC), s)
-            if writes is not None:
-                await writes(s)
-
-        await ctx.commit(all_writes)
+        await ctx.commit(self.store.record_command(cmd.command_id, cmd.operator_id, datetime.now(UTC)), *writes)
 
     async def _command_account(self, ctx: HandlerContext, cmd: OperatorCommand, action: str) -> Account | None:
         digits = "".join(c for c in cmd.national_id if c.isdigit())
@@ -267,12 +252,8 @@ class OperatorHandlers:
         account = await self._command_account(ctx, cmd, "operator_unlock")
         if account is None:
             return await self._commit(ctx, cmd)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(CounterKeys.for_account(account.account_id), s)
-
         self._done(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
-        await self._commit(ctx, cmd, writes)
+        await self._commit(ctx, cmd, *self.store.clear_lockout(CounterKeys.for_account(account.account_id)))
 
     async def send_recovery(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
         await self._verify(ctx, cmd)
@@ -302,11 +283,7 @@ class OperatorHandlers:
             ),
         )
         self._done(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_mail(keys, now, s)
-
-        await self._commit(ctx, cmd, writes)
+        await self._commit(ctx, cmd, self.store.record_mail(keys, now))
 
     async def email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
         """Only a request: a second operator approves it, and it takes effect after the
@@ -323,12 +300,11 @@ class OperatorHandlers:
                 ctx, cmd, action, "rejected", account_id=account.account_id, reasons=[CommandReason.EMAIL_INVALID]
             )
             return await self._commit(ctx, cmd)
-        writes = await self._request_change(ctx, cmd, account, new_email)
-        await self._commit(ctx, cmd, writes)
+        await self._commit(ctx, cmd, *await self._request_change(ctx, cmd, account, new_email))
 
     async def _request_change(
         self, ctx: HandlerContext, cmd: OperatorCommand | AccountImport, account: Account, new_email: str
-    ) -> Writes | None:
+    ) -> list[Write]:
         """Stage a pending e-mail change (or its refusal); the writes that store it."""
         now = datetime.now(UTC)
         pending = await self.store.pending_change(account.account_id)
@@ -338,7 +314,7 @@ class OperatorHandlers:
         )  # fmt: skip
         if isinstance(change, str):
             self._done(ctx, cmd, "email_change_requested", "rejected", account_id=account.account_id, reasons=[change])
-            return None
+            return []
         ctx.emit(
             IDENTITY_EMAIL_CHANGE_REQUESTED,
             account.account_id,
@@ -365,11 +341,7 @@ class OperatorHandlers:
             new_email_masked=domain.mask_email(new_email),
             not_before=change.not_before.isoformat(),
         )
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.add_email_change(change, s)
-
-        return writes
+        return [self.store.add_email_change(change)]
 
     async def approve(self, ctx: HandlerContext, cmd: OperatorApproval) -> None:
         await self._verify(ctx, cmd)
@@ -393,11 +365,7 @@ class OperatorHandlers:
             requested_by=decision.requested_by,
             effective_at_time=effective.isoformat(),
         )
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.approve_email_change(decision, effective, s)
-
-        await self._commit(ctx, cmd, writes)
+        await self._commit(ctx, cmd, self.store.approve_email_change(decision, effective))
         self.wake_applier()
 
     async def account_import(self, ctx: HandlerContext, cmd: AccountImport) -> None:
@@ -476,11 +444,7 @@ class OperatorHandlers:
             ctx, cmd, "account_imported", "success", account_id=account_id, subject_ref=subject_ref, effect="created",
             profile=record.profile, line=cmd.line or 0, legacy_key=cmd.legacy_key,
         )  # fmt: skip
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.create_account(doc, s)
-
-        await self._commit(ctx, cmd, writes)
+        await self._commit(ctx, cmd, self.store.create_account(doc))
 
     async def _answers_same(self, account: Account, answers: dict[str, str]) -> bool:
         if set(account.answer_hashes) != set(answers):
@@ -520,24 +484,18 @@ class OperatorHandlers:
         fields: dict[str, Any] = {f: incoming[f] for f in changed if f != "answers"}
         if "answers" in changed:
             fields["answer_hashes"] = await self._hashes(record.answers)
-        change_writes: Writes | None = None
+        writes: list[Write] = []
         if changed:
             fields["updated_at"] = datetime.now(UTC)
+            writes.append(self.store.update_account(account.account_id, fields))
             self._done(
                 ctx, cmd, "account_updated", "success", account_id=account.account_id, subject_ref=subject_ref,
                 effect="updated", changed=",".join(changed), line=cmd.line or 0, report=not email_changes,
             )  # fmt: skip
         if email_changes:
             # The same rule as update-email: a second operator and the cooling-off period.
-            change_writes = await self._request_change(ctx, cmd, account, clean["email"])
-
-        async def writes(s: AsyncClientSession) -> None:
-            if changed:
-                await self.store.update_account(account.account_id, fields, s)
-            if change_writes is not None:
-                await change_writes(s)
-
-        await self._commit(ctx, cmd, writes)
+            writes.extend(await self._request_change(ctx, cmd, account, clean["email"]))
+        await self._commit(ctx, cmd, *writes)
 
 
 # ---- applying approved e-mail changes ----------------------------------------------------------
@@ -585,11 +543,10 @@ class EmailChangeApplier:
             return False
         now = datetime.now(UTC)
         outgoing = self._outgoing(change, account)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.mark_change_applied(change.change_id, now, s)
-            await self.store.set_email(account.account_id, change.new_email, s)
-
+        writes = [
+            self.store.mark_change_applied(change.change_id, now),
+            self.store.set_email(account.account_id, change.new_email),
+        ]
         try:
             await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
         except StaleChange:

@@ -7,13 +7,11 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.identity import domain
 from services.identity.domain import Account, AnswerChecks, Audit, Decision, Emit, Reason, RequestFacts
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore, CounterKeys, StaleCounters
-from shared.consumer import HandlerContext, Writes
+from shared.consumer import HandlerContext
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
@@ -27,6 +25,7 @@ from shared.schemas import (
     RecoveryOutcome,
     RecoveryRequested,
 )
+from shared.store import Write
 from shared.topics import (
     IDENTITY_DECLINED,
     IDENTITY_LOCKED,
@@ -119,22 +118,21 @@ class IdentityHandlers:
         decision: Decision,
         rehashed: dict[str, str],
         now: datetime,
-    ) -> Writes:
-        async def writes(s: AsyncClientSession) -> None:
-            if decision.record is None:
-                return
-            if decision.record.request:
-                await self.store.record_request(request_id, now, s)
-            await self.store.record_counters(keys, seen, decision.record, now, s)
-            if rehashed and decision.account is not None:
-                await self.store.set_answer_hashes(decision.account.account_id, rehashed, s)
-
+    ) -> list[Write]:
+        if decision.record is None:
+            return []
+        writes = []
+        if decision.record.request:
+            writes.append(self.store.record_request(request_id, now))
+        writes.extend(self.store.record_counters(keys, seen, decision.record, now))
+        if rehashed and decision.account is not None:
+            writes.append(self.store.set_answer_hashes(decision.account.account_id, rehashed))
         return writes
 
-    async def _committed(self, ctx: HandlerContext, writes: Writes, attempt: int) -> bool:
+    async def _committed(self, ctx: HandlerContext, writes: list[Write], attempt: int) -> bool:
         """Commit what was staged; on a race for the same counters, unstage and say so."""
         try:
-            await ctx.commit(writes)
+            await ctx.commit(*writes)
             return True
         except StaleCounters:
             if attempt == STALE_RETRIES:
@@ -313,7 +311,4 @@ class IdentityHandlers:
                 details={"by": "key_change"},
             )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(keys, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(*self.store.clear_lockout(keys))

@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import UpdateOne
-from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
-
 from services.identity.domain import Account, AddressState, BlockState, Counters, PrincipalState, Record
 from services.identity.operator_domain import ChangeStatus, EmailChange, RegisteredKey
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 ACCOUNTS = "accounts"
 COUNTERS = "counters"
@@ -147,19 +143,19 @@ class AccountStore(ServiceStore):
         doc = await self.db[ACCOUNTS].find_one({"_id": account_id})
         return _to_account(doc) if doc else None
 
-    async def set_answer_hashes(self, account_id: str, hashes: dict[str, str], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one(
-            {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}, session=s
+    def set_answer_hashes(self, account_id: str, hashes: dict[str, str]) -> Write:
+        return self.update(
+            ACCOUNTS, {"_id": account_id}, {"$set": {f"answer_hashes.{q}": h for q, h in hashes.items()}}
         )
 
-    async def set_email(self, account_id: str, email: str, s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one({"_id": account_id}, {"$set": {"email": email}}, session=s)
+    def set_email(self, account_id: str, email: str) -> Write:
+        return self.update(ACCOUNTS, {"_id": account_id}, {"$set": {"email": email}})
 
-    async def create_account(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].insert_one(doc, session=s)
+    def create_account(self, doc: dict[str, Any]) -> Write:
+        return self.insert(ACCOUNTS, doc)
 
-    async def update_account(self, account_id: str, fields: dict[str, Any], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].update_one({"_id": account_id}, {"$set": fields}, session=s)
+    def update_account(self, account_id: str, fields: dict[str, Any]) -> Write:
+        return self.update(ACCOUNTS, {"_id": account_id}, {"$set": fields})
 
     # ---- operators: key registry, processed commands, e-mail changes --------------------------
 
@@ -176,22 +172,22 @@ class AccountStore(ServiceStore):
             return None
         return RegisteredKey(d["_id"], d["operator_id"], d["public_key"], revoked=d.get("revoked_at") is not None)
 
-    async def register_operator_key(self, key: RegisteredKey, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[OPERATOR_KEYS].insert_one(
+    def register_operator_key(self, key: RegisteredKey, now: datetime) -> Write:
+        return self.insert(
+            OPERATOR_KEYS,
             {"_id": key.key_id, "operator_id": key.operator_id, "public_key": key.public_key, "registered_at": now},
-            session=s,
         )
 
-    async def revoke_operator_key(self, key_id: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[OPERATOR_KEYS].update_one({"_id": key_id}, {"$set": {"revoked_at": now}}, session=s)
+    def revoke_operator_key(self, key_id: str, now: datetime) -> Write:
+        return self.update(OPERATOR_KEYS, {"_id": key_id}, {"$set": {"revoked_at": now}})
 
     async def command_seen(self, command_id: str) -> bool:
         return await self.db[COMMANDS].find_one({"_id": command_id}, {"_id": 1}) is not None
 
-    async def record_command(self, command_id: str, operator_id: str, now: datetime, s: AsyncClientSession) -> None:
+    def record_command(self, command_id: str, operator_id: str, now: datetime) -> Write:
         # A second copy racing this one collides here (unique _id): its transaction fails and,
         # retried, is refused as replayed.
-        await self.db[COMMANDS].insert_one({"_id": command_id, "operator_id": operator_id, "at": now}, session=s)
+        return self.insert(COMMANDS, {"_id": command_id, "operator_id": operator_id, "at": now})
 
     async def pending_change(self, account_id: str) -> EmailChange | None:
         doc = await self.db[EMAIL_CHANGES].find_one(
@@ -203,13 +199,15 @@ class AccountStore(ServiceStore):
         doc = await self.db[EMAIL_CHANGES].find_one({"_id": change_id})
         return _to_change(doc) if doc else None
 
-    async def add_email_change(self, change: EmailChange, s: AsyncClientSession) -> None:
-        await self.db[EMAIL_CHANGES].insert_one(_change_doc(change), session=s)
+    def add_email_change(self, change: EmailChange) -> Write:
+        return self.insert(EMAIL_CHANGES, _change_doc(change))
 
-    async def approve_email_change(self, change: EmailChange, effective_at: datetime, s: AsyncClientSession) -> None:
+    def approve_email_change(self, change: EmailChange, effective_at: datetime) -> Write:
         """Record the approval, only on a change still pending (else StaleChange)."""
-        result = await self.db[EMAIL_CHANGES].update_one(
-            {"_id": change.change_id, "status": ChangeStatus.PENDING},
+        change_id = change.change_id
+        return self.update(
+            EMAIL_CHANGES,
+            {"_id": change_id, "status": ChangeStatus.PENDING},
             {
                 "$set": {
                     "status": ChangeStatus.APPROVED,
@@ -218,10 +216,9 @@ class AccountStore(ServiceStore):
                     "effective_at": effective_at,
                 }
             },
-            session=s,
+            stale=lambda: StaleChange(change_id),
+            must_match=True,
         )
-        if result.matched_count != 1:
-            raise StaleChange(change.change_id)
 
     async def next_change_due_at(self) -> datetime | None:
         """When the next approved change falls due (one indexed read), or None."""
@@ -236,23 +233,23 @@ class AccountStore(ServiceStore):
         )
         return [_to_change(d) async for d in docs]
 
-    async def mark_change_applied(self, change_id: str, now: datetime, s: AsyncClientSession) -> None:
+    def mark_change_applied(self, change_id: str, now: datetime) -> Write:
         """Applied once: a second instance applying the same change fails here (StaleChange)."""
-        result = await self.db[EMAIL_CHANGES].update_one(
+        return self.update(
+            EMAIL_CHANGES,
             {"_id": change_id, "status": ChangeStatus.APPROVED},
             {"$set": {"status": ChangeStatus.APPLIED, "applied_at": now}},
-            session=s,
+            stale=lambda: StaleChange(change_id),
+            must_match=True,
         )
-        if result.matched_count != 1:
-            raise StaleChange(change_id)
 
     # ---- requests ------------------------------------------------------------------------------
 
     async def request_seen(self, request_id: str) -> bool:
         return await self.db[REQUESTS].find_one({"_id": request_id}, {"_id": 1}) is not None
 
-    async def record_request(self, request_id: str, now: datetime, s: AsyncClientSession) -> None:
-        await self.db[REQUESTS].insert_one({"_id": request_id, "at": now}, session=s)
+    def record_request(self, request_id: str, now: datetime) -> Write:
+        return self.insert(REQUESTS, {"_id": request_id, "at": now})
 
     # ---- counters ------------------------------------------------------------------------------
 
@@ -278,21 +275,26 @@ class AccountStore(ServiceStore):
             AddressState(failures=_times(a, "failures")),
         )
 
-    async def record_counters(
-        self, keys: CounterKeys, seen: Counters, record: Record, now: datetime, s: AsyncClientSession
-    ) -> None:
-        """Apply one decision's counts in one round trip. The same three updates on every path
-        (only their contents differ), so no path costs the store more than another.
-        Raises StaleCounters when the principal changed since `seen` was read."""
+    def record_counters(self, keys: CounterKeys, seen: Counters, record: Record, now: datetime) -> list[Write]:
+        """One decision's counts: the same three updates on every path (only their contents
+        differ), so no path costs the store more than another. The commit raises
+        StaleCounters when the principal changed since `seen` was read."""
         expires = now + self.retention
         principal_push = self._push(now, failures=record.principal_failure, mails=record.mail, notices=record.notice)
-        ops = [
+
+        def stale() -> Exception:
+            return StaleCounters(keys.principal)
+
+        writes = [
             # Upsert on {_id, rev}: a missing document is created (rev 0 → 1); an existing one
             # with another rev makes the insert collide on _id, which is how a race shows.
-            UpdateOne(
+            self.update(
+                COUNTERS,
                 {"_id": keys.principal_id, "rev": seen.principal.rev},
                 {"$inc": {"rev": 1}, "$set": {"expires_at": expires}, **principal_push},
                 upsert=True,
+                stale=stale,
+                race_codes=RACE_CODES,
             )
         ]
         if keys.block_id is not None and keys.address_id is not None:
@@ -302,60 +304,59 @@ class AccountStore(ServiceStore):
                 block_set["locked_until"] = record.lock_until
             if record.attempt:
                 block_set["last_attempt"] = now
-            ops.append(
-                UpdateOne(
+            writes.append(
+                self.update(
+                    COUNTERS,
                     {"_id": keys.block_id},
                     {"$set": block_set, **self._push(now, failures=record.block_failure)},
                     upsert=True,
+                    stale=stale,
+                    race_codes=RACE_CODES,
                 )
             )
-            ops.append(
-                UpdateOne(
+            writes.append(
+                self.update(
+                    COUNTERS,
                     {"_id": keys.address_id},
                     {"$set": {"expires_at": expires}, **self._push(now, failures=record.address_failure)},
                     upsert=True,
+                    stale=stale,
+                    race_codes=RACE_CODES,
                 )
             )
-        try:
-            await self.db[COUNTERS].bulk_write(ops, ordered=True, session=s)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") in RACE_CODES for e in errors):
-                raise StaleCounters(keys.principal) from None
-            raise
-        except DuplicateKeyError:
-            raise StaleCounters(keys.principal) from None
+        return writes
 
     def _push(self, now: datetime, **fields: bool) -> dict[str, Any]:
         pushes = {name: {"$each": [now], "$slice": -self.keep} for name, on in fields.items() if on}
         return {"$push": pushes} if pushes else {}
 
-    async def record_mail(self, keys: CounterKeys, now: datetime, s: AsyncClientSession) -> None:
+    def record_mail(self, keys: CounterKeys, now: datetime) -> Write:
         """A recovery mail sent on an operator's command (counts towards the mailbox limit)."""
-        await self.db[COUNTERS].update_one(
+        return self.update(
+            COUNTERS,
             {"_id": keys.principal_id},
             {"$inc": {"rev": 1}, "$set": {"expires_at": now + self.retention}, **self._push(now, mails=True)},
             upsert=True,
-            session=s,
         )
 
     async def has_lockout_state(self, keys: CounterKeys) -> bool:
-        """Any failure or lock on record for the principal (anything an unlock would clear)."""
-        principal = await self.db[COUNTERS].find_one({"_id": keys.principal_id}, {"failures": 1})
-        if principal and principal.get("failures"):
-            return True
-        # Every evaluated request leaves a block document (its last attempt): only failures or a
-        # lock in one are state an unlock clears (slowed mode follows the principal's failures).
-        blocked = {
-            "principal": keys.principal,
-            "$or": [{"failures.0": {"$exists": True}}, {"locked_until": {"$ne": None}}],
+        """Any failure or lock on record for the principal (anything an unlock would clear),
+        in one read. Every evaluated request leaves a block document (its last attempt): only
+        failures or a lock in one are state an unlock clears (slowed mode follows the
+        principal's failures)."""
+        failed = {"failures.0": {"$exists": True}}
+        query = {
+            "$or": [
+                {"_id": keys.principal_id, **failed},
+                {"principal": keys.principal, "$or": [failed, {"locked_until": {"$ne": None}}]},
+            ]
         }
-        return await self.db[COUNTERS].find_one(blocked, {"_id": 1}) is not None
+        return await self.db[COUNTERS].find_one(query, {"_id": 1}) is not None
 
-    async def clear_lockout(self, keys: CounterKeys, s: AsyncClientSession) -> None:
+    def clear_lockout(self, keys: CounterKeys) -> list[Write]:
         """Forget the principal's failures, locks and slowed mode (mails and notices stay:
         they protect the mailbox, not the account)."""
-        await self.db[COUNTERS].update_one(
-            {"_id": keys.principal_id}, {"$set": {"failures": []}, "$inc": {"rev": 1}}, session=s
-        )
-        await self.db[COUNTERS].delete_many({"principal": keys.principal}, session=s)
+        return [
+            self.update(COUNTERS, {"_id": keys.principal_id}, {"$set": {"failures": []}, "$inc": {"rev": 1}}),
+            self.delete(COUNTERS, {"principal": keys.principal}, many=True),
+        ]

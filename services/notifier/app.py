@@ -25,7 +25,7 @@ def build(settings: NotifierSettings | None = None) -> Service:
     settings = settings or load(NotifierSettings)
     store = NotificationStore(settings.mongodb_uri, settings.db_name(NAME))
     service = Service(NAME, store, settings)
-    sender = MailSender(store, settings, service.metrics, on_outbox=service.relay.wake)
+    sender = MailSender(store, settings, service.metrics, on_outbox=service.relay.committed)
     h = NotifierHandlers(store, settings, wake_sender=sender.wake.set)
     service.consume(TOKENS_ISSUED, {EventType.TOKENS_ISSUED: Route(TokensIssued, h.tokens_issued)}, hot=True)
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})

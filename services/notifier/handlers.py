@@ -5,14 +5,11 @@ outage never blocks a partition and a queued mail survives a crash."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosmtplib
-from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import PyMongoError
 
 from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
@@ -36,7 +33,7 @@ from shared.schemas import (
     Recipient,
     TokensIssued,
 )
-from shared.store import Outgoing
+from shared.store import Outgoing, StoreError
 from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, EventType
 
 log = logging.getLogger(__name__)
@@ -92,10 +89,7 @@ class NotifierHandlers:
         }
 
     async def _queue(self, ctx: HandlerContext, docs: list[dict[str, Any]]) -> None:
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.add(docs, s)
-
-        await ctx.commit(writes)
+        await ctx.commit(*self.store.add(docs))
         self.wake_sender()
 
     async def tokens_issued(self, ctx: HandlerContext, evt: TokensIssued) -> None:
@@ -270,6 +264,9 @@ class MailSender:
         self.smtp_deadline = max(2 * settings.smtp_timeout_s, 5.0)
         self.lease = timedelta(seconds=self.smtp_deadline + 10)
         self.wake = asyncio.Event()
+        # When a claim (another sender's, or one of a sender that died) runs out, as last seen:
+        # only then can an orphan be there to take over. None: no claim was seen.
+        self._orphans_at: datetime | None = datetime.min.replace(tzinfo=UTC)  # look at start-up
         self.sent = metrics.counter("clave_mails_sent_total", "E-mails accepted by SMTP", ["kind"])
         self.failed = metrics.counter("clave_mails_failed_total", "E-mails given up", ["kind"])
         self.retried = metrics.counter("clave_mails_retried_total", "Temporary SMTP failures", ["kind"])
@@ -281,21 +278,43 @@ class MailSender:
         """Deliver what is due, then sleep until the next notification falls due (a retry's
         `next_attempt_at`, the end of a claim's lease) or a handler queues one (`wake`); not
         a poll. SAFETY_POLL_S bounds the sleep, for what another instance scheduled."""
+        look_at_claims = True
+        looked = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             # Cleared before looking: a mail queued meanwhile makes the wait return at once.
             self.wake.clear()
             await self.deliver_due()
-            due = await self.store.next_due_at()
+            if look_at_claims or loop.time() - looked > SAFETY_POLL_S:
+                looked = loop.time()
+                pending, self._orphans_at = await self.store.due_times()
+            else:
+                # Woken by a handler: the claims seen at the last look still stand (this sender
+                # settled its own); what another instance claimed since is seen after a timeout.
+                pending, _ = await self.store.due_times(claims=False)
+            due = min((t for t in (pending, self._orphans_at) if t is not None), default=None)
             delay = SAFETY_POLL_S
             if due is not None:
                 # Not below MIN_SLEEP_S: a due time that has just passed is claimed on the next turn.
                 delay = min(max((due - datetime.now(UTC)).total_seconds(), MIN_SLEEP_S), SAFETY_POLL_S)
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self.wake.wait(), timeout=delay)
+                look_at_claims = False
+            except TimeoutError:
+                # Also for what another instance claimed since: it is only seen by looking.
+                self._orphans_at = datetime.min.replace(tzinfo=UTC)
+                look_at_claims = True
+
+    def _orphans_due(self, now: datetime) -> bool:
+        return self._orphans_at is not None and self._orphans_at <= now
 
     async def deliver_due(self) -> int:
         count = 0
-        while (doc := await self.store.claim_due(datetime.now(UTC), self.lease)) is not None:
+        while True:
+            now = datetime.now(UTC)
+            doc = await self.store.claim_due(now, self.lease, orphans=self._orphans_due(now))
+            if doc is None:
+                break
             try:
                 if doc["state"] == ACCEPTED:
                     # Its sender died after the SMTP server accepted it: record it, never resend.
@@ -332,7 +351,8 @@ class MailSender:
             log.error(
                 "mail %s: announcing the failure failed (%s); failing it in place", doc.get("_id"), describe(settle_exc)
             )
-            await self.store.fail_in_place(doc.get("_id"), doc.get("claim"), error, datetime.now(UTC))
+            broken = self.store.fail_in_place(doc.get("_id"), doc.get("claim"), error, datetime.now(UTC))
+            await self.store.commit(consumer=None, event_id=None, writes=broken, outgoing=[])
 
     def _render_context(self, doc: dict[str, Any]) -> dict[str, Any]:
         context = {"name": doc["name"], **doc["context"]}
@@ -418,15 +438,8 @@ class MailSender:
         if state == State.PENDING:
             self.retried.labels(doc["kind"]).inc()
 
-            async def back_to_pending(s: AsyncClientSession) -> None:
-                update = {
-                    "$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error},
-                    "$unset": {"lease_until": "", "claim": ""},
-                }
-                if not await self.store.finish(doc["_id"], doc["claim"], update, s):
-                    raise LostClaim(doc["_id"])
-
-            await self.store.in_transaction(back_to_pending)
+            if not await self.store.retry_later(doc["_id"], doc["claim"], next_at, error):
+                raise LostClaim(doc["_id"])
         else:
             await self._settle(doc, State.FAILED, error, now)
             self.failed.labels(doc["kind"]).inc()
@@ -444,7 +457,7 @@ class MailSender:
                 if not await self.store.mark_accepted(doc["_id"], doc["claim"], now):
                     raise LostClaim(doc["_id"])
                 return
-            except PyMongoError as exc:
+            except StoreError as exc:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     log.error("mail %s: accepted by SMTP but not recorded (%s)", doc["_id"], exc.__class__.__name__)
                     raise
@@ -507,13 +520,6 @@ class MailSender:
             audit_event(record, correlationid=doc["correlationid"], causationid=doc["causationid"], source=SOURCE),
         ]
 
-        async def writes(s: AsyncClientSession) -> None:
-            update = {
-                "$set": {"state": state, "finished_at": now, "last_error": error},
-                "$unset": {"sealed": "", "lease_until": "", "claim": ""},
-            }
-            if not await self.store.finish(doc["_id"], doc["claim"], update, s):
-                raise LostClaim(doc["_id"])
-
-        await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
+        lost = self.store.settle(doc["_id"], doc["claim"], state, error, now, lambda: LostClaim(doc["_id"]))
+        await self.store.commit(consumer=None, event_id=None, writes=[lost], outgoing=outgoing)
         self.on_outbox()

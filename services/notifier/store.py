@@ -21,11 +21,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo import ReturnDocument
-from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import PyMongoError
 
 from services.notifier.domain import State
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 NOTIFICATIONS = "notifications"
 # Default claim length; the sender passes one derived from its SMTP deadline.
@@ -47,16 +46,21 @@ class NotificationStore(ServiceStore):
         await self.db[NOTIFICATIONS].create_index([("state", 1), ("lease_until", 1)])
         await self.db[NOTIFICATIONS].create_index("purge_at", expireAfterSeconds=0)
 
-    async def add(self, docs: list[dict[str, Any]], s: AsyncClientSession) -> None:
-        await self.db[NOTIFICATIONS].insert_many(docs, session=s)
+    def add(self, docs: list[dict[str, Any]]) -> list[Write]:
+        return [self.insert(NOTIFICATIONS, doc) for doc in docs]
 
-    async def claim_due(self, now: datetime, lease: timedelta = SENDING_LEASE) -> dict[str, Any] | None:
+    async def claim_due(
+        self, now: datetime, lease: timedelta = SENDING_LEASE, *, orphans: bool = True
+    ) -> dict[str, Any] | None:
         """Atomically take one notification to work on, with a fresh fencing token:
         first one accepted but not settled (its sender died), then one whose sender died
-        mid-send (in doubt), then the next due one."""
+        mid-send (in doubt), then the next due one. `orphans=False` skips the first two
+        (the caller knows no claim has run out since it last looked: one round trip, not three)."""
         if self._unanswered:
             await self._give_back_unanswered(now)
         claim = uuid.uuid4().hex
+        if not orphans:
+            return await self._claim_pending(claim, now, lease)
         doc = await self._claim(
             claim,
             {"state": ACCEPTED, "lease_until": {"$lt": now}},
@@ -71,6 +75,9 @@ class NotificationStore(ServiceStore):
         )
         if doc is not None:
             return doc
+        return await self._claim_pending(claim, now, lease)
+
+    async def _claim_pending(self, claim: str, now: datetime, lease: timedelta) -> dict[str, Any] | None:
         return await self._claim(
             claim,
             {"state": State.PENDING, "next_attempt_at": {"$lte": now}},
@@ -79,20 +86,28 @@ class NotificationStore(ServiceStore):
         )
 
     async def next_due_at(self) -> datetime | None:
-        """When `claim_due` will next find something: the earliest next attempt of a pending
-        notification, or the earliest end of a claim (a sender that may have died). None:
-        nothing is waiting. Two indexed reads, so the sender can sleep instead of polling."""
+        """When `claim_due` will next find something (None: nothing is waiting)."""
+        pending, claimed = await self.due_times()
+        times = [t for t in (pending, claimed) if t is not None]
+        return min(times) if times else None
+
+    async def due_times(self, *, claims: bool = True) -> tuple[datetime | None, datetime | None]:
+        """The earliest next attempt of a pending notification, and the earliest end of a
+        claim (a sender that may have died; not read with `claims=False`). Indexed reads, so
+        the sender can sleep instead of polling."""
         coll = self.db[NOTIFICATIONS]
         pending = await coll.find_one({"state": State.PENDING}, {"next_attempt_at": 1}, sort=[("next_attempt_at", 1)])
+        if not claims:
+            return pending.get("next_attempt_at") if pending else None, None
         claimed = await coll.find_one(
             {"state": {"$in": [State.SENDING, ACCEPTED]}}, {"lease_until": 1}, sort=[("lease_until", 1)]
         )
-        times = [
-            doc[key]
-            for doc, key in ((pending, "next_attempt_at"), (claimed, "lease_until"))
-            if doc is not None and isinstance(doc.get(key), datetime)
-        ]
-        return min(times) if times else None
+        pending_at = pending.get("next_attempt_at") if pending else None
+        claimed_at = claimed.get("lease_until") if claimed else None
+        return (
+            pending_at if isinstance(pending_at, datetime) else None,
+            claimed_at if isinstance(claimed_at, datetime) else None,
+        )
 
     async def _claim(
         self, claim: str, query: dict[str, Any], update: dict[str, Any], **kw: Any
@@ -134,24 +149,45 @@ class NotificationStore(ServiceStore):
         )
         return result.matched_count == 1
 
-    async def fail_in_place(self, nid: Any, claim: Any, error: str, now: datetime) -> None:
+    def _claimed(self, nid: str, claim: str) -> dict[str, Any]:
+        return {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim}
+
+    def settle(self, nid: str, claim: str, state: str, error: str | None, now: datetime, lost: Any) -> Write:
+        """The final state (sent or failed), the sealed secrets dropped; staged for the commit
+        that also announces it. Refused with `lost()` unless this sender still holds the claim."""
+        update = {
+            "$set": {"state": state, "finished_at": now, "last_error": error},
+            "$unset": {"sealed": "", "lease_until": "", "claim": ""},
+        }
+        return self.update(NOTIFICATIONS, self._claimed(nid, claim), update, stale=lost, must_match=True)
+
+    def fail_in_place(self, nid: Any, claim: Any, error: str, now: datetime) -> list[Write]:
         """The last resort for a notification too broken to announce (its failure event cannot
         even be built): out of the sender's way, without an event. One the SMTP server already
-        accepted is recorded as sent, never as failed. Fenced by the claim, like every write."""
-        coll = self.db[NOTIFICATIONS]
+        accepted is recorded as sent, never as failed. Fenced by the claim, like every write
+        (at most one of the two matches)."""
         drop = {"sealed": "", "lease_until": "", "claim": ""}
-        await coll.update_one(
-            {"_id": nid, "state": ACCEPTED, "claim": claim},
-            {"$set": {"state": State.SENT, "finished_at": now, "last_error": error}, "$unset": drop},
-        )
-        await coll.update_one(
-            {"_id": nid, "state": State.SENDING, "claim": claim},
-            {"$set": {"state": State.FAILED, "finished_at": now, "last_error": error}, "$unset": drop},
-        )
+        return [
+            self.update(
+                NOTIFICATIONS,
+                {"_id": nid, "state": ACCEPTED, "claim": claim},
+                {"$set": {"state": State.SENT, "finished_at": now, "last_error": error}, "$unset": drop},
+            ),
+            self.update(
+                NOTIFICATIONS,
+                {"_id": nid, "state": State.SENDING, "claim": claim},
+                {"$set": {"state": State.FAILED, "finished_at": now, "last_error": error}, "$unset": drop},
+            ),
+        ]
 
-    async def finish(self, nid: str, claim: str, update: dict[str, Any], s: AsyncClientSession) -> bool:
-        """Apply `update` if this sender still holds the claim; False when it lost it."""
+    async def retry_later(self, nid: str, claim: str, next_at: datetime | None, error: str) -> bool:
+        """Back to pending until `next_at`, if this sender still holds the claim (False when it
+        lost it). One document, one write: no transaction needed."""
         result = await self.db[NOTIFICATIONS].update_one(
-            {"_id": nid, "state": {"$in": [State.SENDING, ACCEPTED]}, "claim": claim}, update, session=s
+            self._claimed(nid, claim),
+            {
+                "$set": {"state": State.PENDING, "next_attempt_at": next_at, "last_error": error},
+                "$unset": {"lease_until": "", "claim": ""},
+            },
         )
         return result.modified_count == 1

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.password import domain
 from services.password.policy import PasswordPolicy, Reason
 from services.password.settings import PasswordSettings
@@ -80,10 +78,7 @@ class PasswordHandlers:
         details = {"must_change": True, "meets_policy": not breaks} if evt.legacy_key else {}
         ctx.audit("initial_key_set", "success", account_id=evt.account_id, details=details)
 
-        async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, history, datetime.now(UTC), s, must_change=evt.legacy_key)
-
-        await ctx.commit(save)
+        await ctx.commit(*self.store.save(evt.account_id, history, datetime.now(UTC), must_change=evt.legacy_key))
 
     async def tokens_redeemed(self, ctx: HandlerContext, evt: TokensRedeemed) -> None:
         now = datetime.now(UTC)
@@ -136,10 +131,7 @@ class PasswordHandlers:
             details={"token_id": evt.token_id, "policy": self.policy.name},
         )
 
-        async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, new_history, now, s, token_id=evt.token_id)
-
-        await ctx.commit(save)
+        await ctx.commit(*self.store.save(evt.account_id, new_history, now, token_id=evt.token_id))
         self.changed.inc()
         self.latency.observe((now - (evt.submitted_at or ctx.event.time)).total_seconds())
 

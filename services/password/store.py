@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.password.domain import KeyHistory
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 CREDENTIALS = "credentials"
 USED_TOKENS = "used_tokens"
@@ -29,30 +27,19 @@ class CredentialStore(ServiceStore):
     async def token_used(self, token_id: str) -> bool:
         return await self.db[USED_TOKENS].find_one({"_id": token_id}, {"_id": 1}) is not None
 
-    async def save(
+    def save(
         self,
         account_id: str,
         history: KeyHistory,
         now: datetime,
-        s: AsyncClientSession,
         token_id: str | None = None,
         *,
         must_change: bool = False,
-    ) -> None:
+    ) -> list[Write]:
         # must_change: a legacy key taken by the import's migration option; any key change clears it.
-        await self.db[CREDENTIALS].update_one(
-            {"_id": account_id},
-            {
-                "$set": {
-                    "hash": history.current,
-                    "previous": history.previous,
-                    "changed_at": now,
-                    "must_change": must_change,
-                }
-            },
-            upsert=True,
-            session=s,
-        )
+        fields = {"hash": history.current, "previous": history.previous, "changed_at": now, "must_change": must_change}
+        writes = [self.update(CREDENTIALS, {"_id": account_id}, {"$set": fields}, upsert=True)]
         if token_id is not None:
             # One key change per token, even if the tokens service released and re-reserved it.
-            await self.db[USED_TOKENS].insert_one({"_id": token_id, "at": now}, session=s)
+            writes.append(self.insert(USED_TOKENS, {"_id": token_id, "at": now}))
+        return writes

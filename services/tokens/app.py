@@ -50,9 +50,9 @@ def build(settings: TokensSettings | None = None) -> Service:
     service.consume(PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
 
-    async def release_overdue() -> None:
-        await h.release_overdue()
-        service.relay.wake()
+    async def sweep() -> None:
+        await h.sweep_forever(on_outbox=service.relay.committed)
 
-    service.every("release-overdue-reservations", 5.0, release_overdue)
+    # Not a poll: sleeps until the earliest reservation runs out or a new one is made.
+    service.every("release-overdue-reservations", 1.0, sweep)
     return service

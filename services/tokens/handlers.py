@@ -8,12 +8,11 @@ again on fresh state, so two racing resets never both reserve one token."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.tokens import domain
 from services.tokens.domain import By, Reason, State, TokenView
@@ -44,6 +43,13 @@ log = logging.getLogger(__name__)
 # A decision is retried on fresh state this many times when the token moved under it; more
 # than that is not a race but a loop, and the failure goes to the consumer's redelivery.
 DECIDE_ATTEMPTS = 5
+# The reservation sweeper sleeps until the earliest reservation ends (plus a margin, so the
+# store's clock has passed it too), at most SWEEP_SAFETY_S.
+SWEEP_SAFETY_S = 60.0
+SWEEP_MARGIN_S = 0.05
+# After a sweep that could neither release nor park a reservation, it is still the earliest
+# end: the sweeper waits this long before trying again instead of waking at once.
+SWEEP_STUCK_S = 5.0
 
 
 async def decide_on_fresh_state(ctx: HandlerContext, attempt: Callable[[], Awaitable[None]]) -> None:
@@ -71,11 +77,14 @@ class TokenHandlers:
         self.rejected = metrics.counter("clave_tokens_rejected_total", "Reset submissions refused", ["reason"])
         self.settled = metrics.counter("clave_tokens_settled_total", "Reservations settled", ["result"])
         self.metrics = metrics
+        self.reserved = asyncio.Event()  # a reservation was made: the sweeper looks at its end
+        self.sweep_stuck = False  # the last sweep left a reservation neither released nor parked
 
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
     async def identity_verified(self, ctx: HandlerContext, evt: IdentityVerified) -> None:
-        if await self.store.by_request(evt.request_id) is not None:
+        seen, earlier = await self.store.issue_facts(evt.request_id, evt.account_id)
+        if seen:
             ctx.audit(
                 "token_issue_skipped",
                 "info",
@@ -92,7 +101,6 @@ class TokenHandlers:
             ttl=self.ttl,
             code_key=self.settings.code_hmac_key,
         )
-        earlier = await self.store.revocable_count(evt.account_id)
         ctx.emit(
             TOKENS_ISSUED,
             evt.account_id,
@@ -126,11 +134,8 @@ class TokenHandlers:
             details={"token_id": token.token_id, "revoked_earlier": earlier},
         )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.revoke_account(evt.account_id, s)  # decoys of the account too, as a real one
-            await self.store.insert(token, s)
-
-        await ctx.commit(writes)
+        # Decoys of the account are revoked too, as a real one.
+        await ctx.commit(self.store.revoke_account(evt.account_id), self.store.insert_token(token))
         self.issued.inc()
 
     # ---- identity.declined -> a decoy, so the code path is no oracle ---------------------------
@@ -163,11 +168,9 @@ class TokenHandlers:
             details={"token_id": decoy.token_id},
         )
 
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.insert(decoy, s)  # never mailed, never revokes anything
-
-        # No metric of its own: identity's clave_identity_requests_total{result} counts these.
-        await ctx.commit(writes)
+        # Never mailed, never revokes anything. No metric of its own: identity's
+        # clave_identity_requests_total{result} counts these.
+        await ctx.commit(self.store.insert_token(decoy))
 
     # ---- recovery.resets -> tokens.redeemed | outcome rejected ------------------------------
 
@@ -228,10 +231,8 @@ class TokenHandlers:
         )
         until = now + timedelta(seconds=self.settings.reservation_timeout_s)
 
-        async def reserve(s: AsyncClientSession) -> None:
-            await self.store.reserve(token.token_id, by, until, s)
-
-        await ctx.commit(reserve)
+        await ctx.commit(self.store.reserve(token.token_id, by, until))
+        self.reserved.set()
         self.redeemed.inc()
 
     async def _refuse(
@@ -270,13 +271,14 @@ class TokenHandlers:
                 ),
             )
 
-        async def count(s: AsyncClientSession) -> None:
-            if wrong:
-                assert token is not None and token.guard_key is not None
-                await self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill, s)
-                await self.store.record_code_failure(token.guard_key, now, now + self.account_window, s)
-
-        await ctx.commit(count)
+        if wrong:
+            assert token is not None and token.guard_key is not None
+            await ctx.commit(
+                self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill),
+                self.store.record_code_failure(token.guard_key, now, now + self.account_window),
+            )
+        else:
+            await ctx.commit()
         self.rejected.labels(verdict.reason).inc()
 
     def _reject(
@@ -330,13 +332,12 @@ class TokenHandlers:
             RecoveryOutcome(request_id=evt.request_id, stage="reset", status=settlement.status),
         )
 
-        async def spend(s: AsyncClientSession) -> None:
-            if settlement.move is not None and token is not None:
-                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
-            if clears and token is not None and token.guard_key is not None:
-                await self.store.clear_code_failures(token.guard_key, s)
-
-        await ctx.commit(spend)
+        writes = []
+        if settlement.move is not None and token is not None:
+            writes.append(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
+        if clears and token is not None and token.guard_key is not None:
+            writes.append(self.store.clear_code_failures(token.guard_key))
+        await ctx.commit(*writes)
         self.settled.labels("spent").inc()
 
     async def password_rejected(self, ctx: HandlerContext, evt: PasswordRejected) -> None:
@@ -366,13 +367,12 @@ class TokenHandlers:
             ),
         )
 
-        async def settle(s: AsyncClientSession) -> None:
-            if settlement.move is domain.RELEASE:
-                await self.store.release(evt.token_id, s)
-            elif settlement.move is domain.SPEND and token is not None:
-                await self.store.spend(evt.token_id, token.state, datetime.now(UTC), s)
-
-        await ctx.commit(settle)
+        if settlement.move is domain.RELEASE:
+            await ctx.commit(self.store.release(evt.token_id))
+        elif settlement.move is domain.SPEND and token is not None:
+            await ctx.commit(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
+        else:
+            await ctx.commit()
         moved = settlement.move
         result = "released" if moved is domain.RELEASE else "spent" if moved is domain.SPEND else "kept"
         self.settled.labels(result).inc()
@@ -386,29 +386,53 @@ class TokenHandlers:
             details={"count": count, "cause": "email_changed", "command_id": evt.command_id},
         )
 
-        async def revoke(s: AsyncClientSession) -> None:
-            await self.store.revoke_account(evt.account_id, s)
+        await ctx.commit(self.store.revoke_account(evt.account_id))
 
-        await ctx.commit(revoke)
+    # ---- a reservation nobody answered is released ---------------------------------------------
 
-    # ---- periodic: a reservation nobody answered is released -----------------------------------
+    async def sweep_forever(self, on_outbox: Callable[[], None]) -> None:
+        """Release overdue reservations, then sleep until the earliest reservation runs out or a
+        new one is made; not a poll. SWEEP_SAFETY_S bounds the sleep, for reservations another
+        instance made and then died."""
+        look = True
+        while True:
+            self.reserved.clear()  # before looking: a reservation made meanwhile wakes the wait
+            if look and await self.release_overdue():
+                on_outbox()
+            end = await self.store.next_reservation_end()
+            delay = SWEEP_SAFETY_S
+            if end is not None:
+                delay = min(max((end - datetime.now(UTC)).total_seconds(), 0.0) + SWEEP_MARGIN_S, SWEEP_SAFETY_S)
+                if self.sweep_stuck:
+                    delay = max(delay, SWEEP_STUCK_S)
+            try:
+                await asyncio.wait_for(self.reserved.wait(), timeout=delay)
+                # Woken by a new reservation: it ends later than any seen, so nothing is overdue
+                # yet; only the length of the sleep is read again.
+                look = False
+            except TimeoutError:
+                look = True
 
-    async def release_overdue(self) -> None:
-        """Release each overdue reservation on its own: one that cannot be released (a document
-        that does not decode, an unexpected error on it) is parked with its reason and the
-        others are still released; a store outage stops the sweep until the next run."""
+    async def release_overdue(self) -> int:
+        """Release each overdue reservation on its own (how many were released): one that
+        cannot be released (a document that does not decode, an unexpected error on it) is
+        parked with its reason and the others are still released; a store outage stops the
+        sweep until the next run."""
+        released = 0
+        self.sweep_stuck = False
         now = datetime.now(UTC)
         for doc in await self.store.overdue_reservations(now):
             try:
-                await self._release_overdue(doc)
+                released += await self._release_overdue(doc)
             except Exception as exc:
                 if is_outage(exc):
                     raise
                 await self._park_reservation(doc, exc, now)
+        return released
 
-    async def _release_overdue(self, doc: dict[str, Any]) -> None:
+    async def _release_overdue(self, doc: dict[str, Any]) -> int:
         if domain.settle_timeout(doc["state"]) is None:
-            return
+            return 0
         record = AuditRecord(
             service="tokens",
             action="reservation_expired",
@@ -417,34 +441,33 @@ class TokenHandlers:
             request_id=doc["request_id"],
             details={"token_id": doc["_id"]},
         )
-
-        async def release(s: AsyncClientSession, token_id: str = doc["_id"]) -> None:
-            await self.store.release(token_id, s)
-
         try:
             await self.store.commit(
                 consumer=None,
                 event_id=None,
-                writes=release,
+                writes=[self.store.release(doc["_id"])],
                 outgoing=[
                     audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
                 ],
             )
         except StaleToken:  # settled, or revoked, meanwhile: nothing to release
-            return
+            return 0
         self.settled.labels("timed_out").inc()
+        return 1
 
     async def _park_reservation(self, doc: dict[str, Any], exc: Exception, now: datetime) -> None:
         """Set the reservation aside (it stays reserved: fail closed), counted and logged by id
         and error class only, so it no longer stands in front of the others every sweep."""
         self.metrics.items_parked.labels("release-overdue-reservations", "release_failed").inc()
         log.error("reservation %s: cannot be released (%s); parked", doc.get("_id"), describe(exc))
+        park = self.store.park_reservation(doc.get("_id"), f"release failed: {exc.__class__.__name__}", now)
         try:
-            await self.store.park_reservation(doc.get("_id"), f"release failed: {exc.__class__.__name__}", now)
+            await self.store.commit(consumer=None, event_id=None, writes=[park], outgoing=[])
         except Exception as park_exc:
             if is_outage(park_exc):
                 raise
             log.error("reservation %s: parking failed too (%s)", doc.get("_id"), describe(park_exc))
+            self.sweep_stuck = True
 
 
 __all__ = ["Reason", "State", "TokenHandlers"]

@@ -12,10 +12,8 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
 from services.tokens.domain import KILL, RELEASE, RESERVE, REVOKE, SPEND, By, Move, NewToken, State, TokenView
-from shared.store import ServiceStore
+from shared.store import ServiceStore, Write
 
 TOKENS = "tokens"
 CODE_FAILURES = "code_failures"  # one document per wrong code, by account (or ID keyed hash)
@@ -83,6 +81,17 @@ class TokenStore(ServiceStore):
     async def by_id(self, token_id: str) -> dict[str, Any] | None:
         return await self.db[TOKENS].find_one({"_id": token_id})
 
+    async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
+        """Has this request a token already, and how many of the account's tokens could still
+        be used (they are revoked by the new one): one read."""
+        query = {
+            "$or": [{"request_id": request_id}, {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}}]
+        }
+        docs = await self.db[TOKENS].find(query, {"request_id": 1, "account_id": 1, "state": 1}).to_list()
+        seen = any(d.get("request_id") == request_id for d in docs)
+        count = sum(d.get("account_id") == account_id and REVOKE.allows(d.get("state", "")) for d in docs)
+        return seen, count
+
     async def revocable_count(self, account_id: str) -> int:
         return await self.db[TOKENS].count_documents({"account_id": account_id, "state": {"$in": list(REVOKE.sources)}})
 
@@ -91,77 +100,88 @@ class TokenStore(ServiceStore):
         cursor = self.db[TOKENS].find(query).limit(100)
         return await cursor.to_list()
 
-    async def park_reservation(self, token_id: Any, reason: str, now: datetime) -> None:
-        """The sweeper could not release this reservation: it no longer looks at it (the token
-        stays reserved, unusable; an operator sees `sweep_parked` and its reason)."""
-        await self.db[TOKENS].update_one(
-            {"_id": token_id, "state": State.RESERVED}, {"$set": {"sweep_parked": reason, "sweep_parked_at": now}}
+    async def next_reservation_end(self) -> datetime | None:
+        """When the earliest reservation still to be swept runs out (None: nothing reserved):
+        one indexed read, so the sweeper sleeps until then instead of polling. A parked one is
+        not waited for (it is overdue for good: the sweeper would wake at once, every time)."""
+        doc = await self.db[TOKENS].find_one(
+            {"state": State.RESERVED, "sweep_parked": {"$exists": False}},
+            {"reserved_until": 1},
+            sort=[("reserved_until", 1)],
         )
+        until = doc.get("reserved_until") if doc else None
+        return until if isinstance(until, datetime) else None
 
     async def code_failures(self, key: str, since: datetime) -> int:
         """Wrong codes for this account (or ID) since `since`."""
         return await self.db[CODE_FAILURES].count_documents({"key": key, "at": {"$gte": since}})
 
-    # ---- writes (inside the handler's transaction) ----------------------------------------
+    # ---- writes: staged, applied by the handler's commit in its transaction -------------------
 
-    async def insert(self, token: NewToken, s: AsyncClientSession) -> None:
-        await self.db[TOKENS].insert_one(_document(token), session=s)
+    def insert_token(self, token: NewToken) -> Write:
+        return self.insert(TOKENS, _document(token))
 
-    async def revoke_account(self, account_id: str, s: AsyncClientSession) -> int:
+    def revoke_account(self, account_id: str) -> Write:
         """Revoke every token of the account that could still be used, reserved ones included:
         a reservation revoked now is never released (a key change already made still stands)."""
-        result = await self.db[TOKENS].update_many(
+        return self.update(
+            TOKENS,
             {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}},
             {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
-            session=s,
+            many=True,
         )
-        return result.modified_count
 
-    async def reserve(self, token_id: str, by: By, until: datetime, s: AsyncClientSession) -> None:
-        await self._move(token_id, RESERVE, State.LIVE, s, {"reserved_until": until, "reserved_by": by})
+    def reserve(self, token_id: str, by: By, until: datetime) -> Write:
+        return self._move(token_id, RESERVE, State.LIVE, {"reserved_until": until, "reserved_by": by})
 
-    async def release(self, token_id: str, s: AsyncClientSession) -> None:
-        await self._move(token_id, RELEASE, State.RESERVED, s, unset=("reserved_until",))
+    def release(self, token_id: str) -> Write:
+        return self._move(token_id, RELEASE, State.RESERVED, unset=("reserved_until",))
 
-    async def spend(self, token_id: str, seen: str, now: datetime, s: AsyncClientSession) -> None:
-        await self._move(token_id, SPEND, seen, s, {"spent_at": now}, unset=("reserved_until",))
+    def spend(self, token_id: str, seen: str, now: datetime) -> Write:
+        return self._move(token_id, SPEND, seen, {"spent_at": now}, unset=("reserved_until",))
 
-    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool, s: AsyncClientSession) -> None:
+    def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool) -> Write:
         """One more wrong code on a live token (killing it on the last allowed one). Conditional
         on the count the decision saw, so two racing guesses are decided one after the other."""
         update: dict[str, Any] = {"$inc": {"code_attempts": 1}}
         if kill:
             assert KILL.allows(State.LIVE)
             update["$set"] = {"state": KILL.target}
-        result = await self.db[TOKENS].update_one(
-            {"_id": token_id, "state": State.LIVE, "code_attempts": seen_attempts}, update, session=s
+        return self.update(
+            TOKENS,
+            {"_id": token_id, "state": State.LIVE, "code_attempts": seen_attempts},
+            update,
+            stale=lambda: StaleToken(token_id),
+            must_match=True,
         )
-        if result.modified_count != 1:
-            raise StaleToken(token_id)
 
-    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime, s: AsyncClientSession) -> None:
+    def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> Write:
         # An insert per wrong code, never a read-modify-write: parallel guesses are all counted.
-        await self.db[CODE_FAILURES].insert_one(
-            {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until}, session=s
-        )
+        return self.insert(CODE_FAILURES, {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until})
 
-    async def clear_code_failures(self, key: str, s: AsyncClientSession) -> None:
-        await self.db[CODE_FAILURES].delete_many({"key": key}, session=s)
+    def clear_code_failures(self, key: str) -> Write:
+        return self.delete(CODE_FAILURES, {"key": key}, many=True)
 
-    async def _move(
+    def park_reservation(self, token_id: Any, reason: str, now: datetime) -> Write:
+        """The sweeper could not release this reservation: it no longer looks at it (the token
+        stays reserved, unusable; an operator sees `sweep_parked` and its reason)."""
+        parked = {"$set": {"sweep_parked": reason, "sweep_parked_at": now}}
+        return self.update(TOKENS, {"_id": token_id, "state": State.RESERVED}, parked)
+
+    def _move(
         self,
         token_id: str,
         move: Move,
         seen: str,
-        s: AsyncClientSession,
         fields: dict[str, Any] | None = None,
         unset: tuple[str, ...] = (),
-    ) -> None:
+    ) -> Write:
+        """One move of the state machine, applied only if the token is still in `seen`."""
         if not move.allows(seen):
             raise ValueError(f"{move.name} does not start from {seen}")
         update: dict[str, Any] = {"$set": {"state": move.target, **(fields or {})}}
         if unset:
             update["$unset"] = dict.fromkeys(unset, "")
-        result = await self.db[TOKENS].update_one({"_id": token_id, "state": seen}, update, session=s)
-        if result.modified_count != 1:
-            raise StaleToken(token_id)
+        return self.update(
+            TOKENS, {"_id": token_id, "state": seen}, update, stale=lambda: StaleToken(token_id), must_match=True
+        )

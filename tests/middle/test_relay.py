@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from shared import relay as relay_module
+from shared.audit import audit_event
 from shared.envelope import new_event
 from shared.metrics import ServiceMetrics
 from shared.relay import LEASE_S, LINGER_S, SAFETY_POLL_S, OutboxRelay
+from shared.schemas import AuditRecord
 from shared.settings import PlatformSettings
 from shared.store import LEASES, OUTBOX, Outgoing, ServiceStore
 from tests.middle.conftest import Commands, listen
@@ -249,3 +251,66 @@ async def test_a_live_holder_elsewhere_is_waited_out_then_taken_over(instances: 
     await until(lambda: a.producer.ids() == ids, 5, "published once the other lease ran out")
     assert os.getpid() and a.relay.holding
     assert await a.store.db[OUTBOX].count_documents({"sent": False}) == 0
+
+
+def audits(n: int) -> list[Outgoing]:
+    return [
+        audit_event(
+            AuditRecord(service="test", action="thing_done", outcome="success", details={"i": i}),
+            correlationid="c",
+            causationid=None,
+            source="/clave/test",
+        )
+        for i in range(n)
+    ]
+
+
+def chain(inst: Instance) -> list[int]:
+    import json
+
+    return [json.loads(v)["data"]["integrity"]["seq"] for _, v in inst.producer.sent]
+
+
+async def test_a_busy_relay_seals_with_one_bulk_write_and_the_commit(instances: Callable[[], Instance]) -> None:
+    """While it holds the lease the relay knows the chain's head: sealing a batch costs the
+    bulk write and the commit, no read; the chain runs on without a gap."""
+    a = await instances().start(listen_commands=True)
+    assert a.commands is not None
+    await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(2))
+    a.relay.committed()
+    await until(lambda: len(a.producer.sent) == 2, 5, "first audit events published")
+    assert a.relay.holding
+    t0 = time.monotonic()
+    await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(3))
+    a.relay.committed()
+    await until(lambda: len(a.producer.sent) == 5, 5, "second audit events published")
+    sent = a.commands.since(t0)
+    # The commit (bulkWrite, commitTransaction), then the relay: its read of the outbox, the
+    # seal (bulkWrite, commitTransaction) and marking them sent; the chain head is not read.
+    assert sent["bulkWrite"] == 2 and sent["commitTransaction"] == 2 and sent["update"] == 1, dict(sent)
+    assert a.commands.on(LEASES, "find", t0) == 0, dict(sent)
+    assert chain(a) == [1, 2, 3, 4, 5]
+
+
+async def test_a_seal_whose_reply_was_lost_is_not_sealed_twice(
+    instances: Callable[[], Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await instances().start()
+    await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(2))
+    a.relay.committed()
+    await until(lambda: len(a.producer.sent) == 2, 5, "first audit events published")
+    real = a.store.in_transaction
+    lost = {"n": 1}
+
+    async def losing(work: Any, **kw: Any) -> Any:
+        if lost["n"]:
+            lost["n"] -= 1
+            await real(work, **kw)  # the seal lands, its reply is lost: the work runs again
+        return await real(work, **kw)
+
+    await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(3))
+    monkeypatch.setattr(a.store, "in_transaction", losing)  # the relay's next seal only
+    a.relay.committed()
+    await until(lambda: len(a.producer.sent) == 5, 5, "second audit events published")
+    assert lost["n"] == 0, "the seal ran"
+    assert chain(a) == [1, 2, 3, 4, 5]

@@ -110,11 +110,7 @@ def notification(kind: str = "password_changed") -> dict[str, Any]:
 
 async def queue(s: Sender, doc: dict[str, Any]) -> None:
     """What a notifier handler does: store the mail in a transaction, then wake the sender."""
-
-    async def work(session: Any) -> None:
-        await s.store.add([doc], session)
-
-    await s.store.in_transaction(work)
+    await s.store.commit(consumer=None, event_id=None, writes=s.store.add([doc]), outgoing=[])
     s.sender.wake.set()
 
 

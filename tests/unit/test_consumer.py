@@ -24,6 +24,7 @@ from shared.schemas import ResetSubmitted
 from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing
 from shared.topics import RECOVERY_RESETS, EventType, dlq
+from tests.memory import apply_all
 
 SETTINGS = PlatformSettings()
 TOPIC = RECOVERY_RESETS
@@ -60,8 +61,7 @@ class FakeStore:
             if (consumer, event_id) in self.processed:
                 raise DuplicateEvent(event_id)
             self.processed.add((consumer, event_id))
-        if writes is not None:
-            await writes(None)
+        await apply_all(writes)
         self.outbox.extend(outgoing)
 
     def letters(self) -> list[Outgoing]:

@@ -31,6 +31,7 @@ from shared.metrics import ServiceMetrics
 from shared.schemas import CodeRejected, RecoveryRequested
 from shared.store import Outgoing
 from shared.topics import IDENTITY_DECLINED, IDENTITY_LOCKED, IDENTITY_VERIFIED, RECOVERY_OUTCOMES, EventType
+from tests.memory import apply_all, staged, staged_many
 
 SETTINGS = IdentitySettings(argon2_memory_kib=1024, argon2_time_cost=1)  # fast hashes for the test
 ANSWERS = {"birth_date": "1984-03-09", "fingerprint_code": "V4443V4442", "mother_surname": "Andrade"}
@@ -76,10 +77,12 @@ class MemoryStore:
             self._apply(keys, found, Record(principal_failure=True, block_failure=True), datetime.now().astimezone())
         return found
 
-    async def record_request(self, request_id: str, now: datetime, s: Any) -> None:
+    @staged
+    async def record_request(self, request_id: str, now: datetime) -> None:
         self.requests.add(request_id)
 
-    async def record_counters(self, keys: CounterKeys, seen: Counters, record: Record, now: datetime, s: Any) -> None:
+    @staged_many
+    async def record_counters(self, keys: CounterKeys, seen: Counters, record: Record, now: datetime) -> None:
         if self.principals.get(keys.principal, PrincipalState()).rev != seen.principal.rev:
             raise StaleCounters(keys.principal)
         self._apply(keys, seen, record, now)
@@ -103,12 +106,12 @@ class MemoryStore:
             a = self.addresses.get(keys.block_ref, AddressState())
             self.addresses[keys.block_ref] = AddressState(push(a.failures, record.address_failure))
 
-    async def set_answer_hashes(self, account_id: str, hashes: dict[str, str], s: Any) -> None:
+    @staged
+    async def set_answer_hashes(self, account_id: str, hashes: dict[str, str]) -> None:
         self.account.answer_hashes.update(hashes)
 
     async def commit(self, *, consumer: str, event_id: str, writes: Any, outgoing: list[Outgoing]) -> None:
-        if writes is not None:
-            await writes(None)  # raises StaleCounters before anything is kept, as a transaction would
+        await apply_all(writes)  # raises StaleCounters before anything is kept, as a transaction would
         self.commits.append(list(outgoing))
 
 

@@ -46,6 +46,7 @@ from shared.topics import (
     EventType,
     dlq,
 )
+from tests.memory import apply_all, staged_many
 
 PASSWORD = PasswordSettings(clave_env="development", argon2_memory_kib=1024, argon2_time_cost=1)
 NOTIFIER = NotifierSettings(clave_env="development")
@@ -63,8 +64,8 @@ class Outbox:
     async def commit(
         self, *, consumer: str | None, event_id: str | None, writes: Any, outgoing: list[Outgoing]
     ) -> None:
-        if writes is not None:
-            await writes(None)
+        if writes:
+            await apply_all(writes)
             self.writes += 1
         self.commits.append(list(outgoing))
 
@@ -89,12 +90,12 @@ class Credentials(Outbox):
     async def token_used(self, token_id: str) -> bool:
         return token_id in self.used
 
+    @staged_many
     async def save(
         self,
         account_id: str,
         history: KeyHistory,
         now: datetime,
-        s: Any,
         token_id: str | None = None,
         *,
         must_change: bool = False,
@@ -279,7 +280,8 @@ async def run_issued(evt: TokensIssued) -> tuple[Outbox, HandlerContext]:
     queued: list[dict[str, Any]] = []
 
     class Mails:
-        async def add(self, docs: list[dict[str, Any]], s: Any) -> None:
+        @staged_many
+        async def add(self, docs: list[dict[str, Any]]) -> None:
             queued.extend(docs)
 
     h = NotifierHandlers(Mails(), NOTIFIER, lambda: None)  # type: ignore[arg-type]

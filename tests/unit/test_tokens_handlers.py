@@ -4,8 +4,10 @@ re-decision when a concurrent reset, revocation or timeout moved the token first
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +33,7 @@ from shared.schemas import (
 )
 from shared.store import Outgoing
 from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
+from tests.memory import apply_all, staged
 
 SETTINGS = TokensSettings()
 RECIPIENT = Recipient(email="maria.perez@example.org", name="María Pérez", locale="es")
@@ -46,6 +49,8 @@ class MemoryStore:
         self.commits: list[list[Outgoing]] = []
         # Someone else's write, committed between our read and our commit (the next commit's).
         self.race: Hook | None = None
+        self.reads = 0  # the sweeper's reads
+        self.park_fails: Exception | None = None  # parking a reservation raises this
 
     def _find(self, **match: Any) -> dict[str, Any] | None:
         return next((t for t in self.tokens.values() if all(t.get(k) == v for k, v in match.items())), None)
@@ -62,10 +67,14 @@ class MemoryStore:
     async def revocable_count(self, account_id: str) -> int:
         return sum(t["account_id"] == account_id and domain.REVOKE.allows(t["state"]) for t in self.tokens.values())
 
+    async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
+        return self._find(request_id=request_id) is not None, await self.revocable_count(account_id)
+
     async def code_failures(self, key: str, since: datetime) -> int:
         return sum(k == key and at >= since for k, at in self.failures)
 
-    async def insert(self, token: NewToken, s: Any) -> None:
+    @staged
+    async def insert_token(self, token: NewToken) -> None:
         self.tokens[token.token_id] = {
             "_id": token.token_id,
             "account_id": token.account_id,
@@ -81,7 +90,8 @@ class MemoryStore:
             "recipient": token.recipient,
         }
 
-    async def revoke_account(self, account_id: str, s: Any) -> int:
+    @staged
+    async def revoke_account(self, account_id: str) -> int:
         hit = [t for t in self.tokens.values() if t["account_id"] == account_id and domain.REVOKE.allows(t["state"])]
         for t in hit:
             t["state"] = State.REVOKED
@@ -94,16 +104,20 @@ class MemoryStore:
             raise StaleToken(token_id)
         token.update(state=move.target, **fields)
 
-    async def reserve(self, token_id: str, by: By, until: datetime, s: Any) -> None:
+    @staged
+    async def reserve(self, token_id: str, by: By, until: datetime) -> None:
         self._move(token_id, domain.RESERVE, State.LIVE, reserved_by=by, reserved_until=until)
 
-    async def release(self, token_id: str, s: Any) -> None:
+    @staged
+    async def release(self, token_id: str) -> None:
         self._move(token_id, domain.RELEASE, State.RESERVED)
 
-    async def spend(self, token_id: str, seen: str, now: datetime, s: Any) -> None:
+    @staged
+    async def spend(self, token_id: str, seen: str, now: datetime) -> None:
         self._move(token_id, domain.SPEND, seen)
 
-    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool, s: Any) -> None:
+    @staged
+    async def count_wrong_code(self, token_id: str, seen_attempts: int, kill: bool) -> None:
         token = self.tokens[token_id]
         if token["state"] != State.LIVE or token["code_attempts"] != seen_attempts:
             raise StaleToken(token_id)
@@ -111,18 +125,35 @@ class MemoryStore:
         if kill:
             token["state"] = State.DEAD
 
-    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime, s: Any) -> None:
+    @staged
+    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> None:
         self.failures.append((key, now))
 
-    async def clear_code_failures(self, key: str, s: Any) -> None:
+    @staged
+    async def clear_code_failures(self, key: str) -> None:
         self.failures = [(k, at) for k, at in self.failures if k != key]
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
+        self.reads += 1
         return [
-            copy.deepcopy(t) for t in self.tokens.values() if t["state"] == State.RESERVED and "sweep_parked" not in t
+            copy.deepcopy(t)
+            for t in self.tokens.values()
+            if t["state"] == State.RESERVED and t.get("reserved_until", now) <= now and "sweep_parked" not in t
         ]
 
+    async def next_reservation_end(self) -> datetime | None:
+        self.reads += 1
+        ends = [
+            t["reserved_until"]
+            for t in self.tokens.values()
+            if t["state"] == State.RESERVED and "sweep_parked" not in t
+        ]
+        return min(ends, default=None)
+
+    @staged
     async def park_reservation(self, token_id: Any, reason: str, now: datetime) -> None:
+        if self.park_fails is not None:
+            raise self.park_fails
         token = self.tokens.get(token_id)
         if token is not None and token["state"] == State.RESERVED:
             token.update(sweep_parked=reason, sweep_parked_at=now)
@@ -132,7 +163,7 @@ class MemoryStore:
         *,
         consumer: str | None,
         event_id: str | None,
-        writes: Callable[[Any], Awaitable[None]] | None,
+        writes: Any,
         outgoing: list[Outgoing],
     ) -> None:
         if self.race is not None:
@@ -141,8 +172,7 @@ class MemoryStore:
         # All or nothing, as the transaction: a write that raises leaves no trace.
         saved = copy.deepcopy((self.tokens, self.failures))
         try:
-            if writes is not None:
-                await writes(None)
+            await apply_all(writes)
         except BaseException:
             self.tokens, self.failures = saved
             raise
@@ -271,22 +301,45 @@ async def test_a_reservation_that_cannot_be_released_is_parked_and_the_next_is_r
         store.tokens[token_id]["state"] = State.RESERVED
     del store.tokens[broken_id]["account_id"]  # a document that no longer decodes (KeyError)
     commits = len(store.commits)
-    await h.release_overdue()
+    assert await h.release_overdue() == 1
     assert store.tokens[good_id]["state"] == State.LIVE
-    assert store.commits[commits:] and [o.event.data["action"] for o in store.commits[-1]] == ["reservation_expired"]
+    announced = [[o.event.data["action"] for o in c] for c in store.commits[commits:] if c]
+    assert announced == [["reservation_expired"]]
     broken = store.tokens[broken_id]
     assert broken["state"] == State.RESERVED  # fail closed: still not usable
-    assert broken["sweep_parked"] == "release failed: KeyError"
+    assert broken["sweep_parked"] == "release failed: KeyError"  # parked by a staged write, committed
     parked = h.metrics.registry.get_sample_value(
         "clave_loop_items_parked_total", {"loop": "release-overdue-reservations", "reason": "release_failed"}
     )
     assert parked == 1
+    assert not h.sweep_stuck
     # The next sweep no longer stumbles on it: nothing to do, nothing counted again.
-    await h.release_overdue()
-    assert len(store.commits) == commits + 1
+    after = len(store.commits)
+    assert await h.release_overdue() == 0
+    assert len(store.commits) == after
     assert parked == h.metrics.registry.get_sample_value(
         "clave_loop_items_parked_total", {"loop": "release-overdue-reservations", "reason": "release_failed"}
     )
+    # Nor does the sweeper wait for it: the earliest end is of the reservations still swept.
+    assert await store.next_reservation_end() is None
+
+
+async def test_a_reservation_that_cannot_even_be_parked_slows_the_sweeper_down(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    """Neither released nor parked, it stays the earliest end, in the past: the sweeper looks
+    again after SWEEP_STUCK_S, not at once (it would spin on it)."""
+    store, h = setup
+    token_id, _, _ = await issue(h, store)
+    store.tokens[token_id].update(state=State.RESERVED, reserved_until=datetime.now(UTC) - timedelta(seconds=1))
+    del store.tokens[token_id]["account_id"]
+    store.park_fails = ValueError("cannot write it")
+    assert await h.release_overdue() == 0
+    assert h.sweep_stuck
+    assert "sweep_parked" not in store.tokens[token_id]
+    store.park_fails = None
+    await h.release_overdue()
+    assert not h.sweep_stuck and "sweep_parked" in store.tokens[token_id]
 
 
 async def test_a_store_outage_stops_the_sweep_without_parking_anything(
@@ -307,6 +360,36 @@ async def test_a_store_outage_stops_the_sweep_without_parking_anything(
     assert "sweep_parked" not in store.tokens[token_id]
     await h.release_overdue()  # the store is back
     assert store.tokens[token_id]["state"] == State.LIVE
+
+
+async def test_the_sweeper_sleeps_until_a_reservation_runs_out(setup: tuple[MemoryStore, TokenHandlers]) -> None:
+    """Not a poll: idle, it reads nothing; a reservation wakes it, and it releases the
+    reservation when it runs out (not at the next tick of a timer). A parked reservation,
+    overdue for good, does not wake it."""
+    store, h = setup
+    parked_id, _, _ = await issue(h, store, "req-parked", "acc-parked")
+    store.tokens[parked_id].update(
+        state=State.RESERVED, reserved_until=datetime.now(UTC) - timedelta(minutes=5), sweep_parked="release failed"
+    )
+    token_id, _, _ = await issue(h, store)
+    published = asyncio.Event()
+    sweeper = asyncio.create_task(h.sweep_forever(on_outbox=published.set))
+    try:
+        await asyncio.sleep(0.3)
+        assert store.reads == 2  # one look at start-up (overdue, next end), then asleep
+        store.tokens[token_id].update(state=State.RESERVED, reserved_until=datetime.now(UTC) + timedelta(seconds=0.5))
+        h.reserved.set()  # what the reservation's commit does
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(published.wait(), timeout=5)
+        took = asyncio.get_running_loop().time() - t0
+        assert store.tokens[token_id]["state"] == State.LIVE
+        assert store.tokens[parked_id]["state"] == State.RESERVED  # still set aside
+        assert 0.4 <= took < 2.0, took
+        assert store.reads <= 6, store.reads  # woken (1), at the end (2), after (1)
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
 
 
 # ------------------------------------------------------------------ decoys

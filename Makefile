@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-login bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -32,9 +32,10 @@ install: $(VENV)/.installed ## create .venv and install the project (re-runs pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# requirements.lock pins the transitive dependencies (pip constraints).
-$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
-	$(PY) -m pip install -c requirements.lock -e '.[dev]'
+# requirements.lock pins the transitive dependencies (pip constraints). The portal's client
+# library (clients/python, package clave_portal) is its own package, installed editable too.
+$(VENV)/.installed: pyproject.toml requirements.lock clients/python/pyproject.toml | $(PY)
+	$(PY) -m pip install -c requirements.lock -e '.[dev]' -e clients/python
 	@touch $@
 
 up: install ## start the local stack (Kafka, store, mail catcher, services) and leave it running
@@ -88,12 +89,15 @@ demo: install ## run one recovery end to end, as the portal would (KEEP=1: leave
 bench: install ## throughput/latency benchmark against the local stack
 	@$(STACK) run -- $(PY) -m tools.bench $(BENCH_ARGS)
 
+bench-login: install ## login idle latency (p50/p95/p99, target p99 <= 100 ms) against the local stack
+	@$(STACK) run -- $(PY) -m tools.bench_login $(BENCH_ARGS)
+
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
 	@$(PY) -m tools.bench_audit
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave tools deploy/local
+	$(VENV)/bin/mypy shared services clave tools deploy/local clients/python/clave_portal
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

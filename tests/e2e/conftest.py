@@ -39,8 +39,10 @@ from shared.topics import (
     EventType,
     dlq,
 )
-from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from tools.mail import Mailbox, body_text, extract_link
+from tools.portal import Portal
 from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.watch import TopicWatcher
 from tools.workbench import (
     SERVICES,
     WorkbenchSettings,

@@ -24,7 +24,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shared.acl import PORTAL
 from tests.e2e.conftest import World, cli_env
-from tools.portal import body_text, extract_code, extract_link
+from tools.mail import body_text, extract_code, extract_link
 from tools.testdata import Citizen
 from tools.workbench import WorkbenchSettings
 

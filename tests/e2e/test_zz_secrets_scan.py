@@ -18,7 +18,7 @@ from shared.kafka import client_kwargs
 from shared.kafkaio import read_topic
 from shared.topics import PORTAL_INPUTS
 from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
-from tools.portal import Mailbox, body_text
+from tools.mail import Mailbox, body_text
 from tools.testdata import SECRETS_MADE
 from tools.workbench import WorkbenchSettings
 

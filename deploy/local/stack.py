@@ -405,7 +405,11 @@ class Stack:
             MONGODB_URI=self.mongodb_uri,
             CLAVE_ENV=env.get("CLAVE_ENV") or "development",
             AUDIT_PUBLIC_KEYS=str(self.audit_public),
+            # The reference page (`make portal`, clients/page) listens on PAGE_PORT: the
+            # recovery mail's link opens it.
+            PAGE_PORT=str(env_int("PAGE_PORT", 8000)),
         )
+        env.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{env['PAGE_PORT']}")
         env.pop("AUDIT_SIGNING_KEY", None)  # no private key for anyone but its service
 
     # ---- names and addresses

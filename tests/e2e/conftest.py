@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from clave_portal import PortalClient, PortalSettings
 
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.contract import expected_sources
@@ -37,8 +39,10 @@ from shared.topics import (
     EventType,
     dlq,
 )
-from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from tools.mail import Mailbox, body_text, extract_link
+from tools.portal import Portal
 from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.watch import TopicWatcher
 from tools.workbench import (
     SERVICES,
     WorkbenchSettings,
@@ -106,6 +110,20 @@ async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
     await p.start()
     yield p
     await p.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(stack: WorkbenchSettings) -> AsyncIterator[PortalClient]:
+    """The portal's client library (clients/python), with the portal principal's own settings."""
+    async with PortalClient(
+        PortalSettings.from_properties(principal_properties(PORTAL)), source="/portal/tests", timeout=60
+    ) as c:
+        yield c
+
+
+def citizen_ip() -> str:
+    """A citizen's address: many of them, so the per-address limits stay out of the way."""
+    return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
 
 
 @pytest.fixture(scope="session")
@@ -184,11 +202,18 @@ class World:
         )
         by_ref = {d["data"]["subject_ref"]: d["data"]["account_id"] for d in imported}
         ids = [by_ref[keyed_hash(self.settings.pseudonym_key, c.national_id)] for c in citizens]
-        await self.audit_log.wait(
-            lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") in ids,
+        # Set or refused (a key that breaks the password service's policy): a refusal fails
+        # here with its reasons rather than as a time-out.
+        settled = await self.audit_log.wait(
+            lambda _t, _h, d: (
+                d["data"].get("action") in ("initial_key_set", "initial_key_refused")
+                and d["data"].get("account_id") in ids
+            ),
             count=len(ids),
             timeout=60,
         )
+        refused = [d["data"]["reasons"] for d in settled if d["data"]["action"] == "initial_key_refused"]
+        assert not refused, f"the password service refused initial keys: {refused}"
         return ids
 
     async def citizen(self, **kwargs: Any) -> Citizen:

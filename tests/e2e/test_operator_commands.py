@@ -33,8 +33,9 @@ from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_COMMAND_RESULTS, IDENTITY_COMMANDS, EventType, dlq
 from tests.e2e.conftest import World, clave_cli
-from tools.portal import TopicWatcher, body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.watch import TopicWatcher
 from tools.workbench import WorkbenchSettings, as_principal
 
 pytestmark = pytest.mark.e2e

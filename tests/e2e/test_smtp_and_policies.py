@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import World, fetch, fetch_ok, metric_value, metrics_url
-from tools.testdata import new_key
+from tools.testdata import Citizen, new_key
 
 pytestmark = pytest.mark.e2e
 
@@ -77,17 +77,23 @@ def restart_password(policy: str) -> None:
 
 
 @pytest.fixture
-async def nist_policy(world: World) -> AsyncIterator[None]:
+async def nist_citizen(world: World) -> AsyncIterator[Citizen]:
+    """A citizen imported under the running (seed) policy, then the password service on the
+    NIST profile. Imported first: password refuses an initial key that breaks its policy (the
+    seed-policy key is too short for NIST), and the CLI checks the key against its own policy,
+    so an import under NIST needs both configured alike; a policy change does not re-check the
+    keys already stored."""
+    c = await world.citizen()
     await asyncio.to_thread(restart_password, "nist")
     try:
-        yield
+        yield c
     finally:
         await asyncio.to_thread(restart_password, os.environ.get("PASSWORD_POLICY", "seed"))
         assert fetch_ok(metrics_url(world.settings, "password", "/readyz"))
 
 
-async def test_nist_profile_blocklist_and_passphrases(world: World, nist_policy: None) -> None:
-    c = await world.citizen()
+async def test_nist_profile_blocklist_and_passphrases(world: World, nist_citizen: Citizen) -> None:
+    c = nist_citizen
     rid = await world.request(c)
     _, token = await world.recovery_mail(rid)
     await world.portal.submit_reset(rid, "contraseñasegura", token=token)

@@ -45,6 +45,7 @@ from shared.contract import (
     writes,
 )
 from shared.envelope import CONTENT_TYPE, SPECVERSION, CloudEvent, DeadLetterReason
+from shared.portal_input import InputReason
 from shared.schemas import SCHEMAS
 from shared.settings import PlatformSettings
 from shared.topics import EventType
@@ -84,7 +85,11 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "representative_id": "Employers: the legal representative's cédula.",
         "email": "The e-mail address the citizen typed. Mail only ever goes to the registered address.",
         "answers": "Security question id → the citizen's answer, for every configured question "
-        "(`SECURITY_QUESTIONS`); compared ignoring case, accents and spacing.",
+        "(`SECURITY_QUESTIONS`); compared ignoring case, accents and spacing. Exactly one of `answers` and "
+        "`sealed_answers`; refused (`plaintext_refused`) when Clave runs with `PORTAL_INPUT=sealed`.",
+        "sealed_answers": "The same object as JSON, sealed to Clave's public key: base64url of HPKE (RFC 9180) "
+        "`enc || ciphertext`, suite DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305, `info` "
+        "`clave-portal-input/v1|recovery.requests|answers|<request_id>`.",
         "captcha_passed": "Whether the citizen solved the portal's captcha.",
         "locale": "Language of the e-mails: `es` or `en`.",
         "client_ip": "The citizen's IP address (IPv4 or IPv6), for the per-address limits.",
@@ -93,7 +98,11 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "request_id": "The `request_id` from the link, or the one the code was sent for.",
         "token": "The token from the link. Exactly one of `token` and `code`.",
         "code": "The 6-digit code from the e-mail. Exactly one of `token` and `code`.",
-        "new_password": "The new key, checked against the key policy and the last keys.",
+        "new_password": "The new key, checked against the key policy and the last keys. Exactly one of "
+        "`new_password` and `sealed_new_password`; refused (`plaintext_refused`) under `PORTAL_INPUT=sealed`.",
+        "sealed_new_password": "The new key (UTF-8) sealed to Clave's public key: base64url of HPKE `enc || "
+        "ciphertext` (suite as `sealed_answers`), `info` `clave-portal-input/v1|recovery.resets|new_password|"
+        "<request_id>`.",
         "client_ip": "Optional: the citizen's IP address, so wrong codes also count per address block.",
     },
     "RecoveryOutcome": {
@@ -102,18 +111,25 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "status": "`accepted` (every request, whatever the account: no enumeration), `completed` (the key was "
         "changed) or `rejected` (the reset was refused; the same link works again unless a reason says "
         "otherwise).",
-        "reasons": "Reset stage, `rejected` only: every reason that applies.",
+        "reasons": "Reset stage, `rejected` only: every reason that applies. Request stage: `rejected` only for "
+        "input refused for how its secrets came (`plaintext_refused`, `sealed_invalid`), never for anything "
+        "about the account.",
     },
 }
 
 # Rules a model enforces in a validator, stated in JSON Schema.
+def _one_of(*fields: str) -> dict[str, Any]:
+    return {"oneOf": [{"required": [f], "properties": {f: {"type": "string"}}} for f in fields]}
+
+
 MODEL_RULES: dict[str, dict[str, Any]] = {
-    "ResetSubmitted": {
+    "RecoveryRequested": {
         "oneOf": [
-            {"required": ["token"], "properties": {"token": {"type": "string"}}},
-            {"required": ["code"], "properties": {"code": {"type": "string"}}},
+            {"required": ["answers"], "properties": {"answers": {"type": "object"}}},
+            {"required": ["sealed_answers"], "properties": {"sealed_answers": {"type": "string"}}},
         ]
     },
+    "ResetSubmitted": {"allOf": [_one_of("token", "code"), _one_of("new_password", "sealed_new_password")]},
 }
 
 # Where a topic carries several types, what each one is.
@@ -140,6 +156,12 @@ PASSWORD_REASONS: dict[str, str] = {
     PasswordReason.NOT_PRINTABLE: "NIST policy: a control, separator, surrogate or unassigned character.",
     PasswordReason.REUSED: "Equal to one of the last keys (`PASSWORD_HISTORY`, 5).",
 }
+INPUT_REASONS: dict[str, str] = {
+    InputReason.PLAINTEXT_REFUSED: "A secret came in the clear while Clave runs with `PORTAL_INPUT=sealed`: "
+    "send it sealed (nothing was checked, no token touched).",
+    InputReason.SEALED_INVALID: "A sealed secret does not open with Clave's key for this record (another "
+    "public key, another record's or field's context, or damaged bytes).",
+}
 REQUEST_REASONS: dict[str, str] = {
     RequestReason.ID_INVALID: "The cédula or RUC fails its check digits.",
     RequestReason.ACCOUNT_UNKNOWN: "No account has this national ID.",
@@ -160,7 +182,10 @@ DLQ_REASONS: dict[str, str] = {
     DeadLetterReason.UNKNOWN_TYPE: "A `type` this topic does not carry.",
     DeadLetterReason.SCHEMA_INVALID: "`data` does not match the schema of its type.",
     DeadLetterReason.DUPLICATE_EVENT: "An event id this consumer already processed (a redelivery: changes nothing).",
-    DeadLetterReason.UNDECRYPTABLE: "A sealed field that does not open with the reader's keys.",
+    DeadLetterReason.UNDECRYPTABLE: "A sealed field that does not open with the reader's keys (portal input: "
+    "not with `PORTAL_SEALING_KEY` and the record's context).",
+    DeadLetterReason.PLAINTEXT_REFUSED: "Portal input with a secret in the clear while Clave runs with "
+    "`PORTAL_INPUT=sealed` (the portal also gets its outcome, reason `plaintext_refused`).",
     DeadLetterReason.HANDLER_ERROR: "The handler failed the same way 3 times (a bug, not an outage).",
 }
 
@@ -186,12 +211,13 @@ def _reason_schema(title: str, intro: str, notes: dict[str, str], values: list[s
 
 def reason_schemas() -> dict[str, dict[str, Any]]:
     reset = codes(TokenReason) + [c for c in PasswordReason.ALL if c not in codes(TokenReason)]
+    reset += codes(InputReason)
     return {
         "ResetReason": _reason_schema(
             "ResetReason",
-            "Why a reset was rejected (`recovery.outcomes`, stage `reset`). Stable codes: the set is only "
-            "ever added to.",
-            {**RESET_REASONS, **PASSWORD_REASONS},
+            "Why a reset was rejected (`recovery.outcomes`, stage `reset`; `plaintext_refused` and "
+            "`sealed_invalid` at the request stage too). Stable codes: the set is only ever added to.",
+            {**RESET_REASONS, **PASSWORD_REASONS, **INPUT_REASONS},
             reset,
         ),
         "PasswordReason": _reason_schema(

@@ -260,7 +260,7 @@ class EventPipeline:
         takes no letter at all (an outage), and the record is then redelivered."""
         origin = record_origin(record)
         try:
-            parked = await self._commit_letter(origin, self._letter(record, raw, bad))
+            parked = await self._commit_letter(origin, self._letter(record, raw, bad) + bad.replies)
         except Exception as exc:
             if _is_outage(exc):
                 raise
@@ -271,7 +271,8 @@ class EventPipeline:
                 origin,
                 exc.__class__.__name__,
             )
-            parked = await self._commit_letter(origin, self._minimal_letter(record, raw, bad.reason, exc))
+            letter = self._minimal_letter(record, raw, bad.reason, exc)
+            parked = await self._commit_letter(origin, letter + bad.replies)
         if parked:
             self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
             log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)

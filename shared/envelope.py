@@ -36,6 +36,7 @@ class DeadLetterReason:
     SCHEMA_INVALID = "schema_invalid"
     DUPLICATE_EVENT = "duplicate_event"
     UNDECRYPTABLE = "undecryptable"
+    PLAINTEXT_REFUSED = "plaintext_refused"  # a secret in the clear under PORTAL_INPUT=sealed
     HANDLER_ERROR = "handler_error"
 
 
@@ -47,6 +48,9 @@ class BadInput(Exception):
         self.reason = reason
         self.detail = detail
         self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
+        # Events the handler staged to answer the sender (the portal's outcome): committed with
+        # the dead letter, so refused portal input still gets the answer the portal waits for.
+        self.replies: list[Any] = []
 
 
 class CloudEvent(BaseModel):

@@ -30,6 +30,22 @@ class InternalPayload(Payload):
 
 
 RequestId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+# A secret the portal sealed to Clave's public key (shared/portal_input.py): base64url of HPKE's
+# enc || ciphertext.
+Sealed = Field(default=None, min_length=1, max_length=8192, pattern=r"^[A-Za-z0-9_-]+={0,2}$")
+MAX_ANSWERS = 16
+
+
+def check_answers(value: dict[str, str]) -> dict[str, str]:
+    """The bounds of a set of security answers (plain, or opened from `sealed_answers`)."""
+    if len(value) > MAX_ANSWERS:
+        raise ValueError(f"at most {MAX_ANSWERS} answers")
+    for key, answer in value.items():
+        if not 1 <= len(key) <= 64 or len(answer) > 256:
+            raise ValueError("answer keys must be 1-64 characters and answers at most 256")
+    return value
+
+
 AccountId = Field(min_length=1, max_length=64)
 Locale = Literal["es", "en"]
 
@@ -43,32 +59,39 @@ class RecoveryRequested(Payload):
     national_id: str = Field(min_length=1, max_length=32)
     representative_id: str | None = Field(default=None, max_length=32)
     email: str = Field(min_length=3, max_length=254)
-    answers: dict[str, str] = Field(max_length=16)
+    # Exactly one of `answers` and `sealed_answers` (added: the answers sealed to Clave's key).
+    answers: dict[str, str] | None = Field(default=None, max_length=MAX_ANSWERS)
     captcha_passed: bool
     locale: Locale = "es"
     client_ip: str = Field(max_length=45)
+    sealed_answers: str | None = Sealed
 
     @field_validator("answers")
     @classmethod
-    def _answer_sizes(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, answer in value.items():
-            if not 1 <= len(key) <= 64 or len(answer) > 256:
-                raise ValueError("answer keys must be 1-64 characters and answers at most 256")
-        return value
+    def _answer_sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else check_answers(value)
 
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
         return str(ipaddress.ip_address(value))
 
+    @model_validator(mode="after")
+    def _one_form(self) -> RecoveryRequested:
+        if (self.answers is None) == (self.sealed_answers is None):
+            raise ValueError("give exactly one of answers or sealed_answers")
+        return self
+
 
 class ResetSubmitted(Payload):
     request_id: str = RequestId
     token: str | None = Field(default=None, min_length=1, max_length=128)
     code: str | None = Field(default=None, pattern=r"^[0-9]{6}$")
-    new_password: str = Field(min_length=1, max_length=256)
+    # Exactly one of `new_password` and `sealed_new_password` (added: sealed to Clave's key).
+    new_password: str | None = Field(default=None, min_length=1, max_length=256)
     # Optional (added): the citizen's address, so wrong codes count per address block too.
     client_ip: str | None = Field(default=None, max_length=45)
+    sealed_new_password: str | None = Sealed
 
     @field_validator("client_ip")
     @classmethod
@@ -79,6 +102,8 @@ class ResetSubmitted(Payload):
     def _one_secret(self) -> ResetSubmitted:
         if (self.token is None) == (self.code is None):
             raise ValueError("give exactly one of token or code")
+        if (self.new_password is None) == (self.sealed_new_password is None):
+            raise ValueError("give exactly one of new_password or sealed_new_password")
         return self
 
 

@@ -82,6 +82,11 @@
 # stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
 # private key.
 #
+# Sealed portal input: on the first start of a service, Clave's X25519 key pair is made
+# (deploy/local/portal_keys.py): $VAR_DIR/secrets/portal/sealing.pem (0600) goes to identity,
+# tokens and password as PORTAL_SEALING_KEY; everything else gets the public key's path,
+# PORTAL_SEALING_PUBLIC_KEY ($VAR_DIR/portal/sealing-public.pem), to seal to.
+#
 # Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 # (see mailcatcher.py); `down` removes them together with the mail catcher.
 # $VAR_DIR/log/stack.log gets one line per start/stop command, with its caller.
@@ -141,6 +146,12 @@ AUDIT_KEYS_DIR=$VAR_DIR/secrets/audit
 AUDIT_PUBLIC_KEYS=${AUDIT_PUBLIC_KEYS:-$AUDIT_KEYS_DIR/public}
 export AUDIT_PUBLIC_KEYS
 unset AUDIT_SIGNING_KEY
+# Sealed portal input (deploy/local/portal_keys.py): Clave's X25519 private key for identity,
+# tokens and password alone; the public key, which the portal seals to, for everyone.
+PORTAL_SEALING_KEY_FILE=$VAR_DIR/secrets/portal/sealing.pem
+PORTAL_SEALING_PUBLIC_KEY=${PORTAL_SEALING_PUBLIC_KEY:-$VAR_DIR/portal/sealing-public.pem}
+export PORTAL_SEALING_PUBLIC_KEY
+unset PORTAL_SEALING_KEY
 
 KAFKA_POM=$HERE/kafka/pom.xml
 KAFKA_LOG4J=$HERE/kafka/log4j2.yaml
@@ -545,6 +556,17 @@ audit_keys() {
 # audit_env SERVICE: what that service alone gets on top of the stack's environment.
 audit_env() { printf 'AUDIT_SIGNING_KEY=%s' "$AUDIT_KEYS_DIR/$1.pem"; }
 
+# portal_keys: Clave's sealing key pair for portal input, made once (kept across restarts).
+portal_keys() { "$PY" "$HERE/portal_keys.py" "$VAR_DIR" || die "portal sealing key: could not make it"; }
+
+# portal_env SERVICE: the sealing private key, for the services that open portal input.
+portal_env() {
+  case $1 in
+    identity | tokens | password) printf 'PORTAL_SEALING_KEY=%s' "$PORTAL_SEALING_KEY_FILE" ;;
+    *) printf 'PORTAL_SEALING_KEY=' ;;
+  esac
+}
+
 # ---------------------------------------------------------------------------- start / stop
 
 command_of() {
@@ -560,7 +582,7 @@ command_of() {
       # variables shared/settings.py reads: the password goes from its file into the
       # environment (owner-readable), never on a command line; an inherited
       # KAFKA_CLIENT_PROPERTIES (a test's admin file) must not override it.
-      CMD=(env "$(audit_env "$1")"
+      CMD=(env "$(audit_env "$1")" "$(portal_env "$1")"
         bash -c "$SERVICE_KAFKA_ENV" clave-kafka-env "$SECRETS_DIR/$1.password" "$1" "$PY" -m "services.$1") ;;
   esac
 }
@@ -606,7 +628,7 @@ launch() {
     kafka) kafka_prepare; mkdir -p "$KAFKA_DATA"; log=$LOG_DIR/kafka-console.log ;;
     store) mkdir -p "$STORE_DATA"; log=$LOG_DIR/store.log ;;
     prometheus) prometheus_config; mkdir -p "$PROM_DATA"; log=$LOG_DIR/prometheus.log ;;
-    *) audit_keys; log=$LOG_DIR/$c.log ;;
+    *) audit_keys; portal_keys; log=$LOG_DIR/$c.log ;;
   esac
   command_of "$c"
   printf '===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$c" >>"$log"

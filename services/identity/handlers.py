@@ -17,6 +17,7 @@ from shared.consumer import HandlerContext, Writes
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
+from shared.portal_input import InputRefused, PortalInput, check_opened_answers
 from shared.schemas import (
     CodeRejected,
     EmailChanged,
@@ -35,6 +36,7 @@ from shared.topics import (
     IDENTITY_LOCKED,
     IDENTITY_VERIFIED,
     RECOVERY_OUTCOMES,
+    RECOVERY_REQUESTS,
     EventType,
 )
 
@@ -58,6 +60,7 @@ class IdentityHandlers:
         self.hasher = hasher
         self.settings = settings
         self.questions = settings.question_ids()
+        self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
         self.limits = settings.limits()
         self.requests = metrics.counter(
             "clave_identity_requests_total", "Recovery requests by audited result", ["result"]
@@ -74,13 +77,14 @@ class IdentityHandlers:
 
     async def recovery_requested(self, ctx: HandlerContext, req: RecoveryRequested) -> None:
         now = datetime.now(UTC)
+        answers = self._typed_answers(ctx, req)
         facts, keys, subject_ref = await self._request_facts(req)
         for attempt in range(1, STALE_RETRIES + 1):
             facts = replace(facts, counters=await self.store.counters(keys))
             if domain.needs_answer_checks(facts, self.limits, now):
-                facts = replace(facts, answers=await self._check_answers(facts.account, req.answers))
+                facts = replace(facts, answers=await self._check_answers(facts.account, answers))
             decision = domain.decide_request(facts, self.limits, now)
-            rehashed = await self._rehashed(decision, req.answers)
+            rehashed = await self._rehashed(decision, answers)
             self._stage_request(ctx, req, decision, subject_ref, rehashed)
             writes = self._request_writes(req.request_id, keys, facts.counters, decision, rehashed, now)
             if await self._committed(ctx, writes, attempt):
@@ -88,6 +92,26 @@ class IdentityHandlers:
         self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
         if Audit.LOCKED in decision.audits:
             self.lockouts.inc()
+
+    def _typed_answers(self, ctx: HandlerContext, req: RecoveryRequested) -> dict[str, str]:
+        """The answers as typed, opened when sealed. Input refused for how it came (in the clear
+        under PORTAL_INPUT=sealed, or sealed but not opening) is dead-lettered, and the portal
+        gets `rejected` with the reason, which says nothing about the account."""
+        try:
+            return check_opened_answers(
+                self.portal_input.answers(req.answers, req.sealed_answers, topic=RECOVERY_REQUESTS, ref=req.request_id)
+            )
+        except InputRefused as refused:
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                req.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(
+                    request_id=req.request_id, stage="request", status="rejected", reasons=[refused.portal_reason]
+                ),
+            )
+            refused.replies = list(ctx.outgoing)
+            raise
 
     async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
         """What the store knows about the request (its counters are read apart, again after a

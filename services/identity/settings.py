@@ -8,10 +8,10 @@ from datetime import timedelta
 from pydantic import PositiveInt
 
 from services.identity.domain import Limits
-from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings
+from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings, PortalInputSettings
 
 
-class IdentitySettings(PlatformSettings, Argon2Settings):
+class IdentitySettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     pseudonym_key: str = DEV_PSEUDONYM_KEY
     password_keys: str = DEV_PASSWORD_KEY  # seals an imported initial key for the password service
 
@@ -58,4 +58,4 @@ class IdentitySettings(PlatformSettings, Argon2Settings):
         return {**super().hmac_keys(), "PSEUDONYM_KEY": self.pseudonym_key}
 
     def problems(self) -> list[str]:
-        return super().problems() + self.argon2_problems()
+        return super().problems() + self.argon2_problems() + self.portal_input_problems()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from shared.settings import DEV_PASSWORD_KEY, Argon2Settings, PlatformSettings
+from shared.settings import DEV_PASSWORD_KEY, Argon2Settings, PlatformSettings, PortalInputSettings
 
 
-class PasswordSettings(PlatformSettings, Argon2Settings):
+class PasswordSettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     password_keys: str = DEV_PASSWORD_KEY
     password_policy: Literal["seed", "nist"] = "seed"
     password_history: int = 5
@@ -17,4 +17,4 @@ class PasswordSettings(PlatformSettings, Argon2Settings):
         return {**super().fernet_keys(), "PASSWORD_KEYS": self.password_keys}
 
     def problems(self) -> list[str]:
-        return super().problems() + self.argon2_problems()
+        return super().problems() + self.argon2_problems() + self.portal_input_problems()

@@ -20,11 +20,12 @@ STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.sh"
 
 # Runs on `bash -s` (so no signature in bash's own command line). The setsid function stands
 # for a loaded machine: the forked shell takes 0.5 s before it execs the command (or, with
-# EXEC_FAILS, dies before it could). audit_keys is stubbed: it would run the stand-in python as
-# `clave audit keygen` (sleeping 30 s) inside the launch being timed.
+# EXEC_FAILS, dies before it could). audit_keys and portal_keys are stubbed: they would run the
+# stand-in python (sleeping 30 s) inside the launch being timed.
 HARNESS = """
 source "$STACK"
 audit_keys() { :; }
+portal_keys() { :; }
 setsid() { sleep 0.5; [[ -z ${EXEC_FAILS:-} ]] || exit 3; exec "$(type -P setsid)" "$@"; }
 t0=$(now_ms)
 launch identity

@@ -2,6 +2,7 @@
 
     clave accounts import FILE           load citizen accounts (JSON lines)
     clave accounts update-email ID NEW   after an in-person check at an office
+    clave accounts update-contact ID [--email E] [--backup-email E] [--phone P]
     clave accounts unlock ID             lift a lockout
     clave accounts send-recovery ID      send a recovery e-mail to the registered address
     clave audit replay|verify|timeline   read the audit log (public keys only, no secret)
@@ -96,11 +97,24 @@ def import_accounts(
     raise typer.Exit(1 if report.errors else 0)
 
 
-def _command(event_type: str, national_id: str, operator: str, reason: str, new_email: str | None, wait: float) -> None:
+def _command(
+    event_type: str,
+    national_id: str,
+    operator: str,
+    reason: str,
+    new_email: str | None,
+    wait: float,
+    **contact: str | None,
+) -> None:
     settings = cli_settings()
     command_id = uuid.uuid4().hex
     data = OperatorCommand(
-        command_id=command_id, operator_id=operator, reason=reason, national_id=national_id, new_email=new_email
+        command_id=command_id,
+        operator_id=operator,
+        reason=reason,
+        national_id=national_id,
+        new_email=new_email,
+        **contact,  # type: ignore[arg-type]
     )
     event = new_event(
         type=event_type,
@@ -135,6 +149,33 @@ def update_email(national_id: str, new_email: str, operator: Operator, reason: R
     """Change a citizen's registered e-mail after checking their ID in person.
     Revokes live tokens and notifies both the old and the new address."""
     _command(EventType.OPERATOR_EMAIL_UPDATE, national_id, operator, reason, new_email, wait)
+
+
+@accounts.command("update-contact")
+def update_contact(
+    national_id: str,
+    operator: Operator,
+    reason: Reason,
+    email: Annotated[str | None, typer.Option(help="New registered e-mail.")] = None,
+    backup_email: Annotated[str | None, typer.Option(help='New backup e-mail ("" removes it).')] = None,
+    phone: Annotated[str | None, typer.Option(help='New phone, E.164 or Ecuadorian ("" removes it).')] = None,
+    wait: Wait = 30,
+) -> None:
+    """Change a citizen's contact data (registered e-mail, backup e-mail, phone) after checking
+    their ID in person. Revokes live tokens and tells every address on file before."""
+    if email is None and backup_email is None and phone is None:
+        err.print("give at least one of --email, --backup-email, --phone")
+        raise typer.Exit(2)
+    _command(
+        EventType.OPERATOR_CONTACT_UPDATE,
+        national_id,
+        operator,
+        reason,
+        email,
+        wait,
+        new_backup_email=backup_email,
+        new_phone=phone,
+    )
 
 
 @accounts.command("unlock")

@@ -36,7 +36,13 @@ class ServiceTopics:
 # (besides its DLQs and audit events).
 SERVICES: dict[str, ServiceTopics] = {
     "identity": ServiceTopics(
-        consumes=(t.RECOVERY_REQUESTS, t.PASSWORD_UPDATED, t.IDENTITY_COMMANDS, t.TOKENS_CODE_REJECTED),
+        consumes=(
+            t.RECOVERY_REQUESTS,
+            t.PASSWORD_UPDATED,
+            t.IDENTITY_COMMANDS,
+            t.TOKENS_CODE_REJECTED,
+            t.PASSWORD_CONTACT_AUTHORIZED,  # a contact update whose key the password service checked
+        ),
         produces=(
             t.RECOVERY_OUTCOMES,  # "accepted" for every request
             t.IDENTITY_VERIFIED,
@@ -44,6 +50,8 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
             t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)
+            t.IDENTITY_CONTACT_CHANGED,
+            t.CONTACT_RESULTS,  # `updated`, or `rejected` for contact data that is not valid
         ),
     ),
     "tokens": ServiceTopics(
@@ -54,29 +62,44 @@ SERVICES: dict[str, ServiceTopics] = {
             t.PASSWORD_UPDATED,
             t.PASSWORD_REJECTED,
             t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_CONTACT_CHANGED,  # revokes live tokens
         ),
         produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.TOKENS_CODE_REJECTED, t.RECOVERY_OUTCOMES),
     ),
     "notifier": ServiceTopics(
-        consumes=(t.TOKENS_ISSUED, t.PASSWORD_UPDATED, t.IDENTITY_LOCKED, t.IDENTITY_EMAIL_CHANGED),
+        consumes=(
+            t.TOKENS_ISSUED,
+            t.PASSWORD_UPDATED,
+            t.IDENTITY_LOCKED,
+            t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_CONTACT_CHANGED,  # tells every old address
+        ),
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
     "password": ServiceTopics(
-        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED),
-        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED),
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.CONTACT_UPDATES),
+        produces=(
+            t.PASSWORD_UPDATED,
+            t.PASSWORD_REJECTED,
+            t.PASSWORD_CONTACT_AUTHORIZED,  # the key checked: identity applies the change
+            t.CONTACT_RESULTS,  # `rejected` for a wrong key
+        ),
     ),
     "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
 # The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
-    "portal": ServiceTopics(consumes=(t.RECOVERY_OUTCOMES,), produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS)),
+    "portal": ServiceTopics(
+        consumes=(t.RECOVERY_OUTCOMES, t.CONTACT_RESULTS),
+        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.CONTACT_UPDATES),
+    ),
     # The `clave` command: its commands' results are read from the audit log.
     "operator": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=(t.IDENTITY_COMMANDS,)),
     "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
-PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES)
+PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES, t.CONTACT_UPDATES, t.CONTACT_RESULTS)
 
 
 def group_id(service: str) -> str:
@@ -114,6 +137,27 @@ TOPICS: dict[str, TopicContract] = {
         "The `request_id`.",
         "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
     ),
+    t.CONTACT_UPDATES: TopicContract(
+        (EventType.CONTACT_UPDATE_REQUESTED,),
+        "The national ID as the citizen typed it.",
+        "A logged-in citizen changes their contact data (e-mail, backup e-mail, phone), with the current key "
+        "(checked as a login is, same throttling).",
+    ),
+    t.CONTACT_RESULTS: TopicContract(
+        (EventType.CONTACT_RESULT,),
+        "The `update_id`.",
+        "Clave's answer to a contact update: `updated`, or `rejected` with reasons.",
+    ),
+    t.PASSWORD_CONTACT_AUTHORIZED: TopicContract(
+        (EventType.CONTACT_AUTHORIZED,),
+        "The internal `account_id`.",
+        "A contact update whose key the password service checked (the key is not in it): identity applies it.",
+    ),
+    t.IDENTITY_CONTACT_CHANGED: TopicContract(
+        (EventType.IDENTITY_CONTACT_CHANGED,),
+        "The internal `account_id`.",
+        "An account's contact data changed: revoke live tokens, tell every address on file before.",
+    ),
     t.IDENTITY_VERIFIED: TopicContract(
         (EventType.IDENTITY_VERIFIED,),
         "The internal `account_id`.",
@@ -135,7 +179,12 @@ TOPICS: dict[str, TopicContract] = {
         "An account came from the registry import, with its initial key sealed for the password service.",
     ),
     t.IDENTITY_COMMANDS: TopicContract(
-        (EventType.OPERATOR_EMAIL_UPDATE, EventType.OPERATOR_UNLOCK, EventType.OPERATOR_SEND_RECOVERY),
+        (
+            EventType.OPERATOR_EMAIL_UPDATE,
+            EventType.OPERATOR_UNLOCK,
+            EventType.OPERATOR_SEND_RECOVERY,
+            EventType.OPERATOR_CONTACT_UPDATE,
+        ),
         "The national ID the command is about.",
         "Operator commands from the `clave` command (each with an operator id and a reason).",
     ),

@@ -107,6 +107,43 @@ class ResetSubmitted(Payload):
         return self
 
 
+class ContactUpdateRequested(Payload):
+    """A citizen, logged in, changes their contact data; the current key comes with it (checked
+    as a login is). Each of `email`, `backup_email`, `phone` is optional: absent keeps it, ""
+    removes the backup e-mail or the phone."""
+
+    update_id: str = RequestId
+    national_id: str = Field(min_length=1, max_length=32)
+    # Exactly one of `key` and `sealed_key`.
+    key: str | None = Field(default=None, min_length=1, max_length=256)
+    sealed_key: str | None = Sealed
+    email: str | None = Field(default=None, min_length=3, max_length=254)
+    backup_email: str | None = Field(default=None, max_length=254)
+    phone: str | None = Field(default=None, max_length=32)
+    client_ip: str | None = Field(default=None, max_length=45)
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        return None if value is None else str(ipaddress.ip_address(value))
+
+    @model_validator(mode="after")
+    def _key_and_change(self) -> ContactUpdateRequested:
+        if (self.key is None) == (self.sealed_key is None):
+            raise ValueError("give exactly one of key or sealed_key")
+        if self.email is None and self.backup_email is None and self.phone is None:
+            raise ValueError("give at least one of email, backup_email, phone")
+        return self
+
+
+class ContactResult(InternalPayload):
+    """Clave's answer to a contact update (`account.contact_results`, keyed by `update_id`)."""
+
+    update_id: str = RequestId
+    status: Literal["updated", "rejected"]
+    reasons: list[str] = Field(default_factory=list)
+
+
 class RecoveryOutcome(InternalPayload):
     request_id: str = RequestId
     stage: Literal["request", "reset"]
@@ -131,6 +168,9 @@ class IdentityVerified(InternalPayload):
     recipient: Recipient
     actor: str = "system"
     requested_at: datetime | None = None  # when the portal published the request (end-to-end latency)
+    # Added: the recovery goes to the backup address (`recipient`); the registered address is
+    # told that a recovery was sent elsewhere.
+    primary_recipient: Recipient | None = None
 
 
 class IdentityLocked(InternalPayload):
@@ -159,6 +199,33 @@ class EmailChanged(InternalPayload):
     operator_id: str
 
 
+class ContactChange(InternalPayload):
+    field: Literal["email", "backup_email", "phone"]
+    masked: str  # the new value, masked (m***@example.org, +593***67); "" when removed
+
+
+class ContactChanged(InternalPayload):
+    """An account's contact data changed (by its owner after a login, or by an operator):
+    live recovery tokens are revoked, and every address on file before is told."""
+
+    change_id: str  # the portal's update_id, or the operator command's id
+    account_id: str = AccountId
+    old_recipients: list[Recipient]
+    changes: list[ContactChange]
+    actor: str = "citizen"
+
+
+class ContactUpdateAuthorized(InternalPayload):
+    """The password service checked the citizen's key for a contact update: identity applies it."""
+
+    update_id: str = RequestId
+    account_id: str = AccountId
+    email: str | None = None
+    backup_email: str | None = None
+    phone: str | None = None
+    client_ip: str | None = None
+
+
 class AccountRegistered(InternalPayload):
     """A new account from the registry: its initial key, sealed for the password service."""
 
@@ -172,6 +239,9 @@ class OperatorCommand(Payload):
     reason: str = Field(min_length=3, max_length=500)
     national_id: str = Field(min_length=1, max_length=32)
     new_email: str | None = Field(default=None, max_length=254)
+    # Added (contact_update): "" removes the backup e-mail or the phone.
+    new_backup_email: str | None = Field(default=None, max_length=254)
+    new_phone: str | None = Field(default=None, max_length=32)
 
 
 # ---- tokens ----------------------------------------------------------------------------------
@@ -186,6 +256,7 @@ class TokensIssued(InternalPayload):
     code_expires_at: datetime
     sealed_secrets: str  # {"token", "code"} sealed for the notifier
     requested_at: datetime | None = None
+    primary_recipient: Recipient | None = None  # added: told that the recovery went to `recipient`
 
 
 class TokensRedeemed(InternalPayload):
@@ -266,6 +337,11 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.OPERATOR_EMAIL_UPDATE: OperatorCommand,
     EventType.OPERATOR_UNLOCK: OperatorCommand,
     EventType.OPERATOR_SEND_RECOVERY: OperatorCommand,
+    EventType.OPERATOR_CONTACT_UPDATE: OperatorCommand,
+    EventType.CONTACT_UPDATE_REQUESTED: ContactUpdateRequested,
+    EventType.CONTACT_RESULT: ContactResult,
+    EventType.CONTACT_AUTHORIZED: ContactUpdateAuthorized,
+    EventType.IDENTITY_CONTACT_CHANGED: ContactChanged,
     EventType.TOKENS_ISSUED: TokensIssued,
     EventType.TOKENS_REDEEMED: TokensRedeemed,
     EventType.TOKENS_CODE_REJECTED: CodeRejected,

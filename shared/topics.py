@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 RECOVERY_REQUESTS = "recovery.requests"
 RECOVERY_RESETS = "recovery.resets"
 RECOVERY_OUTCOMES = "recovery.outcomes"
+CONTACT_UPDATES = "account.contact_updates"
+CONTACT_RESULTS = "account.contact_results"
 
 # Internal.
 IDENTITY_VERIFIED = "identity.verified"
@@ -20,6 +22,8 @@ IDENTITY_EMAIL_CHANGED = "identity.email_changed"
 IDENTITY_ACCOUNT_REGISTERED = "identity.account_registered"
 IDENTITY_COMMANDS = "identity.commands"
 IDENTITY_DECLINED = "identity.declined"
+IDENTITY_CONTACT_CHANGED = "identity.contact_changed"
+PASSWORD_CONTACT_AUTHORIZED = "password.contact_authorized"
 TOKENS_ISSUED = "tokens.issued"
 TOKENS_REDEEMED = "tokens.redeemed"
 TOKENS_CODE_REJECTED = "tokens.code_rejected"
@@ -47,6 +51,9 @@ CONSUMED = (
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMANDS,
     IDENTITY_DECLINED,
+    IDENTITY_CONTACT_CHANGED,
+    CONTACT_UPDATES,
+    PASSWORD_CONTACT_AUTHORIZED,
     TOKENS_ISSUED,
     TOKENS_REDEEMED,
     TOKENS_CODE_REJECTED,
@@ -55,7 +62,7 @@ CONSUMED = (
     AUDIT_EVENTS,  # by the audit read model, which dead-letters what it cannot project
 )
 
-PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED)
+PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED, CONTACT_RESULTS)
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -129,7 +136,7 @@ def all_topics(
     for name in CONSUMED + PRODUCED_ONLY:
         if name == AUDIT_EVENTS:
             specs.append(TopicSpec(name, partitions, -1))
-        elif name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+        elif name in (RECOVERY_REQUESTS, RECOVERY_RESETS, CONTACT_UPDATES):
             specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
             specs.append(TopicSpec(name, partitions, internal_retention_ms))
@@ -153,6 +160,11 @@ class EventType:
     OPERATOR_EMAIL_UPDATE = "ec.clave.operator.email_update.v1"
     OPERATOR_UNLOCK = "ec.clave.operator.unlock.v1"
     OPERATOR_SEND_RECOVERY = "ec.clave.operator.send_recovery.v1"
+    OPERATOR_CONTACT_UPDATE = "ec.clave.operator.contact_update.v1"
+    CONTACT_UPDATE_REQUESTED = "ec.clave.account.contact_update_requested.v1"
+    CONTACT_RESULT = "ec.clave.account.contact_result.v1"
+    CONTACT_AUTHORIZED = "ec.clave.password.contact_authorized.v1"
+    IDENTITY_CONTACT_CHANGED = "ec.clave.identity.contact_changed.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
     TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"

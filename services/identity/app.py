@@ -8,9 +8,16 @@ from services.identity.store import AccountStore
 from shared.consumer import Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
-from shared.schemas import CodeRejected, OperatorCommand, PasswordUpdated, RecoveryRequested
+from shared.schemas import CodeRejected, ContactUpdateAuthorized, OperatorCommand, PasswordUpdated, RecoveryRequested
 from shared.settings import load
-from shared.topics import IDENTITY_COMMANDS, PASSWORD_UPDATED, RECOVERY_REQUESTS, TOKENS_CODE_REJECTED, EventType
+from shared.topics import (
+    IDENTITY_COMMANDS,
+    PASSWORD_CONTACT_AUTHORIZED,
+    PASSWORD_UPDATED,
+    RECOVERY_REQUESTS,
+    TOKENS_CODE_REJECTED,
+    EventType,
+)
 
 NAME = "identity"
 
@@ -42,7 +49,13 @@ def build(settings: IdentitySettings | None = None) -> Service:
             EventType.OPERATOR_UNLOCK: Route(OperatorCommand, handlers.operator_unlock),
             EventType.OPERATOR_EMAIL_UPDATE: Route(OperatorCommand, handlers.operator_email_update),
             EventType.OPERATOR_SEND_RECOVERY: Route(OperatorCommand, handlers.operator_send_recovery),
+            EventType.OPERATOR_CONTACT_UPDATE: Route(OperatorCommand, handlers.operator_contact_update),
         },
+    )
+    # Contact updates whose key the password service checked.
+    service.consume(
+        PASSWORD_CONTACT_AUTHORIZED,
+        {EventType.CONTACT_AUTHORIZED: Route(ContactUpdateAuthorized, handlers.contact_authorized)},
     )
 
     async def close_hasher() -> None:

@@ -12,7 +12,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from services.identity import domain
 from services.identity.domain import Account, AnswerChecks, Audit, Decision, Emit, Reason, RequestFacts
 from services.identity.settings import IdentitySettings
-from services.identity.store import AccountStore, CounterKeys, StaleCounters
+from services.identity.store import AccountStore, CounterKeys, StaleContact, StaleCounters
 from shared.consumer import HandlerContext, Writes
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
@@ -20,6 +20,10 @@ from shared.metrics import ServiceMetrics
 from shared.portal_input import InputRefused, PortalInput, check_opened_answers
 from shared.schemas import (
     CodeRejected,
+    ContactChange,
+    ContactChanged,
+    ContactResult,
+    ContactUpdateAuthorized,
     EmailChanged,
     IdentityDeclined,
     IdentityLocked,
@@ -31,6 +35,8 @@ from shared.schemas import (
     RecoveryRequested,
 )
 from shared.topics import (
+    CONTACT_RESULTS,
+    IDENTITY_CONTACT_CHANGED,
     IDENTITY_DECLINED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
@@ -192,6 +198,9 @@ class IdentityHandlers:
                 RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
             )
         if Emit.VERIFIED in decision.emit and account is not None:
+            # To the registered address, or to the backup address when the citizen typed that:
+            # then the registered address is told that a recovery went elsewhere.
+            elsewhere = decision.mail_to is not None and decision.mail_to != account.email
             ctx.emit(
                 IDENTITY_VERIFIED,
                 account.account_id,
@@ -199,8 +208,9 @@ class IdentityHandlers:
                 IdentityVerified(
                     request_id=req.request_id,
                     account_id=account.account_id,
-                    recipient=recipient(account),
+                    recipient=recipient(account, decision.mail_to),
                     requested_at=ctx.event.time,
+                    primary_recipient=recipient(account) if elsewhere else None,
                 ),
             )
         if Emit.DECLINED in decision.emit:
@@ -220,6 +230,7 @@ class IdentityHandlers:
         details: dict[str, str | int] = {"profile": req.profile}
         if decision.verified:
             details["answers_rehashed"] = len(rehashed)
+            details["mail_to"] = "backup" if account and decision.mail_to != account.email else "registered"
         if decision.reasons == (Reason.DUPLICATE_REQUEST,):
             account_id = None  # as before: a duplicate names nobody
         ctx.audit(
@@ -475,3 +486,117 @@ class IdentityHandlers:
             await self.store.record_mail(keys, now, s)
 
         await ctx.commit(writes)
+
+    # ---- contact data: the citizen's own change (key checked by password), or an operator's --
+
+    async def contact_authorized(self, ctx: HandlerContext, evt: ContactUpdateAuthorized) -> None:
+        """Apply a contact update whose key the password service checked, and answer the portal."""
+        await self._apply_contact(
+            ctx,
+            evt.account_id,
+            (evt.email, evt.backup_email, evt.phone),
+            change_id=evt.update_id,
+            actor="citizen",
+            action="contact_updated",
+            answer=evt.update_id,
+        )
+
+    def _answer_contact(self, ctx: HandlerContext, update_id: str | None, reasons: tuple[str, ...]) -> None:
+        """The portal's answer on account.contact_results (operator commands get none)."""
+        if update_id is None:
+            return
+        status = "rejected" if reasons else "updated"
+        ctx.emit(
+            CONTACT_RESULTS,
+            update_id,
+            EventType.CONTACT_RESULT,
+            ContactResult(update_id=update_id, status=status, reasons=list(reasons)),  # type: ignore[arg-type]
+        )
+
+    async def operator_contact_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
+        action = "operator_contact_update"
+        account = await self._command_account(ctx, cmd, action)
+        if account is None:
+            return
+        await self._apply_contact(
+            ctx,
+            account.account_id,
+            (cmd.new_email, cmd.new_backup_email, cmd.new_phone),
+            change_id=cmd.command_id,
+            actor=cmd.operator_id,
+            action=action,
+            details={"reason": cmd.reason, "command_id": cmd.command_id},
+        )
+        self.operator_commands.labels(action, "success" if ctx.committed else "rejected").inc()
+
+    async def _apply_contact(
+        self,
+        ctx: HandlerContext,
+        account_id: str,
+        wanted: tuple[str | None, str | None, str | None],
+        *,
+        change_id: str,
+        actor: str,
+        action: str,
+        details: dict[str, str] | None = None,
+        answer: str | None = None,
+    ) -> tuple[str, ...]:
+        """Decide and stage a contact change: () when applied (committed), else the reasons
+        (audited, nothing changed). Every address on file before is told; live tokens are
+        revoked (tokens consumes identity.contact_changed)."""
+        for attempt in range(1, STALE_RETRIES + 1):
+            account = await self.store.by_id(account_id)
+            if account is None:
+                reasons: tuple[str, ...] = (domain.ContactReason.ACCOUNT_UNKNOWN,)
+                ctx.audit(action, "rejected", actor=actor, reasons=list(reasons), details={**(details or {})})
+                self._answer_contact(ctx, answer, reasons)
+                return reasons
+            before = account.contact
+            try:
+                after = domain.new_contact(before, *wanted)
+            except domain.ContactRefused as refused:
+                ctx.audit(
+                    action,
+                    "rejected",
+                    actor=actor,
+                    account_id=account_id,
+                    reasons=list(refused.reasons),
+                    details={**(details or {}), "change_id": change_id},
+                )
+                self._answer_contact(ctx, answer, refused.reasons)
+                return refused.reasons
+            changes = domain.changed_fields(before, after)
+            ctx.emit(
+                IDENTITY_CONTACT_CHANGED,
+                account_id,
+                EventType.IDENTITY_CONTACT_CHANGED,
+                ContactChanged(
+                    change_id=change_id,
+                    account_id=account_id,
+                    old_recipients=[recipient(account, address) for address in domain.old_addresses(before)],
+                    changes=[ContactChange(field=f, masked=m) for f, m in changes],  # type: ignore[arg-type]
+                    actor=actor,
+                ),
+            )
+            ctx.audit(
+                action,
+                "success",
+                actor=actor,
+                account_id=account_id,
+                details={**(details or {}), "change_id": change_id, "fields": ",".join(f for f, _ in changes)},
+            )
+            self._answer_contact(ctx, answer, ())
+
+            async def writes(
+                s: AsyncClientSession, after: domain.Contact = after, seen: domain.Contact = before
+            ) -> None:
+                await self.store.set_contact(account_id, after, seen, s)
+
+            try:
+                await ctx.commit(writes)
+                return ()
+            except StaleContact:
+                if attempt == STALE_RETRIES:
+                    raise
+                ctx.outgoing.clear()  # another change came first: decide again on what it left
+        raise AssertionError("unreachable")

@@ -23,7 +23,7 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.identity.domain import Account, AddressState, BlockState, Counters, PrincipalState, Record
+from services.identity.domain import Account, AddressState, BlockState, Contact, Counters, PrincipalState, Record
 from shared.store import ServiceStore
 
 ACCOUNTS = "accounts"
@@ -31,6 +31,10 @@ COUNTERS = "counters"
 REQUESTS = "requests"
 # Codes of a write that lost a race for the same principal document: the state changed.
 RACE_CODES = frozenset({11000, 112})
+
+
+class StaleContact(Exception):
+    """The account's contact data changed since it was read: read it again and decide again."""
 
 
 class StaleCounters(Exception):
@@ -75,6 +79,8 @@ def _to_account(doc: dict[str, Any]) -> Account:
         locale=doc.get("locale", "es"),
         answer_hashes=doc["answer_hashes"],
         representative_id=doc.get("representative_id"),
+        backup_email=doc.get("backup_email"),
+        phone=doc.get("phone"),
     )
 
 
@@ -114,6 +120,16 @@ class AccountStore(ServiceStore):
 
     async def set_email(self, account_id: str, email: str, s: AsyncClientSession) -> None:
         await self.db[ACCOUNTS].update_one({"_id": account_id}, {"$set": {"email": email}}, session=s)
+
+    async def set_contact(self, account_id: str, contact: Contact, seen: Contact, s: AsyncClientSession) -> None:
+        """Apply a contact change decided on `seen`; raises StaleContact if it changed meanwhile."""
+        result = await self.db[ACCOUNTS].update_one(
+            {"_id": account_id, "email": seen.email, "backup_email": seen.backup_email, "phone": seen.phone},
+            {"$set": {"email": contact.email, "backup_email": contact.backup_email, "phone": contact.phone}},
+            session=s,
+        )
+        if result.matched_count != 1:
+            raise StaleContact(account_id)
 
     async def upsert(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
         await self.db[ACCOUNTS].replace_one({"_id": doc["_id"]}, doc, upsert=True, session=s)

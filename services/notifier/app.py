@@ -1,4 +1,4 @@
-"""Notifier service wiring: four consumed topics and the SMTP sender loop."""
+"""Notifier service wiring: its consumed topics and the SMTP sender loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from services.notifier.settings import NotifierSettings
 from services.notifier.store import NotificationStore
 from shared.consumer import Route
 from shared.runtime import Service
-from shared.schemas import EmailChanged, IdentityLocked, PasswordUpdated, TokensIssued
+from shared.schemas import ContactChanged, EmailChanged, IdentityLocked, PasswordUpdated, TokensIssued
 from shared.settings import load
-from shared.topics import IDENTITY_EMAIL_CHANGED, IDENTITY_LOCKED, PASSWORD_UPDATED, TOKENS_ISSUED, EventType
+from shared.topics import (
+    IDENTITY_CONTACT_CHANGED,
+    IDENTITY_EMAIL_CHANGED,
+    IDENTITY_LOCKED,
+    PASSWORD_UPDATED,
+    TOKENS_ISSUED,
+    EventType,
+)
 
 NAME = "notifier"
 
@@ -24,5 +31,8 @@ def build(settings: NotifierSettings | None = None) -> Service:
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(IDENTITY_LOCKED, {EventType.IDENTITY_LOCKED: Route(IdentityLocked, h.identity_locked)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
+    service.consume(
+        IDENTITY_CONTACT_CHANGED, {EventType.IDENTITY_CONTACT_CHANGED: Route(ContactChanged, h.contact_changed)}
+    )
     service.every("mail-sender", 1.0, sender.run_forever)
     return service

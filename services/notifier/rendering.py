@@ -40,6 +40,11 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     "account_locked": frozenset({"name", "unlock_minutes"}),
     "email_changed_old": frozenset({"name", "new_email_masked", "changed_at"}),
     "email_changed_new": frozenset({"name"}),
+    # A recovery sent to the backup address, told to the registered one.
+    "recovery_elsewhere": frozenset({"name", "sent_to_masked", "sent_at"}),
+    # Contact data changed (after a login): told to every address on file before the change.
+    # `changes`: [{"field": "email" | "backup_email" | "phone", "value": masked, "" if removed}].
+    "contact_changed": frozenset({"name", "changes", "changed_at"}),
 }
 
 # Values that must never reach a subject line: subjects show up in lock-screen

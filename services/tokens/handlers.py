@@ -25,6 +25,7 @@ from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
     AuditRecord,
     CodeRejected,
+    ContactChanged,
     EmailChanged,
     IdentityDeclined,
     IdentityVerified,
@@ -110,6 +111,7 @@ class TokenHandlers:
                 code_expires_at=token.code_expires_at,
                 sealed_secrets=self.notifier_box.seal({"token": drawn.token, "code": drawn.code}),
                 requested_at=evt.requested_at,
+                primary_recipient=evt.primary_recipient,
             ),
         )
         ctx.audit(
@@ -390,6 +392,21 @@ class TokenHandlers:
         moved = settlement.move
         result = "released" if moved is domain.RELEASE else "spent" if moved is domain.SPEND else "kept"
         self.settled.labels(result).inc()
+
+    async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
+        """A contact change moves where recoveries go: no link sent before it may still work."""
+        count = await self.store.revocable_count(evt.account_id)
+        ctx.audit(
+            "tokens_revoked",
+            "info",
+            account_id=evt.account_id,
+            details={"count": count, "cause": "contact_changed", "change_id": evt.change_id},
+        )
+
+        async def revoke(s: AsyncClientSession) -> None:
+            await self.store.revoke_account(evt.account_id, s)
+
+        await ctx.commit(revoke)
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         count = await self.store.revocable_count(evt.account_id)

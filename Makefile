@@ -32,9 +32,10 @@ install: $(VENV)/.installed ## create .venv and install the project (re-runs pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# requirements.lock pins the transitive dependencies (pip constraints).
-$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
-	$(PY) -m pip install -c requirements.lock -e '.[dev]'
+# requirements.lock pins the transitive dependencies (pip constraints). The portal's client
+# library (clients/python, package clave_portal) is its own package, installed editable too.
+$(VENV)/.installed: pyproject.toml requirements.lock clients/python/pyproject.toml | $(PY)
+	$(PY) -m pip install -c requirements.lock -e '.[dev]' -e clients/python
 	@touch $@
 
 up: install ## start the local stack (Kafka, store, mail catcher, services) and leave it running
@@ -68,7 +69,7 @@ bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 1
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave
+	$(VENV)/bin/mypy shared services clave clients/python/clave_portal
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

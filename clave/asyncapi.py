@@ -29,7 +29,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from services.identity.domain import ContactReason
 from services.identity.domain import Reason as RequestReason
+from services.password.domain import LoginReason
 from services.password.policy import Reason as PasswordReason
 from services.tokens.domain import Reason as TokenReason
 from shared import topics as t
@@ -68,8 +70,8 @@ ENVELOPE_FIELDS: dict[str, str] = {
     "time": "When the event was produced, RFC 3339 with a timezone.",
     "subject": "Audit events: the action; dead letters: the reason; operator commands: the operator id.",
     "datacontenttype": "Always `application/json`.",
-    "correlationid": "Extension: the recovery's `request_id` (for an operator command, its command id). "
-    "Every event a recovery causes carries it.",
+    "correlationid": "Extension: the recovery's `request_id` (for an operator command, its command id; for a "
+    "credential check, its `check_id`). Every event a recovery causes carries it.",
     "causationid": "Extension: the `id` of the event that caused this one (absent for portal input).",
     "data": "The payload of this `type` (each message below gives its schema).",
 }
@@ -111,9 +113,54 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "status": "`accepted` (every request, whatever the account: no enumeration), `completed` (the key was "
         "changed) or `rejected` (the reset was refused; the same link works again unless a reason says "
         "otherwise).",
-        "reasons": "Reset stage, `rejected` only: every reason that applies. Request stage: `rejected` only for "
-        "input refused for how its secrets came (`plaintext_refused`, `sealed_invalid`), never for anything "
-        "about the account.",
+        "reasons": "`rejected` only: every reason that applies (`ResetReason`s; a repeated request: "
+        "`duplicate_request`; at either stage, input refused for how its secrets came: `plaintext_refused`, "
+        "`sealed_invalid`, never anything about the account).",
+    },
+    "LoginCheckRequested": {
+        "check_id": "The portal's id for this check: the answer on `login.results` is keyed by it and carries it "
+        "(also as `correlationid`).",
+        "national_id": "Cédula (10 digits) or RUC (13 digits), as the citizen typed it; spaces and dashes allowed.",
+        "key": "The key the citizen typed. Never stored, logged or audited; compared with the stored argon2id "
+        "hash (a decoy hash when the ID has no key, so the answer and its timing are the same). Exactly one of "
+        "`key` and `sealed_key`; refused (`plaintext_refused`) under `PORTAL_INPUT=sealed`.",
+        "client_ip": "The citizen's IP address (IPv4 or IPv6): wrong keys are throttled per address block "
+        "(IPv4 address, IPv6 /64).",
+        "sealed_key": "The key (UTF-8) sealed to Clave's public key (suite as `sealed_answers`), `info` "
+        "`clave-portal-input/v1|login.checks|key|<check_id>`.",
+    },
+    "ContactUpdateRequested": {
+        "update_id": "The portal's id for this update: the answer on `account.contact_results` is keyed by it.",
+        "national_id": "Cédula (10 digits) or RUC (13 digits), as the citizen typed it.",
+        "key": "The citizen's current key, checked exactly as a login's (same throttling, decoy hash, audit "
+        "without the key). Exactly one of `key` and `sealed_key`.",
+        "sealed_key": "The key sealed to Clave's public key (suite as `sealed_answers`), `info` "
+        "`clave-portal-input/v1|account.contact_updates|key|<update_id>`.",
+        "email": "Optional: the new registered e-mail (recoveries go there).",
+        "backup_email": "Optional: the new backup e-mail (a recovery goes there when the citizen types it; the "
+        "registered address is then told); `\"\"` removes it.",
+        "phone": "Optional: the new phone number, E.164 (`+593991234567`) or Ecuadorian national format; stored "
+        "as E.164; `\"\"` removes it. At least one of `email`, `backup_email`, `phone`.",
+        "client_ip": "The citizen's IP address: wrong keys are throttled per address block, as logins.",
+    },
+    "ContactResult": {
+        "update_id": "The update this answers.",
+        "status": "`updated` (every address on file before was told, live recovery links were revoked) or "
+        "`rejected` (nothing changed).",
+        "reasons": "`rejected` only (`ContactResultReason`): a wrong key (`key_invalid`, alike for an unknown ID), "
+        "`throttled`, or contact data that is not valid.",
+    },
+    "LoginResult": {
+        "check_id": "The check this answers.",
+        "status": "`valid`: the key is the account's current key; `invalid`: anything else, alike for an "
+        "unknown ID and a wrong key.",
+        "reasons": "`invalid` only (`LoginReason`): `key_invalid`, `id_invalid`, `throttled` or `check_invalid`.",
+    },
+    "AccountKeyChanged": {
+        "national_id": "The citizen's national ID, normalised (digits only): also the record key.",
+        "changed_at": "When the new key was stored.",
+        "cause": "`recovery` (a reset through a link or code) or `initial` (the registry's initial key).",
+        "request_id": "The recovery that changed it (`cause` `recovery`).",
     },
 }
 
@@ -130,6 +177,13 @@ MODEL_RULES: dict[str, dict[str, Any]] = {
         ]
     },
     "ResetSubmitted": {"allOf": [_one_of("token", "code"), _one_of("new_password", "sealed_new_password")]},
+    "LoginCheckRequested": _one_of("key", "sealed_key"),
+    "ContactUpdateRequested": {
+        "allOf": [
+            _one_of("key", "sealed_key"),
+            {"anyOf": [{"required": ["email"]}, {"required": ["backup_email"]}, {"required": ["phone"]}]},
+        ]
+    },
 }
 
 # Where a topic carries several types, what each one is.
@@ -138,12 +192,18 @@ TYPE_SUMMARIES: dict[str, str] = {
     "revoked; the old and the new address are told).",
     EventType.OPERATOR_UNLOCK: "An operator unlocks an account.",
     EventType.OPERATOR_SEND_RECOVERY: "An operator sends the recovery e-mail to the registered address.",
+    EventType.OPERATOR_CONTACT_UPDATE: "An operator changes an account's contact data (`new_email`, "
+    "`new_backup_email`, `new_phone`; `\"\"` removes the backup or the phone): live tokens are revoked, every "
+    "address on file before is told.",
 }
 
 RESET_REASONS: dict[str, str] = {
     TokenReason.TOKEN_INVALID: "Unknown or revoked token, or a wrong code (attempts left).",
     TokenReason.TOKEN_EXPIRED: "The link (`LINK_TTL_S`, 30 min) or the code (`CODE_TTL_S`, 10 min) has expired.",
     TokenReason.TOKEN_USED: "Already used, or a key change with it is in progress.",
+    TokenReason.RESET_INVALID: "The reset could not be processed at all (not JSON, not a valid event, a field "
+    "missing or malformed): besides its dead letter on `recovery.resets.dlq`, keyed by the `request_id` read from "
+    "it (else its record key). Nothing changed: the link works as before.",
     TokenReason.CODE_ATTEMPTS_EXCEEDED: "Too many wrong codes (`CODE_MAX_ATTEMPTS`, 5): the token is dead, "
     "link included.",
 }
@@ -162,6 +222,22 @@ INPUT_REASONS: dict[str, str] = {
     InputReason.SEALED_INVALID: "A sealed secret does not open with Clave's key for this record (another "
     "public key, another record's or field's context, or damaged bytes).",
 }
+CONTACT_REASONS: dict[str, str] = {
+    ContactReason.EMAIL_INVALID: "The new e-mail is not a valid address.",
+    ContactReason.BACKUP_EMAIL_INVALID: "The new backup e-mail is not a valid address.",
+    ContactReason.PHONE_INVALID: "The new phone is not a valid number (E.164, or Ecuadorian national format).",
+    ContactReason.BACKUP_SAME_AS_EMAIL: "The backup e-mail is the registered address.",
+    ContactReason.NOTHING_TO_CHANGE: "The data given is what is on file already.",
+    ContactReason.ACCOUNT_UNKNOWN: "The account is gone (an operator command about an unknown ID).",
+}
+LOGIN_REASONS: dict[str, str] = {
+    LoginReason.KEY_INVALID: "Not the account's key, or no account (or no key yet) for this ID: alike.",
+    LoginReason.ID_INVALID: "The national ID fails its check digits.",
+    LoginReason.THROTTLED: "Too many wrong keys (from this address block for this account, for this account "
+    "from many addresses, or from this address block overall): the key was not considered. Try later.",
+    LoginReason.CHECK_INVALID: "The check could not be processed (its dead letter on `login.checks.dlq` says why).",
+}
+
 REQUEST_REASONS: dict[str, str] = {
     RequestReason.ID_INVALID: "The cédula or RUC fails its check digits.",
     RequestReason.ACCOUNT_UNKNOWN: "No account has this national ID.",
@@ -230,6 +306,29 @@ def reason_schemas() -> dict[str, dict[str, Any]]:
             REQUEST_REASONS,
             codes(RequestReason),
         ),
+        "RequestOutcomeReason": _reason_schema(
+            "RequestOutcomeReason",
+            "Why a request got `rejected` on `recovery.outcomes` (stage `request`) rather than `accepted`.",
+            {
+                RequestReason.DUPLICATE_REQUEST: "The same `request_id` again: the first request's answer stands; "
+                "nothing else happened."
+            },
+            [RequestReason.DUPLICATE_REQUEST],
+        ),
+        "LoginReason": _reason_schema(
+            "LoginReason",
+            "Why a credential check answered `invalid` (`login.results`). An unknown ID and a wrong key give the "
+            "same code.",
+            {**LOGIN_REASONS, **INPUT_REASONS},
+            codes(LoginReason) + codes(InputReason),
+        ),
+        "ContactResultReason": _reason_schema(
+            "ContactResultReason",
+            "Why a contact update was `rejected` (`account.contact_results`): the key's check (as a login's), "
+            "the input, or the contact data.",
+            {**LOGIN_REASONS, **INPUT_REASONS, **CONTACT_REASONS},
+            codes(LoginReason) + codes(InputReason) + codes(ContactReason),
+        ),
         "DeadLetterReason": _reason_schema(
             "DeadLetterReason",
             "Why a record went to a `.dlq` topic (`data.reason` and the header `clave-dlq-reason`).",
@@ -270,7 +369,9 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
         schemas[model].update(rules)
     schemas.update(reason_schemas())
     outcome = schemas["RecoveryOutcome"]["properties"]["reasons"]
-    outcome["items"] = {"$ref": SCHEMA_REF + "ResetReason"}
+    outcome["items"] = {"anyOf": [{"$ref": SCHEMA_REF + "ResetReason"}, {"$ref": SCHEMA_REF + "RequestOutcomeReason"}]}
+    schemas["LoginResult"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "LoginReason"}
+    schemas["ContactResult"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "ContactResultReason"}
     schemas["PasswordRejected"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "PasswordReason"}
     schemas["DeadLetter"]["properties"]["reason"] = {
         "$ref": SCHEMA_REF + "DeadLetterReason",
@@ -466,12 +567,15 @@ services, every `.dlq` twin and `audit.events`; who sends and who receives each.
 **Envelope.** Every record value is a CloudEvents 1.0 event in structured JSON mode
 (schema `CloudEvent`), its `data` the payload of its `type`; every record has the header
 `content-type: {CONTENT_TYPE}`. `correlationid` is the recovery's `request_id` (for an
-operator command, its command id); `causationid` the `id` of the event that caused this one.
+operator command, its command id; for a credential check, its `check_id`); `causationid` the
+`id` of the event that caused this one.
 
 **Keys and order.** Each channel states its record key; order holds per key.
 
 **Delivery.** At least once. Consumers drop an event `id` they already processed; the portal
-should do the same on `recovery.outcomes`.
+should do the same on `recovery.outcomes`, `login.results` and `account.key_changed`.
+Every reset and every credential check gets an answer, even one that cannot be processed
+(`reset_invalid`, `check_invalid`), keyed by the id read from it.
 
 **Compatibility.** The portal-facing contract is only ever added to. Portal input and operator
 commands refuse unknown fields; events between services ignore them, so a producer may add an
@@ -488,13 +592,15 @@ Generated from the code by `clave contract` (clave/asyncapi.py); do not edit by 
 """
 
 PARTIES: dict[str, str] = {
-    "portal": "The public portal: publishes requests and resets, reads outcomes.",
+    "portal": "The public portal: publishes requests, resets and credential checks; reads outcomes, login "
+    "results and key changes (the `clave_portal` client library, clients/python, does all of it).",
     "operator": "Operators, through the `clave` command.",
     "auditor": "Auditors: read and verify the audit log.",
     "identity": "Checks IDs, answers, e-mail, captcha; lockout and limits; operator commands.",
     "tokens": "Issues and redeems link tokens and codes; answers the portal's resets.",
     "notifier": "Renders and sends the e-mails over SMTP.",
-    "password": "Checks the key policy and history; stores argon2id hashes.",
+    "password": "Checks the key policy and history; stores argon2id hashes; answers credential checks; "
+    "announces key changes.",
     "audit": "The auditors' read model of `audit.events`.",
 }
 CATEGORIES: dict[str, str] = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -130,6 +131,33 @@ class Route:
     handler: Handler
 
 
+# An id an answer may be keyed by (the contract's request_id / check_id shape).
+_ANSWER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@dataclass(frozen=True)
+class InvalidAnswer:
+    """How a consumer of portal input answers a record it dead-letters: the portal is waiting
+    for an answer keyed by the record's id (`id_field` of its data, else its record key), so
+    it gets one besides the dead letter (`recovery.outcomes`: `rejected` / `reset_invalid`).
+    A redelivered event (`duplicate_event`) is not answered again: its first copy was."""
+
+    id_field: str
+    topic: str
+    event_type: str
+    payload: Callable[[str], Payload]  # the answer for that id
+
+    def readable_id(self, data: dict[str, Any] | None, key: Any) -> str | None:
+        value = data.get(self.id_field) if isinstance(data, dict) else None
+        if isinstance(value, str) and _ANSWER_ID.fullmatch(value):
+            return value
+        if isinstance(key, bytes | bytearray):
+            text = bytes(key).decode("utf-8", "replace")
+            if _ANSWER_ID.fullmatch(text):
+                return text
+        return None
+
+
 @dataclass
 class _Tries:
     """Failed runs of one record, by kind."""
@@ -152,7 +180,9 @@ class EventPipeline:
         settings: PlatformSettings,
         metrics: ServiceMetrics,
         on_committed: Callable[[], None],
+        answer: InvalidAnswer | None = None,
     ) -> None:
+        self.answer = answer
         self.service = service
         self.topic = topic
         self.consumer = f"{service}:{topic}"
@@ -207,7 +237,7 @@ class EventPipeline:
             return event, route, route.model.model_validate(event.data)
         except ValidationError as exc:
             detail = describe_errors(exc)
-            return BadInput(DeadLetterReason.SCHEMA_INVALID, detail, correlationid=event.correlationid)
+            return BadInput(DeadLetterReason.SCHEMA_INVALID, detail, correlationid=event.correlationid, data=event.data)
         except Exception as exc:  # a validator that crashed: the same every time
             return BadInput(
                 HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
@@ -238,6 +268,7 @@ class EventPipeline:
             self.metrics.consumed.labels(self.topic, event.type).inc()
             return
         bad.correlationid = event.correlationid
+        bad.data = event.data
         await self._park(record, raw, bad)
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
@@ -293,7 +324,22 @@ class EventPipeline:
             correlation=bad.correlationid or record_origin(record),
             key=dlq_key(record),
             payload=self._sealed(raw),
+        ) + self._answer(record, bad)
+
+    def _answer(self, record: ConsumerRecord[Any, Any], bad: BadInput) -> list[Outgoing]:
+        """The portal's answer to a record it will never get another one for (see InvalidAnswer)."""
+        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT or bad.replies:
+            return []  # (a handler that staged its own answer, bad.replies, gave the portal a better one)
+        answer_id = self.answer.readable_id(bad.data, record.key)
+        if answer_id is None:
+            return []
+        event = new_event(
+            type=self.answer.event_type,
+            source=f"/clave/{self.service}",
+            data=self.answer.payload(answer_id).model_dump(mode="json"),
+            correlationid=answer_id,
         )
+        return [Outgoing(topic=self.answer.topic, key=answer_id, event=event)]
 
     def _minimal_letter(
         self, record: ConsumerRecord[Any, Any], raw: bytes, reason: str, exc: Exception

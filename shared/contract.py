@@ -77,10 +77,12 @@ SERVICES: dict[str, ServiceTopics] = {
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
     "password": ServiceTopics(
-        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.CONTACT_UPDATES),
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.LOGIN_CHECKS, t.CONTACT_UPDATES),
         produces=(
             t.PASSWORD_UPDATED,
             t.PASSWORD_REJECTED,
+            t.LOGIN_RESULTS,
+            t.ACCOUNT_KEY_CHANGED,
             t.PASSWORD_CONTACT_AUTHORIZED,  # the key checked: identity applies the change
             t.CONTACT_RESULTS,  # `rejected` for a wrong key
         ),
@@ -91,15 +93,24 @@ SERVICES: dict[str, ServiceTopics] = {
 # The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
     "portal": ServiceTopics(
-        consumes=(t.RECOVERY_OUTCOMES, t.CONTACT_RESULTS),
-        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.CONTACT_UPDATES),
+        consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED, t.CONTACT_RESULTS),
+        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS, t.CONTACT_UPDATES),
     ),
     # The `clave` command: its commands' results are read from the audit log.
     "operator": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=(t.IDENTITY_COMMANDS,)),
     "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
-PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES, t.CONTACT_UPDATES, t.CONTACT_RESULTS)
+PORTAL_FACING = (
+    t.RECOVERY_REQUESTS,
+    t.RECOVERY_RESETS,
+    t.RECOVERY_OUTCOMES,
+    t.LOGIN_CHECKS,
+    t.LOGIN_RESULTS,
+    t.ACCOUNT_KEY_CHANGED,
+    t.CONTACT_UPDATES,
+    t.CONTACT_RESULTS,
+)
 
 
 def group_id(service: str) -> str:
@@ -136,6 +147,22 @@ TOPICS: dict[str, TopicContract] = {
         (EventType.RECOVERY_OUTCOME,),
         "The `request_id`.",
         "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
+    ),
+    t.LOGIN_CHECKS: TopicContract(
+        (EventType.LOGIN_CHECK_REQUESTED,),
+        "The national ID as the citizen typed it.",
+        "The portal asks whether a key is the citizen's (a login): answered on `login.results` by `check_id`.",
+    ),
+    t.LOGIN_RESULTS: TopicContract(
+        (EventType.LOGIN_RESULT,),
+        "The `check_id`.",
+        "The password service's answer to a credential check: `valid` or `invalid`, the same for an unknown ID "
+        "as for a wrong key.",
+    ),
+    t.ACCOUNT_KEY_CHANGED: TopicContract(
+        (EventType.ACCOUNT_KEY_CHANGED,),
+        "The national ID (normalised: digits only).",
+        "A citizen's key changed (a recovery, or the initial key from the registry): end their other sessions.",
     ),
     t.CONTACT_UPDATES: TopicContract(
         (EventType.CONTACT_UPDATE_REQUESTED,),

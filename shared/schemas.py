@@ -120,12 +120,12 @@ class ContactUpdateRequested(Payload):
     email: str | None = Field(default=None, min_length=3, max_length=254)
     backup_email: str | None = Field(default=None, max_length=254)
     phone: str | None = Field(default=None, max_length=32)
-    client_ip: str | None = Field(default=None, max_length=45)
+    client_ip: str = Field(max_length=45)  # wrong keys are throttled per address block, as logins
 
     @field_validator("client_ip")
     @classmethod
-    def _ip(cls, value: str | None) -> str | None:
-        return None if value is None else str(ipaddress.ip_address(value))
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
 
     @model_validator(mode="after")
     def _key_and_change(self) -> ContactUpdateRequested:
@@ -149,6 +149,43 @@ class RecoveryOutcome(InternalPayload):
     stage: Literal["request", "reset"]
     status: Literal["accepted", "completed", "rejected"]
     reasons: list[str] = Field(default_factory=list)
+
+
+class LoginCheckRequested(Payload):
+    """The portal asks whether a key is the citizen's (login, or a change that needs the key)."""
+
+    check_id: str = RequestId
+    national_id: str = Field(min_length=1, max_length=32)
+    # Exactly one of `key` and `sealed_key` (added: the key sealed to Clave's public key).
+    key: str | None = Field(default=None, min_length=1, max_length=256)
+    client_ip: str = Field(max_length=45)
+    sealed_key: str | None = Sealed
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+    @model_validator(mode="after")
+    def _one_key(self) -> LoginCheckRequested:
+        if (self.key is None) == (self.sealed_key is None):
+            raise ValueError("give exactly one of key or sealed_key")
+        return self
+
+
+class LoginResult(InternalPayload):
+    check_id: str = RequestId
+    status: Literal["valid", "invalid"]
+    reasons: list[str] = Field(default_factory=list)
+
+
+class AccountKeyChanged(InternalPayload):
+    """A citizen's key changed: the portal ends their other sessions."""
+
+    national_id: str = Field(min_length=1, max_length=32)
+    changed_at: datetime
+    cause: Literal["recovery", "initial"]
+    request_id: str | None = None  # the recovery that changed it (cause `recovery`)
 
 
 # ---- identity --------------------------------------------------------------------------------
@@ -227,10 +264,13 @@ class ContactUpdateAuthorized(InternalPayload):
 
 
 class AccountRegistered(InternalPayload):
-    """A new account from the registry: its initial key, sealed for the password service."""
+    """An account from the registry: its national ID (the login name; added) and, for a new
+    account with one, its initial key sealed for the password service. A re-import sends the
+    national ID again without a key (it backfills the login name; a key is never overwritten)."""
 
     account_id: str = AccountId
-    sealed_initial_key: str
+    sealed_initial_key: str | None = None
+    national_id: str | None = None
 
 
 class OperatorCommand(Payload):
@@ -350,4 +390,7 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.NOTIFIER_SENT: NotificationResult,
     EventType.NOTIFIER_FAILED: NotificationResult,
     EventType.AUDIT: AuditRecord,
+    EventType.LOGIN_CHECK_REQUESTED: LoginCheckRequested,
+    EventType.LOGIN_RESULT: LoginResult,
+    EventType.ACCOUNT_KEY_CHANGED: AccountKeyChanged,
 }

@@ -138,18 +138,20 @@ async def import_accounts(
             # Only what the line gives: a backup e-mail or phone the citizen set is not erased.
             **clean["contact"],
         }
-        outgoing: list[Outgoing] = []
-        if existing is None and record.password is not None:
-            event = new_event(
-                type=EventType.ACCOUNT_REGISTERED,
-                source=SOURCE,
-                correlationid=command_id,
-                data=AccountRegistered(
-                    account_id=account_id,
-                    sealed_initial_key=password_box.seal({"password": record.password}),
-                ).model_dump(mode="json"),
-            )
-            outgoing.append(Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event))
+        # Every line tells the password service the account's login name (its national ID; a
+        # re-import backfills it), and a new account's initial key, sealed for it.
+        initial_key = record.password if existing is None else None
+        event = new_event(
+            type=EventType.ACCOUNT_REGISTERED,
+            source=SOURCE,
+            correlationid=command_id,
+            data=AccountRegistered(
+                account_id=account_id,
+                national_id=clean["national_id"],
+                sealed_initial_key=None if initial_key is None else password_box.seal({"password": initial_key}),
+            ).model_dump(mode="json", exclude_none=True),
+        )
+        outgoing: list[Outgoing] = [Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event)]
         action = "account_updated" if existing else "account_imported"
         outgoing.append(
             audit_event(

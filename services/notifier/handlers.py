@@ -166,7 +166,7 @@ class NotifierHandlers:
     async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
         """Every address on file before the change is told (new values masked)."""
         when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
-        changes = [{"field": c.field, "value": c.masked} for c in evt.changes]
+        changes = [(c.field, c.masked) for c in evt.changes]
         await self._queue(
             ctx,
             [
@@ -177,7 +177,7 @@ class NotifierHandlers:
                         to,
                         account_id=evt.account_id,
                         request_id=None,
-                        context={"changed_at": when, "changes": changes},
+                        context={"changed_at": when, "changes": domain.describe_changes(changes, to.locale)},
                     ),
                     # One notification per old address (the id is per event and kind otherwise).
                     "_id": domain.notification_id(ctx.event.id, f"contact_changed:{n}"),

@@ -43,7 +43,7 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     # A recovery sent to the backup address, told to the registered one.
     "recovery_elsewhere": frozenset({"name", "sent_to_masked", "sent_at"}),
     # Contact data changed (after a login): told to every address on file before the change.
-    # `changes`: [{"field": "email" | "backup_email" | "phone", "value": masked, "" if removed}].
+    # `changes`: what changed, new values masked, in the citizen's language (domain.describe_changes).
     "contact_changed": frozenset({"name", "changes", "changed_at"}),
 }
 

@@ -1,32 +1,235 @@
-"""Password handlers: the initial key of a new account, and the key change itself.
+"""Password handlers: the initial key of a new account, the key change itself, and the
+credential checks (login) with their throttling.
 
 The portal's reset outcome is published by the tokens service once it has
 spent or released the token, so "rejected" always means "the link works again".
+
+`KeyChecker.check` is the one way to ask "is this the citizen's key?": it applies every
+protection of a login (decoy hash for unknown IDs, throttling per account, per address block
+and per address, audit without the key, transparent rehash) and commits in one transaction
+whatever the caller stages for the verdict (a login result, a contact update...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.password import domain
+from services.password.domain import KeyDecision, KeyFacts
 from services.password.policy import PasswordPolicy, Reason
 from services.password.settings import PasswordSettings
-from services.password.store import CredentialStore
-from shared.consumer import HandlerContext
-from shared.crypto import SealError, SecretBox
+from services.password.store import CounterKeys, Credential, CredentialStore, StaleCounters
+from shared.consumer import HandlerContext, Writes
+from shared.crypto import SealError, SecretBox, keyed_hash
 from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
+from shared.national_id import InvalidId, normalize_any
+from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
+    AccountKeyChanged,
     AccountRegistered,
+    ContactResult,
+    ContactUpdateAuthorized,
+    ContactUpdateRequested,
+    LoginCheckRequested,
+    LoginResult,
     PasswordRejected,
     PasswordUpdated,
     TokensRedeemed,
 )
-from shared.topics import PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
+from shared.throttle import ThrottleState, address_block
+from shared.topics import (
+    ACCOUNT_KEY_CHANGED,
+    CONTACT_RESULTS,
+    CONTACT_UPDATES,
+    LOGIN_CHECKS,
+    LOGIN_RESULTS,
+    PASSWORD_CONTACT_AUTHORIZED,
+    PASSWORD_REJECTED,
+    PASSWORD_UPDATED,
+    EventType,
+)
+
+log = logging.getLogger(__name__)
+
+# A concurrent check for the same account changed its counters between our read and our write:
+# read again and decide again (each retry means another check got through).
+STALE_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class KeyVerdict:
+    """The answer to "is this the citizen's key?", for the caller to act on."""
+
+    valid: bool
+    reasons: tuple[str, ...]  # domain.LoginReason codes when not valid
+    national_id: str | None  # normalised; None when it fails its check digits
+    account_id: str | None  # the account the ID names, when it has a key
+    subject_ref: str  # keyed hash of the national ID (audit)
+
+
+# What a caller stages for a verdict (events on ctx; returned writes join the transaction).
+StageVerdict = Callable[[KeyVerdict], Writes | None]
+
+
+class KeyChecker:
+    def __init__(
+        self, store: CredentialStore, hasher: SecretHasher, settings: PasswordSettings, metrics: ServiceMetrics
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.settings = settings
+        self.limits = settings.login_limits()
+        self.checks = metrics.counter("clave_password_key_checks_total", "Credential checks by result", ["result"])
+        self.lockouts = metrics.counter(
+            "clave_password_key_check_lockouts_total", "Address blocks locked out of an account's credential checks"
+        )
+
+    def ref(self, value: str) -> str:
+        return keyed_hash(self.settings.pseudonym_key, value)
+
+    async def check(
+        self,
+        ctx: HandlerContext,
+        national_id: str,
+        key: str,
+        client_ip: str,
+        *,
+        purpose: str,
+        reference: str,
+        stage: StageVerdict | None = None,
+    ) -> KeyVerdict:
+        """Is `key` the key of the account `national_id` names? Load, decide, stage the audit
+        (never the key) and what `stage` adds, and commit it all at once. `purpose` and
+        `reference` (e.g. "login" and the check_id) name the check in the audit log."""
+        now = datetime.now(UTC)
+        normalized, credential, keys = await self._load(national_id, client_ip)
+        stored = credential.history.current if credential else None
+        facts = KeyFacts(id_valid=normalized is not None, throttle=ThrottleState(), has_key=stored is not None)
+        new_hash: str | None = None
+        for attempt in range(1, STALE_RETRIES + 1):
+            facts = replace(facts, throttle=await self.store.key_counters(keys))
+            if domain.needs_key_check(facts, self.limits, now):
+                facts = await self._hashed(facts, stored, key)
+            decision = domain.decide_key(facts, self.limits, now)
+            if decision.rehash and new_hash is None:
+                new_hash = await self.hasher.hash(domain.hashable(key))
+            verdict = KeyVerdict(
+                valid=decision.valid,
+                reasons=decision.reasons,
+                national_id=normalized,
+                account_id=credential.account_id if credential and stored else None,
+                subject_ref=self.ref(normalized or national_id),
+            )
+            self._audit(ctx, verdict, decision, credential, purpose, reference)
+            extra = stage(verdict) if stage is not None else None
+            writes = self._writes(keys, facts.throttle, decision, credential, stored, new_hash, extra, now)
+            try:
+                await ctx.commit(writes)
+                break
+            except StaleCounters:
+                if attempt == STALE_RETRIES:
+                    raise
+                log.info("key-check counters changed under a decision (attempt %d): deciding again", attempt)
+                ctx.outgoing.clear()
+        self.checks.labels("valid" if verdict.valid else verdict.reasons[0]).inc()
+        if decision.locked:
+            self.lockouts.inc()
+        return verdict
+
+    async def _load(self, national_id: str, client_ip: str) -> tuple[str | None, Credential | None, CounterKeys]:
+        try:
+            normalized: str | None = normalize_any(national_id)
+        except InvalidId:
+            normalized = None
+        credential = await self.store.by_national_id(normalized) if normalized else None
+        # An ID with no key is counted under its keyed hash: the same writes as a known one.
+        if credential is not None and credential.history.current:
+            principal = f"a:{credential.account_id}"
+        else:
+            principal = f"s:{self.ref(normalized or national_id)}"
+        return normalized, credential, CounterKeys(principal, self.ref(address_block(client_ip)))
+
+    async def _hashed(self, facts: KeyFacts, stored: str | None, key: str) -> KeyFacts:
+        """The argon2 result, against the stored hash or a decoy (equal work either way)."""
+        matches = await self.hasher.verify(stored or self.hasher.decoy_hash, domain.hashable(key))
+        outdated = stored is not None and self.hasher.needs_rehash(stored)
+        return replace(facts, key_matches=matches, outdated=outdated)
+
+    def _audit(
+        self,
+        ctx: HandlerContext,
+        verdict: KeyVerdict,
+        decision: KeyDecision,
+        credential: Credential | None,
+        purpose: str,
+        reference: str,
+    ) -> None:
+        account_id = credential.account_id if credential else None
+        subject_ref = None if account_id else verdict.subject_ref
+        details: dict[str, str | bool | None] = {"purpose": purpose, "reference": reference}
+        if decision.rehash:
+            details["rehashed"] = True
+        ctx.audit(
+            "key_checked",
+            "success" if verdict.valid else "rejected",
+            account_id=account_id,
+            subject_ref=subject_ref,
+            reasons=list(verdict.reasons),
+            details=details,
+        )
+        if decision.locked:
+            locked_until = decision.record.lock_until
+            ctx.audit(
+                "key_checks_locked",
+                "info",
+                account_id=account_id,
+                subject_ref=subject_ref,
+                details={
+                    "scope": "address_block",
+                    "locked_until": locked_until.isoformat() if locked_until else None,
+                    "reference": reference,
+                },
+            )
+        if decision.slowed:
+            ctx.audit(
+                "key_checks_slowed",
+                "info",
+                account_id=account_id,
+                subject_ref=subject_ref,
+                details={
+                    "failures": self.limits.account_max_failures,
+                    "interval_s": int(self.limits.slowed_interval.total_seconds()),
+                    "reference": reference,
+                },
+            )
+
+    def _writes(
+        self,
+        keys: CounterKeys,
+        seen: ThrottleState,
+        decision: KeyDecision,
+        credential: Credential | None,
+        stored: str | None,
+        new_hash: str | None,
+        extra: Writes | None,
+        now: datetime,
+    ) -> Writes:
+        async def writes(s: AsyncClientSession) -> None:
+            await self.store.record_key_check(keys, seen, decision.record, now, s)
+            if decision.rehash and credential is not None and stored and new_hash:
+                await self.store.rehash(credential.account_id, stored, new_hash, s)
+            if extra is not None:
+                await extra(s)
+
+        return writes
 
 
 class PasswordHandlers:
@@ -40,9 +243,11 @@ class PasswordHandlers:
     ) -> None:
         self.store = store
         self.hasher = hasher
+        self.keys = KeyChecker(store, hasher, settings, metrics)
         self.policy = policy
         self.depth = settings.password_history
         self.box = SecretBox(settings.password_keys)
+        self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
         self.changed = metrics.counter("clave_password_changed_total", "Keys changed")
         self.rejected = metrics.counter("clave_password_rejected_total", "Keys refused", ["reason"])
         self.latency = metrics.histogram(
@@ -59,17 +264,134 @@ class PasswordHandlers:
         return value
 
     async def account_registered(self, ctx: HandlerContext, evt: AccountRegistered) -> None:
-        if await self.store.exists(evt.account_id):
-            ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
+        """The account's login name (its national ID) and, for a new account, its initial key.
+        An existing key is never overwritten; a re-import only records the login name."""
+        now = datetime.now(UTC)
+        has_key = await self.store.exists(evt.account_id)
+        if evt.sealed_initial_key is None or has_key:
+            if evt.sealed_initial_key is not None:
+                ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
+            if evt.national_id is None:
+                return
+
+            async def record_name(s: AsyncClientSession, national_id: str = evt.national_id) -> None:
+                await self.store.set_national_id(evt.account_id, national_id, s)
+
+            await ctx.commit(record_name)
             return
         key = self._open(evt.sealed_initial_key, "password")
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
         ctx.audit("initial_key_set", "success", account_id=evt.account_id)
+        self._key_changed(ctx, evt.national_id, now, "initial", None)
 
         async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, history, datetime.now(UTC), s)
+            await self.store.save(evt.account_id, history, now, s, national_id=evt.national_id)
 
         await ctx.commit(save)
+
+    def _key_changed(
+        self, ctx: HandlerContext, national_id: str | None, now: datetime, cause: str, request_id: str | None
+    ) -> None:
+        """Tell the portal (account.key_changed, keyed by national ID) so it ends other sessions."""
+        if national_id is None:
+            # Only accounts imported before login names existed: re-run the import to backfill.
+            ctx.audit("key_change_unannounced", "info", request_id=request_id, reasons=["national_id_unknown"])
+            return
+        ctx.emit(
+            ACCOUNT_KEY_CHANGED,
+            national_id,
+            EventType.ACCOUNT_KEY_CHANGED,
+            AccountKeyChanged(national_id=national_id, changed_at=now, cause=cause, request_id=request_id),  # type: ignore[arg-type]
+        )
+
+    # ---- login.checks --------------------------------------------------------------------------
+
+    async def login_checked(self, ctx: HandlerContext, evt: LoginCheckRequested) -> None:
+        """A credential check: answer `valid` or `invalid` on login.results, keyed by check_id."""
+
+        def answer(verdict: KeyVerdict) -> None:
+            result = LoginResult(
+                check_id=evt.check_id, status="valid" if verdict.valid else "invalid", reasons=list(verdict.reasons)
+            )
+            ctx.emit(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)
+
+        key = self._typed_key(
+            ctx,
+            evt.key,
+            evt.sealed_key,
+            topic=LOGIN_CHECKS,
+            ref=evt.check_id,
+            refuse=lambda reason: answer(KeyVerdict(False, (reason,), None, None, "")),
+        )
+        await self.keys.check(
+            ctx, evt.national_id, key, evt.client_ip, purpose="login", reference=evt.check_id, stage=answer
+        )
+
+    def _typed_key(
+        self,
+        ctx: HandlerContext,
+        plain: str | None,
+        sealed: str | None,
+        *,
+        topic: str,
+        ref: str,
+        refuse: Callable[[str], None],
+    ) -> str:
+        """The key as typed, opened when sealed. Input refused for how it came is dead-lettered
+        before any check (nothing counted, nothing hashed), and `refuse` stages the answer."""
+        try:
+            return self.portal_input.secret(plain, sealed, topic=topic, field="key", ref=ref)
+        except InputRefused as refused:
+            refuse(refused.portal_reason)
+            refused.replies = list(ctx.outgoing)
+            raise
+
+    # ---- account.contact_updates: a logged-in citizen's new contact data ----------------------
+
+    async def contact_update_requested(self, ctx: HandlerContext, evt: ContactUpdateRequested) -> None:
+        """The key is checked exactly as a login's (same throttling, decoy, audit); a valid one
+        passes the change, without the key, to identity, which applies it and answers the
+        portal. A wrong one is answered here: `rejected`, nothing changed."""
+
+        def reject(reasons: tuple[str, ...]) -> None:
+            result = ContactResult(update_id=evt.update_id, status="rejected", reasons=list(reasons))
+            ctx.emit(CONTACT_RESULTS, evt.update_id, EventType.CONTACT_RESULT, result)
+
+        def authorise(verdict: KeyVerdict) -> None:
+            if not verdict.valid or verdict.account_id is None:
+                reject(verdict.reasons)
+                return
+            ctx.emit(
+                PASSWORD_CONTACT_AUTHORIZED,
+                verdict.account_id,
+                EventType.CONTACT_AUTHORIZED,
+                ContactUpdateAuthorized(
+                    update_id=evt.update_id,
+                    account_id=verdict.account_id,
+                    email=evt.email,
+                    backup_email=evt.backup_email,
+                    phone=evt.phone,
+                    client_ip=evt.client_ip,
+                ),
+            )
+
+        key = self._typed_key(
+            ctx,
+            evt.key,
+            evt.sealed_key,
+            topic=CONTACT_UPDATES,
+            ref=evt.update_id,
+            refuse=lambda reason: reject((reason,)),
+        )
+        await self.keys.check(
+            ctx,
+            evt.national_id,
+            key,
+            evt.client_ip,
+            purpose="contact_update",
+            reference=evt.update_id,
+            stage=authorise,
+        )
 
     async def tokens_redeemed(self, ctx: HandlerContext, evt: TokensRedeemed) -> None:
         now = datetime.now(UTC)
@@ -78,7 +400,8 @@ class PasswordHandlers:
             await ctx.commit()
             return
         candidate = self._open(evt.sealed_new_key, "new_password")
-        history = await self.store.history(evt.account_id)
+        credential = await self.store.credential(evt.account_id)
+        history = credential.history if credential else domain.KeyHistory()
         reasons = self.policy.check(candidate)
         reused = False
         if not reasons:
@@ -113,9 +436,12 @@ class PasswordHandlers:
             request_id=evt.request_id,
             details={"token_id": evt.token_id, "policy": self.policy.name},
         )
+        self._key_changed(ctx, credential.national_id if credential else None, now, "recovery", evt.request_id)
 
         async def save(s: AsyncClientSession) -> None:
             await self.store.save(evt.account_id, new_history, now, s, token_id=evt.token_id)
+            # Wrong guesses at the old key no longer matter.
+            await self.store.clear_key_failures(evt.account_id, s)
 
         await ctx.commit(save)
         self.changed.inc()
@@ -140,4 +466,4 @@ class PasswordHandlers:
         )
 
 
-__all__ = ["PasswordHandlers", "Reason"]
+__all__ = ["KeyChecker", "KeyVerdict", "PasswordHandlers", "Reason", "StageVerdict"]

@@ -122,7 +122,7 @@ def test_the_import_takes_backup_email_and_phone() -> None:
 
 
 def test_the_contact_update_schema_needs_one_key_and_one_change() -> None:
-    base = {"update_id": "u-1", "national_id": "1710034065", "phone": "0991234567"}
+    base = {"update_id": "u-1", "national_id": "1710034065", "phone": "0991234567", "client_ip": "10.0.0.1"}
     ContactUpdateRequested.model_validate({**base, "key": "Clave2026"})
     ContactUpdateRequested.model_validate({**base, "sealed_key": "QUJD"})
     for wrong in ({}, {"key": "k", "sealed_key": "QUJD"}, {"key": "k", "phone": None}):
@@ -225,3 +225,11 @@ async def test_an_update_racing_another_is_decided_again_on_what_it_left(
     assert out[CONTACT_RESULTS]["status"] == "updated"
     assert with_backup.account.contact == Contact(PRIMARY, None, "+12025550143")
     assert len(with_backup.commits) == 1
+
+
+def test_the_change_notice_says_what_changed_in_the_citizens_language() -> None:
+    from services.notifier.domain import describe_changes
+
+    changes = [("email", "n***@example.org"), ("phone", "")]
+    assert describe_changes(changes, "es") == "correo principal n***@example.org; teléfono eliminado"
+    assert describe_changes(changes, "en") == "primary e-mail n***@example.org; phone removed"

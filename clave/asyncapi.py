@@ -263,6 +263,13 @@ DLQ_REASONS: dict[str, str] = {
     DeadLetterReason.PLAINTEXT_REFUSED: "Portal input with a secret in the clear while Clave runs with "
     "`PORTAL_INPUT=sealed` (the portal also gets its outcome, reason `plaintext_refused`).",
     DeadLetterReason.HANDLER_ERROR: "The handler failed the same way 3 times (a bug, not an outage).",
+    DeadLetterReason.SEALED_CONTEXT_MISMATCH: "A sealed field that opens with the reader's keys but was made for "
+    "another purpose or another event (token, account, request or recipient): a copied or replayed blob. "
+    "Nothing is done with it.",
+    DeadLetterReason.SEALED_EXPIRED: "A sealed field older than the reader's lifetime for it (`SEALED_*_TTL_S`), "
+    "or dated in the future. Nothing is done with it.",
+    DeadLetterReason.WRONG_SOURCE: "An internal event whose CloudEvents `source` is not `/clave/<service>` of a "
+    "service that produces its topic.",
 }
 
 
@@ -383,8 +390,11 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
     )
     schemas["AuditRecord"]["properties"]["integrity"]["description"] = (
         "Added by the producer's outbox relay: `producer`, `seq` (1, 2, 3… per producer), `prev` (SHA-256 of the "
-        "producer's previous sealed event, hex) and `mac` (HMAC-SHA256 with AUDIT_HMAC_KEY over the event's "
-        "canonical JSON with `mac` blank)."
+        "producer's previous chained event, hex), `kid` (the id of the producer's Ed25519 signing key) and `sig` "
+        "(the producer's Ed25519 signature, base64, over the label `clave.audit.event.v1` and a newline followed by "
+        "the event's canonical JSON with `sig` blank). Verifying needs only the producers' public keys. Events "
+        "chained before signatures carry `mac` (HMAC-SHA256 with the old shared AUDIT_HMAC_KEY) instead of "
+        "`kid`/`sig`; they may only begin a producer's chain."
     )
     schemas["CloudEventHeaders"] = {
         "type": "object",
@@ -567,8 +577,12 @@ services, every `.dlq` twin and `audit.events`; who sends and who receives each.
 **Envelope.** Every record value is a CloudEvents 1.0 event in structured JSON mode
 (schema `CloudEvent`), its `data` the payload of its `type`; every record has the header
 `content-type: {CONTENT_TYPE}`. `correlationid` is the recovery's `request_id` (for an
-operator command, its command id; for a credential check, its `check_id`); `causationid` the
-`id` of the event that caused this one.
+operator command, its command id; for a credential check, its `check_id`; for a contact update,
+its `update_id`); `causationid` the `id` of the event that caused this one.
+`source` is `/clave/<service>` for every event a service produces; a consumer dead-letters
+(`wrong_source`) an event on a service's topic whose `source` is not of a service that produces
+that topic. The portal and the operator's command name themselves as they like: the broker's
+ACLs are what prove them.
 
 **Keys and order.** Each channel states its record key; order holds per key.
 
@@ -586,7 +600,15 @@ optional field first. A breaking change gets a new type (`.v2`).
 `clave-dlq-*` / `clave-origin-*` headers, the original bytes sealed with `DLQ_KEYS`.
 
 **Secrets.** What crosses an internal topic (link token and code, new or initial keys) is sealed
-(Fernet) for its one reader; audit events and DLQ headers never hold one.
+(Fernet: AES-128-CBC and HMAC-SHA256, with its time) for its one reader; audit events and DLQ
+headers never hold one. Inside the ciphertext, with the secret, are a purpose label and the
+identifiers of the event it was made for: the link and code are bound to `token_id`,
+`account_id`, `request_id` and the SHA-256 of `recipient.email`; a new key to `token_id`,
+`account_id` and `request_id`; an initial key to `account_id`. The reader checks them against
+the event that carries the blob, and its age against its lifetime (`SEALED_SECRETS_TTL_S`,
+`SEALED_NEW_KEY_TTL_S`, `SEALED_INITIAL_KEY_TTL_S`): a blob copied into another event is
+dead-lettered as `sealed_context_mismatch`, an old one as `sealed_expired`, and neither has any
+effect.
 
 Generated from the code by `clave contract` (clave/asyncapi.py); do not edit by hand.
 """

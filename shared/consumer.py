@@ -2,10 +2,12 @@
 
 Every subscription of every service goes through `EventPipeline.process`:
 
-1. parse the CloudEvent strictly, once, and validate `data` against its
-   schema; any failure is a `BadInput`: the record goes to `<topic>.dlq`
-   (through the outbox, with reason and origin), is counted and audited, and
-   the consumer moves on;
+1. parse the CloudEvent strictly, once, check that its `source` is a service
+   that produces the topic (shared/contract.py; a client's topic is proven by
+   the broker's ACLs instead), and validate `data` against its schema; any
+   failure is a `BadInput`: the record goes to `<topic>.dlq` (through the
+   outbox, with reason and origin), is counted and audited, and the consumer
+   moves on;
 2. run the handler, which loads state, decides, and calls `ctx.commit(...)`:
    the processed-event record, the state writes and the outgoing events are
    stored atomically; a redelivered event id is refused there (`DuplicateEvent`)
@@ -39,7 +41,8 @@ from pydantic import ValidationError
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared.audit import audit_event
-from shared.crypto import SecretBox
+from shared.contract import expected_sources
+from shared.crypto import Purpose, SealError, SealExpired, SealMismatch, SecretBox
 from shared.envelope import BadInput, CloudEvent, DeadLetterReason, describe_errors, new_event, parse_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import AuditRecord, Payload
@@ -193,6 +196,8 @@ class EventPipeline:
         self.metrics = metrics
         self.on_committed = on_committed
         self.dlq_box = SecretBox(settings.dlq_keys)
+        # Who may have produced what this topic carries (None: a client's topic, proven by ACLs).
+        self.sources = expected_sources(topic)
         self._failure_streak = 0
         self._attempts: dict[tuple[int, int], _Tries] = {}
 
@@ -232,6 +237,14 @@ class EventPipeline:
             return bad
         except Exception as exc:  # pure code on these bytes: it would fail again
             return BadInput(HANDLER_ERROR, f"parsing raised {exc.__class__.__name__}")
+        if self.sources is not None and event.source not in self.sources:
+            # Never echo the source given (an input value); name the expected ones.
+            expected = ", ".join(sorted(self.sources)) or "none"
+            return BadInput(
+                DeadLetterReason.WRONG_SOURCE,
+                f"source is not a producer of this topic (expected {expected})",
+                correlationid=event.correlationid,
+            )
         route = self.routes[event.type]
         try:
             return event, route, route.model.model_validate(event.data)
@@ -407,6 +420,28 @@ class EventPipeline:
             Outgoing(topic=dlq(record.topic), key=key, event=letter, headers=headers),
             audit_event(record_audit, correlationid=correlation, causationid=None, source=f"/clave/{self.service}"),
         ]
+
+
+def open_sealed(
+    box: SecretBox,
+    sealed: str,
+    *,
+    purpose: Purpose,
+    context: dict[str, str],
+    ttl_s: int | None,
+    what: str,
+) -> dict[str, Any]:
+    """A sealed field of the event being handled, opened for `purpose` and `context` (the
+    event's own identifiers); else the BadInput that dead-letters the event with its reason,
+    before the handler has done anything."""
+    try:
+        return box.open(sealed, purpose=purpose, context=context, ttl_s=ttl_s)
+    except SealMismatch as exc:
+        raise BadInput(DeadLetterReason.SEALED_CONTEXT_MISMATCH, f"{what}: {exc}") from None
+    except SealExpired as exc:
+        raise BadInput(DeadLetterReason.SEALED_EXPIRED, f"{what}: {exc}") from None
+    except SealError:
+        raise BadInput(DeadLetterReason.UNDECRYPTABLE, f"{what} does not open with our keys") from None
 
 
 def backoff(streak: int) -> float:

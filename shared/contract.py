@@ -9,7 +9,9 @@ starts to consume or produce is granted on the broker once it is listed here.
 Rules that are not listed per service, because they hold for every one:
 
 - a service also writes the `.dlq` twin of every topic it consumes, and `audit.events`;
-- a service consumes in one group, `clave-<service>`.
+- a service consumes in one group, `clave-<service>`;
+- a service names itself `/clave/<service>` as the CloudEvents `source` of what it emits, and
+  consumers check it (`expected_sources`).
 
 tests/unit/test_contract.py checks the table against the code: each service's
 subscriptions and the event types it routes, the topics its modules name, and the
@@ -123,6 +125,21 @@ def writes(service: str) -> tuple[str, ...]:
     spec = SERVICES[service]
     dlqs = tuple(t.dlq(name) for name in spec.consumes)
     return tuple(dict.fromkeys((*spec.produces, *dlqs, t.AUDIT_EVENTS)))
+
+
+def source_of(service: str) -> str:
+    """The CloudEvents `source` of every event a service emits."""
+    return f"/clave/{service}"
+
+
+def expected_sources(topic: str) -> frozenset[str] | None:
+    """The `source`s an event on `topic` may carry: those of the services that write it (for
+    `audit.events`, every service). None for a topic a people-facing client writes (the portal,
+    the operator's command): they name themselves as they like, and the broker's ACLs are what
+    prove them. A topic no one writes accepts no source."""
+    if any(topic in spec.produces for spec in CLIENTS.values()):
+        return None
+    return frozenset(source_of(service) for service in SERVICES if topic in writes(service))
 
 
 @dataclass(frozen=True)

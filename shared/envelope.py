@@ -38,6 +38,11 @@ class DeadLetterReason:
     UNDECRYPTABLE = "undecryptable"
     PLAINTEXT_REFUSED = "plaintext_refused"  # a secret in the clear under PORTAL_INPUT=sealed
     HANDLER_ERROR = "handler_error"
+    # Added: a sealed field made for another purpose or event, or past its lifetime, and an
+    # event whose `source` is not the service that owns its topic.
+    SEALED_CONTEXT_MISMATCH = "sealed_context_mismatch"
+    SEALED_EXPIRED = "sealed_expired"
+    WRONG_SOURCE = "wrong_source"
 
 
 class BadInput(Exception):

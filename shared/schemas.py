@@ -269,7 +269,11 @@ class AccountRegistered(InternalPayload):
     national ID again without a key (it backfills the login name; a key is never overwritten)."""
 
     account_id: str = AccountId
-    sealed_initial_key: str | None = None
+    sealed_initial_key: str | None = Field(
+        default=None,
+        description="The initial key, sealed for the password service (PASSWORD_KEYS), bound to `account_id`; "
+        "absent on a re-import (the account's login name only).",
+    )
     national_id: str | None = None
 
 
@@ -294,7 +298,10 @@ class TokensIssued(InternalPayload):
     recipient: Recipient
     link_expires_at: datetime
     code_expires_at: datetime
-    sealed_secrets: str  # {"token", "code"} sealed for the notifier
+    sealed_secrets: str = Field(
+        description="The link token and code, sealed for the notifier (NOTIFIER_KEYS), bound to `token_id`, "
+        "`account_id`, `request_id` and the recipient's address."
+    )
     requested_at: datetime | None = None
     primary_recipient: Recipient | None = None  # added: told that the recovery went to `recipient`
 
@@ -304,7 +311,10 @@ class TokensRedeemed(InternalPayload):
     account_id: str = AccountId
     token_id: str
     recipient: Recipient
-    sealed_new_key: str  # {"new_password"} sealed for the password service
+    sealed_new_key: str = Field(
+        description="The new key, sealed for the password service (PASSWORD_KEYS), bound to `token_id`, "
+        "`account_id` and `request_id`."
+    )
     submitted_at: datetime | None = None  # when the portal published the reset (end-to-end latency)
 
 
@@ -362,7 +372,7 @@ class AuditRecord(InternalPayload):
     request_id: str | None = None
     reasons: list[str] = Field(default_factory=list)
     details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, mac
+    integrity: dict[str, str | int] | None = None  # added by the outbox relay: producer, seq, prev, kid, sig
 
 
 SCHEMAS: dict[str, type[Payload]] = {

@@ -22,7 +22,7 @@ from services.identity import domain
 from services.identity.settings import IdentitySettings
 from services.identity.store import ACCOUNTS, AccountStore
 from shared.audit import audit_event
-from shared.crypto import SecretBox, keyed_hash
+from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash
 from shared.envelope import describe_errors, new_event
 from shared.hashing import SecretHasher
 from shared.schemas import AccountRegistered, AuditRecord
@@ -139,16 +139,21 @@ async def import_accounts(
             **clean["contact"],
         }
         # Every line tells the password service the account's login name (its national ID; a
-        # re-import backfills it), and a new account's initial key, sealed for it.
+        # re-import backfills it), and a new account's initial key, sealed for it (bound to it).
         initial_key = record.password if existing is None else None
+        sealed = None
+        if initial_key is not None:
+            sealed = password_box.seal(
+                {"password": initial_key},
+                purpose=Purpose.INITIAL_KEY,
+                context=initial_key_context(account_id=account_id),
+            )
         event = new_event(
             type=EventType.ACCOUNT_REGISTERED,
             source=SOURCE,
             correlationid=command_id,
             data=AccountRegistered(
-                account_id=account_id,
-                national_id=clean["national_id"],
-                sealed_initial_key=None if initial_key is None else password_box.seal({"password": initial_key}),
+                account_id=account_id, national_id=clean["national_id"], sealed_initial_key=sealed
             ).model_dump(mode="json", exclude_none=True),
         )
         outgoing: list[Outgoing] = [Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event)]

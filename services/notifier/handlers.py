@@ -20,9 +20,9 @@ from services.notifier.rendering import MailRenderer, build_message, mask_email
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
-from shared.consumer import HandlerContext
-from shared.crypto import SealError, SecretBox
-from shared.envelope import BadInput, DeadLetterReason, new_event
+from shared.consumer import HandlerContext, open_sealed
+from shared.crypto import Purpose, SealError, SecretBox, recovery_secrets_context
+from shared.envelope import new_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
@@ -42,6 +42,10 @@ SOURCE = "/clave/notifier"
 KEEP_SENT = timedelta(days=30)
 
 
+def secrets_context(token_id: str, account_id: str, request_id: str, email: str) -> dict[str, str]:
+    return recovery_secrets_context(token_id=token_id, account_id=account_id, request_id=request_id, email=email)
+
+
 class NotifierHandlers:
     def __init__(self, store: NotificationStore, settings: NotifierSettings, wake_sender: Any) -> None:
         self.store = store
@@ -59,6 +63,7 @@ class NotifierHandlers:
         request_id: str | None,
         context: dict[str, Any],
         sealed: str | None = None,
+        token_id: str | None = None,
         started_at: datetime | None = None,
     ) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -70,6 +75,7 @@ class NotifierHandlers:
             "locale": to.locale,
             "context": context,
             "sealed": sealed,  # the link and code, still sealed; removed once sent
+            "token_id": token_id,  # what they are sealed for (with account, request and address)
             "account_id": account_id,
             "request_id": request_id,
             "correlationid": ctx.event.correlationid,
@@ -91,10 +97,16 @@ class NotifierHandlers:
         self.wake_sender()
 
     async def tokens_issued(self, ctx: HandlerContext, evt: TokensIssued) -> None:
-        try:
-            self.box.open(evt.sealed_secrets)  # fail now (DLQ) rather than at send time
-        except SealError:
-            raise BadInput(DeadLetterReason.UNDECRYPTABLE, "sealed secrets do not open with NOTIFIER_KEYS") from None
+        # Fail now (DLQ, no mail) rather than at send time: secrets sealed for another token,
+        # account, request or address (copied into a forged event), or too old.
+        open_sealed(
+            self.box,
+            evt.sealed_secrets,
+            purpose=Purpose.RECOVERY_SECRETS,
+            context=secrets_context(evt.token_id, evt.account_id, evt.request_id, evt.recipient.email),
+            ttl_s=self.settings.sealed_secrets_ttl_s,
+            what="sealed secrets",
+        )
         elsewhere = []
         if evt.primary_recipient is not None:
             # The recovery went to the backup address: the registered address is told.
@@ -127,6 +139,7 @@ class NotifierHandlers:
                         "code_minutes": domain.minutes_between(ctx.event.time, evt.code_expires_at),
                     },
                     sealed=evt.sealed_secrets,
+                    token_id=evt.token_id,
                     started_at=evt.requested_at,
                 )
             ],
@@ -294,7 +307,10 @@ class MailSender:
     def _render_context(self, doc: dict[str, Any]) -> dict[str, Any]:
         context = {"name": doc["name"], **doc["context"]}
         if doc.get("sealed"):
-            secrets = self.box.open(doc["sealed"])
+            # Checked again against the queued mail itself: the secrets open only for its own
+            # token, account, request and address. No lifetime here: retries may take minutes.
+            bound = secrets_context(doc.get("token_id") or "", doc["account_id"], doc["request_id"], doc["to"])
+            secrets = self.box.open(doc["sealed"], purpose=Purpose.RECOVERY_SECRETS, context=bound, ttl_s=None)
             context["link"] = domain.recovery_link(self.settings.portal_base_url, doc["request_id"], secrets["token"])
             context["code"] = secrets["code"]
         return context

@@ -3,11 +3,16 @@ and the keys that open the link and code sealed for it."""
 
 from __future__ import annotations
 
+from pydantic import PositiveInt
+
 from shared.settings import DEV_NOTIFIER_KEY, PlatformSettings
 
 
 class NotifierSettings(PlatformSettings):
     notifier_keys: str = DEV_NOTIFIER_KEY
+    # A sealed link and code older than this is dead-lettered (`sealed_expired`), not mailed:
+    # the link's own lifetime (LINK_TTL_S), after which the mail would carry a dead link.
+    sealed_secrets_ttl_s: PositiveInt = 30 * 60
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025

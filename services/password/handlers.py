@@ -25,8 +25,8 @@ from services.password.domain import KeyDecision, KeyFacts
 from services.password.policy import PasswordPolicy, Reason
 from services.password.settings import PasswordSettings
 from services.password.store import CounterKeys, Credential, CredentialStore, StaleCounters
-from shared.consumer import HandlerContext, Writes
-from shared.crypto import SealError, SecretBox, keyed_hash
+from shared.consumer import HandlerContext, Writes, open_sealed
+from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash, new_key_context
 from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
@@ -248,17 +248,18 @@ class PasswordHandlers:
         self.depth = settings.password_history
         self.box = SecretBox(settings.password_keys)
         self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
+        self.new_key_ttl_s = settings.sealed_new_key_ttl_s
+        self.initial_key_ttl_s = settings.sealed_initial_key_ttl_s
         self.changed = metrics.counter("clave_password_changed_total", "Keys changed")
         self.rejected = metrics.counter("clave_password_rejected_total", "Keys refused", ["reason"])
         self.latency = metrics.histogram(
             "clave_reset_to_key_changed_seconds", "From the portal's reset submission to the new key decided"
         )
 
-    def _open(self, sealed: str, field: str) -> str:
-        try:
-            value = self.box.open(sealed).get(field)
-        except SealError:
-            raise BadInput(DeadLetterReason.UNDECRYPTABLE, "sealed key does not open with PASSWORD_KEYS") from None
+    def _open(self, sealed: str, field: str, purpose: Purpose, context: dict[str, str], ttl_s: int) -> str:
+        """The key sealed for this very event (else the event is dead-lettered, changing nothing)."""
+        opened = open_sealed(self.box, sealed, purpose=purpose, context=context, ttl_s=ttl_s, what="sealed key")
+        value = opened.get(field)
         if not isinstance(value, str):
             raise BadInput(DeadLetterReason.SCHEMA_INVALID, f"sealed payload lacks {field}")
         return value
@@ -267,9 +268,19 @@ class PasswordHandlers:
         """The account's login name (its national ID) and, for a new account, its initial key.
         An existing key is never overwritten; a re-import only records the login name."""
         now = datetime.now(UTC)
+        # First: a key sealed for another account (copied into a forged event) is dead-lettered.
+        key = None
+        if evt.sealed_initial_key is not None:
+            key = self._open(
+                evt.sealed_initial_key,
+                "password",
+                Purpose.INITIAL_KEY,
+                initial_key_context(account_id=evt.account_id),
+                self.initial_key_ttl_s,
+            )
         has_key = await self.store.exists(evt.account_id)
-        if evt.sealed_initial_key is None or has_key:
-            if evt.sealed_initial_key is not None:
+        if key is None or has_key:
+            if key is not None:
                 ctx.audit("initial_key_skipped", "info", account_id=evt.account_id, reasons=["credential_exists"])
             if evt.national_id is None:
                 return
@@ -279,7 +290,6 @@ class PasswordHandlers:
 
             await ctx.commit(record_name)
             return
-        key = self._open(evt.sealed_initial_key, "password")
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
         ctx.audit("initial_key_set", "success", account_id=evt.account_id)
         self._key_changed(ctx, evt.national_id, now, "initial", None)
@@ -395,11 +405,19 @@ class PasswordHandlers:
 
     async def tokens_redeemed(self, ctx: HandlerContext, evt: TokensRedeemed) -> None:
         now = datetime.now(UTC)
+        # First of all: is the key sealed for this token, account and request? A key copied
+        # from another reset into a forged event is dead-lettered before anything is decided.
+        candidate = self._open(
+            evt.sealed_new_key,
+            "new_password",
+            Purpose.NEW_KEY,
+            new_key_context(token_id=evt.token_id, account_id=evt.account_id, request_id=evt.request_id),
+            self.new_key_ttl_s,
+        )
         if await self.store.token_used(evt.token_id):
             self._reject(ctx, evt, ["token_used"])
             await ctx.commit()
             return
-        candidate = self._open(evt.sealed_new_key, "new_password")
         credential = await self.store.credential(evt.account_id)
         history = credential.history if credential else domain.KeyHistory()
         reasons = self.policy.check(candidate)

@@ -14,6 +14,12 @@ from shared.throttle import ThrottleLimits
 
 class PasswordSettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     password_keys: str = DEV_PASSWORD_KEY
+    # Sealed keys older than these are dead-lettered (`sealed_expired`) and change nothing. A new
+    # key is used within seconds of the reset (the reservation waits 120 s); 10 min leave room
+    # for a backlog. An initial key waits for the import's whole run, and can set no key but
+    # its own account's first one.
+    sealed_new_key_ttl_s: PositiveInt = 10 * 60
+    sealed_initial_key_ttl_s: PositiveInt = 7 * 24 * 3600
     password_policy: Literal["seed", "nist"] = "seed"
     password_history: int = 5
     # Keyed hashes of national IDs and client address blocks (audit, throttling counters): the

@@ -19,7 +19,7 @@ from services.tokens.settings import TokensSettings
 from services.tokens.store import StaleToken, TokenStore, to_view
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
-from shared.crypto import SecretBox
+from shared.crypto import Purpose, SecretBox, new_key_context, recovery_secrets_context
 from shared.metrics import ServiceMetrics
 from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
@@ -109,7 +109,16 @@ class TokenHandlers:
                 recipient=evt.recipient,
                 link_expires_at=token.link_expires_at,
                 code_expires_at=token.code_expires_at,
-                sealed_secrets=self.notifier_box.seal({"token": drawn.token, "code": drawn.code}),
+                sealed_secrets=self.notifier_box.seal(
+                    {"token": drawn.token, "code": drawn.code},
+                    purpose=Purpose.RECOVERY_SECRETS,
+                    context=recovery_secrets_context(
+                        token_id=token.token_id,
+                        account_id=evt.account_id,
+                        request_id=evt.request_id,
+                        email=evt.recipient.email,
+                    ),
+                ),
                 requested_at=evt.requested_at,
                 primary_recipient=evt.primary_recipient,
             ),
@@ -231,7 +240,13 @@ class TokenHandlers:
                 account_id=doc["account_id"],
                 token_id=token.token_id,
                 recipient=Recipient.model_validate(doc["recipient"]),
-                sealed_new_key=self.password_box.seal({"new_password": new_password}),
+                sealed_new_key=self.password_box.seal(
+                    {"new_password": new_password},
+                    purpose=Purpose.NEW_KEY,
+                    context=new_key_context(
+                        token_id=token.token_id, account_id=doc["account_id"], request_id=reset.request_id
+                    ),
+                ),
                 submitted_at=ctx.event.time,
             ),
         )

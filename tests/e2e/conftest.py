@@ -24,6 +24,7 @@ from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
 from clave.testdata import Citizen, new_citizen, write_jsonl
 from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
+from shared.contract import expected_sources
 from shared.crypto import keyed_hash
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
@@ -238,6 +239,12 @@ def world(
     return World(stack, portal, mailbox, audit_log, dead_letters)
 
 
+def producer_source(topic: str) -> str:
+    """The `source` the producer of `topic` gives its events (the portal names itself freely)."""
+    sources = expected_sources(topic)
+    return "/tests/e2e" if sources is None else sorted(sources)[0]
+
+
 class Publisher:
     """Raw events, for what the portal stand-in does not say: a reset on a chosen partition or
     with a client address, and internal events published by hand (identity.declined)."""
@@ -261,10 +268,20 @@ class Publisher:
         return int(self._partitioner(key.encode(), parts, parts))
 
     async def publish(
-        self, topic: str, key: str, event_type: str, data: dict[str, Any], correlationid: str, partition: int | None
+        self,
+        topic: str,
+        key: str,
+        event_type: str,
+        data: dict[str, Any],
+        correlationid: str,
+        partition: int | None,
+        source: str | None = None,
     ) -> str:
+        """Publish as the topic's producer would name itself (`source`), unless told otherwise."""
         assert self._producer is not None
-        event = new_event(type=event_type, source="/tests/e2e", data=data, correlationid=correlationid)
+        event = new_event(
+            type=event_type, source=source or producer_source(topic), data=data, correlationid=correlationid
+        )
         await self._producer.send_and_wait(
             topic,
             event.to_bytes(),

@@ -12,7 +12,7 @@ import pytest
 
 from clave.kafkaio import publish_raw
 from clave.testdata import new_key
-from shared.crypto import SecretBox
+from shared.crypto import Purpose, SecretBox, new_key_context
 from shared.envelope import new_event
 from shared.topics import RECOVERY_RESETS, TOKENS_REDEEMED, EventType, dlq
 from tests.e2e.conftest import World
@@ -97,15 +97,20 @@ async def test_internal_topic_with_foreign_ciphertext_is_dead_lettered(world: Wo
     from cryptography.fernet import Fernet
 
     rid = f"req-{uuid.uuid4().hex}"
-    foreign = SecretBox(Fernet.generate_key().decode()).seal({"new_password": "Robada123"})
+    account_id, token_id = uuid.uuid4().hex, uuid.uuid4().hex
+    foreign = SecretBox(Fernet.generate_key().decode()).seal(
+        {"new_password": "Robada123"},
+        purpose=Purpose.NEW_KEY,
+        context=new_key_context(token_id=token_id, account_id=account_id, request_id=rid),
+    )
     event = new_event(
         type=EventType.TOKENS_REDEEMED,
-        source="/clave/intruder",
+        source="/clave/tokens",  # as its producer names itself: only the ciphertext is foreign
         correlationid=rid,
         data={
             "request_id": rid,
-            "account_id": uuid.uuid4().hex,
-            "token_id": uuid.uuid4().hex,
+            "account_id": account_id,
+            "token_id": token_id,
             "recipient": {"email": "x@example.org", "name": "X", "locale": "es"},
             "sealed_new_key": foreign,
         },

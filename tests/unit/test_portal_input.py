@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from services.tokens.handlers import TokenHandlers
 from services.tokens.settings import TokensSettings
 from shared.consumer import EventPipeline, Route
+from shared.crypto import Purpose, new_key_context
 from shared.envelope import BadInput, DeadLetterReason, new_event
 from shared.metrics import ServiceMetrics
 from shared.portal_input import (
@@ -216,7 +217,11 @@ async def test_a_plaintext_reset_under_sealed_mode_is_dead_lettered_and_answered
     sealed = seal_text(p.key.public_key(), KEY, topic=RECOVERY_RESETS, field="new_password", ref="req-plain")
     committed = await p.deliver({"request_id": "req-plain", "token": token, "sealed_new_password": sealed})
     (redeemed,) = [o.event.data for o in committed if o.topic == "tokens.redeemed"]
-    assert p.handlers.password_box.open(redeemed["sealed_new_key"]) == {"new_password": KEY}
+    context = new_key_context(token_id=redeemed["token_id"], account_id=redeemed["account_id"], request_id="req-plain")
+    opened = p.handlers.password_box.open(
+        redeemed["sealed_new_key"], purpose=Purpose.NEW_KEY, context=context, ttl_s=60
+    )
+    assert opened == {"new_password": KEY}
     assert not [o for o in committed if o.topic == dlq(RECOVERY_RESETS)]
 
 

@@ -17,6 +17,7 @@ from services.tokens.handlers import TokenHandlers
 from services.tokens.settings import TokensSettings
 from services.tokens.store import StaleToken
 from shared.consumer import HandlerContext
+from shared.crypto import Purpose, SealMismatch, new_key_context, recovery_secrets_context
 from shared.envelope import new_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
@@ -172,7 +173,13 @@ async def issue(
     ctx = context(store, "identity.verified", EventType.IDENTITY_VERIFIED, evt)
     await h.identity_verified(ctx, evt)
     (issued,) = data_of(ctx, TOKENS_ISSUED)
-    opened = h.notifier_box.open(issued["sealed_secrets"])
+    # Bound to this very event: its token, account, request and address.
+    bound = recovery_secrets_context(
+        token_id=issued["token_id"], account_id=account, request_id=rid, email=issued["recipient"]["email"]
+    )
+    opened = h.notifier_box.open(
+        issued["sealed_secrets"], purpose=Purpose.RECOVERY_SECRETS, context=bound, ttl_s=SETTINGS.link_ttl_s
+    )
     return issued["token_id"], opened["token"], opened["code"]
 
 
@@ -334,6 +341,22 @@ async def test_failures_older_than_the_window_do_not_count(setup: tuple[MemorySt
     ctx = await reset(h, store, request_id="req-1", code=code)
     assert staged(ctx) == [(TOKENS_REDEEMED, EventType.TOKENS_REDEEMED), ("audit", "token_reserved")]
     assert store.tokens[token_id]["state"] == State.RESERVED
+
+
+async def test_the_new_key_is_sealed_for_its_token_account_and_request(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    store, h = setup
+    token_id, token, _ = await issue(h, store, rid="req-1", account="acc-1")
+    ctx = await reset(h, store, request_id="req-1", token=token)
+    (redeemed,) = data_of(ctx, TOKENS_REDEEMED)
+    bound = new_key_context(token_id=token_id, account_id="acc-1", request_id="req-1")
+    opened = h.password_box.open(redeemed["sealed_new_key"], purpose=Purpose.NEW_KEY, context=bound, ttl_s=60)
+    assert opened == {"new_password": "Clave12345678"}
+    with pytest.raises(SealMismatch):  # the same blob in an event for another account
+        h.password_box.open(
+            redeemed["sealed_new_key"], purpose=Purpose.NEW_KEY, context={**bound, "account_id": "acc-2"}, ttl_s=60
+        )
 
 
 # ------------------------------------------------------------------ revocation and the saga

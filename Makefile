@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status test test-faults demo bench bench-login bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -63,6 +63,9 @@ demo: install ## run one recovery end to end, as the portal would
 
 bench: install ## throughput/latency benchmark against the local stack
 	@$(STACK) run -- $(PY) -m clave.bench $(BENCH_ARGS)
+
+bench-login: install ## login idle latency (p50/p95/p99, target p99 <= 100 ms) against the local stack
+	@$(STACK) run -- $(PY) tools/bench_login.py $(BENCH_ARGS)
 
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
 	@$(PY) -m clave.bench_audit

@@ -74,6 +74,7 @@ class HandlerContext:
     event: CloudEvent
     store: ServiceStore
     outgoing: list[Outgoing] = field(default_factory=list)
+    replies: list[Outgoing] = field(default_factory=list)  # also sent at once after the commit (see reply)
     committed: bool = False
     raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
 
@@ -91,6 +92,14 @@ class HandlerContext:
             subject=subject,
         )
         self.outgoing.append(Outgoing(topic=topic, key=key, event=event))
+        return event
+
+    def reply(self, topic: str, key: str, type: str, data: Payload) -> CloudEvent:
+        """An answer someone waits for (a login result): stored in the outbox like any event
+        (durable), and also sent as soon as the commit is done, without waiting for the relay.
+        The relay then publishes the same event (same id) again: readers drop the copy."""
+        event = self.emit(topic, key, type, data)
+        self.replies.append(self.outgoing[-1])
         return event
 
     def audit(
@@ -184,8 +193,10 @@ class EventPipeline:
         metrics: ServiceMetrics,
         on_committed: Callable[[], None],
         answer: InvalidAnswer | None = None,
+        send_now: Callable[[list[Outgoing]], Awaitable[None]] | None = None,
     ) -> None:
         self.answer = answer
+        self.send_now = send_now
         self.service = service
         self.topic = topic
         self.consumer = f"{service}:{topic}"
@@ -279,10 +290,21 @@ class EventPipeline:
             bad = BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}")
         else:
             self.metrics.consumed.labels(self.topic, event.type).inc()
+            if ctx.committed and ctx.replies:
+                await self._reply_now(ctx.replies)
             return
         bad.correlationid = event.correlationid
         bad.data = event.data
         await self._park(record, raw, bad)
+
+    async def _reply_now(self, replies: list[Outgoing]) -> None:
+        """Send committed replies at once; on any failure the outbox copy still goes."""
+        if self.send_now is None:
+            return
+        try:
+            await self.send_now(replies)
+        except Exception as exc:
+            log.warning("%s: immediate reply failed (%s); the relay sends it", self.consumer, exc.__class__.__name__)
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
         """Count a handler failure against its record: has it failed too often to retry?"""

@@ -97,6 +97,7 @@ class Service:
             metrics=self.metrics,
             on_committed=self.relay.wake,
             answer=answer,
+            send_now=self.relay.send_now,
         )
 
         subscriber = self.broker.subscriber(

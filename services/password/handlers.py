@@ -323,7 +323,7 @@ class PasswordHandlers:
             result = LoginResult(
                 check_id=evt.check_id, status="valid" if verdict.valid else "invalid", reasons=list(verdict.reasons)
             )
-            ctx.emit(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)
+            ctx.reply(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)  # sent at once after the commit
 
         key = self._typed_key(
             ctx,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from clave_portal import PortalClient, PortalSettings
 
 from clave.kafkaio import as_principal, principal_properties
 from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
@@ -106,6 +108,20 @@ async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
     await p.start()
     yield p
     await p.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(stack: WorkbenchSettings) -> AsyncIterator[PortalClient]:
+    """The portal's client library (clients/python), with the portal principal's own settings."""
+    async with PortalClient(
+        PortalSettings.from_properties(principal_properties(PORTAL)), source="/portal/tests", timeout=60
+    ) as c:
+        yield c
+
+
+def citizen_ip() -> str:
+    """A citizen's address: many of them, so the per-address limits stay out of the way."""
+    return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
 
 
 @pytest.fixture(scope="session")

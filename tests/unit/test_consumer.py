@@ -430,3 +430,37 @@ async def test_a_handler_that_keeps_failing_is_answered() -> None:
     doc = reset_doc()
     await h.deliver(json.dumps(doc).encode(), max_deliveries=3)
     assert [a.event.data["request_id"] for a in answers(h)] == [doc["data"]["request_id"]]
+
+
+# ---- replies sent at once -----------------------------------------------------------------------
+
+
+async def test_a_reply_is_sent_at_once_after_the_commit_and_kept_in_the_outbox() -> None:
+    sent: list[list[Outgoing]] = []
+
+    async def answer(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        ctx.reply(RECOVERY_OUTCOMES, data.request_id, EventType.RECOVERY_OUTCOME, invalid_reset(data.request_id))
+        await ctx.commit()
+
+    async def send_now(outgoing: list[Outgoing]) -> None:
+        assert all(o in h.store.outbox for o in outgoing), "sent before its commit"
+        sent.append(outgoing)
+
+    h = Harness(answer)
+    h.pipeline.send_now = send_now
+    await h.deliver(reset_bytes())
+    [[reply]] = sent
+    assert reply.topic == RECOVERY_OUTCOMES and reply in h.store.outbox  # the relay publishes it too
+
+
+async def test_a_failed_immediate_reply_changes_nothing() -> None:
+    async def answer(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        ctx.reply(RECOVERY_OUTCOMES, data.request_id, EventType.RECOVERY_OUTCOME, invalid_reset(data.request_id))
+
+    async def broken(outgoing: list[Outgoing]) -> None:
+        raise OSError("broker away")
+
+    h = Harness(answer)
+    h.pipeline.send_now = broken
+    assert await h.deliver(reset_bytes()) == 1  # settled: the outbox copy will go
+    assert [o.topic for o in h.store.outbox] == [RECOVERY_OUTCOMES] and h.store.letters() == []

@@ -150,14 +150,14 @@ async def test_a_recovery_typed_with_the_backup_address_goes_there_and_the_prima
 
 
 async def test_a_contact_update_with_the_right_key_tells_every_old_address_and_revokes_links(
-    world: World, client: PortalClient
+    world: World, client: PortalClient, sealed_client: PortalClient
 ) -> None:
     c = contact_citizen()
     await world.register(c)
     rid = await request(client, c, c.email)
     _, token = await world.recovery_mail(rid)  # a live link, before the change
     new_email = f"nuevo.{c.national_id}@example.org"
-    result = await client.update_contact(
+    result = await sealed_client.update_contact(  # the key sealed (sealed_key), opened by password
         c.national_id, c.password, client_ip=citizen_ip(), email=new_email, backup_email="", phone="0987654321"
     )
     assert result.updated, result

@@ -68,7 +68,7 @@ def sent_sealed(value: bytes) -> bool:
         data = json.loads(value).get("data")
     except (ValueError, AttributeError, RecursionError):
         return False
-    return isinstance(data, dict) and any(str(k).startswith("sealed_") for k in data)
+    return isinstance(data, dict) and any(str(k).startswith("sealed_") and v is not None for k, v in data.items())
 
 
 async def sealed_portal_input(settings: WorkbenchSettings) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ BENCH_ARGS  ?=
 help: ## list the targets
 	@echo "Clave make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
-	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), BENCH_ARGS='--n 200 ...' (make bench),"
+	@echo "Variables: PYTEST_ARGS='...' (extra pytest arguments), BENCH_ARGS='--n 200 ...' (make bench), KEEP=1 (make demo),"
 	@echo "           PROMETHEUS=1 (make up also starts a local Prometheus), PYTHON=$(PYTHON) (to create .venv),"
 	@echo "           STORE_ENGINE=py (the Python store secantusd-py instead of secantusd-rs, which is built once with cargo)"
 
@@ -58,21 +58,24 @@ test: install ## run the whole test suite against the real local stack
 test-faults: install ## run the fault tests (tests/faults, marker "faults")
 	@$(STACK) run -- $(PY) -m pytest -q -m faults tests/faults $(PYTEST_ARGS)
 
-demo: install ## run one recovery end to end, as the portal would
-	@$(STACK) run -- $(PY) -m clave.demo
+# KEEP=1: start the stack with `up` first, so that `run` started nothing and stops nothing.
+KEEP ?=
+demo: install ## run one recovery end to end, as the portal would (KEEP=1: leave the stack running)
+	@if [[ "$(KEEP)" == 1 ]]; then $(STACK) up; fi
+	@$(STACK) run -- $(PY) -m tools.demo
 
 bench: install ## throughput/latency benchmark against the local stack
-	@$(STACK) run -- $(PY) -m clave.bench $(BENCH_ARGS)
+	@$(STACK) run -- $(PY) -m tools.bench $(BENCH_ARGS)
 
 bench-login: install ## login idle latency (p50/p95/p99, target p99 <= 100 ms) against the local stack
-	@$(STACK) run -- $(PY) tools/bench_login.py $(BENCH_ARGS)
+	@$(STACK) run -- $(PY) -m tools.bench_login $(BENCH_ARGS)
 
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
-	@$(PY) -m clave.bench_audit
+	@$(PY) -m tools.bench_audit
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave clients/python/clave_portal
+	$(VENV)/bin/mypy shared services clave tools clients/python/clave_portal
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

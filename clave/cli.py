@@ -9,35 +9,58 @@
     clave audit heads|keygen|rebuild     signed chain heads, signing keys, read-model check
 
 Every operator action needs `--operator` and `--reason` and is audited.
+An error is one line saying what was wrong and what to do, with an exit code a script can
+act on (clave/errors.py: 1 not found or a failed check, 2 usage, 3 unreachable); `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from clave import auditlog
-from clave.kafkaio import publish
+from clave.errors import (
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ClickException,
+    CliError,
+    Failed,
+    NoArgsIsHelpError,
+    Unreachable,
+    Usage,
+    UsageError,
+    classify,
+    usage_line,
+)
 from services.audit.settings import AuditorSettings
-from shared.audit import ChainVerifier, check_seal
+from shared.audit import ACTIONS, ChainVerifier, check_seal
 from shared.auditkeys import AuditKeyError, KeyRing, PublicKeyEntry, kid_of, load_signing_key, private_pem
 from shared.envelope import new_event
+from shared.kafka import connection
+from shared.kafkaio import publish
 from shared.schemas import OperatorCommand
 from shared.settings import ClientSettings, PlatformSettings, load
 from shared.topics import IDENTITY_COMMANDS, EventType
 
-app = typer.Typer(help="Clave operator and auditor tools.", no_args_is_help=True)
+# No pretty tracebacks: `main` turns every error into one line (the traceback with --debug).
+app = typer.Typer(help="Clave operator and auditor tools.", no_args_is_help=True, pretty_exceptions_enable=False)
 accounts = typer.Typer(help="Citizen accounts (identity service).", no_args_is_help=True)
 audit = typer.Typer(help="The audit log: replay, verify, timeline.", no_args_is_help=True)
 app.add_typer(accounts, name="accounts")
@@ -46,19 +69,68 @@ app.add_typer(audit, name="audit")
 console = Console(width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
 
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an error, show the full traceback (anywhere on the line).")
+    ] = False,
+) -> None:
+    """Clave operator and auditor tools."""
+
+
+# Where this run connects, for the one-line message when it cannot (set by `_load`).
+_REACH = {"kafka": "127.0.0.1:9092", "store": ""}
+P = TypeVar("P", bound=PlatformSettings)
+
+
+def _load(cls: type[P], process: str) -> P:
+    """Settings of `cls`: a bad value is a usage error naming the variable; unsafe settings in
+    production exit 78 naming each problem (shared/settings.py)."""
+    try:
+        settings = load(cls)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "_".join(str(part) for part in first["loc"]).upper()
+        raise Usage(f"setting {name}: {first['msg']}", "fix it in the environment") from None
+    try:
+        _REACH["kafka"] = connection(settings).kafka_bootstrap_servers
+    except (OSError, ValueError) as exc:
+        raise Usage(
+            f"KAFKA_CLIENT_PROPERTIES={settings.kafka_client_properties}: {exc}",
+            "give the client settings file of your principal (the local stack writes var/secrets/kafka/*.properties)",
+        ) from None
+    _REACH["store"] = settings.mongodb_uri
+    settings.ensure_safe(process)
+    return settings
+
+
 def cli_settings() -> PlatformSettings:
     """The platform settings, refused (exit 78, naming each problem) when unsafe in production."""
-    settings = load(ClientSettings)
-    settings.ensure_safe("clave")
-    return settings
+    return _load(ClientSettings, "clave")
 
 
 def auditor_settings() -> AuditorSettings:
     """What the audit commands need: Kafka, the audit store and the producers' public keys.
     No secret: an auditor can check the log, never sign into it."""
-    settings = load(AuditorSettings)
-    settings.ensure_safe("clave audit")
-    return settings
+    return _load(AuditorSettings, "clave audit")
+
+
+def _not_empty(value: str, option: str, example: str) -> str:
+    if not value.strip():
+        raise Usage(f"{option} is empty", f"give it, e.g. {option} {example}")
+    return value.strip()
+
+
+def _national_id(value: str) -> str:
+    """A cédula (10 digits) or RUC (13 digits) as people type them, normalised; else a usage error."""
+    from services.identity.domain import InvalidId, normalize_national_id
+
+    profile = "employer" if len(re.sub(r"\D", "", value)) == 13 else "affiliate"
+    try:
+        return normalize_national_id(profile, value)
+    except InvalidId as exc:
+        raise Usage(f"{value!r} is not a valid cédula or RUC ({exc})", "check the digits") from None
 
 
 Operator = Annotated[str, typer.Option("--operator", "-o", help="Your operator id (audited).")]
@@ -76,8 +148,7 @@ def import_accounts(
     from services.identity.settings import IdentitySettings
     from shared.hashing import SecretHasher
 
-    settings = load(IdentitySettings)
-    settings.ensure_safe("clave accounts import")
+    settings = _load(IdentitySettings, "clave accounts import")
 
     async def main() -> Any:
         store = make_store(settings)
@@ -106,16 +177,31 @@ def _command(
     wait: float,
     **contact: str | None,
 ) -> None:
+    operator = _not_empty(operator, "--operator", "op-17")
+    reason = _not_empty(reason, "--reason", '"case 4411"')
+    national_id = _national_id(national_id)
     settings = cli_settings()
     command_id = uuid.uuid4().hex
-    data = OperatorCommand(
-        command_id=command_id,
-        operator_id=operator,
-        reason=reason,
-        national_id=national_id,
-        new_email=new_email,
-        **contact,  # type: ignore[arg-type]
-    )
+    try:
+        data = OperatorCommand(
+            command_id=command_id,
+            operator_id=operator,
+            reason=reason,
+            national_id=national_id,
+            new_email=new_email,
+            **contact,  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = {
+            "operator_id": "--operator",
+            "reason": "--reason",
+            "new_email": "NEW_EMAIL",
+            "new_backup_email": "--backup-email",
+            "new_phone": "--phone",
+        }.get(field, field)
+        raise Usage(f"{option}: {first['msg']}", "see `clave accounts --help`") from None
     event = new_event(
         type=event_type,
         source="/clave/cli",
@@ -137,8 +223,10 @@ def _command(
             console.print(f"{result['action']}: {result['outcome']} {' '.join(result.get('reasons', []))}")
             raise typer.Exit(0 if result["outcome"] == "success" else 1)
         time.sleep(0.5)  # polling the log for the audit record, within the deadline
-    err.print("no result in the audit log yet (is the identity service running?)")
-    raise typer.Exit(2)
+    raise Unreachable(
+        f"command {command_id} sent, but no result in the audit log within {wait:g} s",
+        "is the identity service running? (`make status`); its result will still be audited",
+    )
 
 
 Wait = Annotated[float, typer.Option(help="Seconds to wait for the audited result (0: don't).")]
@@ -164,8 +252,7 @@ def update_contact(
     """Change a citizen's contact data (registered e-mail, backup e-mail, phone) after checking
     their ID in person. Revokes live tokens and tells every address on file before."""
     if email is None and backup_email is None and phone is None:
-        err.print("give at least one of --email, --backup-email, --phone")
-        raise typer.Exit(2)
+        raise Usage("nothing to change", "give at least one of --email, --backup-email, --phone")
     _command(
         EventType.OPERATOR_CONTACT_UPDATE,
         national_id,
@@ -191,11 +278,52 @@ def send_recovery(national_id: str, operator: Operator, reason: Reason, wait: Wa
     _command(EventType.OPERATOR_SEND_RECOVERY, national_id, operator, reason, None, wait)
 
 
-def _when(value: str | None) -> datetime | None:
+_AGO = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _when(value: str | None, option: str = "--since") -> datetime | None:
+    """An ISO time (UTC unless it has an offset), or a duration ago: 30m, 24h, 7d."""
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
+    text = value.strip()
+    if ago := _AGO.fullmatch(text):
+        return datetime.now(UTC) - timedelta(**{_UNITS[ago.group(2)]: int(ago.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise Usage(
+            f"{option} {value!r} is not a time",
+            "give an ISO time such as 2026-11-25 or 2026-11-25T10:00 (UTC unless it has an offset), "
+            "or a duration ago such as 30m, 24h or 7d",
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _action(value: str | None) -> str | None:
+    """An audit action the services emit (shared/audit.py ACTIONS); anything else is a usage error."""
+    if value is None or value in ACTIONS:
+        return value
+    import difflib
+
+    close = difflib.get_close_matches(value, sorted(ACTIONS), n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else "`clave audit replay --help` lists every action"
+    raise Usage(f"--type {value!r} is not an audit action", hint)
+
+
+def _account(settings: PlatformSettings, value: str | None) -> str | None:
+    """An account id (32 hex digits, or at least its first 8) or a citizen's national ID, which is
+    looked up in the identity store."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if re.fullmatch(r"[0-9a-f]{8,32}", text) and not text.isdigit():
+        return text
+    national_id = _national_id(value)
+    found = asyncio.run(auditlog.account_of(settings, national_id))
+    if found is None:
+        raise Failed(f"no account with national ID {national_id}", "check the number, or give the account id")
+    return found
 
 
 @audit.command("replay")
@@ -203,57 +331,91 @@ def replay(
     since: Annotated[str | None, typer.Option(help="ISO time to start from")] = None,
     until: Annotated[str | None, typer.Option(help="ISO time to stop at")] = None,
     request: Annotated[str | None, typer.Option(help="Only this request_id")] = None,
-    account: Annotated[str | None, typer.Option(help="Only this account_id")] = None,
-    action: Annotated[str | None, typer.Option("--type", help="Only this action, e.g. key_changed")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Only this account: its id (or its first 8+ digits) or the national ID")
+    ] = None,
+    action: Annotated[
+        str | None, typer.Option("--type", help=f"Only this action: {', '.join(sorted(ACTIONS))}")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
-    """Replay audit.events from the start (or --since), filtered."""
+    """Replay audit.events from the start (or --since), filtered, in time order.
+    Exit 1 when the filters matched nothing."""
+    start, end, action = _when(since), _when(until, "--until"), _action(action)
     settings = auditor_settings()
-    if as_json:  # streamed: an export of the whole log needs no memory for it
+    account_id = _account(settings, account)
+    filters = (request, account_id, action)
+    if as_json:  # streamed in time order: an export of the whole log needs no memory for it
 
-        async def export() -> None:
-            async for e in auditlog.iter_events(settings, since=_when(since), until=_when(until)):
-                if auditlog.matches(e, request, account, action, None):
+        async def export() -> int:
+            n = 0
+            async for e in auditlog.iter_events_in_time_order(settings, since=start, until=end):
+                if auditlog.matches(e, *filters, None):
                     sys.stdout.write(json.dumps(e, ensure_ascii=False) + "\n")
+                    n += 1
+            return n
 
-        asyncio.run(export())
+        if not asyncio.run(export()) and any(filters):
+            raise Failed("no audit event matches these filters", "check the ids, or widen --since/--until")
         return
     events = asyncio.run(
         auditlog.collect(
             settings,
-            since=_when(since),
-            until=_when(until),
+            since=start,
+            until=end,
             request_id=request,
-            account_id=account,
+            account_id=account_id,
             action=action,
             progress=True,
         )
     )
+    if not events and any(filters):
+        raise Failed("no audit event matches these filters", "check the ids, or widen --since/--until")
     console.print(auditlog.table(events))
 
 
-EXIT_BROKEN = 1  # a break: a forged, altered, missing, inserted or reordered event, or a cut-off tail
-EXIT_CANNOT_VERIFY = 2  # the keys or the recorded heads could not be read: nothing was verified
-EXIT_UNVERIFIED = 3  # intact, but legacy HMAC-sealed events could not be checked (no AUDIT_HMAC_KEY)
+EXIT_BROKEN = EXIT_FAILED  # a break: a forged, altered, missing, inserted or reordered event, or a cut-off tail
+EXIT_UNVERIFIED = 4  # intact, but legacy HMAC-sealed events could not be checked (no AUDIT_HMAC_KEY)
 
 
 def _keyring(settings: AuditorSettings) -> KeyRing:
+    """The producers' public keys; none readable is a usage error (exit 2): nothing is verified."""
     try:
         return KeyRing.load(settings.audit_public_keys)
     except AuditKeyError as exc:
-        err.print(f"cannot verify: AUDIT_PUBLIC_KEYS: {exc}")
-        raise typer.Exit(EXIT_CANNOT_VERIFY) from None
+        raise Usage(
+            f"cannot verify: AUDIT_PUBLIC_KEYS: {exc}",
+            "give the producers' public keys (the local stack's are in var/secrets/audit/public)",
+        ) from None
 
 
 def _recorded_heads(settings: AuditorSettings) -> list[Any]:
     try:
         return asyncio.run(auditlog.recorded_heads(settings))
-    except Exception as exc:  # the store is away or refuses us: say so, verify nothing
-        err.print(
-            f"cannot read the chain heads the audit service recorded ({exc.__class__.__name__}); "
-            "--no-heads verifies without the cut-off tail check"
-        )
-        raise typer.Exit(EXIT_CANNOT_VERIFY) from None
+    except Exception as exc:  # the store is away (exit 3) or refuses us (exit 2): verify nothing
+        known = classify(exc, _REACH["kafka"], _REACH["store"])
+        kind = Unreachable if known is not None and known.code == EXIT_UNREACHABLE else Usage
+        raise kind(
+            f"cannot read the chain heads the audit service recorded ({exc.__class__.__name__})",
+            "is the stack running? (`make status`); --no-heads verifies without the cut-off tail check",
+        ) from None
+
+
+def _export(path: Path) -> Iterator[dict[str, Any]]:
+    """The events of an exported copy; an unreadable file is a one-line error, not a traceback."""
+    try:
+        yield from auditlog.file_events(path)
+    except FileNotFoundError:
+        raise Usage(f"--file {path}: no such file", "give a copy exported by `clave audit replay --json`") from None
+    except IsADirectoryError:
+        raise Usage(f"--file {path}: a folder, not a file", "give a JSON-lines export") from None
+    except UnicodeDecodeError:
+        raise Failed(
+            f"--file {path}: not a JSON-lines audit export (not UTF-8 text)",
+            "give a copy exported by `clave audit replay --json`",
+        ) from None
+    except OSError as exc:
+        raise Usage(f"--file {path}: {exc.strerror}", "give a readable file") from None
 
 
 @audit.command("verify")
@@ -269,15 +431,24 @@ def verify(
     producer's chain, and that each chain reaches the head the audit service recorded.
     Exit 1 naming the first break (an unknown producer or key fails too), 2 if nothing
     could be verified, 3 if legacy HMAC-sealed events could not be checked."""
+    start, end = _when(since), _when(until, "--until")
+    if file is not None and not file.is_file():
+        list(_export(file))  # the one-line reason: missing, a folder, unreadable
     settings = auditor_settings()
     keys = _keyring(settings)
     verifier = ChainVerifier(keys, legacy_key=settings.legacy_hmac_key(), from_start=since is None)
     heads = [] if no_heads else verifier.expect(_recorded_heads(settings))
     if file is not None:
-        verifier.feed_all(auditlog.file_events(file))
+        verifier.feed_all(_export(file))
+        if verifier.count and verifier.break_count >= verifier.count:
+            first = verifier.breaks[0]
+            raise Failed(
+                f"--file {file}: no authentic audit event in {verifier.count} line(s), the first: {first.problem}",
+                "is it a copy exported by `clave audit replay --json`?",
+            )
     else:
-        asyncio.run(auditlog.verify_log(settings, verifier, since=_when(since), until=_when(until), progress=True))
-    notes = verifier.check_tails(heads, since=_when(since), until=_when(until))
+        asyncio.run(auditlog.verify_log(settings, verifier, since=start, until=end, progress=True))
+    notes = verifier.check_tails(heads, since=start, until=end)
     for note in notes:
         err.print(f"note: {note}")
     redelivered = f" ({verifier.redeliveries} exact redeliveries counted once)" if verifier.redeliveries else ""
@@ -369,7 +540,7 @@ def keygen(
         public = key.public_key()
         entry_path = public_dir / f"{producer}-{kid_of(public)}.json"
         if not entry_path.exists():
-            entry = PublicKeyEntry.of(producer, public, not_before=_when(not_before))
+            entry = PublicKeyEntry.of(producer, public, not_before=_when(not_before, "--not-before"))
             entry_path.write_text(entry.model_dump_json(indent=1, exclude_none=True) + "\n", encoding="utf-8")
         console.print(f"{producer}: key {kid_of(public)}, private {private}, public {entry_path}")
 
@@ -387,8 +558,10 @@ def timeline(
     else:
         events = asyncio.run(auditlog.from_read_model(settings, request_id))
     if not events:
-        err.print(f"nothing in the audit log for {request_id}")
-        raise typer.Exit(1)
+        raise Failed(
+            f"nothing in the audit log for {request_id}",
+            "check the request id (`clave audit replay` lists them), or try --from-log",
+        )
     console.print(auditlog.table(events, title=f"Recovery {request_id}"))
     if html is not None:
         html.write_text(auditlog.html_page(request_id, events), encoding="utf-8")
@@ -431,8 +604,48 @@ def contract(
     raise typer.Exit(asyncapi.main(output, check=check))
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; every error ends as one line on stderr and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (after a subcommand too), or CLAVE_DEBUG=1.
+    debug = "--debug" in args or os.environ.get("CLAVE_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    if not debug:  # the one-line message says it; the clients' own connection logs would repeat it
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        code = app(args, standalone_mode=False, prog_name="clave")
+    except NoArgsIsHelpError:  # the help was printed: nothing was asked
+        code = EXIT_USAGE
+    except UsageError as exc:
+        _say(usage_line(exc))
+        code = EXIT_USAGE
+    except ClickException as exc:
+        _say(f"clave: {exc.format_message()}")
+        code = exc.exit_code
+    except CliError as exc:
+        if debug:
+            raise
+        _say(f"clave: {exc.line()}")
+        code = exc.code
+    except (KeyboardInterrupt, typer.Abort):
+        _say("clave: interrupted")
+        code = 130
+    except Exception as exc:
+        if debug:
+            raise
+        known = classify(exc, _REACH["kafka"], _REACH["store"])
+        if known is None:
+            _say(f"clave: unexpected {exc.__class__.__name__}: {exc}; run it again with --debug for the traceback")
+            code = EXIT_FAILED
+        else:
+            _say(f"clave: {known.line()}")
+            code = known.code
+    sys.exit(code or 0)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, as is (no markup, no wrapping)."""
+    sys.stderr.write(" ".join(line.split()) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,53 @@ SIGNATURE_CONTEXT = b"clave.audit.event.v1\n"
 RECENT = 2048
 MAX_REPORTED = 100
 
+# Every `action` an audit event may name (`clave audit replay --type` accepts these alone).
+# Add a new one here when a service starts to audit it: tests/unit/test_audit_actions.py
+# finds the actions the code names and fails on one missing here.
+ACTIONS: frozenset[str] = frozenset(
+    {
+        # identity
+        "recovery_requested",
+        "account_locked",
+        "account_slowed",
+        "account_unlocked",
+        "code_rejected",
+        "account_imported",
+        "account_updated",
+        "operator_unlock",
+        "operator_email_update",
+        "operator_send_recovery",
+        "operator_contact_update",
+        "contact_updated",  # the citizen's own change after a login (the fields, never the values)
+        # tokens
+        "token_issued",
+        "token_issue_skipped",
+        "decoy_stored",
+        "decoy_skipped",
+        "token_reserved",
+        "reset_rejected",
+        "token_spent",
+        "token_released",
+        "token_release_refused",
+        "tokens_revoked",
+        "reservation_expired",
+        # notifier
+        "mail_sent",
+        "mail_failed",
+        # password
+        "initial_key_set",
+        "initial_key_skipped",
+        "key_changed",
+        "key_rejected",
+        "key_change_unannounced",
+        "key_checked",  # a credential check (login), never the key
+        "key_checks_locked",
+        "key_checks_slowed",
+        # every consumer
+        "message_dead_lettered",
+    }
+)
+
 
 def audit_event(record: AuditRecord, *, correlationid: str, causationid: str | None, source: str) -> Outgoing:
     event = new_event(

@@ -271,10 +271,12 @@ class AccountRegistered(InternalPayload):
     account_id: str = AccountId
     sealed_initial_key: str | None = Field(
         default=None,
-        description="The initial key, sealed for the password service (PASSWORD_KEYS), bound to `account_id`; "
-        "absent on a re-import (the account's login name only).",
+        description="A new account's initial key, sealed for the password service (PASSWORD_KEYS), bound to "
+        "`account_id`; absent when the registry gave none or the account exists.",
     )
-    national_id: str | None = None
+    national_id: str | None = Field(
+        default=None, description="The account's national ID, normalised: its login name (credential checks)."
+    )
 
 
 class OperatorCommand(Payload):

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from clave.kafkaio import read_topic
 from services.audit import domain
 from services.audit.app import make_store
 from services.audit.settings import AuditSettings
 from services.audit.store import EVENTS, HEADS
 from shared.auditkeys import KeyRing
 from shared.envelope import BadInput, parse_event
+from shared.kafkaio import read_topic
 from shared.schemas import AuditRecord
 from shared.topics import AUDIT_EVENTS, EventType
 

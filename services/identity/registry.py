@@ -141,19 +141,21 @@ async def import_accounts(
         # Every line tells the password service the account's login name (its national ID; a
         # re-import backfills it), and a new account's initial key, sealed for it (bound to it).
         initial_key = record.password if existing is None else None
-        sealed = None
-        if initial_key is not None:
-            sealed = password_box.seal(
+        sealed_key = (
+            None
+            if initial_key is None
+            else password_box.seal(
                 {"password": initial_key},
                 purpose=Purpose.INITIAL_KEY,
                 context=initial_key_context(account_id=account_id),
             )
+        )
         event = new_event(
             type=EventType.ACCOUNT_REGISTERED,
             source=SOURCE,
             correlationid=command_id,
             data=AccountRegistered(
-                account_id=account_id, national_id=clean["national_id"], sealed_initial_key=sealed
+                account_id=account_id, national_id=clean["national_id"], sealed_initial_key=sealed_key
             ).model_dump(mode="json", exclude_none=True),
         )
         outgoing: list[Outgoing] = [Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event)]

@@ -2,7 +2,7 @@
 name of each account, and the counters that throttle credential checks).
 
 Throttling counters live in `login_counters`, one document each for
-- a principal (`p:a:<account_id>`, or `p:s:<keyed hash of an ID>` for an ID with no key):
+- a principal (`p:s:<keyed hash of the national ID>`, whether or not it names an account):
   its wrong keys, and `rev`, bumped by every write;
 - a principal seen from one address block (`b:<principal>|<block ref>`): its wrong keys and lock;
 - an address block (`ip:<block ref>`): its wrong keys, any principal.
@@ -46,7 +46,7 @@ class Credential:
 class CounterKeys:
     """Which counters a check touches: its principal and its address block."""
 
-    principal: str  # "a:<account_id>" or "s:<subject_ref>"
+    principal: str  # "s:<keyed hash of the national ID>"
     block_ref: str  # keyed hash of the normalised address block
 
     @property
@@ -200,9 +200,8 @@ class CredentialStore(ServiceStore):
     def _push(self, now: datetime, on: bool) -> dict[str, Any]:
         return {"$push": {"failures": {"$each": [now], "$slice": -self.keep}}} if on else {}
 
-    async def clear_key_failures(self, account_id: str, s: AsyncClientSession) -> None:
-        """A new key: the wrong guesses at the old one no longer matter."""
-        principal = f"a:{account_id}"
+    async def clear_key_failures(self, principal: str, s: AsyncClientSession) -> None:
+        """A new key: the wrong guesses at the old one no longer matter (every block of it)."""
         await self.db[LOGIN_COUNTERS].update_one(
             {"_id": f"p:{principal}"}, {"$set": {"failures": []}, "$inc": {"rev": 1}}, session=s
         )

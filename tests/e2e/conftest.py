@@ -21,10 +21,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from clave_portal import PortalClient, PortalSettings
 
-from clave.kafkaio import as_principal, principal_properties
-from clave.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
-from clave.testdata import Citizen, new_citizen, write_jsonl
-from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.contract import expected_sources
 from shared.crypto import keyed_hash
@@ -43,14 +39,18 @@ from shared.topics import (
     EventType,
     dlq,
 )
+from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.workbench import (
+    SERVICES,
+    WorkbenchSettings,
+    as_principal,
+    metrics_url,
+    principal_properties,
+    workbench_settings,
+)
 
-SERVICES = ("identity", "tokens", "notifier", "password", "audit")
 pytestmark = pytest.mark.e2e
-
-
-def metrics_url(settings: WorkbenchSettings, service: str, path: str = "/metrics") -> str:
-    port = getattr(settings, f"{service}_metrics_port")
-    return f"http://{settings.metrics_host}:{port}{path}"
 
 
 def fetch(url: str, timeout: float = 5.0) -> tuple[int, str]:

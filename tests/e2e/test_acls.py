@@ -30,13 +30,12 @@ from aiokafka.errors import (
 from aiokafka.protocol.admin import CreateAclsRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
-from clave.kafkaio import as_principal, principal_properties
-from clave.workbench import WorkbenchSettings
 from shared import topics as t
 from shared.acl import ADMIN, AUDITOR, OPERATOR, PORTAL, SERVICES, ResourceType, all_acls, group_id
 from shared.kafka import client_kwargs, connection
 from shared.settings import PlatformSettings
 from tests.e2e.conftest import World
+from tools.workbench import WorkbenchSettings, as_principal, principal_properties
 
 pytestmark = pytest.mark.e2e
 

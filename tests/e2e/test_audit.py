@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clave.kafkaio import publish_raw
-from clave.portal import body_text
-from clave.testdata import new_key
 from services.audit.app import make_store
 from services.audit.store import BREAKS
 from shared.audit import Signer, canonical, check_seal, seal
 from shared.auditkeys import KeyRing
+from shared.kafkaio import publish_raw
 from shared.topics import AUDIT_EVENTS
 from tests.e2e.conftest import World, clave_cli, fetch, metric_value, metrics_url
+from tools.portal import body_text
+from tools.testdata import new_key
+from tools.workbench import RECOVERY_SERVICES
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ async def test_timeline_shows_a_whole_recovery_across_services(world: World, tmp
         await asyncio.sleep(0.5)
     for action in FULL_RECOVERY:
         assert action in result.stdout, action
-    for service in ("identity", "tokens", "notifier", "password"):
+    for service in RECOVERY_SERVICES:
         assert service in result.stdout
     html = page.read_text(encoding="utf-8")
     assert rid in html and "key_changed" in html and "<table>" in html

@@ -13,11 +13,11 @@ import secrets
 
 import pytest
 
-from clave.portal import TopicWatcher, extract_code
-from clave.testdata import new_citizen, new_key
 from shared.crypto import keyed_hash
 from shared.topics import TOKENS_CODE_REJECTED
 from tests.e2e.conftest import Publisher, World
+from tools.portal import TopicWatcher, extract_code
+from tools.testdata import new_citizen, new_key
 
 pytestmark = pytest.mark.e2e
 

@@ -23,14 +23,13 @@ from typing import Any
 import pytest
 from clave_portal import HpkeSealer, PortalClient, PortalSettings
 
-from clave.kafkaio import principal_properties
-from clave.portal import TopicWatcher, body_text, extract_link
-from clave.testdata import Citizen, new_citizen, new_key
-from clave.workbench import WorkbenchSettings
 from services.notifier.rendering import mask_email
 from shared.acl import PORTAL
 from shared.topics import CONTACT_UPDATES, LOGIN_CHECKS, RECOVERY_REQUESTS, RECOVERY_RESETS
 from tests.e2e.conftest import World, citizen_ip
+from tools.portal import TopicWatcher, body_text, extract_link
+from tools.testdata import Citizen, new_citizen, new_key
+from tools.workbench import WorkbenchSettings, principal_properties
 
 pytestmark = pytest.mark.e2e
 

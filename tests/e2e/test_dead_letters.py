@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from clave.kafkaio import publish_raw
-from clave.testdata import new_key
 from shared.crypto import Purpose, SecretBox, new_key_context
 from shared.envelope import new_event
+from shared.kafkaio import publish_raw
 from shared.topics import RECOVERY_RESETS, TOKENS_REDEEMED, EventType, dlq
 from tests.e2e.conftest import World
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,8 @@ CASES = {
 async def test_bad_input_is_dead_lettered_with_reason_and_origin(world: World, reason: str) -> None:
     marker = f"SECRET{uuid.uuid4().hex}"
     key = uuid.uuid4().hex
-    await publish_raw(world.portal.settings, RECOVERY_RESETS, key.encode(), CASES[reason](marker))
+    value = CASES[reason](marker)
+    await publish_raw(world.portal.settings, RECOVERY_RESETS, key.encode(), value)
     box = SecretBox(world.settings.dlq_keys)
     found = await world.dead_letters.wait(
         lambda topic, headers, d: (
@@ -67,7 +68,7 @@ async def test_bad_input_is_dead_lettered_with_reason_and_origin(world: World, r
     assert marker not in json.dumps(letter)  # the payload is sealed, the detail names fields only
     # Every reset gets an answer: keyed by the request_id read from the record, else its key.
     try:
-        answer_id = json.loads(CASES[reason](marker))["data"]["request_id"]
+        answer_id = json.loads(value)["data"]["request_id"]
     except (ValueError, KeyError, TypeError):
         answer_id = key
     if reason == "too_large":

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from clave.portal import body_text, extract_code
-from clave.testdata import Citizen, new_citizen, new_key, random_cedula
 from shared.crypto import keyed_hash
 from tests.e2e.conftest import Publisher, World
+from tools.portal import body_text, extract_code
+from tools.testdata import Citizen, new_citizen, new_key, random_cedula
 
 pytestmark = pytest.mark.e2e
 

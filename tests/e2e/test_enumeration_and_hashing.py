@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clave.portal import body_text
-from clave.testdata import Citizen, new_citizen, random_cedula, write_jsonl
 from tests.e2e.conftest import World
+from tools.portal import body_text
+from tools.testdata import Citizen, new_citizen, random_cedula, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

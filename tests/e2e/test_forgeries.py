@@ -27,10 +27,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import TopicAuthorizationFailedError
 from pymongo import AsyncMongoClient
 
-from clave.kafkaio import as_principal
-from clave.portal import TopicWatcher, body_text
-from clave.testdata import Citizen, new_citizen, new_key
-from clave.workbench import WorkbenchSettings
 from services.password.domain import hashable
 from shared.acl import PORTAL
 from shared.crypto import Purpose, SecretBox, new_key_context
@@ -40,6 +36,9 @@ from shared.kafka import client_kwargs
 from shared.schemas import IdentityVerified, Recipient, TokensRedeemed
 from shared.topics import IDENTITY_VERIFIED, PASSWORD_UPDATED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType, dlq
 from tests.e2e.conftest import World
+from tools.portal import TopicWatcher, body_text
+from tools.testdata import Citizen, new_citizen, new_key
+from tools.workbench import WorkbenchSettings, as_principal
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from clave.workbench import WorkbenchSettings
 from tests.e2e.conftest import SERVICES, fetch, metric_value, metrics_url
+from tools.workbench import WorkbenchSettings
 
 NAME = "clave_store_commands_total"
 WINDOW_S = 10.0  # longer than one change-stream wait (shared.relay.WATCH_AWAIT_S)

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from clave.portal import body_text
-from clave.testdata import Citizen, new_key
 from tests.e2e.conftest import World, clave_cli
+from tools.portal import body_text
+from tools.testdata import Citizen, new_key
 
 pytestmark = pytest.mark.e2e
 
@@ -194,7 +194,7 @@ async def test_operator_updates_email_revokes_links_and_notifies_both(world: Wor
 
 
 async def test_operator_command_for_unknown_citizen_is_refused_and_audited(world: World) -> None:
-    from clave.testdata import random_cedula
+    from tools.testdata import random_cedula
 
     result = await asyncio.to_thread(
         clave_cli, "accounts", "unlock", random_cedula(), "--operator", "op-1", "--reason", "typo test", check=False
@@ -204,7 +204,7 @@ async def test_operator_command_for_unknown_citizen_is_refused_and_audited(world
 
 
 async def test_import_reports_bad_lines_and_is_idempotent(world: World, tmp_path) -> None:
-    from clave.testdata import new_citizen, write_jsonl
+    from tools.testdata import new_citizen, write_jsonl
 
     good = new_citizen()
     path = write_jsonl([good], tmp_path / "a.jsonl")

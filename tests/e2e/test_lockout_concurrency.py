@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from clave.portal import body_text
-from clave.testdata import Citizen
 from tests.e2e.conftest import World
+from tools.portal import body_text
+from tools.testdata import Citizen
 
 pytestmark = pytest.mark.e2e
 

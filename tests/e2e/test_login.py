@@ -19,10 +19,10 @@ from clave_portal.client import KeyChanges
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
-from clave.testdata import Citizen, new_citizen, new_key, random_cedula
-from clave.workbench import WorkbenchSettings
 from shared.topics import LOGIN_CHECKS, RECOVERY_RESETS
 from tests.e2e.conftest import Publisher, World, citizen_ip
+from tools.testdata import Citizen, new_citizen, new_key, random_cedula
+from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
 

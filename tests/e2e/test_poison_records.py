@@ -12,11 +12,11 @@ import uuid
 
 import pytest
 
-from clave.kafkaio import publish_raw
-from clave.testdata import new_citizen, new_key
 from shared.envelope import new_event
+from shared.kafkaio import publish_raw
 from shared.topics import IDENTITY_COMMANDS, IDENTITY_VERIFIED, RECOVERY_REQUESTS, RECOVERY_RESETS, dlq
 from tests.e2e.conftest import World, clave_cli
+from tools.testdata import new_citizen, new_key
 
 pytestmark = pytest.mark.e2e
 

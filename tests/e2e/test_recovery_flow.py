@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from clave.portal import body_text, extract_code
-from clave.testdata import new_key
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
+from tools.portal import body_text, extract_code
+from tools.testdata import new_key
+from tools.workbench import RECOVERY_SERVICES
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +75,7 @@ async def test_a_new_request_revokes_the_earlier_link(world: World) -> None:
 
 
 async def test_counters_move_through_the_flow(world: World) -> None:
-    before = {s: fetch(metrics_url(world.settings, s))[1] for s in ("identity", "tokens", "notifier", "password")}
+    before = {s: fetch(metrics_url(world.settings, s))[1] for s in RECOVERY_SERVICES}
     citizen = await world.citizen()
     rid = await world.request(citizen)
     _, token = await world.recovery_mail(rid)

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from clave.portal import TopicWatcher, body_text
-from clave.testdata import Citizen, new_citizen, random_cedula
-from clave.workbench import WorkbenchSettings
 from shared.crypto import keyed_hash
 from shared.topics import IDENTITY_DECLINED, IDENTITY_VERIFIED
 from tests.e2e.conftest import World
+from tools.portal import TopicWatcher, body_text
+from tools.testdata import Citizen, new_citizen, random_cedula
+from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
 

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from clave.portal import TopicWatcher, body_text, extract_code
-from clave.testdata import new_key
 from shared.topics import PASSWORD_UPDATED, RECOVERY_RESETS, TOKENS_REDEEMED
 from tests.e2e.conftest import Publisher, World, fetch, metric_value, metrics_url
+from tools.portal import TopicWatcher, body_text, extract_code
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

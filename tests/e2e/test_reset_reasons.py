@@ -7,9 +7,9 @@ import secrets
 
 import pytest
 
-from clave.portal import extract_code
-from clave.testdata import new_key
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
+from tools.portal import extract_code
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from clave.testdata import Citizen, new_citizen, new_key
 from tests.e2e.conftest import World, fetch_ok, metrics_url
+from tools.testdata import Citizen, new_citizen, new_key
 
 pytestmark = pytest.mark.e2e
 

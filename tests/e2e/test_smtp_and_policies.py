@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from clave.testdata import new_key
 from tests.e2e.conftest import World, fetch, fetch_ok, metric_value, metrics_url
+from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e
 

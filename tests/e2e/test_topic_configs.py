@@ -15,9 +15,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from clave.workbench import WorkbenchSettings
 from shared.kafka import client_kwargs
 from shared.topics import HOUR_MS, PORTAL_INPUTS, RECOVERY_RESETS, all_topics
+from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
 

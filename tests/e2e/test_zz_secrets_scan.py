@@ -15,13 +15,13 @@ import pytest
 from bson import json_util
 from pymongo import AsyncMongoClient
 
-from clave.kafkaio import read_topic
-from clave.portal import Mailbox, body_text
-from clave.testdata import SECRETS_MADE
-from clave.workbench import WorkbenchSettings
 from shared.kafka import client_kwargs
+from shared.kafkaio import read_topic
 from shared.topics import PORTAL_INPUTS
 from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
+from tools.portal import Mailbox, body_text
+from tools.testdata import SECRETS_MADE
+from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
 

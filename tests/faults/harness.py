@@ -21,11 +21,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from clave.kafkaio import stop_background_consumer
-from clave.portal import Portal, body_text, extract_link
-from clave.workbench import WorkbenchSettings
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
+from tools.portal import Portal, body_text, extract_link, stop_background_consumer
+from tools.workbench import WorkbenchSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "local" / "stack.sh"

@@ -42,15 +42,21 @@ from typing import Any
 
 import pytest
 
-from clave.kafkaio import as_principal, principal_properties
-from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
-from clave.workbench import WorkbenchSettings, workbench_settings
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.audit import canonical
 from shared.crypto import keyed_hash
 from shared.topics import AUDIT_EVENTS, CONSUMED, RECOVERY_OUTCOMES, dlq
 from tests.faults import harness
 from tests.faults.harness import MailIndex, Rec, RetryingPortal, Tail, end_offsets, read_records, stack, utc_now
+from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
+from tools.workbench import (
+    RECOVERY_SERVICES,
+    WorkbenchSettings,
+    as_principal,
+    metrics_url,
+    principal_properties,
+    workbench_settings,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -74,7 +80,7 @@ LOG_MARKERS = {
     },
     "*": {"commits_landed_reply_lost": "had landed before its reply was lost"},
 }
-SERVICES = ("identity", "tokens", "notifier", "password")
+SERVICES = RECOVERY_SERVICES
 TRAIL = ("recovery_requested", "token_issued", "token_reserved", "key_changed", "token_spent")
 MAIL_KINDS = ("recovery_link", "password_changed")
 DLQ_TOPICS = [dlq(t) for t in CONSUMED]
@@ -83,9 +89,8 @@ DLQ_TOPICS = [dlq(t) for t in CONSUMED]
 def ready(settings: WorkbenchSettings, service: str) -> bool:
     import urllib.request
 
-    port = getattr(settings, f"{service}_metrics_port")
     try:
-        with urllib.request.urlopen(f"http://{settings.metrics_host}:{port}/readyz", timeout=2) as r:  # noqa: S310
+        with urllib.request.urlopen(metrics_url(settings, service, "/readyz"), timeout=2) as r:  # noqa: S310
             return bool(r.status == 200)
     except OSError:
         return False

@@ -19,7 +19,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from clave.workbench import workbench_settings
+from tools.workbench import workbench_settings
 
 pytestmark = pytest.mark.faults
 

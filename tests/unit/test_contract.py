@@ -150,7 +150,7 @@ def test_table_matches_the_topics_the_service_code_names(service: str) -> None:
 def test_portal_stand_in_and_cli_use_the_clients_topics() -> None:
     portal = CLIENTS["portal"]
     # The recovery stand-in plays part of the portal (the client library, clients/python, all of it).
-    assert topics_named_in([ROOT / "clave" / "portal.py"]) <= {*portal.produces, *portal.consumes}
+    assert topics_named_in([ROOT / "tools" / "portal.py"]) <= {*portal.produces, *portal.consumes}
     assert topics_named_in([ROOT / "clave" / "cli.py"]) == set(CLIENTS["operator"].produces)
 
 

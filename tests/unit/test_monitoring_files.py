@@ -253,7 +253,7 @@ def test_code_metrics_are_found() -> None:
 
 
 def test_config_scrapes_the_four_services_with_a_service_label() -> None:
-    from clave.workbench import WorkbenchSettings
+    from tools.workbench import WorkbenchSettings
 
     text = CONFIG.read_text(encoding="utf-8")
     assert re.search(r"^\s*scrape_interval:\s*5s\s*$", text, re.M), "scrape every 5 s"

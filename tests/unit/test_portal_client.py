@@ -235,3 +235,13 @@ async def test_the_hpke_sealer_seals_every_secret_so_that_clave_opens_it(tmp_pat
     assert opener.secret(None, update["sealed_key"], topic=t.CONTACT_UPDATES, field="key", ref="upd-1") == "Clave2025"
     with pytest.raises(InputRefused):  # bound to its record: not another's
         opener.secret(None, update["sealed_key"], topic=t.CONTACT_UPDATES, field="key", ref="upd-2")
+
+
+async def test_two_waiters_on_one_id_both_get_their_answer() -> None:
+    c, _ = client()
+    rid = "req-both"
+    first = asyncio.create_task(c.request_outcome(rid, timeout=2))
+    second = asyncio.create_task(c.request_outcome(rid, timeout=2))
+    await asyncio.sleep(0)
+    answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, {"request_id": rid, "stage": "request", "status": "accepted"})
+    assert [o.status for o in await asyncio.gather(first, second)] == ["accepted", "accepted"]

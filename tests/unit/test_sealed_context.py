@@ -79,20 +79,21 @@ class Credentials(Outbox):
     def __init__(self) -> None:
         super().__init__()
         self.saved: dict[str, KeyHistory] = {}
+        self.names: dict[str, str] = {}  # login names (national IDs)
         self.used: set[str] = set()
 
     async def history(self, account_id: str) -> KeyHistory:
         return self.saved.get(account_id, KeyHistory())
 
     async def credential(self, account_id: str) -> Credential | None:
-        saved = self.saved.get(account_id)
-        return None if saved is None else Credential(account_id, None, saved)
+        found = self.saved.get(account_id)
+        return None if found is None else Credential(account_id, self.names.get(account_id), found)
 
     async def set_national_id(self, account_id: str, national_id: str, s: Any) -> None:
-        return None
+        self.names[account_id] = national_id
 
     async def clear_key_failures(self, account_id: str, s: Any) -> None:
-        return None
+        pass
 
     async def exists(self, account_id: str) -> bool:
         return account_id in self.saved
@@ -110,6 +111,8 @@ class Credentials(Outbox):
         national_id: str | None = None,
     ) -> None:
         self.saved[account_id] = history
+        if national_id is not None:
+            self.names[account_id] = national_id
         if token_id is not None:
             self.used.add(token_id)
 

@@ -44,7 +44,7 @@ class _Answers:
         self._topics = topics  # topic -> the data field its answers are keyed by
         self._by_id: OrderedDict[str, list[Event]] = OrderedDict()
         self._seen: OrderedDict[str, None] = OrderedDict()  # event ids (at-least-once: dedupe)
-        self._signals: dict[str, asyncio.Event] = {}
+        self._signals: dict[str, set[asyncio.Event]] = {}  # answer id -> one event per waiter
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -104,8 +104,7 @@ class _Answers:
         self._by_id.move_to_end(answer_id)
         if len(self._by_id) > ANSWER_CACHE:
             self._by_id.popitem(last=False)
-        signal = self._signals.get(answer_id)
-        if signal is not None:
+        for signal in self._signals.get(answer_id, ()):
             signal.set()
 
     def mark(self, answer_id: str) -> int:
@@ -116,7 +115,8 @@ class _Answers:
         """The first answer for `answer_id` after the first `after` ones that `predicate` accepts."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        signal = self._signals.setdefault(answer_id, asyncio.Event())
+        signal = asyncio.Event()
+        self._signals.setdefault(answer_id, set()).add(signal)
         try:
             while True:
                 for event in self._by_id.get(answer_id, [])[after:]:
@@ -129,7 +129,10 @@ class _Answers:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signal.wait(), remaining)
         finally:
-            self._signals.pop(answer_id, None)
+            waiting = self._signals.get(answer_id, set())
+            waiting.discard(signal)
+            if not waiting:
+                self._signals.pop(answer_id, None)
 
 
 class KeyChanges:

@@ -1,6 +1,6 @@
 """Memory and speed of `clave audit verify` as the log grows (no stack needed).
 
-    .venv/bin/python -m clave.bench_audit [--sizes 10000,100000] [--producers 5]
+    .venv/bin/python -m tools.bench_audit [--sizes 10000,100000] [--producers 5]
 
 For each size it writes a log of that many signed audit events (the producers' chains
 interleaved, as `replay --json` exports them), then verifies it twice, each time in a
@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.audit import GENESIS, ChainVerifier, Signer, audit_event, seal
 from shared.auditkeys import KeyRing, PublicKeyEntry
 from shared.schemas import AuditRecord
-
-SERVICES = ("identity", "tokens", "notifier", "password", "audit")
+from tools.workbench import SERVICES
 
 
 def write_log(path: Path, keys_dir: Path, n: int, producers: int) -> None:
@@ -92,7 +91,7 @@ def verify_loop(path: Path, keys_dir: Path) -> dict[str, float]:
 
 def measure(path: Path, keys_dir: Path) -> dict[str, float]:
     loop = subprocess.run(  # noqa: S603 - this module, fixed arguments
-        [sys.executable, "-m", "clave.bench_audit", "--child-loop", str(path), str(keys_dir)],
+        [sys.executable, "-m", "tools.bench_audit", "--child-loop", str(path), str(keys_dir)],
         capture_output=True,
         text=True,
         check=True,
@@ -100,7 +99,7 @@ def measure(path: Path, keys_dir: Path) -> dict[str, float]:
     )
     result = json.loads(loop.stdout)
     cli = subprocess.run(  # noqa: S603 - this module, fixed arguments
-        [sys.executable, "-m", "clave.bench_audit", "--child-cli", str(path), str(keys_dir)],
+        [sys.executable, "-m", "tools.bench_audit", "--child-cli", str(path), str(keys_dir)],
         capture_output=True,
         text=True,
         check=True,

@@ -25,7 +25,6 @@ from urllib.parse import parse_qs, urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from clave.kafkaio import stop_background_consumer
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.schemas import RecoveryRequested, ResetSubmitted
@@ -33,6 +32,18 @@ from shared.settings import PlatformSettings
 from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS, EventType
 
 SOURCE = "/portal/tests"
+
+
+async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
+    """Stop a task that polls `consumer`, then the consumer. aiokafka's fetcher can surface its
+    own cancelled retry sleep (or a broker error) on close: neither matters once we stop."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if consumer is not None:
+        with contextlib.suppress(asyncio.CancelledError, KafkaError):
+            await consumer.stop()
 
 
 class TopicWatcher:

@@ -22,7 +22,7 @@ cannot be driven at all. Against the real local stack (`stack.sh run` starts it)
 The services' /metrics are read before and after; handler latency per topic comes
 from the histogram deltas (interpolated within buckets, like histogram_quantile).
 
-    deploy/local/stack.sh run -- .venv/bin/python -m clave.bench --n 200 --json bench.json
+    deploy/local/stack.sh run -- .venv/bin/python -m tools.bench --n 200 --json bench.json
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from clave.portal import Portal, extract_link
-from clave.testdata import Citizen, new_citizen, new_key, write_jsonl
-from clave.workbench import WorkbenchSettings as Settings
-from clave.workbench import workbench_settings
 from shared.hashing import SecretHasher
 from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED, RECOVERY_REQUESTS
+from tools.portal import Portal, extract_link
+from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
+from tools.workbench import RECOVERY_SERVICES, metrics_url, workbench_settings
+from tools.workbench import WorkbenchSettings as Settings
 
-SERVICES = ("identity", "tokens", "notifier", "password")
+SERVICES = RECOVERY_SERVICES
 INFRA = ("kafka", "store", "mailcatcher")
 OPTIONAL = ("audit",)  # the audit read model, when the stack runs it
 STACK_SH = str(Path(__file__).resolve().parent.parent / "deploy" / "local" / "stack.sh")
@@ -175,9 +175,7 @@ def stack_cpu() -> dict[str, float]:
 
 
 def scrape(settings: Settings, service: str) -> str:
-    port = settings.metrics_port(service)
-    url = f"http://{settings.metrics_host}:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the stack's own loopback endpoint
+    with urllib.request.urlopen(metrics_url(settings, service), timeout=5) as response:  # noqa: S310 - the stack's own loopback endpoint
         return response.read().decode()  # type: ignore[no-any-return]
 
 
@@ -933,7 +931,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clave.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="recoveries end to end (0: argon2 only) [100]")
     parser.add_argument("--serial", type=int, default=5, help="recoveries one at a time first: idle latency [5]")
     parser.add_argument("--concurrency", type=int, default=20, help="recoveries in flight at once [20]")

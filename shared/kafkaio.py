@@ -1,4 +1,4 @@
-"""Reading and writing topics from the command line, the demo and the tests.
+"""Reading and writing whole topics: the `clave` command and the audit service's rebuild.
 
 `read_topic` reads a whole topic (or from a point in time) up to the end
 offsets seen when it starts, so a replay of a live log terminates.
@@ -6,37 +6,16 @@ offsets seen when it starts, so a replay of a live log terminates.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
 from shared.settings import PlatformSettings
-
-S = TypeVar("S", bound=PlatformSettings)
-
-
-def principal_properties(principal: str) -> Path:
-    """The local stack's client settings for a Kafka principal (written by `make up`)."""
-    return Path(os.environ.get("VAR_DIR", "var")) / "secrets" / "kafka" / f"{principal}.properties"
-
-
-def as_principal(settings: S, principal: str) -> S:
-    """`settings` connecting to Kafka as `principal` (see shared/acl.py) on the local stack.
-    Fails when its properties file is missing rather than falling back to another principal."""
-    path = principal_properties(principal)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Kafka client settings for {principal!r} (the local stack writes them)")
-    return settings.model_copy(update={"kafka_client_properties": str(path.resolve())})
 
 
 @dataclass(frozen=True)
@@ -50,21 +29,9 @@ class Record:
     timestamp_ms: int
 
 
-async def stop_background_consumer(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
-    """Stop a task that polls `consumer`, then the consumer. aiokafka's fetcher can surface its
-    own cancelled retry sleep (or a broker error) on close: neither matters once we stop."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if consumer is not None:
-        with contextlib.suppress(asyncio.CancelledError, KafkaError):
-            await consumer.stop()
-
-
 async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
-    await producer.start()
+    await _started(producer)
     try:
         await producer.send_and_wait(
             topic, event.to_bytes(), key=key.encode(), headers=[("content-type", CONTENT_TYPE.encode())]
@@ -75,20 +42,38 @@ async def publish(settings: PlatformSettings, topic: str, key: str, event: Cloud
 
 async def publish_raw(settings: PlatformSettings, topic: str, key: bytes | None, value: bytes) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings))
-    await producer.start()
+    await _started(producer)
     try:
         await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
 
 
-async def read_topic(
-    settings: PlatformSettings, topic: str, *, since: datetime | None = None, until: datetime | None = None
-) -> AsyncIterator[Record]:
+async def partitions_of(settings: PlatformSettings, topic: str) -> list[int]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    await consumer.start()
+    await _started(consumer)
+    try:
+        return sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def read_topic(
+    settings: PlatformSettings,
+    topic: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    partition: int | None = None,
+) -> AsyncGenerator[Record, None]:
+    """The records of `topic` (or of one partition), one partition after another."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    await _started(consumer)
     try:
         partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        if partition is not None:
+            partitions = [p for p in partitions if p == partition]
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
@@ -126,6 +111,17 @@ async def read_topic(
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()
+
+
+async def _started(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Start a client; one that cannot start (no broker) is closed before the error goes up, so
+    the caller sees the error alone, not also an "Unclosed AIOKafka..." warning."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

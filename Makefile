@@ -1,7 +1,7 @@
 # Clave: entry points for people and CI.  `make` alone lists the targets.
 #
-# The local stack (Kafka, SecantusDB, mail catcher, the four services) is run by
-# deploy/local/stack.sh (the store, secantusd-rs, is built once with cargo into
+# The local stack (Kafka, SecantusDB, mail catcher, the services; INSTANCES=N of each) is run by
+# deploy/local/stack.py through its wrapper deploy/local/stack.sh (the store, secantusd-rs, is built once with cargo into
 # ~/.cache/clave on the first start, 4-8 min; STORE_ENGINE=py runs secantusd-py instead).  test/demo/bench/test-faults go through `stack.sh run -- CMD`:
 # start whatever is not running yet, run CMD with the stack's environment, then stop
 # exactly what was started for it (a stack you started with `make up` stays up), and
@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults demo bench bench-login bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-login bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -47,16 +47,38 @@ down: ## stop the local stack
 status: ## show each component of the local stack
 	@$(STACK) status
 
-# Short token lifetimes when `make test` starts the services itself, so the expiry
-# tests take seconds (a stack already started by `make up` keeps its settings, and the
-# expiry test then skips, saying why).
-TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20
+# Short token lifetimes and e-mail change cooling-off when `make test` starts the services
+# itself, so the expiry and approval tests take seconds (a stack already started by `make up`
+# keeps its settings, and those tests then skip, saying why).
+TEST_ENV := LINK_TTL_S=30 CODE_TTL_S=20 EMAIL_CHANGE_COOLING_OFF_S=10
 
 test: install ## run the whole test suite against the real local stack
 	@$(TEST_ENV) $(STACK) run -- $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-faults: install ## run the fault tests (tests/faults, marker "faults")
 	@$(STACK) run -- $(PY) -m pytest -q -m faults tests/faults $(PYTEST_ARGS)
+
+# Several instances per service: the fault suite's scenario and checks (tests/faults/test_faults.py)
+# with FAULT_PLAN=scale (one instance of every service SIGKILLed mid-load, not restarted) or
+# FAULT_PLAN=none (no fault: the throughput). A stack already up with fewer instances gets the
+# missing ones for the run (and loses them after). Report: $(VAR_DIR)/faults-report.json.
+SCALE_N     ?= 300
+SCALE_TEST  := $(PY) -m pytest -q -m faults tests/faults/test_faults.py
+# A measurement, not a bounded check: on a busy machine one instance may need longer.
+BENCH_SCALE_ENV := FAULT_BUDGET_S=1800 FAULT_LOAD_TIMEOUT_S=1200 FAULT_IMPORT_TIMEOUT_S=600
+REPORT_DIR  := $${VAR_DIR:-var}
+
+test-scale: install ## scale test: 2 instances of every service, SCALE_N=300 recoveries, one instance of each SIGKILLed mid-load
+	@INSTANCES=2 FAULT_PLAN=scale FAULT_N=$(SCALE_N) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS)
+
+bench-scale: install ## recoveries/s with 1, then 2 instances of every service (SCALE_N recoveries, no fault)
+	@for n in 1 2; do \
+	  INSTANCES=$$n FAULT_PLAN=none FAULT_N=$(SCALE_N) $(BENCH_SCALE_ENV) $(STACK) run -- $(SCALE_TEST) $(PYTEST_ARGS) || exit 1; \
+	  cp "$(REPORT_DIR)/faults-report.json" "$(REPORT_DIR)/scale-$$n.json"; \
+	done; \
+	for n in 1 2; do \
+	  $(PY) -c 'import json, sys; r = json.load(open(sys.argv[1])); print("%s instance(s) per service: %s recoveries/s (%s in %.1f s, load average %s)" % (r["instances"], r["throughput_per_s"], r["n"], r["load_seconds"], r.get("loadavg_1m")))' "$(REPORT_DIR)/scale-$$n.json"; \
+	done
 
 # KEEP=1: start the stack with `up` first, so that `run` started nothing and stops nothing.
 KEEP ?=
@@ -75,7 +97,7 @@ bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 1
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave tools clients/python/clave_portal
+	$(VENV)/bin/mypy shared services clave tools deploy/local clients/python/clave_portal
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

@@ -36,6 +36,7 @@ from services.password.policy import Reason as PasswordReason
 from services.tokens.domain import Reason as TokenReason
 from shared import topics as t
 from shared.contract import (
+    ADMIN_ONLY,
     CLIENTS,
     DLQ_HEADERS,
     PORTAL_FACING,
@@ -192,9 +193,15 @@ TYPE_SUMMARIES: dict[str, str] = {
     "revoked; the old and the new address are told).",
     EventType.OPERATOR_UNLOCK: "An operator unlocks an account.",
     EventType.OPERATOR_SEND_RECOVERY: "An operator sends the recovery e-mail to the registered address.",
-    EventType.OPERATOR_CONTACT_UPDATE: "An operator changes an account's contact data (`new_email`, "
-    "`new_backup_email`, `new_phone`; `\"\"` removes the backup or the phone): live tokens are revoked, every "
-    "address on file before is told.",
+    EventType.OPERATOR_CONTACT_UPDATE: "An operator changes an account's backup e-mail and phone "
+    "(`new_backup_email`, `new_phone`; `\"\"` removes one; the registered e-mail is update-email's, with a second "
+    "operator): live tokens are revoked, every address on file before is told.",
+    EventType.OPERATOR_APPROVE: "A second, different operator approves a pending command (an e-mail change) by "
+    "its id (`approves`).",
+    EventType.OPERATOR_ACCOUNT_IMPORT: "One line of the registry import: the account's fields, its answers and "
+    "initial key sealed for identity. A changed e-mail needs an approval; an unchanged record is a no-op.",
+    EventType.OPERATOR_KEY_REGISTERED: "`admin` registers an operator's Ed25519 public key.",
+    EventType.OPERATOR_KEY_REVOKED: "`admin` revokes an operator's key: its commands are refused from then on.",
 }
 
 RESET_REASONS: dict[str, str] = {
@@ -263,6 +270,14 @@ DLQ_REASONS: dict[str, str] = {
     DeadLetterReason.PLAINTEXT_REFUSED: "Portal input with a secret in the clear while Clave runs with "
     "`PORTAL_INPUT=sealed` (the portal also gets its outcome, reason `plaintext_refused`).",
     DeadLetterReason.HANDLER_ERROR: "The handler failed the same way 3 times (a bug, not an outage).",
+    DeadLetterReason.SIGNATURE_MISSING: "An operator command without its signature, key id or signing time.",
+    DeadLetterReason.SIGNATURE_INVALID: "An operator command whose signature does not verify with its operator's "
+    "registered key (forged or altered).",
+    DeadLetterReason.OPERATOR_UNKNOWN: "An operator command signed with a key that is not registered for that "
+    "operator, or was revoked.",
+    DeadLetterReason.COMMAND_EXPIRED: "An operator command signed longer ago than its lifetime "
+    "(`OPERATOR_COMMAND_TTL_S`, 5 min), or in the future.",
+    DeadLetterReason.COMMAND_REPLAYED: "An operator command whose `command_id` was already processed (a replay).",
     DeadLetterReason.SEALED_CONTEXT_MISMATCH: "A sealed field that opens with the reader's keys but was made for "
     "another purpose or another event (token, account, request or recipient): a copied or replayed blob. "
     "Nothing is done with it.",
@@ -386,7 +401,8 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
     }
     schemas["AuditRecord"]["properties"]["reasons"]["description"] = (
         "Stable codes: a request's `RequestReason`s, a reset's `ResetReason`s, a dead letter's "
-        "`DeadLetterReason`, `smtp_gave_up` for a mail that could not be sent."
+        "`DeadLetterReason`, `smtp_gave_up` for a mail that could not be sent, `render_failed` for one whose mail "
+        "could not be rendered, `send_error` for one whose sending raised an unexpected error."
     )
     schemas["AuditRecord"]["properties"]["integrity"]["description"] = (
         "Added by the producer's outbox relay: `producer`, `seq` (1, 2, 3… per producer), `prev` (SHA-256 of the "
@@ -564,6 +580,10 @@ def operations() -> dict[str, dict[str, Any]]:
         for topic in spec.consumes:
             key, op = _operation(client, "receive", topic, f"With the `{client}` principal, in its own group.")
             out[key] = op
+    for topic in ADMIN_ONLY:
+        note = "With the `admin` principal only: a super user; no ACL lets anyone else write it."
+        key, op = _operation("admin", "send", topic, note)
+        out[key] = op
     return out
 
 
@@ -614,9 +634,11 @@ Generated from the code by `clave contract` (clave/asyncapi.py); do not edit by 
 """
 
 PARTIES: dict[str, str] = {
-    "portal": "The public portal: publishes requests, resets and credential checks; reads outcomes, login "
-    "results and key changes (the `clave_portal` client library, clients/python, does all of it).",
-    "operator": "Operators, through the `clave` command.",
+    "portal": "The public portal: publishes requests, resets, credential checks and contact updates; reads "
+    "outcomes, login results, key changes and contact results (the `clave_portal` client library, "
+    "clients/python, does all of it).",
+    "operator": "Operators, through the `clave` command: each command signed with the operator's own key.",
+    "admin": "The Kafka super user: provisions topics and ACLs, and alone registers operator keys.",
     "auditor": "Auditors: read and verify the audit log.",
     "identity": "Checks IDs, answers, e-mail, captcha; lockout and limits; operator commands.",
     "tokens": "Issues and redeems link tokens and codes; answers the portal's resets.",

@@ -2,13 +2,17 @@
 
     clave accounts import FILE           load citizen accounts (JSON lines)
     clave accounts update-email ID NEW   after an in-person check at an office
-    clave accounts update-contact ID [--email E] [--backup-email E] [--phone P]
+    clave accounts update-contact ID [--backup-email E] [--phone P]
     clave accounts unlock ID             lift a lockout
     clave accounts send-recovery ID      send a recovery e-mail to the registered address
+    clave accounts approve COMMAND_ID    second operator's approval of an e-mail change
+    clave operators keygen|register|revoke  operator keys (register/revoke: admin only)
     clave audit replay|verify|timeline   read the audit log (public keys only, no secret)
     clave audit heads|keygen|rebuild     signed chain heads, signing keys, read-model check
 
-Every operator action needs `--operator` and `--reason` and is audited.
+Every operator action needs `--operator` and `--reason`, is signed with the operator's
+private key (`--key-file`, OPERATOR_KEY_FILE) and is audited; its result is read from
+identity.command_results.
 An error is one line saying what was wrong and what to do, with an exit code a script can
 act on (clave/errors.py: 1 not found or a failed check, 2 usage, 3 unreachable); `--debug`
 shows the traceback.
@@ -22,8 +26,6 @@ import logging
 import os
 import re
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +36,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from clave import auditlog
+from clave import auditlog, operators
 from clave.errors import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
@@ -52,12 +54,10 @@ from clave.errors import (
 from services.audit.settings import AuditorSettings
 from shared.audit import ACTIONS, ChainVerifier, check_seal
 from shared.auditkeys import AuditKeyError, KeyRing, PublicKeyEntry, kid_of, load_signing_key, private_pem
-from shared.envelope import new_event
 from shared.kafka import connection
-from shared.kafkaio import publish
-from shared.schemas import OperatorCommand
+from shared.schemas import OperatorApproval, OperatorCommand
 from shared.settings import ClientSettings, PlatformSettings, load
-from shared.topics import IDENTITY_COMMANDS, EventType
+from shared.topics import EventType
 
 # No pretty tracebacks: `main` turns every error into one line (the traceback with --debug).
 app = typer.Typer(help="Clave operator and auditor tools.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -65,6 +65,8 @@ accounts = typer.Typer(help="Citizen accounts (identity service).", no_args_is_h
 audit = typer.Typer(help="The audit log: replay, verify, timeline.", no_args_is_help=True)
 app.add_typer(accounts, name="accounts")
 app.add_typer(audit, name="audit")
+ops = typer.Typer(help="Operator keys (admin): keygen, register, revoke.", no_args_is_help=True)
+app.add_typer(ops, name="operators")
 # Piped output (files, tests, grep) gets full-width tables instead of truncated columns.
 console = Console(width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
@@ -137,35 +139,78 @@ Operator = Annotated[str, typer.Option("--operator", "-o", help="Your operator i
 Reason = Annotated[str, typer.Option("--reason", "-r", help="Why (audited), e.g. the office case number.")]
 
 
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        "-k",
+        envvar="OPERATOR_KEY_FILE",
+        help="Your Ed25519 private key (PEM): every command is signed with it.",
+        dir_okay=False,
+    ),
+]
+Wait = Annotated[float, typer.Option(help="Seconds to wait for the result on identity.command_results (0: don't).")]
+
+
+def _signer(settings: operators.OperatorSettings, operator: str, key_file: Path | None) -> operators.Signer:
+    try:
+        return operators.signer(settings, operator, key_file)
+    except operators.CommandError as exc:
+        raise Usage(str(exc), "give --key-file (or OPERATOR_KEY_FILE / OPERATOR_KEYS_DIR)") from None
+
+
 @accounts.command("import")
 def import_accounts(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    operator: Annotated[str, typer.Option("--operator", "-o")] = "registry-import",
+    operator: Annotated[str, typer.Option("--operator", "-o", envvar="OPERATOR_ID")],
+    key_file: KeyFile = None,
+    reason: Annotated[str, typer.Option("--reason", "-r")] = "registry import",
+    legacy_keys: Annotated[
+        bool,
+        typer.Option(
+            "--legacy-keys",
+            help="Migration only: take initial keys that break the key policy, marked must-change.",
+        ),
+    ] = False,
+    wait: Wait = 120,
 ) -> None:
-    """Import or update accounts from a JSON-lines file; bad lines are reported by number."""
-    from services.identity.app import make_store
-    from services.identity.registry import import_accounts as run_import
-    from services.identity.settings import IdentitySettings
-    from shared.hashing import SecretHasher
-
-    settings = _load(IdentitySettings, "clave accounts import")
-
-    async def main() -> Any:
-        store = make_store(settings)
-        hasher = SecretHasher(settings)
-        try:
-            await store.ensure_indexes()
-            with file.open(encoding="utf-8") as fh:
-                return await run_import(store, hasher, settings, fh, operator)
-        finally:
-            hasher.close()
-            await store.close()
-
-    report = asyncio.run(main())
-    console.print(f"created {report.created}, updated {report.updated}, rejected {len(report.errors)}")
+    """Import or update accounts from a JSON-lines file, one signed command per line. Bad lines
+    are reported by number; an unchanged record is a no-op; a changed e-mail needs a second
+    operator's approval (clave accounts approve)."""
+    operator = _not_empty(operator, "--operator", "op-17")
+    settings = _load(operators.ImportSettings, "clave accounts import")
+    sign = _signer(settings, operator, key_file)
+    report = operators.run_import(settings, file, sign, reason, legacy_keys=legacy_keys, wait=wait)
+    counts = ", ".join(
+        f"{effect} {report.count(effect)}" for effect in ("created", "updated", "unchanged", "approval_needed")
+    )
+    console.print(f"sent {report.sent}: {counts}; rejected {len(report.errors)}")
     for number, message in report.errors:
         err.print(f"line {number}: {message}")
-    raise typer.Exit(1 if report.errors else 0)
+    if report.unanswered:
+        raise Unreachable(
+            f"no result yet for lines {', '.join(map(str, report.unanswered))}",
+            "is the identity service running? (`make status`)",
+        )
+    raise typer.Exit(EXIT_FAILED if report.errors else 0)
+
+
+def _run(event_type: str, sign: operators.Signer, data: Any, settings: PlatformSettings, wait: float) -> None:
+    key_field = "approves" if event_type == EventType.OPERATOR_APPROVE else "national_id"
+    event = sign.event(event_type, data, key_field)
+    results = asyncio.run(operators.send_and_wait(settings, [event], wait))
+    command_id = event[1].correlationid
+    console.print(f"command {command_id} sent")
+    if wait <= 0:
+        return
+    result = results.get(command_id)
+    if result is None:
+        raise Unreachable(
+            f"command {command_id} sent, but no result on identity.command_results within {wait:g} s",
+            "is the identity service running? (`make status`); its result will still be reported and audited",
+        )
+    console.print(f"{command_id}: {operators.describe(result)}")
+    raise typer.Exit(EXIT_FAILED if result.status == "rejected" else 0)
 
 
 def _command(
@@ -175,16 +220,15 @@ def _command(
     reason: str,
     new_email: str | None,
     wait: float,
+    key_file: Path | None = None,
     **contact: str | None,
 ) -> None:
     operator = _not_empty(operator, "--operator", "op-17")
     reason = _not_empty(reason, "--reason", '"case 4411"')
     national_id = _national_id(national_id)
-    settings = cli_settings()
-    command_id = uuid.uuid4().hex
     try:
         data = OperatorCommand(
-            command_id=command_id,
+            command_id=operators.new_command_id(),
             operator_id=operator,
             reason=reason,
             national_id=national_id,
@@ -202,41 +246,38 @@ def _command(
             "new_phone": "--phone",
         }.get(field, field)
         raise Usage(f"{option}: {first['msg']}", "see `clave accounts --help`") from None
-    event = new_event(
-        type=event_type,
-        source="/clave/cli",
-        data=data.model_dump(mode="json"),
-        correlationid=command_id,
-        subject=operator,
-    )
-    started = datetime.now(UTC) - timedelta(seconds=5)
-    asyncio.run(publish(settings, IDENTITY_COMMANDS, national_id, event))
-    console.print(f"command {command_id} sent")
-    if wait <= 0:
-        return
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        found = asyncio.run(auditlog.collect(settings, since=started, correlationid=command_id))
-        mine = [e for e in found if e["data"]["action"].startswith("operator_")]
-        if mine:
-            result = mine[0]["data"]
-            console.print(f"{result['action']}: {result['outcome']} {' '.join(result.get('reasons', []))}")
-            raise typer.Exit(0 if result["outcome"] == "success" else 1)
-        time.sleep(0.5)  # polling the log for the audit record, within the deadline
-    raise Unreachable(
-        f"command {command_id} sent, but no result in the audit log within {wait:g} s",
-        "is the identity service running? (`make status`); its result will still be audited",
-    )
-
-
-Wait = Annotated[float, typer.Option(help="Seconds to wait for the audited result (0: don't).")]
+    settings = _load(operators.OperatorSettings, "clave")
+    _run(event_type, _signer(settings, operator, key_file), data, settings, wait)
 
 
 @accounts.command("update-email")
-def update_email(national_id: str, new_email: str, operator: Operator, reason: Reason, wait: Wait = 30) -> None:
-    """Change a citizen's registered e-mail after checking their ID in person.
-    Revokes live tokens and notifies both the old and the new address."""
-    _command(EventType.OPERATOR_EMAIL_UPDATE, national_id, operator, reason, new_email, wait)
+def update_email(
+    national_id: str, new_email: str, operator: Operator, reason: Reason, key_file: KeyFile = None, wait: Wait = 30
+) -> None:
+    """Request a change of a citizen's registered e-mail after checking their ID in person.
+    It takes effect once another operator approves it (clave accounts approve) and the
+    cooling-off period has passed; both addresses are told now and then; live tokens are revoked."""
+    _command(EventType.OPERATOR_EMAIL_UPDATE, national_id, operator, reason, new_email, wait, key_file)
+
+
+@accounts.command("approve")
+def approve(command_id: str, operator: Operator, reason: Reason, key_file: KeyFile = None, wait: Wait = 30) -> None:
+    """Approve another operator's pending command (an e-mail change) by its id, as the second
+    person. It takes effect when its cooling-off period has passed."""
+    operator = _not_empty(operator, "--operator", "op-17")
+    reason = _not_empty(reason, "--reason", '"case 4411"')
+    settings = _load(operators.OperatorSettings, "clave")
+    sign = _signer(settings, operator, key_file)
+    try:
+        data = OperatorApproval(
+            command_id=operators.new_command_id(), operator_id=operator, reason=reason, approves=command_id
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise Usage(
+            f"{first['loc'][0] if first['loc'] else ''}: {first['msg']}", "see `clave accounts --help`"
+        ) from None
+    _run(EventType.OPERATOR_APPROVE, sign, data, settings, wait)
 
 
 @accounts.command("update-contact")
@@ -244,38 +285,82 @@ def update_contact(
     national_id: str,
     operator: Operator,
     reason: Reason,
-    email: Annotated[str | None, typer.Option(help="New registered e-mail.")] = None,
     backup_email: Annotated[str | None, typer.Option(help='New backup e-mail ("" removes it).')] = None,
     phone: Annotated[str | None, typer.Option(help='New phone, E.164 or Ecuadorian ("" removes it).')] = None,
+    key_file: KeyFile = None,
     wait: Wait = 30,
 ) -> None:
-    """Change a citizen's contact data (registered e-mail, backup e-mail, phone) after checking
-    their ID in person. Revokes live tokens and tells every address on file before."""
-    if email is None and backup_email is None and phone is None:
-        raise Usage("nothing to change", "give at least one of --email, --backup-email, --phone")
+    """Change a citizen's backup e-mail or phone after checking their ID in person (the
+    registered e-mail: update-email). Revokes live tokens and tells every address on file before."""
+    if backup_email is None and phone is None:
+        raise Usage("nothing to change", "give --backup-email or --phone (or both)")
     _command(
         EventType.OPERATOR_CONTACT_UPDATE,
         national_id,
         operator,
         reason,
-        email,
+        None,
         wait,
+        key_file,
         new_backup_email=backup_email,
         new_phone=phone,
     )
 
 
 @accounts.command("unlock")
-def unlock(national_id: str, operator: Operator, reason: Reason, wait: Wait = 30) -> None:
+def unlock(national_id: str, operator: Operator, reason: Reason, key_file: KeyFile = None, wait: Wait = 30) -> None:
     """Lift a lockout (failed attempts are cleared)."""
-    _command(EventType.OPERATOR_UNLOCK, national_id, operator, reason, None, wait)
+    _command(EventType.OPERATOR_UNLOCK, national_id, operator, reason, None, wait, key_file)
 
 
 @accounts.command("send-recovery")
-def send_recovery(national_id: str, operator: Operator, reason: Reason, wait: Wait = 30) -> None:
+def send_recovery(
+    national_id: str, operator: Operator, reason: Reason, key_file: KeyFile = None, wait: Wait = 30
+) -> None:
     """Send a recovery e-mail to the registered address on the citizen's behalf.
     The operator never sees the link, the code or the key."""
-    _command(EventType.OPERATOR_SEND_RECOVERY, national_id, operator, reason, None, wait)
+    _command(EventType.OPERATOR_SEND_RECOVERY, national_id, operator, reason, None, wait, key_file)
+
+
+@ops.command("keygen")
+def operator_keygen(
+    operator: Annotated[str, typer.Argument(help="The operator id the key is for, e.g. op-17")],
+    key_file: Annotated[Path, typer.Option("--key-file", "-k", help="Where the private key goes (0600)")],
+) -> None:
+    """Make an operator's Ed25519 key pair (an existing private key is kept). The public part,
+    KEY_FILE.pub.json, is what admin registers; the private key never leaves the operator."""
+    entry = operators.keygen(operator, key_file)
+    console.print(f"{operator}: key {entry['key_id']}, private {key_file}, public {key_file}.pub.json")
+
+
+@ops.command("register")
+def operator_register(
+    public_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="KEY_FILE.pub.json from keygen")],
+    reason: Reason,
+    by: Annotated[str, typer.Option("--by", help="Who registers it (audited), e.g. your name")],
+) -> None:
+    """As admin (KAFKA_CLIENT_PROPERTIES of the admin principal): register an operator's public
+    key. Identity audits the change; no other principal can write the registry."""
+    settings = cli_settings()
+    try:
+        entry = operators.read_entry(public_file)
+    except (ValueError, KeyError, operators.CommandError) as exc:
+        raise Usage(f"{public_file}: not a public key entry ({exc})", "give the .pub.json that keygen wrote") from None
+    operators.publish_registry(settings, [operators.registration(entry, reason, by)])
+    console.print(f"registration of {entry['operator_id']} key {entry['key_id']} sent")
+
+
+@ops.command("revoke")
+def operator_revoke(
+    operator: Annotated[str, typer.Argument(help="The operator id")],
+    key_id: Annotated[str, typer.Argument(help="The key id to revoke")],
+    reason: Reason,
+    by: Annotated[str, typer.Option("--by", help="Who revokes it (audited)")],
+) -> None:
+    """As admin: revoke an operator's key; its commands are refused (operator_unknown) from then on."""
+    settings = cli_settings()
+    operators.publish_registry(settings, [operators.revocation(operator, key_id, reason, by)])
+    console.print(f"revocation of {operator} key {key_id} sent")
 
 
 _AGO = re.compile(r"(\d+)\s*([smhdw])")

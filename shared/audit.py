@@ -70,6 +70,14 @@ ACTIONS: frozenset[str] = frozenset(
         "operator_send_recovery",
         "operator_contact_update",
         "contact_updated",  # the citizen's own change after a login (the fields, never the values)
+        "operator_command_refused",  # unsigned, forged, unknown operator, expired or replayed
+        "operator_key_registered",
+        "operator_key_revoked",
+        "email_change_requested",
+        "email_change_approved",
+        "email_change_applied",
+        "account_import_unchanged",
+        "account_import_refused",
         # tokens
         "token_issued",
         "token_issue_skipped",
@@ -88,6 +96,7 @@ ACTIONS: frozenset[str] = frozenset(
         # password
         "initial_key_set",
         "initial_key_skipped",
+        "initial_key_refused",  # an initial key breaking the key policy (not a legacy import)
         "key_changed",
         "key_rejected",
         "key_change_unannounced",

@@ -326,7 +326,7 @@ class EventPipeline:
         takes no letter at all (an outage), and the record is then redelivered."""
         origin = record_origin(record)
         try:
-            parked = await self._commit_letter(origin, self._letter(record, raw, bad) + bad.replies)
+            parked = await self._commit_letter(origin, self._letter(record, raw, bad))
         except Exception as exc:
             if _is_outage(exc):
                 raise
@@ -338,7 +338,7 @@ class EventPipeline:
                 exc.__class__.__name__,
             )
             letter = self._minimal_letter(record, raw, bad.reason, exc)
-            parked = await self._commit_letter(origin, letter + bad.replies)
+            parked = await self._commit_letter(origin, letter + [o for o in bad.also if isinstance(o, Outgoing)])
         if parked:
             self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
             log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)
@@ -352,19 +352,20 @@ class EventPipeline:
         return True
 
     def _letter(self, record: ConsumerRecord[Any, Any], raw: bytes, bad: BadInput) -> list[Outgoing]:
-        return self._outgoing(
+        letter = self._outgoing(
             record,
             reason=bad.reason,
             detail=safe_text(bad.detail, DLQ_DETAIL_CHARS),
             correlation=bad.correlationid or record_origin(record),
             key=dlq_key(record),
             payload=self._sealed(raw),
-        ) + self._answer(record, bad)
+        )
+        return letter + [o for o in bad.also if isinstance(o, Outgoing)] + self._answer(record, bad)
 
     def _answer(self, record: ConsumerRecord[Any, Any], bad: BadInput) -> list[Outgoing]:
         """The portal's answer to a record it will never get another one for (see InvalidAnswer)."""
-        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT or bad.replies:
-            return []  # (a handler that staged its own answer, bad.replies, gave the portal a better one)
+        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT or bad.also:
+            return []  # (a handler that staged its own answer, bad.also, gave the portal a better one)
         answer_id = self.answer.readable_id(bad.data, record.key)
         if answer_id is None:
             return []

@@ -44,6 +44,7 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_COMMANDS,
             t.TOKENS_CODE_REJECTED,
             t.PASSWORD_CONTACT_AUTHORIZED,  # a contact update whose key the password service checked
+            t.IDENTITY_OPERATOR_KEYS,  # the registry of operator public keys (written by `admin` only)
         ),
         produces=(
             t.RECOVERY_OUTCOMES,  # "accepted" for every request
@@ -54,6 +55,8 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)
             t.IDENTITY_CONTACT_CHANGED,
             t.CONTACT_RESULTS,  # `updated`, or `rejected` for contact data that is not valid
+            t.IDENTITY_EMAIL_CHANGE_REQUESTED,  # both addresses are told before a change takes effect
+            t.IDENTITY_COMMAND_RESULTS,  # what became of each operator command, for the operator
         ),
     ),
     "tokens": ServiceTopics(
@@ -75,6 +78,7 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
             t.IDENTITY_CONTACT_CHANGED,  # tells every old address
+            t.IDENTITY_EMAIL_CHANGE_REQUESTED,
         ),
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
@@ -98,8 +102,8 @@ CLIENTS: dict[str, ServiceTopics] = {
         consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED, t.CONTACT_RESULTS),
         produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS, t.CONTACT_UPDATES),
     ),
-    # The `clave` command: its commands' results are read from the audit log.
-    "operator": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=(t.IDENTITY_COMMANDS,)),
+    # The `clave` command: signed commands; their results on a narrow topic (not the audit log).
+    "operator": ServiceTopics(consumes=(t.IDENTITY_COMMAND_RESULTS,), produces=(t.IDENTITY_COMMANDS,)),
     "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
@@ -113,6 +117,10 @@ PORTAL_FACING = (
     t.CONTACT_UPDATES,
     t.CONTACT_RESULTS,
 )
+
+# Written by the `admin` principal alone (a broker super user, which needs no ACL): no ACL lets
+# anyone else write them. The operator key registry: only admin decides who is an operator.
+ADMIN_ONLY = (t.IDENTITY_OPERATOR_KEYS,)
 
 
 def group_id(service: str) -> str:
@@ -135,10 +143,10 @@ def source_of(service: str) -> str:
 def expected_sources(topic: str) -> frozenset[str] | None:
     """The `source`s an event on `topic` may carry: those of the services that write it (for
     `audit.events`, every service). None for a topic a people-facing client writes (the portal,
-    the operator's command): they name themselves as they like, and the broker's ACLs are what
-    prove them. A topic no one writes accepts no source."""
-    if any(topic in spec.produces for spec in CLIENTS.values()):
-        return None
+    the operator's command) or `admin` alone (ADMIN_ONLY): they name themselves as they like, and
+    the broker's ACLs are what prove them. A topic no one writes accepts no source."""
+    if topic in ADMIN_ONLY or any(topic in spec.produces for spec in CLIENTS.values()):
+        return None  # admin's operator key registry: its broker ACL (admin alone) is the proof
     return frozenset(source_of(service) for service in SERVICES if topic in writes(service))
 
 
@@ -228,9 +236,31 @@ TOPICS: dict[str, TopicContract] = {
             EventType.OPERATOR_UNLOCK,
             EventType.OPERATOR_SEND_RECOVERY,
             EventType.OPERATOR_CONTACT_UPDATE,
+            EventType.OPERATOR_APPROVE,
+            EventType.OPERATOR_ACCOUNT_IMPORT,
         ),
-        "The national ID the command is about.",
-        "Operator commands from the `clave` command (each with an operator id and a reason).",
+        "The national ID the command is about (an approval: the id of the command it approves).",
+        "Operator commands from the `clave` command, each signed with the operator's Ed25519 key (with an "
+        "operator id and a reason). Unsigned, badly signed, unknown-operator, expired or replayed commands are "
+        "dead-lettered with their reason.",
+    ),
+    t.IDENTITY_OPERATOR_KEYS: TopicContract(
+        (EventType.OPERATOR_KEY_REGISTERED, EventType.OPERATOR_KEY_REVOKED),
+        "The operator id.",
+        "The registry of operator public keys. Only the `admin` principal may write it (no ACL grants it to "
+        "anyone else); identity audits each change. Kept forever.",
+    ),
+    t.IDENTITY_COMMAND_RESULTS: TopicContract(
+        (EventType.OPERATOR_COMMAND_RESULT,),
+        "The command id.",
+        "What became of each operator command (done, refused with reasons, pending approval, applied): what the "
+        "operator reads instead of the audit log.",
+    ),
+    t.IDENTITY_EMAIL_CHANGE_REQUESTED: TopicContract(
+        (EventType.IDENTITY_EMAIL_CHANGE_REQUESTED,),
+        "The internal `account_id`.",
+        "An e-mail change was requested: tell the old and the new address before it takes effect (after a "
+        "second operator's approval and the cooling-off period).",
     ),
     t.IDENTITY_DECLINED: TopicContract(
         (EventType.IDENTITY_DECLINED,),

@@ -38,6 +38,12 @@ class DeadLetterReason:
     UNDECRYPTABLE = "undecryptable"
     PLAINTEXT_REFUSED = "plaintext_refused"  # a secret in the clear under PORTAL_INPUT=sealed
     HANDLER_ERROR = "handler_error"
+    # Operator commands (identity.commands): each must be signed by a registered operator key.
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_INVALID = "signature_invalid"
+    OPERATOR_UNKNOWN = "operator_unknown"
+    COMMAND_EXPIRED = "command_expired"
+    COMMAND_REPLAYED = "command_replayed"
     # Added: a sealed field made for another purpose or event, or past its lifetime, and an
     # event whose `source` is not the service that owns its topic.
     SEALED_CONTEXT_MISMATCH = "sealed_context_mismatch"
@@ -56,9 +62,10 @@ class BadInput(Exception):
         self.detail = detail
         self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
         self.data = data  # the record's `data` object, when the parse got that far (an answer's id is read there)
-        # Events the handler staged to answer the sender (the portal's outcome): committed with
-        # the dead letter, so refused portal input still gets the answer the portal waits for.
-        self.replies: list[Any] = []
+        # Outgoing events (shared.store.Outgoing) committed with the dead letter, atomically: e.g. the
+        # result an operator waits for when identity refuses a command, or the answer the portal waits
+        # for when its input is refused for how its secrets came (plaintext_refused, sealed_invalid).
+        self.also: list[Any] = []
 
 
 class CloudEvent(BaseModel):

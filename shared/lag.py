@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -10,6 +11,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from shared.kafka import client_kwargs
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
+
+MEASURE_TIMEOUT_S = 30.0  # a broker that never answers must not hold the lag loop for ever
 
 
 class LagMonitor:
@@ -22,12 +25,22 @@ class LagMonitor:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def measure(self) -> None:
-        if self._admin is None:
+        """One measurement, bounded in time. After any failure the clients are dropped and the
+        next run connects afresh: a client left half-started (the broker was away at the
+        first run) would otherwise fail every run after it, and the lag gauge would freeze."""
+        try:
+            async with asyncio.timeout(MEASURE_TIMEOUT_S):
+                await self._measure()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _measure(self) -> None:
+        if self._admin is None or self._consumer is None:
             self._admin = AIOKafkaAdminClient(**client_kwargs(self.settings))
             await self._admin.start()
             self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
             await self._consumer.start()
-        assert self._consumer is not None
         await self._consumer._client.force_metadata_update()  # noqa: SLF001 - an unsubscribed consumer has none
         committed = await self._admin.list_consumer_group_offsets(self.group_id)
         partitions = [
@@ -46,7 +59,8 @@ class LagMonitor:
             self.metrics.consumer_lag.labels(topic).set(lag)
 
     async def close(self) -> None:
-        for client in (self._consumer, self._admin):
+        clients, self._consumer, self._admin = (self._consumer, self._admin), None, None
+        for client in clients:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.close() if isinstance(client, AIOKafkaAdminClient) else await client.stop()

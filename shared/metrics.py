@@ -53,6 +53,22 @@ class ServiceMetrics:
         self.consumer_lag = Gauge(
             "clave_consumer_lag_messages", "Messages behind the log end, per topic", ["topic"], registry=r
         )
+        # Background loops (shared.loops): what escaped a run, what was set aside, what is running.
+        self.loop_errors = Counter(
+            "clave_loop_errors_total",
+            "Background loop runs that raised and were run again after a back-off",
+            ["loop", "kind"],
+            registry=r,
+        )
+        self.items_parked = Counter(
+            "clave_loop_items_parked_total",
+            "Items a background loop failed or parked with a reason instead of retrying them",
+            ["loop", "reason"],
+            registry=r,
+        )
+        self.tasks_up = Gauge(
+            "clave_background_task_up", "1 while a background task runs, 0 once it died", ["task"], registry=r
+        )
 
     def count_store_commands(self, counts: Mapping[str, int]) -> None:
         """Expose the store client's command counts (shared.store.CommandCounter), read at
@@ -88,9 +104,18 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 class HealthServer:
     """A minimal HTTP/1.1 server on asyncio: three GET routes, no dependencies."""
 
-    def __init__(self, metrics: ServiceMetrics, ready: ReadyCheck, host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        ready: ReadyCheck,
+        host: str,
+        port: int,
+        live: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
+        # False once a background task died: /healthz fails too, so the orchestrator restarts us.
+        self.live = live
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
@@ -111,7 +136,8 @@ class HealthServer:
             if path == "/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
             elif path == "/healthz":
-                status, ctype, body = 200, "text/plain", b"ok\n"
+                ok = self.live()
+                status, ctype, body = (200 if ok else 503), "text/plain", b"ok\n" if ok else b"background task died\n"
             elif path == "/readyz":
                 ok = await self.ready()
                 status, ctype, body = (200 if ok else 503), "text/plain", b"ready\n" if ok else b"not ready\n"

@@ -13,7 +13,7 @@ Nothing polls while idle (each poll is a store round trip, and an idle stack mus
 cost its store almost nothing):
 - the relay is woken by its own process's commits (`wake()`: the consumer pipeline,
   the periodic jobs and the notifier's sender call it) and, for commits made by any
-  other process (a second instance of the service, `clave accounts import`), by a
+  other process (a second instance of the service), by a
   change stream on the outbox: one getMore that waits up to WATCH_AWAIT_S in the store;
 - it holds the lease only while it has work: it takes it when woken, renews it at most
   every RENEW_S while busy (not on every cycle), and gives it back after LINGER_S
@@ -22,6 +22,15 @@ cost its store almost nothing):
   and the change stream wakes it for those committed after its last read;
 - a slow safety poll (SAFETY_POLL_S; FALLBACK_POLL_S when the store has no change
   streams) catches whatever a wake missed.
+
+No outbox event stops the relay (shared/loops.py): one that cannot be published (not a
+well-formed outbox document, an audit event that does not parse, a record the broker or
+the client refuses as such: too large, an invalid topic) is parked in place, `sent: null`
+with `parked` (the reason) and `parked_at`, counted and logged, and the events after it go
+out. An unsealed audit event is parked before it takes a place in the chain, so the chain
+stays whole; an audit event parked after sealing leaves a gap that auditors see. A broker
+or store outage is retried with a back-off; any other error keeps the relay running, after
+a back-off, and is logged and counted.
 """
 
 from __future__ import annotations
@@ -38,7 +47,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from bson import ObjectId
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
@@ -47,6 +62,7 @@ from shared import audit
 from shared.auditkeys import load_signing_key
 from shared.envelope import CONTENT_TYPE
 from shared.kafka import client_kwargs
+from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
 from shared.store import LEASES, OUTBOX, Outgoing, ServiceStore
@@ -65,6 +81,8 @@ BATCH = 500
 CHAIN_ID = "audit-chain"
 # The store cannot run change streams (a standalone server): no use retrying them.
 NO_CHANGE_STREAMS = frozenset({40573, 40324, 115})
+# Broker or client refusals of one record as such: retrying the same bytes cannot help.
+RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, CorruptRecordException)
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -104,6 +122,12 @@ class OutboxRelay:
         self._watching = False  # the change stream is open: the safety poll can be slow
         self._released = asyncio.Event()  # set when this relay gives its lease back
         self._seen: OrderedDict[ObjectId, None] = OrderedDict()
+        self._unparkable: set[Any] = set()  # outbox ids whose parking itself failed: skipped
+
+    def tasks(self) -> list[tuple[asyncio.Task[None], bool]]:
+        """The relay's tasks, each with whether it must run for ever (for the supervisor; the
+        watcher ends by itself on a store without change streams)."""
+        return [(t, forever) for t, forever in ((self._task, True), (self._watcher, False)) if t is not None]
 
     def wake(self) -> None:
         self._wake.set()
@@ -136,7 +160,8 @@ class OutboxRelay:
         for task in (self._watcher, self._task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A task that died has been reported (shared.loops.TaskSupervisor): stop anyway.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if self._producer is not None:
             await self._producer.stop()
@@ -165,6 +190,14 @@ class OutboxRelay:
             except (PyMongoError, KafkaError, OSError) as exc:
                 self.metrics.relay_errors.inc()
                 log.warning("relay: %s; retrying in %.1fs", exc.__class__.__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                # Not an item's (those are parked in publish_pending) and not an outage: a bug.
+                # The relay must outlive it, loudly, or every later event would wait for ever.
+                self.metrics.relay_errors.inc()
+                self.metrics.loop_errors.labels("relay", "error").inc()
+                log.error("relay: %s; retrying in %.1fs", describe(exc), backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -224,6 +257,15 @@ class OutboxRelay:
                     )
                     return
                 log.warning("relay: outbox change stream: %s; reopening in %.0fs", exc.__class__.__name__, backoff)
+                self.wake()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 8.0)
+            except Exception as exc:
+                # A change the driver could not decode, a library bug: reopen rather than die
+                # (the relay would then only see other processes' commits at its safety poll).
+                self._watching = False
+                self.metrics.loop_errors.labels("relay-watch", "error").inc()
+                log.error("relay: outbox change stream: %s; reopening in %.0fs", describe(exc), backoff)
                 self.wake()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 8.0)
@@ -321,27 +363,85 @@ class OutboxRelay:
         if not docs:
             self.metrics.outbox_pending.set(0)
             return 0
+        read = len(docs)
+        docs = await self._set_aside(docs)
         if any(d["is_audit"] and not d.get("sealed") for d in docs):
             docs = await self._seal_audit(docs)
+        published, outage = await self._send(docs)
+        if published:
+            await self.store.db[OUTBOX].update_many(
+                {"_id": {"$in": [d["_id"] for d in published]}},
+                {"$set": {"sent": True, "sent_at": datetime.now(UTC)}},
+            )
+            self.metrics.outbox_published.inc(len(published))
+        if outage is not None:
+            raise outage  # what was not acknowledged is published again after the back-off
+        self.metrics.outbox_pending.set(
+            await self.store.db[OUTBOX].count_documents({"sent": False}) if read == BATCH else 0
+        )
+        return read
+
+    # ---- what cannot be published is parked -----------------------------------------------------
+
+    async def _set_aside(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The documents that can be published; the others are parked (before sealing: an
+        unreadable audit event takes no place in the chain)."""
+        kept = []
+        for doc in docs:
+            if doc.get("_id") in self._unparkable:
+                continue
+            reason = unpublishable(doc)
+            if reason is None:
+                kept.append(doc)
+            else:
+                await self._park(doc, reason, None)
+        return kept
+
+    async def _send(self, docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], BaseException | None]:
+        """Send each document; park those refused as records. Returns what the broker
+        acknowledged, and the first outage error (the rest is published again later)."""
         assert self._producer is not None
-        futures = []
+        sending: list[tuple[dict[str, Any], Any]] = []
+        outage: BaseException | None = None
         for doc in docs:
             headers = [(k, str(v).encode()) for k, v in doc["headers"].items()]
-            futures.append(
-                await self._producer.send(
+            try:
+                future = await self._producer.send(
                     doc["topic"], value=bytes(doc["value"]), key=doc["key"].encode(), headers=headers
                 )
+            except Exception as exc:
+                if is_outage(exc) and not isinstance(exc, RECORD_REFUSED):
+                    outage = exc  # this one and the rest again after the back-off
+                    break
+                await self._park(doc, "record_refused", exc)
+                continue
+            sending.append((doc, future))
+        results = await asyncio.gather(*(f for _, f in sending), return_exceptions=True)
+        published = []
+        for (doc, _), result in zip(sending, results, strict=True):
+            if not isinstance(result, BaseException):
+                published.append(doc)
+            elif isinstance(result, RECORD_REFUSED) or not is_outage(result):
+                await self._park(doc, "record_refused", result)
+            elif outage is None:
+                outage = result
+        return published, outage
+
+    async def _park(self, doc: dict[str, Any], reason: str, exc: BaseException | None) -> None:
+        """Leave the document in the outbox, out of the relay's way (`sent: null`), with why."""
+        oid = doc.get("_id")
+        how = describe(exc) if exc is not None else reason
+        try:
+            await self.store.db[OUTBOX].update_one(
+                {"_id": oid, "sent": False},
+                {"$set": {"sent": None, "parked": reason, "parked_error": how, "parked_at": datetime.now(UTC)}},
             )
-        await asyncio.gather(*futures)
-        await self.store.db[OUTBOX].update_many(
-            {"_id": {"$in": [d["_id"] for d in docs]}},
-            {"$set": {"sent": True, "sent_at": datetime.now(UTC)}},
-        )
-        self.metrics.outbox_published.inc(len(docs))
-        self.metrics.outbox_pending.set(
-            await self.store.db[OUTBOX].count_documents({"sent": False}) if len(docs) == BATCH else 0
-        )
-        return len(docs)
+        except PyMongoError as err:
+            if is_outage(err):
+                raise
+            self._unparkable.add(oid)  # skipped by this relay from now on, and logged below
+        self.metrics.items_parked.labels("relay", reason).inc()
+        log.error("relay: outbox event %s parked (%s: %s); publishing the next ones", oid, reason, how)
 
     def _remember(self, ids: Any) -> None:
         for i in ids:
@@ -388,3 +488,26 @@ class OutboxRelay:
             return out
 
         return await self.store.in_transaction(work)
+
+
+def unpublishable(doc: dict[str, Any]) -> str | None:
+    """Why this outbox document cannot be published (None: it can). Pure: it reads only the
+    document, so the same document gets the same answer on every instance."""
+    value, headers = doc.get("value"), doc.get("headers")
+    if not (
+        isinstance(doc.get("topic"), str)
+        and doc["topic"]
+        and isinstance(doc.get("key"), str)
+        and isinstance(value, bytes)
+        and isinstance(headers, dict)
+        and isinstance(doc.get("is_audit"), bool)
+    ):
+        return "malformed_outbox_document"
+    if doc["is_audit"] and not doc.get("sealed"):
+        try:
+            event = json.loads(value)
+        except (ValueError, RecursionError):
+            return "audit_event_unreadable"
+        if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
+            return "audit_event_unreadable"
+    return None

@@ -18,6 +18,7 @@ from faststream.message import StreamMessage
 from shared.consumer import EventPipeline, InvalidAnswer, Route
 from shared.kafka import make_broker
 from shared.lag import LagMonitor
+from shared.loops import TaskSupervisor, run_periodic
 from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
 from shared.settings import PlatformSettings
@@ -71,6 +72,7 @@ class Service:
         self._consumed_topics: list[str] = []
         self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
         self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
         self._starters: list[Callable[[], Awaitable[None]]] = []
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
@@ -131,8 +133,11 @@ class Service:
         self._stoppers.append(fn)
 
     async def ready(self) -> bool:
-        """Ready means it would handle a request now: the store and the broker answer and every
-        consumer has its partitions (a fresh consumer group settles for seconds after start)."""
+        """Ready means it would handle a request now: no background task has died, the store and
+        the broker answer and every consumer has its partitions (a fresh consumer group settles
+        for seconds after start)."""
+        if not self.supervisor.alive():
+            return False
         if not self.consumers_assigned():
             return False
         if not await self.store.ping():
@@ -155,19 +160,11 @@ class Service:
                 return False
         return True
 
-    async def _loop(self, name: str, seconds: float, job: Periodic) -> None:
-        while True:
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s loop %s: %s", self.name, name, exc.__class__.__name__)
-            await asyncio.sleep(seconds)
-
     async def _startup(self) -> None:
         port = self.settings.metrics_port(self.name)
-        self._health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, port)
+        self._health = HealthServer(
+            self.metrics, self.ready, self.settings.metrics_host, port, live=self.supervisor.alive
+        )
         await self._health.start()
         await self._wait_for_store()
         await self.store.ensure_indexes()
@@ -186,18 +183,22 @@ class Service:
 
     async def _after_startup(self) -> None:
         await self.relay.start()
+        for task, forever in self.relay.tasks():
+            self.supervisor.watch(task, forever=forever)
         lag = LagMonitor(self.settings, self.group_id, self._consumed_topics, self.metrics)
         self._periodic.append(("consumer-lag", 15.0, lag.measure))
         self._stoppers.append(lag.close)
         for name, seconds, job in self._periodic:
-            self._tasks.append(asyncio.create_task(self._loop(name, seconds, job), name=name))
+            loop = run_periodic(self.name, name, seconds, job, self.metrics)
+            self._tasks.append(self.supervisor.watch(asyncio.create_task(loop, name=name)))
         log.info("%s service ready", self.name)
 
     async def _shutdown(self) -> None:
+        self.supervisor.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a death was reported already
                 await task
         for fn in self._stoppers:
             await fn()

@@ -277,6 +277,19 @@ class AccountRegistered(InternalPayload):
     national_id: str | None = Field(
         default=None, description="The account's national ID, normalised: its login name (credential checks)."
     )
+    # Added: an import's explicit migration option took a key that breaks the key policy; the
+    # password service stores it marked must-change instead of refusing it.
+    legacy_key: bool = False
+
+
+CommandId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+OperatorId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+# Every operator command is signed (shared/operator_keys.py): the operator's key id, when it was
+# signed, and the Ed25519 signature over the event type and every other field of `data`.
+# Optional in the schema so that an unsigned command reaches identity and is refused there with
+# its reason (`signature_missing`), audited, rather than as a bare schema error.
+KeyId = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+Signature = Field(default=None, max_length=128)
 
 
 class OperatorCommand(Payload):
@@ -288,6 +301,88 @@ class OperatorCommand(Payload):
     # Added (contact_update): "" removes the backup e-mail or the phone.
     new_backup_email: str | None = Field(default=None, max_length=254)
     new_phone: str | None = Field(default=None, max_length=32)
+    issued_at: datetime | None = None
+    key_id: str | None = KeyId
+    signature: str | None = Signature
+
+
+class OperatorApproval(Payload):
+    """A second operator approves a pending command (today: an e-mail change), by its id."""
+
+    command_id: str = CommandId
+    operator_id: str = OperatorId
+    reason: str = Field(min_length=3, max_length=500)
+    approves: str = CommandId
+    issued_at: datetime | None = None
+    key_id: str | None = KeyId
+    signature: str | None = Signature
+
+
+class AccountImport(Payload):
+    """One line of the registry import, as a signed operator command. The answers and the
+    initial key travel sealed for identity (IMPORT_KEYS), bound to this command and ID."""
+
+    command_id: str = CommandId
+    operator_id: str = OperatorId
+    reason: str = Field(min_length=3, max_length=500)
+    national_id: str = Field(min_length=1, max_length=32)
+    profile: Literal["affiliate", "employer"]
+    name: str = Field(min_length=1, max_length=200)
+    email: str = Field(min_length=3, max_length=254)
+    locale: Locale = "es"
+    representative_id: str | None = Field(default=None, max_length=32)
+    sealed_secrets: str = Field(min_length=1, max_length=8192)  # {"command_id", "national_id", "answers", "password"}
+    legacy_key: bool = False  # the migration option: a key breaking the policy is taken, marked must-change
+    # Added: optional contact data (not secret; validated by identity as the import format says).
+    backup_email: str | None = Field(default=None, min_length=3, max_length=254)
+    phone: str | None = Field(default=None, min_length=1, max_length=32)
+    line: int | None = Field(default=None, ge=1)  # its line in the import file, for the operator's report
+    issued_at: datetime | None = None
+    key_id: str | None = KeyId
+    signature: str | None = Signature
+
+
+class OperatorKeyRegistered(Payload):
+    """`admin` registers an operator's Ed25519 public key (identity.operator_keys)."""
+
+    operator_id: str = OperatorId
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    public_key: str = Field(min_length=40, max_length=64)  # base64 of the raw 32-byte key
+    reason: str = Field(min_length=3, max_length=500)
+    registered_by: str = Field(min_length=1, max_length=64)  # the person acting as admin (audited)
+
+
+class OperatorKeyRevoked(Payload):
+    operator_id: str = OperatorId
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    reason: str = Field(min_length=3, max_length=500)
+    revoked_by: str = Field(min_length=1, max_length=64)
+
+
+class CommandResult(InternalPayload):
+    """What became of an operator command (identity.command_results, read by the operator)."""
+
+    command_id: str
+    operator_id: str
+    command: str  # the command's event type
+    status: Literal["succeeded", "rejected", "pending", "applied"]
+    reasons: list[str] = Field(default_factory=list)
+    effect: str | None = None  # e.g. created, updated, unchanged, approved
+    change_id: str | None = None  # the e-mail change this concerns (the requesting command's id)
+    effective_at: datetime | None = None  # a pending e-mail change: the earliest time it takes effect
+    line: int | None = None  # an import command's line
+    detail: str | None = None  # a refused import line: which rule it breaks (never a value)
+
+
+class EmailChangeRequested(InternalPayload):
+    """An e-mail change was requested: both addresses are told before it takes effect."""
+
+    change_id: str
+    account_id: str = AccountId
+    old_recipient: Recipient
+    new_recipient: Recipient
+    operator_id: str
+    not_before: datetime  # the end of the cooling-off period; a second operator must approve too
 
 
 # ---- tokens ----------------------------------------------------------------------------------
@@ -394,6 +489,12 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.CONTACT_RESULT: ContactResult,
     EventType.CONTACT_AUTHORIZED: ContactUpdateAuthorized,
     EventType.IDENTITY_CONTACT_CHANGED: ContactChanged,
+    EventType.OPERATOR_APPROVE: OperatorApproval,
+    EventType.OPERATOR_ACCOUNT_IMPORT: AccountImport,
+    EventType.OPERATOR_KEY_REGISTERED: OperatorKeyRegistered,
+    EventType.OPERATOR_KEY_REVOKED: OperatorKeyRevoked,
+    EventType.OPERATOR_COMMAND_RESULT: CommandResult,
+    EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: EmailChangeRequested,
     EventType.TOKENS_ISSUED: TokensIssued,
     EventType.TOKENS_REDEEMED: TokensRedeemed,
     EventType.TOKENS_CODE_REJECTED: CodeRejected,

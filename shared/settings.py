@@ -33,7 +33,10 @@ DEV_DLQ_KEY = "ZGV2LWRscS1wYXlsb2FkLWtleS1ub3QtZm9yLXByb2Q="
 DEV_AUDIT_KEY = "dev-audit-hmac-key-not-for-production"  # legacy audit MACs (before signatures)
 DEV_PSEUDONYM_KEY = "dev-pseudonym-key-not-for-production"
 DEV_CODE_KEY = "dev-code-hmac-key-not-for-production"
-DEV_KEYS = frozenset({DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, DEV_DLQ_KEY, DEV_AUDIT_KEY, DEV_PSEUDONYM_KEY, DEV_CODE_KEY})
+DEV_IMPORT_KEY = "ZGV2LWFjY291bnQtaW1wb3J0LWtleS1ub3QtcHJvZCE="  # seals an account import for identity
+DEV_KEYS = frozenset(
+    {DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, DEV_DLQ_KEY, DEV_AUDIT_KEY, DEV_PSEUDONYM_KEY, DEV_CODE_KEY, DEV_IMPORT_KEY}
+)
 
 MIN_KEY_BYTES = 32
 EXIT_UNSAFE_SETTINGS = 78  # EX_CONFIG (sysexits.h)

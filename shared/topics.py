@@ -27,6 +27,11 @@ IDENTITY_COMMANDS = "identity.commands"
 IDENTITY_DECLINED = "identity.declined"
 IDENTITY_CONTACT_CHANGED = "identity.contact_changed"
 PASSWORD_CONTACT_AUTHORIZED = "password.contact_authorized"
+# Operators (issue 9): the registry of their public keys (written by `admin` alone), the results
+# of their commands (read by the operator), and the notice of a requested e-mail change.
+IDENTITY_OPERATOR_KEYS = "identity.operator_keys"
+IDENTITY_COMMAND_RESULTS = "identity.command_results"
+IDENTITY_EMAIL_CHANGE_REQUESTED = "identity.email_change_requested"
 TOKENS_ISSUED = "tokens.issued"
 TOKENS_REDEEMED = "tokens.redeemed"
 TOKENS_CODE_REJECTED = "tokens.code_rejected"
@@ -57,6 +62,8 @@ CONSUMED = (
     IDENTITY_CONTACT_CHANGED,
     CONTACT_UPDATES,
     PASSWORD_CONTACT_AUTHORIZED,
+    IDENTITY_OPERATOR_KEYS,
+    IDENTITY_EMAIL_CHANGE_REQUESTED,
     TOKENS_ISSUED,
     TOKENS_REDEEMED,
     TOKENS_CODE_REJECTED,
@@ -66,7 +73,17 @@ CONSUMED = (
     LOGIN_CHECKS,
 )
 
-PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED, LOGIN_RESULTS, ACCOUNT_KEY_CHANGED, CONTACT_RESULTS)
+PRODUCED_ONLY = (
+    RECOVERY_OUTCOMES,
+    NOTIFIER_SENT,
+    NOTIFIER_FAILED,
+    LOGIN_RESULTS,
+    ACCOUNT_KEY_CHANGED,
+    CONTACT_RESULTS,
+    IDENTITY_COMMAND_RESULTS,
+)
+# Kept forever: the audit log, and the operator key registry (its log of record, small).
+KEPT_FOREVER = (AUDIT_EVENTS, IDENTITY_OPERATOR_KEYS)
 
 # What citizens typed, in the clear: short retention, off the disk soon after (portal_input).
 PORTAL_INPUTS = (RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS, CONTACT_UPDATES)
@@ -83,7 +100,7 @@ WEEK_MS = 7 * 24 * HOUR_MS
 # and count time by the broker's clock (a producer's timestamp cannot keep a record longer):
 # 1 h + 30 min + 5 min + 1 min, gone within 1 h 36 min of being written.
 PORTAL_FILE_DELETE_DELAY_MS = MINUTE_MS
-RETENTION_CHECK_INTERVAL_MS = 5 * MINUTE_MS  # the broker's, set in deploy/local/stack.sh
+RETENTION_CHECK_INTERVAL_MS = 5 * MINUTE_MS  # the broker's, set in deploy/local/stack.py
 
 
 @dataclass(frozen=True)
@@ -141,7 +158,7 @@ def all_topics(
     `min_insync_replicas`, every topic sets it (the provisioning passes the cluster's)."""
     specs: list[TopicSpec] = []
     for name in CONSUMED + PRODUCED_ONLY:
-        if name == AUDIT_EVENTS:
+        if name in KEPT_FOREVER:
             specs.append(TopicSpec(name, partitions, -1))
         elif name in PORTAL_INPUTS:
             specs.append(portal_input(name, partitions, portal_retention_ms))
@@ -172,6 +189,12 @@ class EventType:
     CONTACT_RESULT = "ec.clave.account.contact_result.v1"
     CONTACT_AUTHORIZED = "ec.clave.password.contact_authorized.v1"
     IDENTITY_CONTACT_CHANGED = "ec.clave.identity.contact_changed.v1"
+    OPERATOR_APPROVE = "ec.clave.operator.approve.v1"
+    OPERATOR_ACCOUNT_IMPORT = "ec.clave.operator.account_import.v1"
+    OPERATOR_KEY_REGISTERED = "ec.clave.operator.key_registered.v1"
+    OPERATOR_KEY_REVOKED = "ec.clave.operator.key_revoked.v1"
+    OPERATOR_COMMAND_RESULT = "ec.clave.operator.command_result.v1"
+    IDENTITY_EMAIL_CHANGE_REQUESTED = "ec.clave.identity.email_change_requested.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
     TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"

@@ -8,6 +8,7 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
   PRINCIPALS) and the brokers' controller listener; kafka/cluster.id;
 - mongodb/root.password, mongodb/keyfile (the replica set's internal authentication),
   mongodb/<service>.uri: each service's own MongoDB user, allowed only its own database;
+  mongodb/auditor.uri: the auditor job's user, allowed only to read the audit read model;
 - keys/<VARIABLE>: every key the services load (their settings classes' key lists: Fernet
   keys for the sealing lists, 32 random bytes for the HMAC keys);
 - audit/<service>.pem: each service's own Ed25519 audit signing key (PKCS#8 PEM, its
@@ -20,6 +21,9 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
 - portal/sealing.pem: Clave's X25519 private key for sealed portal input (PORTAL_SEALING_KEY of
   identity, tokens and password), and portal/sealing-public.pem, the public key to give the
   portal (not secret);
+- dkim/private.pem: the notifier's DKIM key (RSA 2048, DKIM_PRIVATE_KEY), and
+  dkim/dns-record.txt: the TXT value to publish at <selector>._domainkey.<domain>; rotate by
+  a new selector (README, "Mail that lands in the inbox");
 - grafana/admin.password;
 - tls/: a private CA and a certificate for each broker, store member and the mail catcher
   (with the compose host names), since production mode refuses Kafka and MongoDB without TLS.
@@ -220,6 +224,22 @@ def make_audit_keys(w: Writer) -> None:
         )
 
 
+def make_dkim_key(w: Writer) -> None:
+    """The notifier's DKIM key (RSA 2048, PKCS#1 PEM as dkimpy reads it) and the TXT record
+    to publish at <selector>._domainkey.<domain> (README: "Mail that lands in the inbox")."""
+    private = w.root / "dkim" / "private.pem"
+    if private.exists():
+        pem = private.read_bytes()
+    else:
+        pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        w.file("dkim/private.pem", lambda: pem)
+    key = serialization.load_pem_private_key(pem, password=None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    w.file("dkim/dns-record.txt", lambda: f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}\n")
+
+
 def make_tls(w: Writer) -> None:
     ca_key_path = w.root / "tls" / "ca.key"
     if ca_key_path.exists():
@@ -260,6 +280,7 @@ def make_all(root: Path) -> list[str]:
     w.file("mongodb/keyfile", lambda: base64.b64encode(secrets.token_bytes(756)).decode())
     for service in SERVICES:
         w.file(f"mongodb/{service}.uri", functools.partial(_service_uri, service))
+    w.file("mongodb/auditor.uri", functools.partial(_service_uri, "auditor"))
     for name, fernet in all_keys().items():
         w.file(f"keys/{name}", _fernet_key if fernet else _password)
     make_audit_keys(w)
@@ -267,6 +288,7 @@ def make_all(root: Path) -> list[str]:
     for path in make_key_pair(private, public):
         path.chmod(0o644)  # as every file here: the containers read it as their own user
         w.created.append(str(path.relative_to(w.root)))
+    make_dkim_key(w)
     w.file("grafana/admin.password", _password)
     make_tls(w)
     return w.created

@@ -1,6 +1,6 @@
 """Create every Clave topic on the broker, or bring an existing one's configs up to date; idempotent.
 
-Run with the project's virtualenv once Kafka answers metadata (deploy/local/stack.sh
+Run with the project's virtualenv once Kafka answers metadata (deploy/local/stack.py
 does it after starting the broker):
 
     .venv/bin/python deploy/local/create_topics.py             # create what is missing

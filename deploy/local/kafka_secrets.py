@@ -1,4 +1,4 @@
-"""The local stack's Kafka credentials (used by deploy/local/stack.sh).
+"""The local stack's Kafka credentials (used by deploy/local/stack.py).
 
     kafka_secrets.py DIR BOOTSTRAP
 
@@ -7,7 +7,7 @@ random password (generated once, on the first `up`, and kept), writes
 DIR/<principal>.properties (the client settings in librdkafka syntax: `kcat -F FILE`, or
 KAFKA_CLIENT_PROPERTIES=FILE for Clave's own clients), and DIR/controller.password (the
 broker's own login on its controller listener; no client uses it). DIR is 0700, every
-file 0600. Prints the principal names, one a line, for stack.sh.
+file 0600. Prints the principal names, one a line, for stack.py.
 """
 
 from __future__ import annotations

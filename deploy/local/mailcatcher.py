@@ -1,6 +1,6 @@
 """Local SMTP capture server: every accepted message becomes one `.eml` file.
 
-    .venv/bin/python deploy/local/mailcatcher.py      (deploy/local/stack.sh starts it)
+    .venv/bin/python deploy/local/mailcatcher.py      (deploy/local/stack.py starts it)
 
 Environment: SMTP_HOST / SMTP_PORT (listen address, default 127.0.0.1:1025), MAIL_DIR
 (default var/mail), VAR_DIR (default var; fault flags live in VAR_DIR/run).

@@ -1,4 +1,4 @@
-"""Readiness probes for the local stack (used by deploy/local/stack.sh).
+"""Readiness probes for the local stack (deploy/local/stack.py calls `wait_for` with these checks).
 
     probe.py kafka BOOTSTRAP          metadata answers: a broker is registered, topics listed
     probe.py store URI                MongoDB-protocol ping succeeds (prints version, replica set)
@@ -30,15 +30,18 @@ ATTEMPT_TIMEOUT_S = 3.0
 INTERVAL_S = 0.5
 
 
-def probe_kafka(bootstrap: str) -> str:
+def probe_kafka(bootstrap: str, properties: str = "") -> str:
     from aiokafka.admin import AIOKafkaAdminClient
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from shared.kafka import client_kwargs
     from shared.settings import PlatformSettings
 
-    # SASL as the environment says (stack.sh: KAFKA_CLIENT_PROPERTIES, the admin's file).
-    kwargs = client_kwargs(PlatformSettings(kafka_bootstrap_servers=bootstrap))
+    # SASL as the properties file says (the stack: the admin's), else as the environment says.
+    settings = PlatformSettings(kafka_bootstrap_servers=bootstrap)
+    if properties:
+        settings = settings.model_copy(update={"kafka_client_properties": properties})
+    kwargs = client_kwargs(settings)
 
     async def run() -> str:
         admin = AIOKafkaAdminClient(
@@ -115,6 +118,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_for(check: Callable[[], str], timeout: float, pid: int = 0) -> tuple[int, str]:
+    """Run `check` until it succeeds or `timeout` s have passed (0: once): (0, its detail) when
+    ready, (1, "not ready: ...") at the deadline, (2, ...) as soon as process `pid` has exited."""
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while True:
+        try:
+            return 0, check()
+        except Exception as exc:  # any failure just means "not ready yet"
+            last_error = f"{type(exc).__name__}: {exc}".strip()
+        if pid and not alive(pid):
+            return 2, f"process {pid} exited (last probe error: {last_error})"
+        if time.monotonic() + INTERVAL_S > deadline:
+            return 1, f"not ready: {last_error}"
+        time.sleep(INTERVAL_S)  # the next attempt, bounded by the deadline
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["kafka", "store", "smtp", "http"])
@@ -132,27 +152,10 @@ def main() -> int:
         "smtp": lambda: probe_smtp(args.target[0], int(args.target[1])),
         "http": lambda: probe_http(args.target),
     }
-    check = checks[args.kind]
-    deadline = time.monotonic() + args.timeout
-    last_error = ""
-    while True:
-        try:
-            detail = check()
-        except Exception as exc:  # any failure just means "not ready yet"
-            last_error = f"{type(exc).__name__}: {exc}".strip()
-        else:
-            if not args.quiet:
-                print(detail)
-            return 0
-        if args.pid and not alive(args.pid):
-            if not args.quiet:
-                print(f"process {args.pid} exited (last probe error: {last_error})")
-            return 2
-        if time.monotonic() + INTERVAL_S > deadline:
-            if not args.quiet:
-                print(f"not ready: {last_error}")
-            return 1
-        time.sleep(INTERVAL_S)
+    rc, detail = wait_for(checks[args.kind], args.timeout, args.pid)
+    if not args.quiet:
+        print(detail)
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The fallback local store (STORE_ENGINE=py): SecantusDB's own `secantusd-py`, patched.
 
     .venv/bin/python deploy/local/secantusd.py --host 127.0.0.1 --port 27017 --storage-path DIR
-    (deploy/local/stack.sh starts it; every argument goes to secantusd-py unchanged)
+    (deploy/local/stack.py starts it; every argument goes to secantusd-py unchanged)
 
-The default local store is SecantusDB's Rust server, secantusd-rs (see stack.sh).  This
+The default local store is SecantusDB's Rust server, secantusd-rs (see stack.py).  This
 launcher keeps the Python one usable, with three changes secantusd-py has no option for:
 
 1. A shorter transaction lifetime.  A transaction whose client died (a service SIGKILLed

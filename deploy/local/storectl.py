@@ -1,4 +1,4 @@
-"""Store administration for the local stack (used by deploy/local/stack.sh).
+"""Store administration for the local stack (used by deploy/local/stack.py).
 
     storectl.py kill-sessions URI    abort every open transaction on the store (killAllSessions)
 
@@ -38,7 +38,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         print(kill_sessions(args.uri))
-    except Exception as exc:  # reported by stack.sh as a warning
+    except Exception as exc:  # reported by stack.py as a warning
         print(f"{type(exc).__name__}: {exc}".strip())
         return 1
     return 0

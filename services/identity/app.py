@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from services.identity.commands import EmailChangeApplier, OperatorHandlers
 from services.identity.handlers import IdentityHandlers
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore
 from shared.consumer import Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
-from shared.schemas import CodeRejected, ContactUpdateAuthorized, OperatorCommand, PasswordUpdated, RecoveryRequested
+from shared.schemas import (
+    AccountImport,
+    CodeRejected,
+    ContactUpdateAuthorized,
+    OperatorApproval,
+    OperatorCommand,
+    OperatorKeyRegistered,
+    OperatorKeyRevoked,
+    PasswordUpdated,
+    RecoveryRequested,
+)
 from shared.settings import load
 from shared.topics import (
     IDENTITY_COMMANDS,
+    IDENTITY_OPERATOR_KEYS,
     PASSWORD_CONTACT_AUTHORIZED,
     PASSWORD_UPDATED,
     RECOVERY_REQUESTS,
@@ -43,15 +55,29 @@ def build(settings: IdentitySettings | None = None) -> Service:
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})
     # Wrong codes count towards the lockout like failed requests.
     service.consume(TOKENS_CODE_REJECTED, {EventType.TOKENS_CODE_REJECTED: Route(CodeRejected, handlers.code_rejected)})
+    # Operators: signed commands, verified against the registry of their keys (which only
+    # `admin` can write); approved e-mail changes are applied by a timer once due.
+    applier = EmailChangeApplier(store, on_outbox=service.relay.wake)
+    ops = OperatorHandlers(store, hasher, settings, service.metrics, wake_applier=applier.wake.set)
+    service.consume(
+        IDENTITY_OPERATOR_KEYS,
+        {
+            EventType.OPERATOR_KEY_REGISTERED: Route(OperatorKeyRegistered, ops.key_registered),
+            EventType.OPERATOR_KEY_REVOKED: Route(OperatorKeyRevoked, ops.key_revoked),
+        },
+    )
     service.consume(
         IDENTITY_COMMANDS,
         {
-            EventType.OPERATOR_UNLOCK: Route(OperatorCommand, handlers.operator_unlock),
-            EventType.OPERATOR_EMAIL_UPDATE: Route(OperatorCommand, handlers.operator_email_update),
-            EventType.OPERATOR_SEND_RECOVERY: Route(OperatorCommand, handlers.operator_send_recovery),
-            EventType.OPERATOR_CONTACT_UPDATE: Route(OperatorCommand, handlers.operator_contact_update),
+            EventType.OPERATOR_UNLOCK: Route(OperatorCommand, ops.unlock),
+            EventType.OPERATOR_EMAIL_UPDATE: Route(OperatorCommand, ops.email_update),
+            EventType.OPERATOR_SEND_RECOVERY: Route(OperatorCommand, ops.send_recovery),
+            EventType.OPERATOR_APPROVE: Route(OperatorApproval, ops.approve),
+            EventType.OPERATOR_ACCOUNT_IMPORT: Route(AccountImport, ops.account_import),
+            EventType.OPERATOR_CONTACT_UPDATE: Route(OperatorCommand, ops.contact_update),
         },
     )
+    service.every("email-change-applier", 1.0, applier.run_forever)
     # Contact updates whose key the password service checked.
     service.consume(
         PASSWORD_CONTACT_AUTHORIZED,

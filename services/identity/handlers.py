@@ -24,11 +24,9 @@ from shared.schemas import (
     ContactChanged,
     ContactResult,
     ContactUpdateAuthorized,
-    EmailChanged,
     IdentityDeclined,
     IdentityLocked,
     IdentityVerified,
-    OperatorCommand,
     PasswordUpdated,
     Recipient,
     RecoveryOutcome,
@@ -38,7 +36,6 @@ from shared.topics import (
     CONTACT_RESULTS,
     IDENTITY_CONTACT_CHANGED,
     IDENTITY_DECLINED,
-    IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
     IDENTITY_VERIFIED,
     RECOVERY_OUTCOMES,
@@ -58,6 +55,29 @@ def recipient(account: Account, email: str | None = None) -> Recipient:
     return Recipient(email=email or account.email, name=account.name, locale=account.locale)  # type: ignore[arg-type]
 
 
+def stage_contact_changed(
+    ctx: HandlerContext, account: Account, after: domain.Contact, *, change_id: str, actor: str
+) -> list[tuple[str, str]]:
+    """Stage identity.contact_changed for a change of `account`'s contact data to `after`: the
+    tokens service revokes the account's live links, the notifier tells every address on file
+    before. Returns the changed fields with their new values masked."""
+    before = account.contact
+    changes = domain.changed_fields(before, after)
+    ctx.emit(
+        IDENTITY_CONTACT_CHANGED,
+        account.account_id,
+        EventType.IDENTITY_CONTACT_CHANGED,
+        ContactChanged(
+            change_id=change_id,
+            account_id=account.account_id,
+            old_recipients=[recipient(account, address) for address in domain.old_addresses(before)],
+            changes=[ContactChange(field=f, masked=m) for f, m in changes],  # type: ignore[arg-type]
+            actor=actor,
+        ),
+    )
+    return changes
+
+
 class IdentityHandlers:
     def __init__(
         self, store: AccountStore, hasher: SecretHasher, settings: IdentitySettings, metrics: ServiceMetrics
@@ -72,9 +92,6 @@ class IdentityHandlers:
             "clave_identity_requests_total", "Recovery requests by audited result", ["result"]
         )
         self.lockouts = metrics.counter("clave_identity_lockouts_total", "Address blocks locked out of an account")
-        self.operator_commands = metrics.counter(
-            "clave_identity_operator_commands_total", "Operator commands", ["command", "result"]
-        )
 
     def ref(self, value: str) -> str:
         return keyed_hash(self.settings.pseudonym_key, value)
@@ -116,7 +133,7 @@ class IdentityHandlers:
                     request_id=req.request_id, stage="request", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.replies = list(ctx.outgoing)
+            refused.also = list(ctx.outgoing)
             raise
 
     async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
@@ -369,134 +386,6 @@ class IdentityHandlers:
 
         await ctx.commit(writes)
 
-    # ---- identity.commands: operator actions --------------------------------------------------
-
-    def _operator_result(
-        self,
-        ctx: HandlerContext,
-        cmd: OperatorCommand,
-        action: str,
-        outcome: str,
-        *,
-        account_id: str | None = None,
-        subject_ref: str | None = None,
-        request_id: str | None = None,
-        reasons: list[str] | None = None,
-        **details: str,
-    ) -> None:
-        """Audit an operator command's result with who, why and which command; count it."""
-        ctx.audit(
-            action,
-            outcome,
-            actor=cmd.operator_id,
-            account_id=account_id,
-            subject_ref=subject_ref,
-            request_id=request_id,
-            reasons=reasons,
-            details={"reason": cmd.reason, "command_id": cmd.command_id, **details},
-        )
-        self.operator_commands.labels(action, outcome).inc()
-
-    async def _command_account(self, ctx: HandlerContext, cmd: OperatorCommand, action: str) -> Account | None:
-        digits = "".join(c for c in cmd.national_id if c.isdigit())
-        try:
-            national_id = domain.normalize_national_id(
-                "employer" if len(digits) == 13 else "affiliate", cmd.national_id
-            )
-        except domain.InvalidId:
-            self._operator_result(
-                ctx, cmd, action, "rejected", subject_ref=self.ref(cmd.national_id), reasons=[Reason.ID_INVALID]
-            )
-            return None
-        account = await self.store.by_national_id(national_id)
-        if account is None:
-            self._operator_result(
-                ctx, cmd, action, "rejected", subject_ref=self.ref(national_id), reasons=[Reason.ACCOUNT_UNKNOWN]
-            )
-        return account
-
-    async def operator_unlock(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        account = await self._command_account(ctx, cmd, "operator_unlock")
-        if account is None:
-            return
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.clear_lockout(CounterKeys.for_account(account.account_id), s)
-
-        self._operator_result(ctx, cmd, "operator_unlock", "success", account_id=account.account_id)
-        await ctx.commit(writes)
-
-    async def operator_email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        action = "operator_email_update"
-        account = await self._command_account(ctx, cmd, action)
-        if account is None:
-            return
-        try:
-            new_email = domain.normalize_email(cmd.new_email or "")
-        except ValueError:
-            self._operator_result(
-                ctx, cmd, action, "rejected", account_id=account.account_id, reasons=["email_invalid"]
-            )
-            return
-        ctx.emit(
-            IDENTITY_EMAIL_CHANGED,
-            account.account_id,
-            EventType.IDENTITY_EMAIL_CHANGED,
-            EmailChanged(
-                command_id=cmd.command_id,
-                account_id=account.account_id,
-                old_recipient=recipient(account),
-                new_recipient=recipient(account, new_email),
-                operator_id=cmd.operator_id,
-            ),
-        )
-        self._operator_result(
-            ctx, cmd, action, "success", account_id=account.account_id, new_email_masked=domain.mask_email(new_email)
-        )
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.set_email(account.account_id, new_email, s)
-
-        await ctx.commit(writes)
-
-    async def operator_send_recovery(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        action = "operator_send_recovery"
-        account = await self._command_account(ctx, cmd, action)
-        if account is None:
-            return
-        now = datetime.now(UTC)
-        request_id = f"op-{cmd.command_id}"
-        keys = CounterKeys.for_account(account.account_id)
-        if not domain.mailbox_allows((await self.store.counters(keys)).principal, self.limits, now):
-            self._operator_result(
-                ctx,
-                cmd,
-                action,
-                "rejected",
-                account_id=account.account_id,
-                request_id=request_id,
-                reasons=[Reason.RATE_LIMITED],
-            )
-            return
-        # The mail goes to the registered address only; the operator never sees the link.
-        ctx.emit(
-            IDENTITY_VERIFIED,
-            account.account_id,
-            EventType.IDENTITY_VERIFIED,
-            IdentityVerified(
-                request_id=request_id,
-                account_id=account.account_id,
-                recipient=recipient(account),
-                actor=cmd.operator_id,
-            ),
-        )
-        self._operator_result(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
-
-        async def writes(s: AsyncClientSession) -> None:
-            await self.store.record_mail(keys, now, s)
-
-        await ctx.commit(writes)
-
     # ---- contact data: the citizen's own change (key checked by password), or an operator's --
 
     async def contact_authorized(self, ctx: HandlerContext, evt: ContactUpdateAuthorized) -> None:
@@ -522,22 +411,6 @@ class IdentityHandlers:
             EventType.CONTACT_RESULT,
             ContactResult(update_id=update_id, status=status, reasons=list(reasons)),  # type: ignore[arg-type]
         )
-
-    async def operator_contact_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
-        action = "operator_contact_update"
-        account = await self._command_account(ctx, cmd, action)
-        if account is None:
-            return
-        await self._apply_contact(
-            ctx,
-            account.account_id,
-            (cmd.new_email, cmd.new_backup_email, cmd.new_phone),
-            change_id=cmd.command_id,
-            actor=cmd.operator_id,
-            action=action,
-            details={"reason": cmd.reason, "command_id": cmd.command_id},
-        )
-        self.operator_commands.labels(action, "success" if ctx.committed else "rejected").inc()
 
     async def _apply_contact(
         self,
@@ -575,19 +448,7 @@ class IdentityHandlers:
                 )
                 self._answer_contact(ctx, answer, refused.reasons)
                 return refused.reasons
-            changes = domain.changed_fields(before, after)
-            ctx.emit(
-                IDENTITY_CONTACT_CHANGED,
-                account_id,
-                EventType.IDENTITY_CONTACT_CHANGED,
-                ContactChanged(
-                    change_id=change_id,
-                    account_id=account_id,
-                    old_recipients=[recipient(account, address) for address in domain.old_addresses(before)],
-                    changes=[ContactChange(field=f, masked=m) for f, m in changes],  # type: ignore[arg-type]
-                    actor=actor,
-                ),
-            )
+            changes = stage_contact_changed(ctx, account, after, change_id=change_id, actor=actor)
             ctx.audit(
                 action,
                 "success",

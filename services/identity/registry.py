@@ -1,35 +1,21 @@
-"""Importing accounts from the institution's registry (JSON lines, one account each).
+"""The account import format (the institution's registry, JSON lines, one account each) and
+its rules, shared by `clave accounts import` (which checks each line before sending it) and
+identity (which checks it again: the command is what counts).
 
-Used by `clave accounts import`. Answers are normalised and hashed on the way
-in; the initial key travels sealed to the password service (which owns
-credentials) through the outbox. Idempotent: the same national ID updates the
-account, never duplicates it. Bad lines are reported by number; the rest go on.
+Each line travels as a signed operator command on `identity.commands`
+(`ec.clave.operator.account_import.v1`); its answers and initial key sealed for identity
+(`ImportSecrets`, IMPORT_KEYS). Identity hashes the answers and forwards the initial key sealed
+for the password service. There is no other way into identity's accounts.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.identity import domain
-from services.identity.settings import IdentitySettings
-from services.identity.store import ACCOUNTS, AccountStore
-from shared.audit import audit_event
-from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash
-from shared.envelope import describe_errors, new_event
-from shared.hashing import SecretHasher
-from shared.schemas import AccountRegistered, AuditRecord
-from shared.store import Outgoing
-from shared.topics import IDENTITY_ACCOUNT_REGISTERED, EventType
-
-SOURCE = "/clave/identity"
+from shared.crypto import SealError, SecretBox, constant_time_equal
 
 
 class AccountRecord(BaseModel):
@@ -54,13 +40,6 @@ class AccountRecord(BaseModel):
         if self.profile == "employer" and not self.representative_id:
             raise ValueError("an employer needs representative_id (the legal representative's cédula)")
         return self
-
-
-@dataclass
-class ImportReport:
-    created: int = 0
-    updated: int = 0
-    errors: list[tuple[int, str]] = field(default_factory=list)
 
 
 def validate_record(record: AccountRecord, questions: list[str]) -> dict[str, Any]:
@@ -97,102 +76,33 @@ def validate_record(record: AccountRecord, questions: list[str]) -> dict[str, An
     return {"national_id": national_id, "representative_id": representative, "email": email, "contact": contact}
 
 
-async def import_accounts(
-    store: AccountStore,
-    hasher: SecretHasher,
-    settings: IdentitySettings,
-    lines: Iterable[str],
-    operator_id: str,
-) -> ImportReport:
-    report = ImportReport()
-    questions = settings.question_ids()
-    password_box = SecretBox(settings.password_keys)
-    command_id = str(uuid.uuid4())
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = AccountRecord.model_validate(json.loads(line))
-            clean = validate_record(record, questions)
-        except json.JSONDecodeError as exc:
-            report.errors.append((number, f"not JSON ({exc.msg})"))
-            continue
-        except ValidationError as exc:
-            report.errors.append((number, describe_errors(exc)))
-            continue
-        except ValueError as exc:
-            report.errors.append((number, str(exc)))
-            continue
-        hashes = {q: await hasher.hash(domain.normalize_answer(a)) for q, a in sorted(record.answers.items())}
-        existing = await store.raw_by_national_id(clean["national_id"])
-        account_id = existing["_id"] if existing else uuid.uuid4().hex
-        registry_fields = {
-            "national_id": clean["national_id"],
-            "profile": record.profile,
-            "representative_id": clean["representative_id"],
-            "name": record.name,
-            "email": clean["email"],
-            "locale": record.locale,
-            "answer_hashes": hashes,
-            "updated_at": datetime.now(UTC),
-            # Only what the line gives: a backup e-mail or phone the citizen set is not erased.
-            **clean["contact"],
-        }
-        # Every line tells the password service the account's login name (its national ID; a
-        # re-import backfills it), and a new account's initial key, sealed for it (bound to it).
-        initial_key = record.password if existing is None else None
-        sealed_key = (
-            None
-            if initial_key is None
-            else password_box.seal(
-                {"password": initial_key},
-                purpose=Purpose.INITIAL_KEY,
-                context=initial_key_context(account_id=account_id),
-            )
-        )
-        event = new_event(
-            type=EventType.ACCOUNT_REGISTERED,
-            source=SOURCE,
-            correlationid=command_id,
-            data=AccountRegistered(
-                account_id=account_id, national_id=clean["national_id"], sealed_initial_key=sealed_key
-            ).model_dump(mode="json", exclude_none=True),
-        )
-        outgoing: list[Outgoing] = [Outgoing(IDENTITY_ACCOUNT_REGISTERED, account_id, event)]
-        action = "account_updated" if existing else "account_imported"
-        outgoing.append(
-            audit_event(
-                AuditRecord(
-                    service="identity",
-                    action=action,
-                    outcome="success",
-                    actor=operator_id,
-                    account_id=account_id,
-                    subject_ref=keyed_hash(settings.pseudonym_key, clean["national_id"]),
-                    details={"profile": record.profile, "line": number},
-                ),
-                correlationid=command_id,
-                causationid=None,
-                source=SOURCE,
-            )
-        )
+class ImportSecrets(BaseModel):
+    """What an import command carries sealed for identity (IMPORT_KEYS): the answers and the
+    initial key, bound to the command and the ID they were sealed for, so a sealed blob copied
+    into another command (another citizen) does not open there."""
 
-        async def writes(
-            s: AsyncClientSession, account_id: str = account_id, fields: dict[str, Any] = registry_fields
-        ) -> None:
-            await store.db[ACCOUNTS].update_one(
-                {"_id": account_id},
-                {
-                    "$set": fields,
-                    "$setOnInsert": {"created_at": datetime.now(UTC)},
-                },
-                upsert=True,
-                session=s,
-            )
+    model_config = ConfigDict(extra="forbid")
 
-        await store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
-        if existing:
-            report.updated += 1
-        else:
-            report.created += 1
-    return report
+    command_id: str
+    national_id: str
+    answers: dict[str, str]
+    password: str | None = None
+
+
+def seal_secrets(box: SecretBox, secrets: ImportSecrets) -> str:
+    # Its own key list (IMPORT_KEYS), and the binding is in the payload: checked by open_secrets.
+    return box.seal_bytes(secrets.model_dump_json().encode())
+
+
+def open_secrets(box: SecretBox, sealed: str, command_id: str, national_id: str) -> ImportSecrets:
+    """The sealed secrets of one import command; ValueError when they do not open with our
+    keys, are not what an import seals, or were sealed for another command or ID."""
+    try:
+        secrets = ImportSecrets.model_validate_json(box.open_bytes(sealed))
+    except (SealError, ValidationError, ValueError):
+        raise ValueError("sealed secrets do not open with IMPORT_KEYS") from None
+    if not (
+        constant_time_equal(secrets.command_id, command_id) and constant_time_equal(secrets.national_id, national_id)
+    ):
+        raise ValueError("sealed secrets were sealed for another command")
+    return secrets

@@ -5,15 +5,31 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
 from services.identity.domain import Limits
-from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings, PortalInputSettings
+from shared.settings import (
+    DEV_IMPORT_KEY,
+    DEV_PASSWORD_KEY,
+    DEV_PSEUDONYM_KEY,
+    Argon2Settings,
+    PlatformSettings,
+    PortalInputSettings,
+)
+
+MIN_COOLING_OFF_S = 3600
 
 
 class IdentitySettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     pseudonym_key: str = DEV_PSEUDONYM_KEY
     password_keys: str = DEV_PASSWORD_KEY  # seals an imported initial key for the password service
+    import_keys: str = DEV_IMPORT_KEY  # opens the answers and initial key of an import command
+
+    # Operator commands: a signed command is accepted this long after it was signed.
+    operator_command_ttl_s: PositiveInt = 300
+    # An approved e-mail change takes effect this long after it was requested, at the earliest
+    # (both addresses are told at once: the owner has this long to object). Tests use seconds.
+    email_change_cooling_off_s: NonNegativeInt = 24 * 3600
 
     security_questions: str = "birth_date,fingerprint_code,mother_surname"
     # Per (account, address block): this many failures in the window lock that block out.
@@ -52,10 +68,14 @@ class IdentitySettings(PlatformSettings, Argon2Settings, PortalInputSettings):
         )
 
     def fernet_keys(self) -> dict[str, str]:
-        return {**super().fernet_keys(), "PASSWORD_KEYS": self.password_keys}
+        return {**super().fernet_keys(), "PASSWORD_KEYS": self.password_keys, "IMPORT_KEYS": self.import_keys}
 
     def hmac_keys(self) -> dict[str, str]:
         return {**super().hmac_keys(), "PSEUDONYM_KEY": self.pseudonym_key}
 
     def problems(self) -> list[str]:
-        return super().problems() + self.argon2_problems() + self.portal_input_problems()
+        found = super().problems() + self.argon2_problems() + self.portal_input_problems()
+        if self.email_change_cooling_off_s < MIN_COOLING_OFF_S:
+            # Seconds are for tests: in production the owner must have time to object.
+            found.append(f"EMAIL_CHANGE_COOLING_OFF_S: under {MIN_COOLING_OFF_S} s")
+        return found

@@ -24,17 +24,56 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.identity.domain import Account, AddressState, BlockState, Contact, Counters, PrincipalState, Record
+from services.identity.operator_domain import ChangeStatus, EmailChange, RegisteredKey
 from shared.store import ServiceStore
 
 ACCOUNTS = "accounts"
 COUNTERS = "counters"
 REQUESTS = "requests"
+OPERATOR_KEYS = "operator_keys"  # the registry of operator public keys (from identity.operator_keys)
+COMMANDS = "commands"  # operator command ids already processed (replays are refused)
+EMAIL_CHANGES = "email_changes"  # requested e-mail changes, until applied
+# A command older than its lifetime (minutes) is refused as expired, so its id need not be kept
+# for ever: a month is far beyond any lifetime.
+COMMANDS_KEEP_S = 30 * 24 * 3600
 # Codes of a write that lost a race for the same principal document: the state changed.
 RACE_CODES = frozenset({11000, 112})
 
 
 class StaleContact(Exception):
     """The account's contact data changed since it was read: read it again and decide again."""
+
+
+class StaleChange(Exception):
+    """The e-mail change is no longer in the state the decision saw (approved or applied meanwhile)."""
+
+
+def _change_doc(change: EmailChange) -> dict[str, Any]:
+    return {
+        "_id": change.change_id,
+        "account_id": change.account_id,
+        "new_email": change.new_email,
+        "requested_by": change.requested_by,
+        "requested_at": change.requested_at,
+        "not_before": change.not_before,
+        "status": change.status,
+        "approved_by": change.approved_by,
+        "approved_at": change.approved_at,
+    }
+
+
+def _to_change(doc: dict[str, Any]) -> EmailChange:
+    return EmailChange(
+        change_id=doc["_id"],
+        account_id=doc["account_id"],
+        new_email=doc["new_email"],
+        requested_by=doc["requested_by"],
+        requested_at=doc["requested_at"],
+        not_before=doc["not_before"],
+        status=doc["status"],
+        approved_by=doc.get("approved_by"),
+        approved_at=doc.get("approved_at"),
+    )
 
 
 class StaleCounters(Exception):
@@ -99,15 +138,16 @@ class AccountStore(ServiceStore):
         await self.db[COUNTERS].create_index("principal")
         await self.db[COUNTERS].create_index("expires_at", expireAfterSeconds=0)
         await self.db[REQUESTS].create_index("at", expireAfterSeconds=7 * 24 * 3600)
+        await self.db[OPERATOR_KEYS].create_index("operator_id")
+        await self.db[COMMANDS].create_index("at", expireAfterSeconds=COMMANDS_KEEP_S)
+        await self.db[EMAIL_CHANGES].create_index([("account_id", 1), ("status", 1)])
+        await self.db[EMAIL_CHANGES].create_index([("status", 1), ("effective_at", 1)])
 
     # ---- accounts ------------------------------------------------------------------------------
 
     async def by_national_id(self, national_id: str) -> Account | None:
         doc = await self.db[ACCOUNTS].find_one({"national_id": national_id})
         return _to_account(doc) if doc else None
-
-    async def raw_by_national_id(self, national_id: str) -> dict[str, Any] | None:
-        return await self.db[ACCOUNTS].find_one({"national_id": national_id})
 
     async def by_id(self, account_id: str) -> Account | None:
         doc = await self.db[ACCOUNTS].find_one({"_id": account_id})
@@ -131,8 +171,97 @@ class AccountStore(ServiceStore):
         if result.matched_count != 1:
             raise StaleContact(account_id)
 
-    async def upsert(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
-        await self.db[ACCOUNTS].replace_one({"_id": doc["_id"]}, doc, upsert=True, session=s)
+
+    async def create_account(self, doc: dict[str, Any], s: AsyncClientSession) -> None:
+        await self.db[ACCOUNTS].insert_one(doc, session=s)
+
+    async def update_account(self, account_id: str, fields: dict[str, Any], s: AsyncClientSession) -> None:
+        await self.db[ACCOUNTS].update_one({"_id": account_id}, {"$set": fields}, session=s)
+
+    # ---- operators: key registry, processed commands, e-mail changes --------------------------
+
+    async def operator_keys(self, operator_id: str) -> list[RegisteredKey]:
+        docs = self.db[OPERATOR_KEYS].find({"operator_id": operator_id})
+        return [
+            RegisteredKey(d["_id"], d["operator_id"], d["public_key"], revoked=d.get("revoked_at") is not None)
+            async for d in docs
+        ]
+
+    async def operator_key(self, key_id: str) -> RegisteredKey | None:
+        d = await self.db[OPERATOR_KEYS].find_one({"_id": key_id})
+        if d is None:
+            return None
+        return RegisteredKey(d["_id"], d["operator_id"], d["public_key"], revoked=d.get("revoked_at") is not None)
+
+    async def register_operator_key(self, key: RegisteredKey, now: datetime, s: AsyncClientSession) -> None:
+        await self.db[OPERATOR_KEYS].insert_one(
+            {"_id": key.key_id, "operator_id": key.operator_id, "public_key": key.public_key, "registered_at": now},
+            session=s,
+        )
+
+    async def revoke_operator_key(self, key_id: str, now: datetime, s: AsyncClientSession) -> None:
+        await self.db[OPERATOR_KEYS].update_one({"_id": key_id}, {"$set": {"revoked_at": now}}, session=s)
+
+    async def command_seen(self, command_id: str) -> bool:
+        return await self.db[COMMANDS].find_one({"_id": command_id}, {"_id": 1}) is not None
+
+    async def record_command(self, command_id: str, operator_id: str, now: datetime, s: AsyncClientSession) -> None:
+        # A second copy racing this one collides here (unique _id): its transaction fails and,
+        # retried, is refused as replayed.
+        await self.db[COMMANDS].insert_one({"_id": command_id, "operator_id": operator_id, "at": now}, session=s)
+
+    async def pending_change(self, account_id: str) -> EmailChange | None:
+        doc = await self.db[EMAIL_CHANGES].find_one(
+            {"account_id": account_id, "status": {"$in": [ChangeStatus.PENDING, ChangeStatus.APPROVED]}}
+        )
+        return _to_change(doc) if doc else None
+
+    async def email_change(self, change_id: str) -> EmailChange | None:
+        doc = await self.db[EMAIL_CHANGES].find_one({"_id": change_id})
+        return _to_change(doc) if doc else None
+
+    async def add_email_change(self, change: EmailChange, s: AsyncClientSession) -> None:
+        await self.db[EMAIL_CHANGES].insert_one(_change_doc(change), session=s)
+
+    async def approve_email_change(self, change: EmailChange, effective_at: datetime, s: AsyncClientSession) -> None:
+        """Record the approval, only on a change still pending (else StaleChange)."""
+        result = await self.db[EMAIL_CHANGES].update_one(
+            {"_id": change.change_id, "status": ChangeStatus.PENDING},
+            {
+                "$set": {
+                    "status": ChangeStatus.APPROVED,
+                    "approved_by": change.approved_by,
+                    "approved_at": change.approved_at,
+                    "effective_at": effective_at,
+                }
+            },
+            session=s,
+        )
+        if result.matched_count != 1:
+            raise StaleChange(change.change_id)
+
+    async def next_change_due_at(self) -> datetime | None:
+        """When the next approved change falls due (one indexed read), or None."""
+        doc = await self.db[EMAIL_CHANGES].find_one(
+            {"status": ChangeStatus.APPROVED}, {"effective_at": 1}, sort=[("effective_at", 1)]
+        )
+        return doc["effective_at"] if doc else None
+
+    async def due_changes(self, now: datetime, limit: int = 100) -> list[EmailChange]:
+        docs = self.db[EMAIL_CHANGES].find(
+            {"status": ChangeStatus.APPROVED, "effective_at": {"$lte": now}}, sort=[("effective_at", 1)], limit=limit
+        )
+        return [_to_change(d) async for d in docs]
+
+    async def mark_change_applied(self, change_id: str, now: datetime, s: AsyncClientSession) -> None:
+        """Applied once: a second instance applying the same change fails here (StaleChange)."""
+        result = await self.db[EMAIL_CHANGES].update_one(
+            {"_id": change_id, "status": ChangeStatus.APPROVED},
+            {"$set": {"status": ChangeStatus.APPLIED, "applied_at": now}},
+            session=s,
+        )
+        if result.matched_count != 1:
+            raise StaleChange(change_id)
 
     # ---- requests ------------------------------------------------------------------------------
 

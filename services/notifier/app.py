@@ -7,10 +7,18 @@ from services.notifier.settings import NotifierSettings
 from services.notifier.store import NotificationStore
 from shared.consumer import Route
 from shared.runtime import Service
-from shared.schemas import ContactChanged, EmailChanged, IdentityLocked, PasswordUpdated, TokensIssued
+from shared.schemas import (
+    ContactChanged,
+    EmailChanged,
+    EmailChangeRequested,
+    IdentityLocked,
+    PasswordUpdated,
+    TokensIssued,
+)
 from shared.settings import load
 from shared.topics import (
     IDENTITY_CONTACT_CHANGED,
+    IDENTITY_EMAIL_CHANGE_REQUESTED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
     PASSWORD_UPDATED,
@@ -31,6 +39,10 @@ def build(settings: NotifierSettings | None = None) -> Service:
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(IDENTITY_LOCKED, {EventType.IDENTITY_LOCKED: Route(IdentityLocked, h.identity_locked)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
+    service.consume(
+        IDENTITY_EMAIL_CHANGE_REQUESTED,
+        {EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: Route(EmailChangeRequested, h.email_change_requested)},
+    )
     service.consume(
         IDENTITY_CONTACT_CHANGED, {EventType.IDENTITY_CONTACT_CHANGED: Route(ContactChanged, h.contact_changed)}
     )

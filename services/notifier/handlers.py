@@ -16,18 +16,21 @@ from pymongo.errors import PyMongoError
 
 from services.notifier import domain
 from services.notifier.domain import RetryPolicy, State
-from services.notifier.rendering import MailRenderer, build_message, mask_email
+from services.notifier.rendering import KINDS, MailRenderer, build_message, mask_email
 from services.notifier.settings import NotifierSettings
+from services.notifier.signing import DkimSigner, Envelope, envelope
 from services.notifier.store import ACCEPTED, NotificationStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext, open_sealed
 from shared.crypto import Purpose, SealError, SecretBox, recovery_secrets_context
 from shared.envelope import new_event
+from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
     ContactChanged,
     EmailChanged,
+    EmailChangeRequested,
     IdentityLocked,
     NotificationResult,
     PasswordUpdated,
@@ -199,6 +202,34 @@ class NotifierHandlers:
             ],
         )
 
+    async def email_change_requested(self, ctx: HandlerContext, evt: EmailChangeRequested) -> None:
+        """Both addresses are told as soon as a change is requested, before it can take effect."""
+        context = {
+            "requested_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
+            "not_before": evt.not_before.strftime("%Y-%m-%d %H:%M UTC"),
+        }
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "email_change_requested_old",
+                    evt.old_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={**context, "new_email_masked": mask_email(evt.new_recipient.email)},
+                ),
+                self._doc(
+                    ctx,
+                    "email_change_requested_new",
+                    evt.new_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context=context,
+                ),
+            ],
+        )
+
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
         await self._queue(
@@ -230,6 +261,12 @@ RECORD_PATIENCE_S = 300.0
 # for what another notifier instance scheduled (its retries, its claims) and then died.
 SAFETY_POLL_S = 30.0
 MIN_SLEEP_S = 0.05
+# Why a notification failed without SMTP having refused it (audit reasons, next to
+# `smtp_gave_up`): its mail could not be rendered (a template error, sealed secrets without a
+# field the mail needs), or sending it raised something unexpected for this one mail.
+RENDER_FAILED = "render_failed"
+SEND_ERROR = "send_error"
+SMTP_GAVE_UP = "smtp_gave_up"
 
 
 class LostClaim(Exception):
@@ -252,10 +289,19 @@ class MailSender:
         self, store: NotificationStore, settings: NotifierSettings, metrics: ServiceMetrics, on_outbox: Any
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.settings = settings
         self.on_outbox = on_outbox
         self.box = SecretBox(settings.notifier_keys)
         self.renderer = MailRenderer(settings.templates_dir or None)
+        # Read (and tried) at start: a key that cannot sign stops the service, not each mail.
+        self.signer = (
+            DkimSigner.from_file(settings.dkim_private_key, settings.dkim_selector, settings.signing_domain())
+            if settings.dkim_private_key
+            else None
+        )
+        if self.signer is None:
+            log.warning("DKIM_PRIVATE_KEY not set: mail leaves unsigned (development only)")
         self.retry = RetryPolicy(
             settings.smtp_max_attempts, settings.smtp_backoff_initial_s, settings.smtp_backoff_max_s
         )
@@ -301,8 +347,33 @@ class MailSender:
                     await self._deliver(doc)
             except LostClaim:
                 log.warning("mail %s: claim taken over by another sender", doc["_id"])
+            except Exception as exc:
+                if is_outage(exc):
+                    raise  # the store is away: the loop backs off; the claim runs out meanwhile
+                # This one mail, not the store: fail it (announced), never retry it, go on.
+                await self._give_up(doc, SEND_ERROR, f"unexpected {exc.__class__.__name__}", exc)
             count += 1
         return count
+
+    async def _give_up(self, doc: dict[str, Any], reason: str, error: str, exc: BaseException) -> None:
+        """Fail one notification for good, as a refused mail is failed: `notifier.failed` and
+        `mail_failed` (with `reason`) through the outbox, counted, logged without its values.
+        A document too broken even for that is marked failed in place."""
+        kind = str(doc["kind"]) if doc.get("kind") in KINDS else "unknown"
+        self.failed.labels(kind).inc()
+        self.metrics.items_parked.labels("mail-sender", reason).inc()
+        log.error("mail %s: %s (%s); failed, not retried", doc.get("_id"), reason, describe(exc))
+        try:
+            await self._settle(doc, State.FAILED, error, datetime.now(UTC), reason=reason)
+        except LostClaim:
+            log.warning("mail %s: claim taken over by another sender", doc.get("_id"))
+        except Exception as settle_exc:
+            if is_outage(settle_exc):
+                raise
+            log.error(
+                "mail %s: announcing the failure failed (%s); failing it in place", doc.get("_id"), describe(settle_exc)
+            )
+            await self.store.fail_in_place(doc.get("_id"), doc.get("claim"), error, datetime.now(UTC))
 
     def _render_context(self, doc: dict[str, Any]) -> dict[str, Any]:
         context = {"name": doc["name"], **doc["context"]}
@@ -315,8 +386,9 @@ class MailSender:
             context["code"] = secrets["code"]
         return context
 
-    async def _smtp_send(self, message: Any) -> aiosmtplib.SMTP:
-        """Connect and send; returns the open connection once the server accepted the message."""
+    async def _smtp_send(self, mail: Envelope) -> aiosmtplib.SMTP:
+        """Connect and send the signed bytes; returns the open connection once the server
+        accepted the message."""
         smtp = aiosmtplib.SMTP(
             hostname=self.settings.smtp_host,
             port=self.settings.smtp_port,
@@ -329,7 +401,9 @@ class MailSender:
         try:
             async with asyncio.timeout(self.smtp_deadline):
                 await smtp.connect()
-                await smtp.send_message(message)
+                await smtp.sendmail(
+                    mail.sender, mail.recipients, mail.data, mail_options=["SMTPUTF8"] if mail.utf8 else None
+                )
         except BaseException:
             smtp.close()
             raise
@@ -342,6 +416,7 @@ class MailSender:
         smtp: aiosmtplib.SMTP | None = None
         if doc.get("in_doubt"):
             log.warning("mail %s: its sender stopped during the SMTP conversation; sending it again", doc["_id"])
+        stage = RENDER_FAILED
         try:
             rendered = self.renderer.render(doc["kind"], doc["locale"], **self._render_context(doc))
             message = build_message(
@@ -352,7 +427,8 @@ class MailSender:
                 message_id=domain.message_id(doc["_id"]),
                 date=doc.get("created_at") or now,  # stable: a resend is the same message
             )
-            smtp = await self._smtp_send(message)
+            stage = SEND_ERROR
+            smtp = await self._smtp_send(envelope(message, self.signer))
         except aiosmtplib.SMTPRecipientsRefused as exc:
             code = min(r.code for r in exc.recipients)
             error = f"recipient refused ({code})"
@@ -362,6 +438,12 @@ class MailSender:
             error = exc.__class__.__name__
         except SealError:
             code, error = 554, "sealed secrets do not open"
+        except Exception as exc:
+            # Not the SMTP server's answer: this mail cannot be rendered (a template error, a
+            # value missing) or sent (a library error on it). The same every time: fail it now.
+            what = "render failed" if stage == RENDER_FAILED else "send failed"
+            await self._give_up(doc, stage, f"{what}: {exc.__class__.__name__}", exc)
+            return
         if error is None:
             assert smtp is not None
             try:
@@ -422,7 +504,9 @@ class MailSender:
         finally:
             smtp.close()
 
-    async def _settle(self, doc: dict[str, Any], state: str, error: str | None, now: datetime) -> None:
+    async def _settle(
+        self, doc: dict[str, Any], state: str, error: str | None, now: datetime, *, reason: str = SMTP_GAVE_UP
+    ) -> None:
         """Record the final state, drop the sealed secrets, and announce it (event + audit).
         Exactly once per notification: the transaction aborts unless this sender still holds
         the claim, so a retried commit or a second sender cannot announce it twice."""
@@ -456,7 +540,7 @@ class MailSender:
             outcome="success" if sent else "failed",
             account_id=doc["account_id"],
             request_id=doc["request_id"],
-            reasons=[] if sent else ["smtp_gave_up"],
+            reasons=[] if sent else [reason],
             details=details,
         )
         outgoing = [

@@ -40,6 +40,8 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     "account_locked": frozenset({"name", "unlock_minutes"}),
     "email_changed_old": frozenset({"name", "new_email_masked", "changed_at"}),
     "email_changed_new": frozenset({"name"}),
+    "email_change_requested_old": frozenset({"name", "new_email_masked", "requested_at", "not_before"}),
+    "email_change_requested_new": frozenset({"name", "requested_at", "not_before"}),
     # A recovery sent to the backup address, told to the registered one.
     "recovery_elsewhere": frozenset({"name", "sent_to_masked", "sent_at"}),
     # Contact data changed (after a login): told to every address on file before the change.

@@ -134,6 +134,21 @@ class NotificationStore(ServiceStore):
         )
         return result.matched_count == 1
 
+    async def fail_in_place(self, nid: Any, claim: Any, error: str, now: datetime) -> None:
+        """The last resort for a notification too broken to announce (its failure event cannot
+        even be built): out of the sender's way, without an event. One the SMTP server already
+        accepted is recorded as sent, never as failed. Fenced by the claim, like every write."""
+        coll = self.db[NOTIFICATIONS]
+        drop = {"sealed": "", "lease_until": "", "claim": ""}
+        await coll.update_one(
+            {"_id": nid, "state": ACCEPTED, "claim": claim},
+            {"$set": {"state": State.SENT, "finished_at": now, "last_error": error}, "$unset": drop},
+        )
+        await coll.update_one(
+            {"_id": nid, "state": State.SENDING, "claim": claim},
+            {"$set": {"state": State.FAILED, "finished_at": now, "last_error": error}, "$unset": drop},
+        )
+
     async def finish(self, nid: str, claim: str, update: dict[str, Any], s: AsyncClientSession) -> bool:
         """Apply `update` if this sender still holds the claim; False when it lost it."""
         result = await self.db[NOTIFICATIONS].update_one(

@@ -308,12 +308,21 @@ class PasswordHandlers:
 
             await ctx.commit(record_name)
             return
+        breaks = domain.assess(self.policy, key, reused=False)
+        if breaks and not evt.legacy_key:
+            # An initial key must meet the policy like any other; only the import's explicit
+            # migration option takes one that does not (and marks it to be changed).
+            ctx.audit("initial_key_refused", "rejected", account_id=evt.account_id, reasons=breaks)
+            return
         history = domain.KeyHistory().rotate(await self.hasher.hash(domain.hashable(key)), self.depth)
-        ctx.audit("initial_key_set", "success", account_id=evt.account_id)
+        details = {"must_change": True, "meets_policy": not breaks} if evt.legacy_key else {}
+        ctx.audit("initial_key_set", "success", account_id=evt.account_id, details=details)
         self._key_changed(ctx, evt.national_id, now, "initial", None)
 
         async def save(s: AsyncClientSession) -> None:
-            await self.store.save(evt.account_id, history, now, s, national_id=evt.national_id)
+            await self.store.save(
+                evt.account_id, history, now, s, national_id=evt.national_id, must_change=evt.legacy_key
+            )
 
         await ctx.commit(save)
 
@@ -371,7 +380,7 @@ class PasswordHandlers:
             return self.portal_input.secret(plain, sealed, topic=topic, field="key", ref=ref)
         except InputRefused as refused:
             refuse(refused.portal_reason)
-            refused.replies = list(ctx.outgoing)
+            refused.also = list(ctx.outgoing)
             raise
 
     # ---- account.contact_updates: a logged-in citizen's new contact data ----------------------

@@ -120,8 +120,16 @@ class CredentialStore(ServiceStore):
         s: AsyncClientSession,
         token_id: str | None = None,
         national_id: str | None = None,
+        *,
+        must_change: bool = False,
     ) -> None:
-        fields: dict[str, Any] = {"hash": history.current, "previous": history.previous, "changed_at": now}
+        # must_change: a legacy key taken by the import's migration option; any key change clears it.
+        fields: dict[str, Any] = {
+            "hash": history.current,
+            "previous": history.previous,
+            "changed_at": now,
+            "must_change": must_change,
+        }
         if national_id is not None:
             fields["national_id"] = national_id
         await self.db[CREDENTIALS].update_one({"_id": account_id}, {"$set": fields}, upsert=True, session=s)

@@ -8,8 +8,10 @@ again on fresh state, so two racing resets never both reserve one token."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
@@ -20,6 +22,7 @@ from services.tokens.store import StaleToken, TokenStore, to_view
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SecretBox, new_key_context, recovery_secrets_context
+from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
@@ -46,6 +49,7 @@ from shared.topics import (
     EventType,
 )
 
+log = logging.getLogger(__name__)
 # A decision is retried on fresh state this many times when the token moved under it; more
 # than that is not a race but a loop, and the failure goes to the consumer's redelivery.
 DECIDE_ATTEMPTS = 5
@@ -76,6 +80,7 @@ class TokenHandlers:
         self.redeemed = metrics.counter("clave_tokens_redeemed_total", "Tokens reserved for a key change")
         self.rejected = metrics.counter("clave_tokens_rejected_total", "Reset submissions refused", ["reason"])
         self.settled = metrics.counter("clave_tokens_settled_total", "Reservations settled", ["result"])
+        self.metrics = metrics
 
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
@@ -202,7 +207,7 @@ class TokenHandlers:
                     request_id=reset.request_id, stage="reset", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.replies = list(ctx.outgoing)
+            refused.also = list(ctx.outgoing)
             raise
 
     async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted, new_password: str) -> None:
@@ -440,34 +445,57 @@ class TokenHandlers:
     # ---- periodic: a reservation nobody answered is released -----------------------------------
 
     async def release_overdue(self) -> None:
+        """Release each overdue reservation on its own: one that cannot be released (a document
+        that does not decode, an unexpected error on it) is parked with its reason and the
+        others are still released; a store outage stops the sweep until the next run."""
         now = datetime.now(UTC)
         for doc in await self.store.overdue_reservations(now):
-            if domain.settle_timeout(doc["state"]) is None:
-                continue
-            record = AuditRecord(
-                service="tokens",
-                action="reservation_expired",
-                outcome="info",
-                account_id=doc["account_id"],
-                request_id=doc["request_id"],
-                details={"token_id": doc["_id"]},
-            )
-
-            async def release(s: AsyncClientSession, token_id: str = doc["_id"]) -> None:
-                await self.store.release(token_id, s)
-
             try:
-                await self.store.commit(
-                    consumer=None,
-                    event_id=None,
-                    writes=release,
-                    outgoing=[
-                        audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
-                    ],
-                )
-            except StaleToken:  # settled, or revoked, meanwhile: nothing to release
-                continue
-            self.settled.labels("timed_out").inc()
+                await self._release_overdue(doc)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                await self._park_reservation(doc, exc, now)
+
+    async def _release_overdue(self, doc: dict[str, Any]) -> None:
+        if domain.settle_timeout(doc["state"]) is None:
+            return
+        record = AuditRecord(
+            service="tokens",
+            action="reservation_expired",
+            outcome="info",
+            account_id=doc["account_id"],
+            request_id=doc["request_id"],
+            details={"token_id": doc["_id"]},
+        )
+
+        async def release(s: AsyncClientSession, token_id: str = doc["_id"]) -> None:
+            await self.store.release(token_id, s)
+
+        try:
+            await self.store.commit(
+                consumer=None,
+                event_id=None,
+                writes=release,
+                outgoing=[
+                    audit_event(record, correlationid=doc["request_id"], causationid=None, source="/clave/tokens")
+                ],
+            )
+        except StaleToken:  # settled, or revoked, meanwhile: nothing to release
+            return
+        self.settled.labels("timed_out").inc()
+
+    async def _park_reservation(self, doc: dict[str, Any], exc: Exception, now: datetime) -> None:
+        """Set the reservation aside (it stays reserved: fail closed), counted and logged by id
+        and error class only, so it no longer stands in front of the others every sweep."""
+        self.metrics.items_parked.labels("release-overdue-reservations", "release_failed").inc()
+        log.error("reservation %s: cannot be released (%s); parked", doc.get("_id"), describe(exc))
+        try:
+            await self.store.park_reservation(doc.get("_id"), f"release failed: {exc.__class__.__name__}", now)
+        except Exception as park_exc:
+            if is_outage(park_exc):
+                raise
+            log.error("reservation %s: parking failed too (%s)", doc.get("_id"), describe(park_exc))
 
 
 __all__ = ["Reason", "State", "TokenHandlers"]

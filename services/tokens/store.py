@@ -87,8 +87,16 @@ class TokenStore(ServiceStore):
         return await self.db[TOKENS].count_documents({"account_id": account_id, "state": {"$in": list(REVOKE.sources)}})
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
-        cursor = self.db[TOKENS].find({"state": State.RESERVED, "reserved_until": {"$lt": now}}).limit(100)
+        query = {"state": State.RESERVED, "reserved_until": {"$lt": now}, "sweep_parked": {"$exists": False}}
+        cursor = self.db[TOKENS].find(query).limit(100)
         return await cursor.to_list()
+
+    async def park_reservation(self, token_id: Any, reason: str, now: datetime) -> None:
+        """The sweeper could not release this reservation: it no longer looks at it (the token
+        stays reserved, unusable; an operator sees `sweep_parked` and its reason)."""
+        await self.db[TOKENS].update_one(
+            {"_id": token_id, "state": State.RESERVED}, {"$set": {"sweep_parked": reason, "sweep_parked_at": now}}
+        )
 
     async def code_failures(self, key: str, since: datetime) -> int:
         """Wrong codes for this account (or ID) since `since`."""

@@ -191,7 +191,7 @@ class World:
         """Import citizens with the operator's CLI; wait until their initial keys are stored.
         Returns their internal account ids."""
         path = write_jsonl(list(citizens), Path(tempfile.mkdtemp()) / "accounts.jsonl")
-        await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-tests")
+        await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-1")
         refs = {keyed_hash(self.settings.pseudonym_key, c.national_id) for c in citizens}
         imported = await self.audit_log.wait(
             lambda _t, _h, d: d["data"].get("action") == "account_imported" and d["data"].get("subject_ref") in refs,

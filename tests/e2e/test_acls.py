@@ -128,7 +128,7 @@ async def test_broker_holds_exactly_the_table(stack: WorkbenchSettings) -> None:
 MAY_READ = [
     *((service, topic) for service, spec in SERVICES.items() for topic in spec.consumes),
     (PORTAL, t.RECOVERY_OUTCOMES),
-    (OPERATOR, t.AUDIT_EVENTS),
+    (OPERATOR, t.IDENTITY_COMMAND_RESULTS),  # its commands' results, not the audit log
     (AUDITOR, t.AUDIT_EVENTS),
 ]
 
@@ -174,6 +174,11 @@ REFUSED_WRITES = [
     (AUDITOR, t.AUDIT_EVENTS),  # auditors check the log, never write it
     (OPERATOR, t.RECOVERY_REQUESTS),
     (OPERATOR, t.AUDIT_EVENTS),
+    # The operator key registry: admin alone (no operator registers itself, no service either).
+    (OPERATOR, t.IDENTITY_OPERATOR_KEYS),
+    (PORTAL, t.IDENTITY_OPERATOR_KEYS),
+    ("identity", t.IDENTITY_OPERATOR_KEYS),
+    (OPERATOR, t.IDENTITY_COMMAND_RESULTS),  # results come from identity only
 ]
 
 
@@ -193,6 +198,7 @@ REFUSED_READS = [
     ("tokens", t.TOKENS_ISSUED),  # its own output: written, not read
     ("identity", t.RECOVERY_REQUESTS + t.DLQ_SUFFIX),  # DLQs: admin only
     (OPERATOR, t.RECOVERY_OUTCOMES),
+    (OPERATOR, t.AUDIT_EVENTS),  # results on identity.command_results are all it needs
     (AUDITOR, t.RECOVERY_REQUESTS),
 ]
 
@@ -211,7 +217,7 @@ async def test_broker_refuses_read(stack: WorkbenchSettings, principal: str, top
         (PORTAL, t.RECOVERY_OUTCOMES, group_id("tokens")),
         (PORTAL, t.RECOVERY_OUTCOMES, "auditor-x"),
         (AUDITOR, t.AUDIT_EVENTS, group_id("audit")),
-        (OPERATOR, t.AUDIT_EVENTS, "operator"),  # the operator reads by assignment only
+        (OPERATOR, t.IDENTITY_COMMAND_RESULTS, "operator"),  # the operator reads by assignment only
     ],
 )
 async def test_broker_refuses_foreign_group(stack: WorkbenchSettings, principal: str, topic: str, group: str) -> None:

@@ -12,6 +12,7 @@ through the real consumer pipeline: the local stack runs `any` (development)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from clave_portal import HpkeSealer, PortalClient, PortalSettings
 from services.notifier.rendering import mask_email
 from shared.acl import PORTAL
 from shared.topics import CONTACT_UPDATES, LOGIN_CHECKS, RECOVERY_REQUESTS, RECOVERY_RESETS
-from tests.e2e.conftest import World, citizen_ip
+from tests.e2e.conftest import World, citizen_ip, clave_cli
 from tools.portal import TopicWatcher, body_text, extract_link
 from tools.testdata import Citizen, new_citizen, new_key
 from tools.workbench import WorkbenchSettings, principal_properties
@@ -197,3 +198,34 @@ async def test_a_contact_update_with_a_wrong_key_is_rejected_and_changes_nothing
     await world.mail_barrier()
     for address in (c.email, c.backup_email):
         assert not [m for m in world.mailbox.to(address) if "datos de contacto" in body_text(m)]
+
+
+# ---- the operator's contact update (a signed command, through the `clave` command) -------------
+
+
+async def test_an_operator_changes_backup_and_phone_and_every_old_address_is_told(
+    world: World, client: PortalClient
+) -> None:
+    c = contact_citizen()
+    await world.register(c)
+    rid = await request(client, c, c.email)
+    _, token = await world.recovery_mail(rid)
+    new_backup = f"otro.{c.national_id}@example.net"
+    out = await asyncio.to_thread(
+        clave_cli, "accounts", "update-contact", c.national_id, "--backup-email", new_backup, "--phone", "",
+        "-o", "op-1", "-r", "form 12, cédula checked",
+    )  # fmt: skip
+    assert "succeeded" in out.stdout, out.stdout
+    for old in (c.email, c.backup_email):
+        notice = await mail_to(world, old, "o***@example.net")
+        assert "eliminado" in body_text(notice)
+    outcome = await client.submit_reset(rid, token=token, new_password=new_key())
+    assert outcome.reasons == ("token_invalid",), outcome  # the link sent before is dead
+    # The registered e-mail is not this command's (two operators: update-email).
+    refused = await asyncio.to_thread(
+        clave_cli, "accounts", "update-contact", c.national_id, "-o", "op-1", "-r", "typo", check=False
+    )
+    assert refused.returncode == 2 and "nothing to change" in refused.stderr + refused.stdout
+    # A recovery typed with the new backup goes there.
+    rid2 = await request(client, c, new_backup)
+    await mail_to(world, new_backup, rid2)

@@ -115,14 +115,14 @@ async def test_poison_on_operator_commands_then_the_command_is_served(world: Wor
         "send-recovery",
         c.national_id,
         "--operator",
-        "op-poison",
+        "op-2",
         "--reason",
         "poison test",
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     done = await world.audit_log.wait(
-        lambda _t, _h, d: d["data"].get("action") == "operator_send_recovery" and d["data"].get("actor") == "op-poison"
+        lambda _t, _h, d: d["data"].get("action") == "operator_send_recovery" and d["data"].get("actor") == "op-2"
     )
     await world.recovery_mail(done[-1]["data"]["request_id"])
     await assert_parked(world, IDENTITY_COMMANDS, sent)

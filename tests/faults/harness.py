@@ -317,8 +317,16 @@ async def stack(*args: str, timeout: float = 240.0) -> str:
 def format_table(report: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     rows.append(("N recoveries", str(report["n"])))
+    rows.append(("plan, instances", f"{report.get('plan', 'faults')}, {report.get('instances', 1)} per service"))
     rows.append(("concurrency", str(report["concurrency"])))
     rows.append(("load duration", f"{report['load_seconds']:.1f} s"))
+    rows.append(
+        (
+            "throughput",
+            f"{report.get('throughput_per_s', 0)} completed recoveries/s of load "
+            f"(machine load average {report.get('loadavg_1m', '?')} at its end, {os.cpu_count()} cores)",
+        )
+    )
     rows.append(("completed / failed", f"{report['recoveries']['completed']} / {report['recoveries']['failed']}"))
     for f in report["faults"]:
         detail = ", ".join(f"{k}={v}" for k, v in f["counts"].items())

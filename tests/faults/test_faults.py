@@ -22,6 +22,14 @@ load) and the mail catcher's folder:
   (an exact redelivery is allowed and counted; the same id with other bytes is not);
 - `clave audit verify` passes; every dead letter is a `duplicate_event` (counted).
 The summary table is printed at the end and written to $VAR_DIR/faults-report.json.
+
+FAULT_PLAN chooses the faults, the checks stay the same:
+- `faults` (the default, `make test-faults`): the sequence above;
+- `scale` (`make test-scale`, with INSTANCES=2 or more): one instance of every service (the
+  last, e.g. `tokens-2`) SIGKILLed mid-load and not restarted, so its partitions move to the
+  instances left (a consumer-group rebalance) and the load ends on them;
+- `none`: no fault, for throughput (`make scale-throughput`: INSTANCES=1, then 2).
+The report gives the throughput: completed recoveries per second of load.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ CONCURRENCY = int(os.environ.get("FAULT_CONCURRENCY", "20"))
 LOAD_TIMEOUT_S = float(os.environ.get("FAULT_LOAD_TIMEOUT_S", "420"))
 # The whole test stays within this, whatever happens (the target: `make test-faults` < 10 min).
 BUDGET_S = float(os.environ.get("FAULT_BUDGET_S", "500"))
+IMPORT_TIMEOUT_S = float(os.environ.get("FAULT_IMPORT_TIMEOUT_S", "180"))
 HOLD_S = 10.0  # how long the store stays down and the SMTP server answers 4xx
 # A mail whose sender died between the SMTP server's acceptance and its record is sent
 # again (same Message-ID, same link), flagged `in_doubt_resend` in its audit event: the
@@ -81,6 +90,9 @@ LOG_MARKERS = {
     "*": {"commits_landed_reply_lost": "had landed before its reply was lost"},
 }
 SERVICES = RECOVERY_SERVICES
+PLAN = os.environ.get("FAULT_PLAN", "faults")
+PLANS = ("faults", "scale", "none")
+INSTANCES = int(os.environ.get("INSTANCES", "1"))  # as the stack was started (deploy/local/stack.py)
 TRAIL = ("recovery_requested", "token_issued", "token_reserved", "key_changed", "token_spent")
 MAIL_KINDS = ("recovery_link", "password_changed")
 DLQ_TOPICS = [dlq(t) for t in CONSUMED]
@@ -144,6 +156,12 @@ class Faults:
         self.mail_dir = Path(workbench_settings().mail_dir)
 
     def plan(self) -> list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]]:
+        if PLAN == "none":
+            return []
+        if PLAN == "scale":
+            # The audit read model too: every service of the stack loses an instance.
+            last = [f"{s}-{INSTANCES}" for s in (*SERVICES, "audit")]
+            return [(f"SIGKILL {name}", lambda name=name: self.kill_instance(name)) for name in last]  # type: ignore[misc]
         plan: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
             (f"SIGKILL {s} + restart", lambda s=s: self.kill_restart(s))
             for s in SERVICES  # type: ignore[misc]
@@ -176,6 +194,15 @@ class Faults:
         t = time.monotonic()
         started = await stack("start-service", service)
         return {"action": f"{killed} / {started}", "down_s": round(time.monotonic() - t, 1), **extra}
+
+    async def kill_instance(self, name: str) -> dict[str, Any]:
+        """SIGKILL one instance, no restart: the others of its service take its partitions over."""
+        extra: dict[str, Any] = {}
+        if name.startswith("notifier"):
+            extra["killed_as_mail_arrived"] = await self._while_mail_flows()
+        t = time.monotonic()
+        killed = await stack("kill-service", name)
+        return {"action": killed.replace("\n", " / "), "down_s": round(time.monotonic() - t, 1), **extra}
 
     async def kafka_restart(self) -> dict[str, Any]:
         t = time.monotonic()
@@ -219,9 +246,18 @@ class Faults:
 
 async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario, read top to bottom
     suite_t0 = time.monotonic()
+    assert PLAN in PLANS, f"FAULT_PLAN={PLAN}: expected one of {PLANS}"
+    if PLAN == "scale" and INSTANCES < 2:
+        pytest.fail("FAULT_PLAN=scale kills one instance of each service: run it with INSTANCES=2 (make test-scale)")
     settings = workbench_settings()
     await wait_ready(settings)
-    report: dict[str, Any] = {"n": N, "concurrency": CONCURRENCY, "started_at": utc_now()}
+    report: dict[str, Any] = {
+        "n": N,
+        "concurrency": CONCURRENCY,
+        "plan": PLAN,
+        "instances": INSTANCES,
+        "started_at": utc_now(),
+    }
     logs_before = log_counts()
 
     # Where every topic we read ends now: everything after is this run's.
@@ -269,14 +305,17 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
             new_citizen(profile="employer" if i % 5 == 4 else "affiliate", locale="en" if i % 3 == 2 else "es")
             for i in range(N)
         ]
-        path = write_jsonl(citizens, Path(tempfile.mkdtemp(prefix="faults-")) / "accounts.jsonl")
+        # One more, outside the count: its recovery, requested once the load has settled, is the
+        # later mail that the "nothing more arrived" counts wait for.
+        witness = new_citizen()
+        path = write_jsonl([*citizens, witness], Path(tempfile.mkdtemp(prefix="faults-")) / "accounts.jsonl")
         t = time.monotonic()
         result = await asyncio.to_thread(
-            run_cli, "accounts", "import", str(path), "--operator", "op-faults", timeout=300
+            run_cli, "accounts", "import", str(path), "--operator", "op-1", "--wait", "280", timeout=300
         )
         assert result.returncode == 0, f"import failed: {result.stdout}{result.stderr}"
         refs = {keyed_hash(settings.pseudonym_key, c.national_id) for c in citizens}
-        deadline = min(time.monotonic() + 180, suite_t0 + BUDGET_S / 3)
+        deadline = min(time.monotonic() + IMPORT_TIMEOUT_S, suite_t0 + BUDGET_S / 3)
         await audit_tail.wait(lambda: refs <= imported.keys(), deadline, "account_imported for every citizen")
         account_ids = {imported[r] for r in refs}
         await audit_tail.wait(lambda: account_ids <= keys_set, deadline, "initial_key_set for every account")
@@ -380,6 +419,10 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         fault_log = await injector
         load_end = time.monotonic()
         report["load_seconds"] = load_end - load_t0
+        completed_n = sum(1 for r in runs if r.get("status") == "completed")
+        report["throughput_per_s"] = round(completed_n / (load_end - load_t0), 2)
+        # The machine's load over the last minute (2 shared cores: other stacks count too).
+        report["loadavg_1m"] = round(os.getloadavg()[0], 1)
 
         # ---- let the tail of the work land: key-changed mails, full audit trails -------------
         rids = {r["rid"]: i for i, r in enumerate(runs) if "rid" in r}
@@ -406,6 +449,18 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
             await audit_tail.wait(trails_complete, settle_deadline, "complete audit trails")
         except TimeoutError:
             pass  # counted below
+        # "No duplicate, no stray mail" is concluded only after a later mail has arrived: a
+        # recovery for someone else, requested now (the notifier sends in queue order, so a
+        # copy queued before it would be here too).
+        report["witness_mail"] = False
+        try:
+            witness_rid = await portal.request_recovery(
+                national_id=witness.national_id, email_address=witness.email, answers=dict(witness.answers)
+            )
+            await mails.recovery_mail(witness_rid, max(settle_deadline, time.monotonic() + 60))
+            report["witness_mail"] = True
+        except TimeoutError:
+            pass  # reported below
         await asyncio.to_thread(mails.scan)
     finally:
         await portal.stop()
@@ -611,6 +666,8 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         problems.append(f"a fault could not be injected: {[f for f in fault_log if 'error' in f]}")
     if failed:
         problems.append(f"{len(failed)} recoveries did not complete: {report['recoveries']['failures']}")
+    if not report["witness_mail"]:
+        problems.append("the witness's recovery e-mail (the later mail the counts wait for) did not arrive")
     m = report["mails"]
     if not (m["recovery"] == N and m["recovery_requests"] == N and m["tokens"] == N):
         problems.append(

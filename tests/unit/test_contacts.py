@@ -17,7 +17,7 @@ from services.identity.registry import AccountRecord, validate_record
 from services.identity.store import StaleContact
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
-from shared.schemas import ContactUpdateAuthorized, ContactUpdateRequested, OperatorCommand
+from shared.schemas import ContactUpdateAuthorized, ContactUpdateRequested
 from shared.topics import (
     CONTACT_RESULTS,
     IDENTITY_CONTACT_CHANGED,
@@ -233,29 +233,3 @@ def test_the_change_notice_says_what_changed_in_the_citizens_language() -> None:
     changes = [("email", "n***@example.org"), ("phone", "")]
     assert describe_changes(changes, "es") == "correo principal n***@example.org; teléfono eliminado"
     assert describe_changes(changes, "en") == "primary e-mail n***@example.org; phone removed"
-
-
-async def test_an_operator_contact_update_is_applied_audited_with_who_and_why(
-    handlers: IdentityHandlers, with_backup: MemoryStore
-) -> None:
-    cmd = OperatorCommand(
-        command_id="cmd-1",
-        operator_id="op-17",
-        reason="form 12, cédula checked",
-        national_id="1710034065",
-        new_backup_email="",
-        new_phone="+1 202 555 0143",
-    )
-    ctx = context(with_backup, cmd.model_dump(), EventType.OPERATOR_CONTACT_UPDATE)
-    await handlers.operator_contact_update(ctx, cmd)
-    out = {t: e["data"] for t, _, e in staged(with_backup)}
-    assert CONTACT_RESULTS not in out  # the portal asked nothing: no answer for it
-    changed = out[IDENTITY_CONTACT_CHANGED]
-    assert changed["actor"] == "op-17" and changed["change_id"] == "cmd-1"
-    assert [r["email"] for r in changed["old_recipients"]] == [PRIMARY, BACKUP]
-    audit = out["audit.events"]
-    assert audit["action"] == "operator_contact_update" and audit["actor"] == "op-17"
-    assert (
-        audit["details"]["reason"] == "form 12, cédula checked" and audit["details"]["fields"] == "backup_email,phone"
-    )
-    assert with_backup.account.contact == Contact(PRIMARY, None, "+12025550143")

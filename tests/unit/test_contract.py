@@ -31,7 +31,7 @@ from clave import asyncapi
 from shared import contract
 from shared import topics as t
 from shared.consumer import EventPipeline, Route
-from shared.contract import CLIENTS, SERVICES, TOPICS, carried_by
+from shared.contract import ADMIN_ONLY, CLIENTS, SERVICES, TOPICS, carried_by
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.metrics import ServiceMetrics
 from shared.runtime import Service
@@ -151,7 +151,10 @@ def test_portal_stand_in_and_cli_use_the_clients_topics() -> None:
     portal = CLIENTS["portal"]
     # The recovery stand-in plays part of the portal (the client library, clients/python, all of it).
     assert topics_named_in([ROOT / "tools" / "portal.py"]) <= {*portal.produces, *portal.consumes}
-    assert topics_named_in([ROOT / "clave" / "cli.py"]) == set(CLIENTS["operator"].produces)
+    # The operator's commands and their results; admin's registry of operator keys.
+    operator = CLIENTS["operator"]
+    named = topics_named_in([ROOT / "clave" / "cli.py", ROOT / "clave" / "operators.py"])
+    assert named == {*operator.produces, *operator.consumes, *ADMIN_ONLY}
 
 
 def test_operations_name_real_channels_and_messages(document: dict[str, Any]) -> None:

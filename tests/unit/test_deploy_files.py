@@ -421,6 +421,9 @@ def host_path(compose: dict[str, Any], service: dict[str, Any], path: str, secre
     raise AssertionError(f"{path}: neither a mounted secret nor under a bind mount")
 
 
+DKIM_KEY = "DKIM_PRIVATE_KEY"  # a file path, as the signing key
+
+
 def resolve_secret_files(
     compose: dict[str, Any], service: dict[str, Any], env: dict[str, str], secrets_dir: Path
 ) -> dict[str, str]:
@@ -433,7 +436,7 @@ def resolve_secret_files(
         if name.endswith(SECRET_FILE):
             assert value in mounts, f"{name}={value}: no such secret mounted"
             out[name.removesuffix(SECRET_FILE)] = host_path(compose, service, value, secrets_dir).read_text().strip()
-        elif name in (SIGNING_KEY, PUBLIC_KEYS, SEALING_KEY):
+        elif name in (SIGNING_KEY, PUBLIC_KEYS, DKIM_KEY, SEALING_KEY):
             out[name] = str(host_path(compose, service, value, secrets_dir))
         else:
             out[name] = value
@@ -483,6 +486,10 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         if SEALING_KEY in env:
             assert mounted_secrets(spec)[env[SEALING_KEY]] == "portal_sealing_key"
             assert compose["secrets"]["portal_sealing_key"]["file"] == "./secrets/portal/sealing.pem"
+        # The notifier alone signs mail (DKIM), with a key from a secret of its own.
+        assert (DKIM_KEY in env) == (name == "notifier"), name
+        if DKIM_KEY in env:
+            assert compose["secrets"][mounted_secrets(spec)[env[DKIM_KEY]]]["file"] == "./secrets/dkim/private.pem"
         # With the secrets make_secrets.py makes, production mode accepts every setting.
         resolved = resolve_secret_files(compose, spec, env, made_secrets)
         assert gate(cls, resolved, monkeypatch) == [], name
@@ -526,6 +533,30 @@ def test_compose_gate_would_catch_a_missing_secret(
     env.pop(PUBLIC_KEYS)
     problems = gate(AuditSettings, resolve_secret_files(compose, audit, env, made_secrets), monkeypatch)
     assert problems == [f"{PUBLIC_KEYS}: not set: no producer's signature can be checked"], problems
+
+
+def test_compose_auditor_job_verifies_with_public_keys_only(
+    compose: dict[str, Any], made_secrets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic `clave audit verify`: the auditor's principal and settings, the public keys
+    and a read-only store user, and no secret of any service (it can check, never sign)."""
+    spec = compose["services"]["auditor"]
+    env = compose_env(spec)
+    script = " ".join(spec["command"])
+    assert "clave audit verify" in script and "--no-heads" not in script and "sleep 3600" in script
+    for var in env:
+        assert var.removesuffix(SECRET_FILE) in field_env_names(AuditorSettings), f"auditor: {var} is not a setting"
+    assert env["KAFKA_SASL_USERNAME"] == "auditor" and "auditor" in provision.PRINCIPALS
+    assert env["KAFKA_SASL_PASSWORD__FILE"] == "/run/secrets/kafka_auditor_password"
+    assert env["MONGODB_URI__FILE"] == "/run/secrets/mongodb_auditor_uri"
+    assert (made_secrets / "mongodb" / "auditor.uri").read_text().startswith("mongodb://auditor:")
+    assert not {SIGNING_KEY, "DLQ_KEYS__FILE"} & set(env)
+    assert set(mounted_secrets(spec)) == {v for v in env.values() if v.startswith("/run/secrets/")}
+    assert not any("signing_key" in s or s == "dlq_keys" for s in mounted_secrets(spec).values())
+    assert bind_mounts(spec)[env[PUBLIC_KEYS]] == ("./secrets/audit/public", True)
+    assert spec["read_only"] is True and spec["cap_drop"] == ["ALL"] and spec["user"] == "10001:10001"
+    assert spec["healthcheck"]["test"] == ["CMD", "test", "-f", "/tmp/verified"]
+    assert gate(AuditorSettings, resolve_secret_files(compose, spec, env, made_secrets), monkeypatch) == []
 
 
 def test_compose_secrets_are_files_made_by_make_secrets(compose: dict[str, Any], made_secrets: Path) -> None:
@@ -673,7 +704,8 @@ def test_compose_mongodb_replica_set(compose: dict[str, Any]) -> None:
     command = init["command"]
     assert command[command.index("--members") + 1] == ",".join(f"{m}:27017" for m in members)
     assert [c for c in command if c.endswith("_uri")] == [
-        f"/run/secrets/mongodb_{s}_uri" for s in make_secrets.SERVICES
+        *(f"/run/secrets/mongodb_{s}_uri" for s in make_secrets.SERVICES),
+        "/run/secrets/mongodb_auditor_uri",  # read-only on the audit read model (init_replica_set.READERS)
     ]
     assert sorted(make_secrets.SERVICES) == SERVICES
     for name in SERVICES:
@@ -772,8 +804,11 @@ def test_chart_has_each_kind(manifests: list[dict[str, Any]]) -> None:
         "Job",
     }
     assert "Secret" not in kinds, "the chart references Secrets, it never holds one"
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"):
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
         assert sorted(of_kind(manifests, kind)) == [f"clave-{s}" for s in SERVICES], kind
+    # A NetworkPolicy per service and one for the auditor CronJob's pods.
+    assert sorted(of_kind(manifests, "NetworkPolicy")) == sorted([*(f"clave-{s}" for s in SERVICES), "clave-auditor"])
+    assert sorted(of_kind(manifests, "CronJob")) == ["clave-auditor"]
 
 
 def container_env(container: dict[str, Any], configmap: dict[str, str]) -> tuple[dict[str, str], set[str]]:
@@ -873,6 +908,13 @@ def test_chart_deployments_match_the_code(
             files[SEALING_KEY] = str(made_secrets / "portal" / "sealing.pem")
         # The Secret holds the PEM make_secrets.py (or `clave audit keygen`) made for it.
         files[SIGNING_KEY] = str(made_secrets / "audit" / f"{name}.pem")
+        # The notifier alone signs mail (DKIM): a file from its own Secret too.
+        assert (DKIM_KEY in values) == (name == "notifier"), name
+        if DKIM_KEY in values:
+            dkim_volume = mounted_from(pod, container, values[DKIM_KEY])["secret"]
+            assert dkim_volume["secretName"] == signing["secretName"] and dkim_volume["defaultMode"] & 0o007 == 0
+            assert dkim_volume["items"] == [{"key": DKIM_KEY, "path": Path(values[DKIM_KEY]).name}]
+            files[DKIM_KEY] = str(made_secrets / "dkim" / "private.pem")
         keys = make_secrets.service_keys(name)
         filled = {
             **values,
@@ -928,6 +970,34 @@ def test_chart_prometheus_rule_carries_the_alert_file(manifests: list[dict[str, 
     (rule,) = of_kind(manifests, "PrometheusRule").values()
     assert rule["spec"] == yaml_load(ALERTS.read_text())
     assert len(rule["spec"]["groups"]) >= 1
+
+
+def test_chart_auditor_cronjob_verifies_with_public_keys_only(keyed_manifests: list[dict[str, Any]]) -> None:
+    """The periodic `clave audit verify`: the auditor principal, AuditorSettings only, its
+    secrets from its own Secret, the public keys mounted, no signing key, no ingress."""
+    (cron,) = of_kind(keyed_manifests, "CronJob").values()
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["schedule"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0  # a failed verification is a failed Job, not retried into silence
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["clave", "audit", "verify"]
+    values, from_secret = container_env(container, {})
+    assert set(values) | from_secret <= field_env_names(AuditorSettings), (set(values) | from_secret) - field_env_names(
+        AuditorSettings
+    )
+    assert values["KAFKA_SASL_USERNAME"] == "auditor" and "auditor" in provision.PRINCIPALS
+    assert from_secret == {"KAFKA_SASL_PASSWORD", "MONGODB_URI"}
+    refs = {i["valueFrom"]["secretKeyRef"]["name"] for i in container["env"] if "valueFrom" in i}
+    assert refs == {"clave-auditor"}
+    assert SIGNING_KEY not in values and "DLQ_KEYS" not in from_secret
+    volume = mounted_from(pod, container, values[PUBLIC_KEYS])
+    assert volume["configMap"]["name"] == "clave-audit-public-keys"
+    assert not any("secret" in v and v["name"] != "kafka-ca" for v in pod["volumes"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    policy = of_kind(keyed_manifests, "NetworkPolicy")["clave-auditor"]
+    assert "ingress" not in policy["spec"] and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
 
 def test_chart_provisioning_job(manifests: list[dict[str, Any]]) -> None:

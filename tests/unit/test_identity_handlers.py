@@ -262,3 +262,45 @@ async def test_a_wrong_code_without_account_counts_for_the_subject(
     await handlers.code_rejected(context(store, evt.model_dump(), EventType.TOKENS_CODE_REJECTED), evt)
     assert len(store.principals["s:" + "f" * 64].failures) == 1
     assert topics(store) == ["audit.events"]
+
+
+async def test_unknown_id_wrong_answer_and_all_right_do_the_same_work(
+    handlers: IdentityHandlers, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No timing oracle in identity: the same store reads and writes, in the same order, the
+    same argon2 verifies, and as many events of about the same size, on the three paths the
+    portal cannot tell apart (issue 8: the enumeration test times them through the stack)."""
+    work: list[str] = []
+    for name in ("request_seen", "by_national_id", "by_id", "counters", "record_request", "record_counters"):
+        original = getattr(store, name)
+
+        def recorded(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            work.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, recorded)
+    verify = handlers.hasher.verify
+
+    async def counted_verify(stored: str, secret: str) -> bool:
+        work.append("argon2")
+        return await verify(stored, secret)
+
+    monkeypatch.setattr(handlers.hasher, "verify", counted_verify)
+    paths = {
+        "unknown": request(request_id="req-u", national_id="0926687856"),
+        "wrong": request(request_id="req-w", answers={**ANSWERS, "birth_date": "1900-01-01"}),
+        "right": request(request_id="req-r"),
+    }
+    seen: dict[str, tuple[list[str], list[int]]] = {}
+    for name, req in paths.items():
+        work.clear()
+        await handlers.recovery_requested(context(store, req.model_dump()), req)
+        seen[name] = (list(work), [len(event.to_bytes()) for event in (o.event for o in store.commits[-1])])
+    (unknown_work, unknown_sizes), (wrong_work, wrong_sizes), (right_work, right_sizes) = seen.values()
+    assert unknown_work == wrong_work == right_work
+    assert unknown_work.count("argon2") == len(SETTINGS.question_ids())
+    assert len(unknown_sizes) == len(wrong_sizes) == len(right_sizes) == 3
+    for sizes in (wrong_sizes, right_sizes):
+        # Each event within 80 bytes of its unknown-ID twin: the texts differ (an unknown ID is
+        # named by its 64-character keyed hash, an account by its id; the reasons).
+        assert all(abs(a - b) <= 80 for a, b in zip(sizes, unknown_sizes, strict=True)), seen

@@ -34,6 +34,8 @@ SERVICE_PORTS = {"identity": 9401, "tokens": 9402, "notifier": 9403, "password":
 # Labels an alert or a panel may group, match or print by: bounded, never personal.
 ALLOWED_LABELS = frozenset(
     {"topic", "type", "reason", "error", "kind", "result", "service", "job", "instance", "le"}
+    # loop, task: the names of a service's background loops and tasks, fixed in the code.
+    | {"loop", "task"}
 )
 # Metrics Prometheus itself adds to every target.
 PROMETHEUS_METRICS = frozenset({"up"})
@@ -370,6 +372,9 @@ QUIET_DAY = [
     s("clave_outbox_pending", IDENTITY, "0x40"),
     s("clave_outbox_published_total", IDENTITY, "0+20x40"),
     s("clave_relay_errors_total", IDENTITY, "0x40"),
+    s("clave_background_task_up", f'{NOTIFIER}, task="mail-sender"', "1x40"),
+    # An item parked before Prometheus started: not news.
+    s("clave_loop_items_parked_total", f'{NOTIFIER}, loop="mail-sender", reason="x"', "2x40"),
     # The read model's break counters exist from its start, at 0.
     s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="unknown_key"', "0x40"),
     s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="sequence"', "0x40"),
@@ -455,6 +460,18 @@ INCIDENTS: list[tuple[str, list[dict[str, str]], str, dict[str, str]]] = [
         [s("clave_relay_errors_total", PASSWORD, "0x5 0+12x25")],
         "20m",
         {"service": "password"},
+    ),
+    (
+        "ClaveBackgroundTaskDied",
+        [*ups(), s("clave_background_task_up", f'{NOTIFIER}, task="mail-sender"', "1x5 0x20")],
+        "10m",
+        {"service": "notifier", "task": "mail-sender"},
+    ),
+    (
+        "ClaveLoopItemsParked",  # the first one after a restart: a new series at 1
+        [*ups(), s("clave_loop_items_parked_total", f'{NOTIFIER}, loop="relay", reason="r"', "_x12 1x28")],
+        "14m",
+        {"service": "notifier", "loop": "relay", "reason": "r"},
     ),
     (
         "ClaveMailFailureRatioHigh",  # 1 in 11

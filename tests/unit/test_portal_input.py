@@ -239,5 +239,5 @@ async def test_a_sealed_reset_for_another_record_is_dead_lettered_as_undecryptab
     assert [o for o in committed if o.topic == "tokens.redeemed"]
 
 
-def test_bad_input_carries_no_replies_by_default() -> None:
-    assert BadInput(DeadLetterReason.SCHEMA_INVALID, "x").replies == []
+def test_bad_input_carries_no_answer_by_default() -> None:
+    assert BadInput(DeadLetterReason.SCHEMA_INVALID, "x").also == []

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -37,8 +39,14 @@ def hmac_key() -> str:
 
 # These name files (a private key readable by its service alone; public keys): the path is
 # printed to help, the key itself never.
-FILE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS", "PORTAL_SEALING_KEY")
+FILE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS", "DKIM_PRIVATE_KEY", "PORTAL_SEALING_KEY")
 KEY_DIR = Path(tempfile.mkdtemp(prefix="clave-audit-keys-"))
+DKIM_KEY = KEY_DIR / "dkim.pem"
+DKIM_KEY.write_bytes(
+    rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+)
 
 
 def signing_key_file(name: str, key: Ed25519PrivateKey | None = None) -> str:
@@ -71,6 +79,8 @@ SAFE = {
     "NOTIFIER_KEYS": fernet(),
     "PASSWORD_KEYS": f"{fernet()},{fernet()}",
     "PORTAL_SEALING_KEY": sealing_key_file(),
+    "DKIM_PRIVATE_KEY": str(DKIM_KEY),
+    "IMPORT_KEYS": fernet(),
 }
 
 
@@ -126,6 +136,9 @@ def test_development_defaults_are_refused_by_name(monkeypatch: pytest.MonkeyPatc
         (TokensSettings, "PASSWORD_KEYS", f"{Fernet.generate_key().decode()},c2hvcnQ=", "PASSWORD_KEYS: key 2 of 2"),
         (NotifierSettings, "SMTP_STARTTLS", "false", "SMTP_STARTTLS"),
         (NotifierSettings, "PORTAL_BASE_URL", "http://portal.example.org", "PORTAL_BASE_URL"),
+        (NotifierSettings, "DKIM_PRIVATE_KEY", "", "DKIM_PRIVATE_KEY: not set"),
+        (NotifierSettings, "DKIM_PRIVATE_KEY", "/nonexistent/dkim.pem", "DKIM_PRIVATE_KEY: cannot read"),
+        (NotifierSettings, "DKIM_PRIVATE_KEY", signing_key_file("not-rsa"), "DKIM_PRIVATE_KEY"),
         (IdentitySettings, "ARGON2_MEMORY_KIB", "8192", "ARGON2_MEMORY_KIB"),
         (PasswordSettings, "ARGON2_TIME_COST", "1", "ARGON2_MEMORY_KIB/ARGON2_TIME_COST"),
         (IdentitySettings, "PORTAL_INPUT", "any", "PORTAL_INPUT: any accepts"),
@@ -146,7 +159,7 @@ def test_each_unsafe_setting_is_named(
     env.setenv(variable, value)
     problems = cls().problems()
     assert any(p.startswith(named) for p in problems), problems
-    if "KEY" in variable and variable not in FILE_SETTINGS:
+    if "KEY" in variable and variable not in FILE_SETTINGS and value:
         assert all(value not in p for p in problems), "a key's value must never be printed"
 
 
@@ -198,9 +211,9 @@ def key_fields(cls: type[PlatformSettings]) -> set[str]:
 def test_each_process_loads_only_the_keys_it_uses() -> None:
     platform = {"dlq_keys", "audit_signing_key"}
     portal = {"portal_sealing_key"}  # the readers of sealed portal input: answers, new keys, login keys
-    assert key_fields(IdentitySettings) == platform | portal | {"pseudonym_key", "password_keys"}
+    assert key_fields(IdentitySettings) == platform | portal | {"pseudonym_key", "password_keys", "import_keys"}
     assert key_fields(TokensSettings) == platform | portal | {"notifier_keys", "password_keys", "code_hmac_key"}
-    assert key_fields(NotifierSettings) == platform | {"notifier_keys"}
+    assert key_fields(NotifierSettings) == platform | {"notifier_keys", "dkim_private_key"}
     assert key_fields(PasswordSettings) == platform | portal | {"password_keys", "pseudonym_key"}
     # Verifiers: public keys, and the old HMAC key only for a log that still has legacy events.
     assert key_fields(AuditSettings) == platform | {"audit_public_keys", "audit_hmac_key"}

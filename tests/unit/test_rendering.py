@@ -38,6 +38,10 @@ CONTEXT: dict[str, dict[str, Any]] = {
         "changes": "correo principal n***@example.org; teléfono eliminado",
         "changed_at": "25/11/2026 13:14 (ECT)",
     },
+    "email_change_requested_old": {"name": "María Pérez", "new_email_masked": "m***z@example.org",
+                                   "requested_at": "2026-11-25 13:14 UTC", "not_before": "2026-11-26 13:14 UTC"},
+    "email_change_requested_new": {"name": "María Pérez", "requested_at": "2026-11-25 13:14 UTC",
+                                   "not_before": "2026-11-26 13:14 UTC"},
 }
 
 RENDERER = MailRenderer()

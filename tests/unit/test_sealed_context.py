@@ -109,6 +109,8 @@ class Credentials(Outbox):
         s: Any,
         token_id: str | None = None,
         national_id: str | None = None,
+        *,
+        must_change: bool = False,
     ) -> None:
         self.saved[account_id] = history
         if national_id is not None:

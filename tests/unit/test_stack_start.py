@@ -1,37 +1,47 @@
-"""deploy/local/stack.sh: a component is seen running as soon as `launch` returns, however long
-the forked shell takes to exec it (the start race: `start-service identity` once reported
-"exited right after start" while identity was starting). The functions are sourced from
-stack.sh with a stand-in for the service's python, on a free port, in a scratch VAR_DIR."""
+"""deploy/local/stack.py: a component is seen running as soon as `launch` returns, however long
+the forked child takes to exec it (the start race: `start-service identity` once reported
+"exited right after start" while identity was starting); pid-file safety; the names, ports and
+environment of a service's instances (INSTANCES=N). Launches run a stand-in for the service's
+python, on a free port, in a scratch VAR_DIR; nothing here needs a stack."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
-STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.sh"
+STACK_PY = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
+# Numbers for the arithmetic only: a launch listens on a free port.
+SERVICE_PORTS = {
+    "IDENTITY_METRICS_PORT": 29401,
+    "TOKENS_METRICS_PORT": 29402,
+    "NOTIFIER_METRICS_PORT": 29403,
+    "PASSWORD_METRICS_PORT": 29404,
+    "AUDIT_METRICS_PORT": 29405,
+}
 
-# Runs on `bash -s` (so no signature in bash's own command line). The setsid function stands
-# for a loaded machine: the forked shell takes 0.5 s before it execs the command (or, with
-# EXEC_FAILS, dies before it could). audit_keys and portal_keys are stubbed: they would run the
-# stand-in python (sleeping 30 s) inside the launch being timed.
-HARNESS = """
-source "$STACK"
-audit_keys() { :; }
-portal_keys() { :; }
-setsid() { sleep 0.5; [[ -z ${EXEC_FAILS:-} ]] || exit 3; exec "$(type -P setsid)" "$@"; }
-t0=$(now_ms)
-launch identity
-echo "launched_ms=$(($(now_ms) - t0))"
-if pid=$(running_pid identity); then echo "running=$pid"; else echo "running=none"; fi
-"""
+
+def load_stack() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("clave_local_stack", STACK_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+STACK = load_stack()
 
 
 def free_port() -> int:
@@ -40,72 +50,153 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_harness(tmp_path: Path, python_body: str, **extra_env: str) -> dict[str, str]:
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A Stack over a scratch VAR_DIR whose python is a stand-in that sleeps 30 s; the stand-ins
+    still running at the end are stopped (only their pids, only if they are the stand-in)."""
+    saved = os.environ.copy()  # Stack() exports the stack's variables into os.environ
+    module = STACK
+    module.platform_settings.cache_clear()
     fake = tmp_path / "fake-python"
-    fake.write_text(f"#!{sys.executable}\n{python_body}\n")
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(30)\n")
     fake.chmod(0o755)
-    # A service is launched with its Kafka principal's password (read from this file by the
-    # wrapper that execs it, see command_of): a stand-in one.
+    # A service is launched with its Kafka principal's password, read from this file.
     secrets = tmp_path / "var" / "secrets" / "kafka"
     secrets.mkdir(parents=True)
-    (secrets / "identity.password").write_text("stand-in-password-for-the-test\n")
-    env = {
-        **os.environ,
-        "STACK": str(STACK),
-        "VAR_DIR": str(tmp_path / "var"),
-        "CLAVE_PYTHON": str(fake),
-        "IDENTITY_METRICS_PORT": str(free_port()),
-        **extra_env,
-    }
-    result = subprocess.run(
-        ["bash", "-s"], input=HARNESS, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-
-
-def stop(pid_file: Path, fake: Path) -> None:
-    """Stop the stand-in if it still runs: only that pid, and only if it is our stand-in."""
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        pid = int(pid_file.read_text())
-        deadline = time.monotonic() + 5  # a pid file written too early: the exec may still come
-        while time.monotonic() < deadline:
-            if str(fake) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                os.kill(pid, signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-
-def test_a_starting_component_is_running_as_soon_as_launch_returns(tmp_path: Path) -> None:
+    for service in module.service_names():
+        (secrets / f"{service}.password").write_text(f"stand-in-password-of-{service}\n")
+    for name, port in SERVICE_PORTS.items():
+        monkeypatch.setenv(name, str(port))
+    monkeypatch.setenv("VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("CLAVE_PYTHON", str(fake))
+    monkeypatch.setenv("KAFKA_CLIENT_PROPERTIES", "/a/test/admin.properties")
+    for name in ("INSTANCES", "METRICS_PORT_STEP", "METRICS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    stack = module.Stack()
+    # The audit keys would be made by running the stand-in python as `clave audit keygen`.
+    monkeypatch.setattr(stack, "local_keys", lambda: None)
     try:
-        out = run_harness(tmp_path, "import time\ntime.sleep(30)")
-        pid_file = tmp_path / "var" / "run" / "identity.pid"
-        assert out["running"] == pid_file.read_text().strip()
-        cmdline = Path(f"/proc/{out['running']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        assert "-m services.identity" in cmdline and str(tmp_path / "fake-python") in cmdline
+        yield stack
     finally:
-        stop(tmp_path / "var" / "run" / "identity.pid", tmp_path / "fake-python")
+        for pid_file in (tmp_path / "var" / "run").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if str(fake) in module.cmdline(pid):
+                    os.kill(pid, signal.SIGTERM)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
-def test_a_launch_that_dies_before_its_exec_is_not_waited_for(tmp_path: Path) -> None:
-    out = run_harness(tmp_path, "import time\ntime.sleep(30)", EXEC_FAILS="1")
-    assert out["running"] == "none"
-    assert int(out["launched_ms"]) < 5000  # the process's end ends the wait, not the 10 s deadline
+def slow_exec(module: ModuleType, monkeypatch: pytest.MonkeyPatch, *, fails: bool = False) -> None:
+    """A loaded machine: the forked child takes 0.5 s before it execs the command (or, with
+    `fails`, dies before it could)."""
+    real = subprocess.Popen
+
+    def child_setup() -> None:
+        time.sleep(0.5)
+        if fails:
+            os._exit(3)
+
+    def popen(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **kwargs, preexec_fn=child_setup)  # noqa: PLW1509 - the test's point
+
+    monkeypatch.setattr(module.subprocess, "Popen", popen)
 
 
-@pytest.mark.parametrize("component", ["identity", "kafka", "store", "mailcatcher"])
-def test_running_pid_refuses_a_pid_that_is_not_the_component(tmp_path: Path, component: str) -> None:
+def test_a_starting_component_is_running_as_soon_as_launch_returns(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = STACK
+    slow_exec(module, monkeypatch)
+    monkeypatch.setenv("IDENTITY_METRICS_PORT", str(free_port()))
+    module.platform_settings.cache_clear()
+    pid = stack.launch("identity")
+    assert stack.running_pid("identity") == pid == int((stack.run_dir / "identity.pid").read_text())
+    cmd = module.cmdline(pid)
+    assert "-m services.identity" in cmd and os.environ["CLAVE_PYTHON"] in cmd
+
+
+def test_a_launch_that_dies_before_its_exec_fails_at_once(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = STACK
+    slow_exec(module, monkeypatch, fails=True)
+    monkeypatch.setenv("IDENTITY_METRICS_PORT", str(free_port()))
+    module.platform_settings.cache_clear()
+    t0 = time.monotonic()
+    with contextlib.suppress(module.StackError, subprocess.SubprocessError):
+        stack.launch("identity")
+    assert stack.running_pid("identity") is None
+    assert time.monotonic() - t0 < 5  # the child's end ends the wait, nothing waits for an exec
+
+
+def test_a_command_that_cannot_run_is_a_clear_error(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = STACK
+    monkeypatch.setattr(stack, "py", stack.var_dir / "no-such-python")
+    monkeypatch.setenv("IDENTITY_METRICS_PORT", str(free_port()))
+    module.platform_settings.cache_clear()
+    with pytest.raises(module.StackError, match="identity: could not start"):
+        stack.launch("identity")
+    assert stack.running_pid("identity") is None
+
+
+@pytest.mark.parametrize("component", ["identity", "tokens-2", "kafka", "store", "mailcatcher"])
+def test_running_pid_refuses_a_pid_that_is_not_the_component(stack: Any, component: str) -> None:
     """Pid-file safety: a live pid whose command line is something else is never taken as ours."""
-    run_dir = tmp_path / "var" / "run"
-    run_dir.mkdir(parents=True)
-    (run_dir / f"{component}.pid").write_text(f"{os.getpid()}\n")  # this pytest process
-    script = f'source "$STACK"; running_pid {component} && echo ours || echo refused'
-    result = subprocess.run(
-        ["bash", "-c", script],
-        env={**os.environ, "STACK": str(STACK), "VAR_DIR": str(tmp_path / "var")},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    (stack.run_dir / f"{component}.pid").write_text(f"{os.getpid()}\n")  # this pytest process
+    assert stack.running_pid(component) is None
+
+
+def test_instances_have_their_own_names_and_ports(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stack, "instances", 2)
+    services = list(SERVICE_PORTS)
+    names = stack.service_instances()
+    assert len(names) == 2 * len(services) and len(set(names)) == len(names)
+    assert names[: len(services)] == [n.split("_")[0].lower() for n in services]
+    assert names[len(services) :] == [f"{n.split('_')[0].lower()}-2" for n in services]
+    ports = [stack.metrics_port(n) for n in names]
+    assert ports == [*SERVICE_PORTS.values(), *(p + 10 for p in SERVICE_PORTS.values())]
+    monkeypatch.setattr(stack, "port_step", 100)
+    assert stack.metrics_port("audit-2") == SERVICE_PORTS["AUDIT_METRICS_PORT"] + 100
+    assert stack.check_component("audit-2") == "audit-2"
+    for bad in ("audit-x", "nobody", "nobody-2", "prometheus"):
+        with pytest.raises(Exception, match="expected a component name"):
+            stack.check_component(bad)
+
+
+def test_an_instance_runs_as_its_service_on_its_own_port(stack: Any) -> None:
+    env = stack.service_env("tokens-2")
+    assert env["KAFKA_SASL_USERNAME"] == "tokens"
+    assert env["KAFKA_SASL_PASSWORD"] == "stand-in-password-of-tokens"
+    assert env["AUDIT_SIGNING_KEY"].endswith("/tokens.pem")
+    assert env["TOKENS_METRICS_PORT"] == str(SERVICE_PORTS["TOKENS_METRICS_PORT"] + 10)
+    assert "KAFKA_CLIENT_PROPERTIES" not in env  # the test's admin file must not override it
+    assert "AUDIT_SIGNING_KEY" not in os.environ  # only the service gets a private key
+
+
+def test_instances_started_by_an_earlier_up_are_found(stack: Any) -> None:
+    """`status`, `down` and `services-down` see the instances of a stack started with INSTANCES=3,
+    whatever INSTANCES says now."""
+    (stack.run_dir / "notifier-3.pid").write_text("1\n")
+    assert stack.running_instances() == 3
+    assert "identity-3" in stack.all_services() and "identity-2" in stack.all_services()
+    assert stack.in_stop_order(["kafka", "notifier-3", "store", "prometheus", "audit"]) == [
+        "prometheus",
+        "audit",
+        "notifier-3",
+        "store",
+        "kafka",
+    ]
+
+
+def test_the_wrapper_runs_stack_py() -> None:
+    out = subprocess.run(
+        ["bash", str(STACK_PY.with_name("stack.sh")), "help"], capture_output=True, text=True, timeout=60, check=False
     )
-    assert result.stdout.strip() == "refused", result.stdout + result.stderr
+    assert out.returncode == 0 and "INSTANCES" in out.stdout, out.stderr
+
+
+def test_prometheus_scrapes_every_instance(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stack, "instances", 2)
+    stack.prometheus_config()
+    text = stack.prom_config.read_text()
+    for name, port in SERVICE_PORTS.items():
+        assert f'targets: ["127.0.0.1:{port}", "127.0.0.1:{port + 10}"]' in text, name
+    assert f"- {STACK.PROM_DIR}/alerts.yml" in text
+    assert '"127.0.0.1:9401"' not in text  # no default target left: a stack on other ports scrapes its own

@@ -118,7 +118,14 @@ class MemoryStore:
         self.failures = [(k, at) for k, at in self.failures if k != key]
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
-        return [copy.deepcopy(t) for t in self.tokens.values() if t["state"] == State.RESERVED]
+        return [
+            copy.deepcopy(t) for t in self.tokens.values() if t["state"] == State.RESERVED and "sweep_parked" not in t
+        ]
+
+    async def park_reservation(self, token_id: Any, reason: str, now: datetime) -> None:
+        token = self.tokens.get(token_id)
+        if token is not None and token["state"] == State.RESERVED:
+            token.update(sweep_parked=reason, sweep_parked_at=now)
 
     async def commit(
         self,
@@ -252,6 +259,54 @@ async def test_a_reservation_revoked_before_the_timeout_commits_is_left_alone(
     await h.release_overdue()
     assert store.tokens[token_id]["state"] == State.REVOKED
     assert len(store.commits) == commits  # no "reservation_expired" audited either
+
+
+async def test_a_reservation_that_cannot_be_released_is_parked_and_the_next_is_released(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    store, h = setup
+    broken_id, _, _ = await issue(h, store, "req-1", "acc-1")
+    good_id, _, _ = await issue(h, store, "req-2", "acc-2")
+    for token_id in (broken_id, good_id):
+        store.tokens[token_id]["state"] = State.RESERVED
+    del store.tokens[broken_id]["account_id"]  # a document that no longer decodes (KeyError)
+    commits = len(store.commits)
+    await h.release_overdue()
+    assert store.tokens[good_id]["state"] == State.LIVE
+    assert store.commits[commits:] and [o.event.data["action"] for o in store.commits[-1]] == ["reservation_expired"]
+    broken = store.tokens[broken_id]
+    assert broken["state"] == State.RESERVED  # fail closed: still not usable
+    assert broken["sweep_parked"] == "release failed: KeyError"
+    parked = h.metrics.registry.get_sample_value(
+        "clave_loop_items_parked_total", {"loop": "release-overdue-reservations", "reason": "release_failed"}
+    )
+    assert parked == 1
+    # The next sweep no longer stumbles on it: nothing to do, nothing counted again.
+    await h.release_overdue()
+    assert len(store.commits) == commits + 1
+    assert parked == h.metrics.registry.get_sample_value(
+        "clave_loop_items_parked_total", {"loop": "release-overdue-reservations", "reason": "release_failed"}
+    )
+
+
+async def test_a_store_outage_stops_the_sweep_without_parking_anything(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    from pymongo.errors import AutoReconnect
+
+    store, h = setup
+    token_id, _, _ = await issue(h, store)
+    store.tokens[token_id]["state"] = State.RESERVED
+
+    def store_away(s: MemoryStore) -> None:
+        raise AutoReconnect("store away")
+
+    store.race = store_away
+    with pytest.raises(AutoReconnect):
+        await h.release_overdue()  # the periodic loop retries it after its back-off
+    assert "sweep_parked" not in store.tokens[token_id]
+    await h.release_overdue()  # the store is back
+    assert store.tokens[token_id]["state"] == State.LIVE
 
 
 # ------------------------------------------------------------------ decoys

@@ -6,7 +6,8 @@ replica set, then give each service its own user, allowed only its own database.
         /run/secrets/mongodb_identity_uri ...
 
 Each URI file is a service's MONGODB_URI (deploy/compose/make_secrets.py): its user name is
-the service's name and gets `readWrite` on `<MONGODB_DB_PREFIX><service>` and nothing else.
+the service's name and gets `readWrite` on `<MONGODB_DB_PREFIX><service>` and nothing else;
+the auditor job's user (`auditor`) gets `read` on the audit read model's database alone.
 Idempotent: an initiated set is left as it is, an existing user gets its password and roles
 set again. Waits up to --wait-s seconds for the members and for a primary.
 """
@@ -69,21 +70,27 @@ def initiate(members: list[str], replica_set: str, password: str, ca_file: str, 
             raise
     print(f"mongo-init: replica set {replica_set} initiated with {', '.join(members)}")
 
+# Users that only read another's database: the auditor job reads the chain heads the audit
+# service recorded (`clave audit verify`'s cut-off tail check).
+READERS = {"auditor": "audit"}
+
 
 def ensure_user(admin_db, uri: str, prefix: str) -> str:  # type: ignore[no-untyped-def]
     parsed = parse_uri(uri)
     user, password = parsed["username"], parsed["password"]
     if not user or not password:
         raise SystemExit("mongo-init: a service URI has no user name or password")
-    roles = [{"role": "readWrite", "db": f"{prefix}{user}"}]
+    # A service writes its own database; a reader (the auditor job) only reads the one it checks.
+    role, db = ("read", f"{prefix}{READERS[user]}") if user in READERS else ("readWrite", f"{prefix}{user}")
+    roles = [{"role": role, "db": db}]
     try:
         admin_db.command("createUser", user, pwd=password, roles=roles)
-        return f"created user {user} (readWrite on {prefix}{user})"
+        return f"created user {user} ({role} on {db})"
     except OperationFailure as exc:
         if exc.code != USER_EXISTS:
             raise
     admin_db.command("updateUser", user, pwd=password, roles=roles)
-    return f"updated user {user} (readWrite on {prefix}{user})"
+    return f"updated user {user} ({role} on {db})"
 
 
 def main() -> int:

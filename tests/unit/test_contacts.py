@@ -24,6 +24,7 @@ from shared.topics import (
     IDENTITY_VERIFIED,
     EventType,
 )
+from tests.memory import Thunk
 from tests.unit.test_identity_handlers import ANSWERS, SETTINGS, MemoryStore, context, request, staged
 
 PRIMARY = "maria.perez@example.org"
@@ -137,14 +138,19 @@ def test_the_contact_update_schema_needs_one_key_and_one_change() -> None:
 def with_backup(store: MemoryStore) -> MemoryStore:
     store.account.backup_email = BACKUP
 
-    async def set_contact(account_id: str, contact: Contact, seen: Contact, s: Any) -> None:
-        if store.account.contact != seen:
-            raise StaleContact(account_id)
-        store.account.email, store.account.backup_email, store.account.phone = (
-            contact.email,
-            contact.backup_email,
-            contact.phone,
-        )
+    def set_contact(account_id: str, contact: Contact, seen: Contact) -> Thunk:
+        """Staged as the real intent operation: applied (or found stale) at commit."""
+
+        async def apply() -> None:
+            if store.account.contact != seen:
+                raise StaleContact(account_id)
+            store.account.email, store.account.backup_email, store.account.phone = (
+                contact.email,
+                contact.backup_email,
+                contact.phone,
+            )
+
+        return apply
 
     store.set_contact = set_contact  # type: ignore[attr-defined]
     return store
@@ -214,11 +220,11 @@ async def test_an_update_racing_another_is_decided_again_on_what_it_left(
     real = with_backup.set_contact  # type: ignore[attr-defined]
     raced = []
 
-    async def racing(account_id: str, contact: Contact, seen: Contact, s: Any) -> None:
+    def racing(account_id: str, contact: Contact, seen: Contact) -> Thunk:
         if not raced:  # someone else's change lands between our read and our write
             raced.append(True)
             with_backup.account.phone = "+12025550143"
-        await real(account_id, contact, seen, s)
+        return real(account_id, contact, seen)
 
     with_backup.set_contact = racing  # type: ignore[attr-defined]
     out = await apply(handlers, with_backup, authorized(backup_email=""))

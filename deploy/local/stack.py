@@ -1034,7 +1034,7 @@ log.retention.check.interval.ms=300000
             return f"pid file {self.pidfile(c)} holds {text[:20]!r}, not a pid"
         pid = int(text)
         if not pid_alive(pid):
-            return f"exited (pid {pid}){self.exit_status(c)}"
+            return f"exited right after start (pid {pid}){self.exit_status(c)}"
         return f"pid {pid} runs {cmdline(pid)[:80].strip() or '?'!r}, not {self.signature(c)!r}"
 
     def check_serves(self, c: str, pid: int) -> None:

@@ -127,7 +127,8 @@ async def dead_letters(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
 
 @pytest.fixture(scope="session")
 def mailbox(stack: WorkbenchSettings) -> Mailbox:
-    return Mailbox(stack.mail_dir)
+    # This session's mail only: the folder keeps every earlier run's (see Mailbox).
+    return Mailbox(stack.mail_dir, new_only=True)
 
 
 # Who runs each `clave` command group: operators the accounts, auditors the audit log.

@@ -18,7 +18,7 @@ STACK       := deploy/local/stack.sh
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install up down status test test-faults test-scale bench-scale demo bench bench-audit lint deploy-check contract contract-check docs
+.PHONY: help install up down status portal test test-faults test-scale bench-scale demo bench bench-login bench-audit lint deploy-check contract contract-check docs
 
 help: ## list the targets
 	@echo "Clave make targets:"
@@ -32,9 +32,13 @@ install: $(VENV)/.installed ## create .venv and install the project (re-runs pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# requirements.lock pins the transitive dependencies (pip constraints).
-$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
-	$(PY) -m pip install -c requirements.lock -e '.[dev]'
+# requirements.lock pins the transitive dependencies (pip constraints). The portal's client
+# library (clients/python, package clave_portal) and the reference page (clients/page) are
+# packages of their own, installed editable too (the page's dependencies are pinned in the
+# dev extra).
+$(VENV)/.installed: pyproject.toml requirements.lock clients/python/pyproject.toml clients/page/pyproject.toml | $(PY)
+	$(PY) -m pip install -c requirements.lock -e '.[dev]' -e clients/python
+	$(PY) -m pip install --no-deps -e clients/page
 	@touch $@
 
 up: install ## start the local stack (Kafka, store, mail catcher, services) and leave it running
@@ -45,6 +49,16 @@ down: ## stop the local stack
 
 status: ## show each component of the local stack
 	@$(STACK) status
+
+# The reference recovery page (clients/page) on 127.0.0.1:$(PAGE_PORT), with the stack, as the
+# portal principal; the sample accounts (deploy/local/sample/accounts.jsonl) are imported
+# first, so the page can be tried at once.  Ctrl-C stops the page and what it started.
+PAGE_PORT ?= 8000
+
+portal: install ## serve the reference recovery page on 127.0.0.1:8000 with the local stack
+	@PAGE_PORT=$(PAGE_PORT) $(STACK) run -- bash -c 'KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/operator.properties $(PY) -m clave.cli accounts import deploy/local/sample/accounts.jsonl >/dev/null && \
+	  echo "The page: http://127.0.0.1:$(PAGE_PORT)/solicitar  (sample accounts: deploy/local/sample/accounts.jsonl; mail in var/mail)" && \
+	  KAFKA_CLIENT_PROPERTIES=var/secrets/kafka/portal.properties exec $(PY) -m clave_page'
 
 # Short token lifetimes and e-mail change cooling-off when `make test` starts the services
 # itself, so the expiry and approval tests take seconds (a stack already started by `make up`
@@ -88,12 +102,15 @@ demo: install ## run one recovery end to end, as the portal would (KEEP=1: leave
 bench: install ## throughput/latency benchmark against the local stack
 	@$(STACK) run -- $(PY) -m tools.bench $(BENCH_ARGS)
 
+bench-login: install ## login idle latency (p50/p95/p99, target p99 <= 100 ms) against the local stack
+	@$(STACK) run -- $(PY) -m tools.bench_login $(BENCH_ARGS)
+
 bench-audit: install ## memory and speed of `clave audit verify` on 10,000 and 100,000 signed events (no stack)
 	@$(PY) -m tools.bench_audit
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services clave tools deploy/local
+	$(VENV)/bin/mypy shared services clave tools deploy/local clients/python/clave_portal clients/page/clave_page
 
 # The deployment files (deploy/docker, deploy/compose, deploy/helm) without a Docker
 # engine or a cluster: helm lint and template (helm built once from the Go module proxy

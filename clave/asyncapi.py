@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from services.identity.domain import Reason as RequestReason
+from services.password.domain import LoginReason
 from services.password.policy import Reason as PasswordReason
 from services.tokens.domain import Reason as TokenReason
 from shared import topics as t
@@ -68,8 +69,8 @@ ENVELOPE_FIELDS: dict[str, str] = {
     "time": "When the event was produced, RFC 3339 with a timezone.",
     "subject": "Audit events: the action; dead letters: the reason; operator commands: the operator id.",
     "datacontenttype": "Always `application/json`.",
-    "correlationid": "Extension: the recovery's `request_id` (for an operator command, its command id). "
-    "Every event a recovery causes carries it.",
+    "correlationid": "Extension: the recovery's `request_id` (for an operator command, its command id; for a "
+    "credential check, its `check_id`). Every event a recovery causes carries it.",
     "causationid": "Extension: the `id` of the event that caused this one (absent for portal input).",
     "data": "The payload of this `type` (each message below gives its schema).",
 }
@@ -103,7 +104,29 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "status": "`accepted` (every request, whatever the account: no enumeration), `completed` (the key was "
         "changed) or `rejected` (the reset was refused; the same link works again unless a reason says "
         "otherwise).",
-        "reasons": "Reset stage, `rejected` only: every reason that applies.",
+        "reasons": "`rejected` only: every reason that applies (`ResetReason`s; a repeated request: "
+        "`duplicate_request`).",
+    },
+    "LoginCheckRequested": {
+        "check_id": "The portal's id for this check: the answer on `login.results` is keyed by it and carries it "
+        "(also as `correlationid`).",
+        "national_id": "Cédula (10 digits) or RUC (13 digits), as the citizen typed it; spaces and dashes allowed.",
+        "key": "The key the citizen typed. Never stored, logged or audited; compared with the stored argon2id "
+        "hash (a decoy hash when the ID has no key, so the answer and its timing are the same).",
+        "client_ip": "The citizen's IP address (IPv4 or IPv6): wrong keys are throttled per address block "
+        "(IPv4 address, IPv6 /64).",
+    },
+    "LoginResult": {
+        "check_id": "The check this answers.",
+        "status": "`valid`: the key is the account's current key; `invalid`: anything else, alike for an "
+        "unknown ID and a wrong key.",
+        "reasons": "`invalid` only (`LoginReason`): `key_invalid`, `id_invalid`, `throttled` or `check_invalid`.",
+    },
+    "AccountKeyChanged": {
+        "national_id": "The citizen's national ID, normalised (digits only): also the record key.",
+        "changed_at": "When the new key was stored.",
+        "cause": "`recovery` (a reset through a link or code) or `initial` (the registry's initial key).",
+        "request_id": "The recovery that changed it (`cause` `recovery`).",
     },
 }
 
@@ -135,6 +158,9 @@ RESET_REASONS: dict[str, str] = {
     TokenReason.TOKEN_INVALID: "Unknown or revoked token, or a wrong code (attempts left).",
     TokenReason.TOKEN_EXPIRED: "The link (`LINK_TTL_S`, 30 min) or the code (`CODE_TTL_S`, 10 min) has expired.",
     TokenReason.TOKEN_USED: "Already used, or a key change with it is in progress.",
+    TokenReason.RESET_INVALID: "The reset could not be processed at all (not JSON, not a valid event, a field "
+    "missing or malformed): besides its dead letter on `recovery.resets.dlq`, keyed by the `request_id` read from "
+    "it (else its record key). Nothing changed: the link works as before.",
     TokenReason.CODE_ATTEMPTS_EXCEEDED: "Too many wrong codes (`CODE_MAX_ATTEMPTS`, 5): the token is dead, "
     "link included.",
 }
@@ -147,6 +173,14 @@ PASSWORD_REASONS: dict[str, str] = {
     PasswordReason.NOT_PRINTABLE: "NIST policy: a control, separator, surrogate or unassigned character.",
     PasswordReason.REUSED: "Equal to one of the last keys (`PASSWORD_HISTORY`, 5).",
 }
+LOGIN_REASONS: dict[str, str] = {
+    LoginReason.KEY_INVALID: "Not the account's key, or no account (or no key yet) for this ID: alike.",
+    LoginReason.ID_INVALID: "The national ID fails its check digits.",
+    LoginReason.THROTTLED: "Too many wrong keys (from this address block for this account, for this account "
+    "from many addresses, or from this address block overall): the key was not considered. Try later.",
+    LoginReason.CHECK_INVALID: "The check could not be processed (its dead letter on `login.checks.dlq` says why).",
+}
+
 REQUEST_REASONS: dict[str, str] = {
     RequestReason.ID_INVALID: "The cédula or RUC fails its check digits.",
     RequestReason.ACCOUNT_UNKNOWN: "No account has this national ID.",
@@ -226,6 +260,22 @@ def reason_schemas() -> dict[str, dict[str, Any]]:
             REQUEST_REASONS,
             codes(RequestReason),
         ),
+        "RequestOutcomeReason": _reason_schema(
+            "RequestOutcomeReason",
+            "Why a request got `rejected` on `recovery.outcomes` (stage `request`) rather than `accepted`.",
+            {
+                RequestReason.DUPLICATE_REQUEST: "The same `request_id` again: the first request's answer stands; "
+                "nothing else happened."
+            },
+            [RequestReason.DUPLICATE_REQUEST],
+        ),
+        "LoginReason": _reason_schema(
+            "LoginReason",
+            "Why a credential check answered `invalid` (`login.results`). An unknown ID and a wrong key give the "
+            "same code.",
+            LOGIN_REASONS,
+            codes(LoginReason),
+        ),
         "DeadLetterReason": _reason_schema(
             "DeadLetterReason",
             "Why a record went to a `.dlq` topic (`data.reason` and the header `clave-dlq-reason`).",
@@ -266,7 +316,8 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
         schemas[model].update(rules)
     schemas.update(reason_schemas())
     outcome = schemas["RecoveryOutcome"]["properties"]["reasons"]
-    outcome["items"] = {"$ref": SCHEMA_REF + "ResetReason"}
+    outcome["items"] = {"anyOf": [{"$ref": SCHEMA_REF + "ResetReason"}, {"$ref": SCHEMA_REF + "RequestOutcomeReason"}]}
+    schemas["LoginResult"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "LoginReason"}
     schemas["PasswordRejected"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "PasswordReason"}
     schemas["DeadLetter"]["properties"]["reason"] = {
         "$ref": SCHEMA_REF + "DeadLetterReason",
@@ -470,7 +521,8 @@ services, every `.dlq` twin and `audit.events`; who sends and who receives each.
 **Envelope.** Every record value is a CloudEvents 1.0 event in structured JSON mode
 (schema `CloudEvent`), its `data` the payload of its `type`; every record has the header
 `content-type: {CONTENT_TYPE}`. `correlationid` is the recovery's `request_id` (for an
-operator command, its command id); `causationid` the `id` of the event that caused this one.
+operator command, its command id; for a credential check, its `check_id`); `causationid` the
+`id` of the event that caused this one.
 `source` is `/clave/<service>` for every event a service produces; a consumer dead-letters
 (`wrong_source`) an event on a service's topic whose `source` is not of a service that produces
 that topic. The portal and the operator's command name themselves as they like: the broker's
@@ -479,7 +531,9 @@ ACLs are what prove them.
 **Keys and order.** Each channel states its record key; order holds per key.
 
 **Delivery.** At least once. Consumers drop an event `id` they already processed; the portal
-should do the same on `recovery.outcomes`.
+should do the same on `recovery.outcomes`, `login.results` and `account.key_changed`.
+Every reset and every credential check gets an answer, even one that cannot be processed
+(`reset_invalid`, `check_invalid`), keyed by the id read from it.
 
 **Compatibility.** The portal-facing contract is only ever added to. Portal input and operator
 commands refuse unknown fields; events between services ignore them, so a producer may add an
@@ -504,14 +558,16 @@ Generated from the code by `clave contract` (clave/asyncapi.py); do not edit by 
 """
 
 PARTIES: dict[str, str] = {
-    "portal": "The public portal: publishes requests and resets, reads outcomes.",
+    "portal": "The public portal: publishes requests, resets and credential checks; reads outcomes, login "
+    "results and key changes (the `clave_portal` client library, clients/python, does all of it).",
     "operator": "Operators, through the `clave` command: each command signed with the operator's own key.",
     "admin": "The Kafka super user: provisions topics and ACLs, and alone registers operator keys.",
     "auditor": "Auditors: read and verify the audit log.",
     "identity": "Checks IDs, answers, e-mail, captcha; lockout and limits; operator commands.",
     "tokens": "Issues and redeems link tokens and codes; answers the portal's resets.",
     "notifier": "Renders and sends the e-mails over SMTP.",
-    "password": "Checks the key policy and history; stores argon2id hashes.",
+    "password": "Checks the key policy and history; stores argon2id hashes; answers credential checks; "
+    "announces key changes.",
     "audit": "The auditors' read model of `audit.events`.",
 }
 CATEGORIES: dict[str, str] = {

@@ -97,6 +97,10 @@ ACTIONS: frozenset[str] = frozenset(
         "initial_key_refused",  # an initial key breaking the key policy (not a legacy import)
         "key_changed",
         "key_rejected",
+        "key_change_unannounced",
+        "key_checked",  # a credential check (login), never the key
+        "key_checks_locked",
+        "key_checks_slowed",
         # every consumer
         "message_dead_lettered",
     }

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class HandlerContext:
     event: CloudEvent
     store: ServiceStore
     outgoing: list[Outgoing] = field(default_factory=list)
+    replies: list[Outgoing] = field(default_factory=list)  # also sent at once after the commit (see reply)
     committed: bool = False
     raw: bytes = b""  # the record exactly as received (the audit read model hashes it)
     partition: int = -1  # where the record came from (-1: not from Kafka)
@@ -89,6 +91,14 @@ class HandlerContext:
             subject=subject,
         )
         self.outgoing.append(Outgoing(topic=topic, key=key, event=event))
+        return event
+
+    def reply(self, topic: str, key: str, type: str, data: Payload) -> CloudEvent:
+        """An answer someone waits for (a login result): stored in the outbox like any event
+        (durable), and also sent as soon as the commit is done, without waiting for the relay.
+        The relay then publishes the same event (same id) again: readers drop the copy."""
+        event = self.emit(topic, key, type, data)
+        self.replies.append(self.outgoing[-1])
         return event
 
     def audit(
@@ -142,6 +152,33 @@ class Route:
     handler: Handler
 
 
+# An id an answer may be keyed by (the contract's request_id / check_id shape).
+_ANSWER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@dataclass(frozen=True)
+class InvalidAnswer:
+    """How a consumer of portal input answers a record it dead-letters: the portal is waiting
+    for an answer keyed by the record's id (`id_field` of its data, else its record key), so
+    it gets one besides the dead letter (`recovery.outcomes`: `rejected` / `reset_invalid`).
+    A redelivered event (`duplicate_event`) is not answered again: its first copy was."""
+
+    id_field: str
+    topic: str
+    event_type: str
+    payload: Callable[[str], Payload]  # the answer for that id
+
+    def readable_id(self, data: dict[str, Any] | None, key: Any) -> str | None:
+        value = data.get(self.id_field) if isinstance(data, dict) else None
+        if isinstance(value, str) and _ANSWER_ID.fullmatch(value):
+            return value
+        if isinstance(key, bytes | bytearray):
+            text = bytes(key).decode("utf-8", "replace")
+            if _ANSWER_ID.fullmatch(text):
+                return text
+        return None
+
+
 @dataclass
 class _Tries:
     """Failed runs of one record, by kind."""
@@ -164,7 +201,11 @@ class EventPipeline:
         settings: PlatformSettings,
         metrics: ServiceMetrics,
         on_committed: Callable[[], None],
+        answer: InvalidAnswer | None = None,
+        send_now: Callable[[list[Outgoing]], Awaitable[None]] | None = None,
     ) -> None:
+        self.answer = answer
+        self.send_now = send_now
         self.service = service
         self.topic = topic
         self.consumer = f"{service}:{topic}"
@@ -231,7 +272,7 @@ class EventPipeline:
             return event, route, route.model.model_validate(event.data)
         except ValidationError as exc:
             detail = describe_errors(exc)
-            return BadInput(DeadLetterReason.SCHEMA_INVALID, detail, correlationid=event.correlationid)
+            return BadInput(DeadLetterReason.SCHEMA_INVALID, detail, correlationid=event.correlationid, data=event.data)
         except Exception as exc:  # a validator that crashed: the same every time
             return BadInput(
                 HANDLER_ERROR, f"validation raised {exc.__class__.__name__}", correlationid=event.correlationid
@@ -270,10 +311,22 @@ class EventPipeline:
             bad = BadInput(HANDLER_ERROR, f"handler raised {exc.__class__.__name__}")
         else:
             self.metrics.consumed.labels(self.topic, event.type).inc()
+            if ctx.committed and ctx.replies:
+                await self._reply_now(ctx.replies)
             return bool(ctx.outgoing)
         bad.correlationid = event.correlationid
+        bad.data = event.data
         await self._park(record, raw, bad)
         return True
+
+    async def _reply_now(self, replies: list[Outgoing]) -> None:
+        """Send committed replies at once; on any failure the outbox copy still goes."""
+        if self.send_now is None:
+            return
+        try:
+            await self.send_now(replies)
+        except Exception as exc:
+            log.warning("%s: immediate reply failed (%s); the relay sends it", self.consumer, exc.__class__.__name__)
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
         """Count a handler failure against its record: has it failed too often to retry?"""
@@ -328,7 +381,23 @@ class EventPipeline:
             key=dlq_key(record),
             payload=self._sealed(raw),
         )
-        return letter + [o for o in bad.also if isinstance(o, Outgoing)]
+        also = [o for o in bad.also if isinstance(o, Outgoing)]
+        return letter + also + self._answer(record, bad)
+
+    def _answer(self, record: ConsumerRecord[Any, Any], bad: BadInput) -> list[Outgoing]:
+        """The portal's answer to a record it will never get another one for (see InvalidAnswer)."""
+        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT:
+            return []
+        answer_id = self.answer.readable_id(bad.data, record.key)
+        if answer_id is None:
+            return []
+        event = new_event(
+            type=self.answer.event_type,
+            source=f"/clave/{self.service}",
+            data=self.answer.payload(answer_id).model_dump(mode="json"),
+            correlationid=answer_id,
+        )
+        return [Outgoing(topic=self.answer.topic, key=answer_id, event=event)]
 
     def _minimal_letter(
         self, record: ConsumerRecord[Any, Any], raw: bytes, reason: str, exc: Exception

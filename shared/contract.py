@@ -78,21 +78,31 @@ SERVICES: dict[str, ServiceTopics] = {
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
     "password": ServiceTopics(
-        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED),
-        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED),
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.LOGIN_CHECKS),
+        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
     ),
     "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
 # The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
-    "portal": ServiceTopics(consumes=(t.RECOVERY_OUTCOMES,), produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS)),
+    "portal": ServiceTopics(
+        consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
+        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS),
+    ),
     # The `clave` command: signed commands; their results on a narrow topic (not the audit log).
     "operator": ServiceTopics(consumes=(t.IDENTITY_COMMAND_RESULTS,), produces=(t.IDENTITY_COMMANDS,)),
     "auditor": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
 
-PORTAL_FACING = (t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.RECOVERY_OUTCOMES)
+PORTAL_FACING = (
+    t.RECOVERY_REQUESTS,
+    t.RECOVERY_RESETS,
+    t.RECOVERY_OUTCOMES,
+    t.LOGIN_CHECKS,
+    t.LOGIN_RESULTS,
+    t.ACCOUNT_KEY_CHANGED,
+)
 
 # Written by the `admin` principal alone (a broker super user, which needs no ACL): no ACL lets
 # anyone else write them. The operator key registry: only admin decides who is an operator.
@@ -148,6 +158,22 @@ TOPICS: dict[str, TopicContract] = {
         (EventType.RECOVERY_OUTCOME,),
         "The `request_id`.",
         "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
+    ),
+    t.LOGIN_CHECKS: TopicContract(
+        (EventType.LOGIN_CHECK_REQUESTED,),
+        "The national ID as the citizen typed it.",
+        "The portal asks whether a key is the citizen's (a login): answered on `login.results` by `check_id`.",
+    ),
+    t.LOGIN_RESULTS: TopicContract(
+        (EventType.LOGIN_RESULT,),
+        "The `check_id`.",
+        "The password service's answer to a credential check: `valid` or `invalid`, the same for an unknown ID "
+        "as for a wrong key.",
+    ),
+    t.ACCOUNT_KEY_CHANGED: TopicContract(
+        (EventType.ACCOUNT_KEY_CHANGED,),
+        "The national ID (normalised: digits only).",
+        "A citizen's key changed (a recovery, or the initial key from the registry): end their other sessions.",
     ),
     t.IDENTITY_VERIFIED: TopicContract(
         (EventType.IDENTITY_VERIFIED,),

@@ -53,11 +53,14 @@ class DeadLetterReason:
 class BadInput(Exception):
     """A message that can never be processed; it goes to the DLQ with `reason`."""
 
-    def __init__(self, reason: str, detail: str, *, correlationid: str | None = None) -> None:
+    def __init__(
+        self, reason: str, detail: str, *, correlationid: str | None = None, data: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
+        self.data = data  # the record's `data` object, when the parse got that far (an answer's id is read there)
         # Outgoing events (shared.store.Outgoing) committed with the dead letter, atomically: e.g. the
         # result an operator waits for when identity refuses a command.
         self.also: list[Any] = []
@@ -135,6 +138,8 @@ def parse_event(raw: bytes, *, max_bytes: int, known_types: set[str] | frozenset
         return _envelope(doc, known_types)
     except BadInput as bad:
         bad.correlationid = readable_correlation(doc)
+        data = doc.get("data") if isinstance(doc, dict) else None
+        bad.data = data if isinstance(data, dict) else None
         raise
 
 

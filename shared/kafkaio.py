@@ -7,11 +7,12 @@ offsets seen when it starts, so a replay of a live log terminates.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
@@ -27,6 +28,19 @@ class Record:
     value: bytes
     headers: dict[str, str]
     timestamp_ms: int
+
+
+def record_of(msg: ConsumerRecord[Any, Any]) -> Record:
+    """A consumed record as plain values (key and headers decoded; bytes kept as they came)."""
+    return Record(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=msg.key.decode("utf-8", "replace") if msg.key else None,
+        value=msg.value or b"",
+        headers={k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])},
+        timestamp_ms=msg.timestamp,
+    )
 
 
 async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
@@ -66,8 +80,10 @@ async def read_topic(
     since: datetime | None = None,
     until: datetime | None = None,
     partition: int | None = None,
+    starts: Mapping[int, int] | None = None,
 ) -> AsyncGenerator[Record, None]:
-    """The records of `topic` (or of one partition), one partition after another."""
+    """The records of `topic` (or of one partition), one partition after another; `starts`
+    (partition -> offset) begins there instead (a partition it omits: from its beginning)."""
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     await _started(consumer)
     try:
@@ -77,17 +93,21 @@ async def read_topic(
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
+        firsts = await consumer.beginning_offsets(tps)
         if since is not None:
             found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
-            starts = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
+            firsts = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
+        if starts is not None:
+            firsts.update({tp: max(firsts[tp], starts[tp.partition]) for tp in tps if tp.partition in starts})
         # One partition after another: each is in order, which is what the audit chain needs.
         for tp in tps:
-            if starts[tp] >= ends[tp]:
+            if firsts[tp] >= ends[tp]:
                 continue
-            consumer.seek(tp, starts[tp])
+            consumer.seek(tp, firsts[tp])
             done = False
-            while not done:
+            # Up to the end seen at the start; the position test also ends a partition whose
+            # last offsets hold no record a consumer is given.
+            while not done and await consumer.position(tp) < ends[tp]:
                 batch = await consumer.getmany(tp, timeout_ms=2000, max_records=1000)
                 for msg in batch.get(tp, []):
                     if msg.offset >= ends[tp]:
@@ -96,15 +116,7 @@ async def read_topic(
                     if until is not None and msg.timestamp > until.timestamp() * 1000:
                         done = True
                         break
-                    yield Record(
-                        topic=topic,
-                        partition=tp.partition,
-                        offset=msg.offset,
-                        key=msg.key.decode("utf-8", "replace") if msg.key else None,
-                        value=msg.value or b"",
-                        headers={k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])},
-                        timestamp_ms=msg.timestamp,
-                    )
+                    yield record_of(msg)
                     if msg.offset + 1 >= ends[tp]:
                         done = True
                         break

@@ -60,11 +60,12 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from shared import audit
 from shared.auditkeys import load_signing_key
+from shared.envelope import CONTENT_TYPE
 from shared.kafka import client_kwargs
 from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
-from shared.store import DUPLICATE_KEY, LEASES, OUTBOX, ServiceStore, Write
+from shared.store import DUPLICATE_KEY, LEASES, OUTBOX, Outgoing, ServiceStore, Write
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,24 @@ class OutboxRelay:
         self._released.set()
 
     # ---- publishing ----------------------------------------------------------------------------
+
+    async def send_now(self, outgoing: list[Outgoing]) -> None:
+        """Send committed events at once, outside the outbox order (replies someone waits for:
+        HandlerContext.reply). Their outbox copies are published as usual later, with the same
+        ids, so a failure here loses nothing. Not for audit events (they are sealed in order)."""
+        if self._producer is None:
+            return
+        futures = [
+            await self._producer.send(
+                o.topic,
+                value=o.event.to_bytes(),
+                key=o.key.encode(),
+                headers=[("content-type", CONTENT_TYPE.encode()), *((k, v.encode()) for k, v in o.headers.items())],
+            )
+            for o in outgoing
+            if not o.event.type.startswith("ec.clave.audit.")
+        ]
+        await asyncio.gather(*futures)
 
     async def publish_pending(self) -> int:
         """Publish one batch of the outbox; the number published. Without the lease, look

@@ -15,7 +15,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 
-from shared.consumer import EventPipeline, Route
+from shared.consumer import EventPipeline, InvalidAnswer, Route
 from shared.kafka import make_broker
 from shared.lag import LagMonitor
 from shared.loops import TaskSupervisor, run_periodic
@@ -82,9 +82,12 @@ class Service:
         # One consumer group per service: instances of a service share the partitions.
         return f"clave-{self.name}"
 
-    def consume(self, topic: str, routes: dict[str, Route], *, hot: bool = False) -> None:
+    def consume(
+        self, topic: str, routes: dict[str, Route], *, hot: bool = False, answer: InvalidAnswer | None = None
+    ) -> None:
         """Subscribe `routes` to `topic`. A `hot` topic (on the recovery's critical path) gets
-        CONSUMER_WORKERS consumers in the group: partitions in parallel, each still in order."""
+        CONSUMER_WORKERS consumers in the group: partitions in parallel, each still in order.
+        `answer`: portal input whose dead-lettered records still get an answer."""
         self._consumed_topics.append(topic)
         workers = self.settings.consumer_workers if hot else 1
         pipeline = EventPipeline(
@@ -95,6 +98,8 @@ class Service:
             settings=self.settings,
             metrics=self.metrics,
             on_committed=self.relay.committed,
+            answer=answer,
+            send_now=self.relay.send_now,
         )
 
         subscriber = self.broker.subscriber(

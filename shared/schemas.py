@@ -89,6 +89,35 @@ class RecoveryOutcome(InternalPayload):
     reasons: list[str] = Field(default_factory=list)
 
 
+class LoginCheckRequested(Payload):
+    """The portal asks whether a key is the citizen's (login, or a change that needs the key)."""
+
+    check_id: str = RequestId
+    national_id: str = Field(min_length=1, max_length=32)
+    key: str = Field(min_length=1, max_length=256)
+    client_ip: str = Field(max_length=45)
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+
+class LoginResult(InternalPayload):
+    check_id: str = RequestId
+    status: Literal["valid", "invalid"]
+    reasons: list[str] = Field(default_factory=list)
+
+
+class AccountKeyChanged(InternalPayload):
+    """A citizen's key changed: the portal ends their other sessions."""
+
+    national_id: str = Field(min_length=1, max_length=32)
+    changed_at: datetime
+    cause: Literal["recovery", "initial"]
+    request_id: str | None = None  # the recovery that changed it (cause `recovery`)
+
+
 # ---- identity --------------------------------------------------------------------------------
 
 
@@ -135,11 +164,18 @@ class EmailChanged(InternalPayload):
 
 
 class AccountRegistered(InternalPayload):
-    """A new account from the registry: its initial key, sealed for the password service."""
+    """An account from the registry: its national ID (the login name; added) and, for a new
+    account with one, its initial key sealed for the password service. A re-import sends the
+    national ID again without a key (it backfills the login name; a key is never overwritten)."""
 
     account_id: str = AccountId
-    sealed_initial_key: str = Field(
-        description="The initial key, sealed for the password service (PASSWORD_KEYS), bound to `account_id`."
+    sealed_initial_key: str | None = Field(
+        default=None,
+        description="A new account's initial key, sealed for the password service (PASSWORD_KEYS), bound to "
+        "`account_id`; absent when the registry gave none or the account exists.",
+    )
+    national_id: str | None = Field(
+        default=None, description="The account's national ID, normalised: its login name (credential checks)."
     )
     # Added: an import's explicit migration option took a key that breaks the key policy; the
     # password service stores it marked must-change instead of refusing it.
@@ -355,4 +391,7 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.NOTIFIER_SENT: NotificationResult,
     EventType.NOTIFIER_FAILED: NotificationResult,
     EventType.AUDIT: AuditRecord,
+    EventType.LOGIN_CHECK_REQUESTED: LoginCheckRequested,
+    EventType.LOGIN_RESULT: LoginResult,
+    EventType.ACCOUNT_KEY_CHANGED: AccountKeyChanged,
 }

@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 RECOVERY_REQUESTS = "recovery.requests"
 RECOVERY_RESETS = "recovery.resets"
 RECOVERY_OUTCOMES = "recovery.outcomes"
+LOGIN_CHECKS = "login.checks"  # portal -> password: is this the citizen's key?
+LOGIN_RESULTS = "login.results"  # password -> portal: valid / invalid, keyed by check_id
+ACCOUNT_KEY_CHANGED = "account.key_changed"  # password -> portal: end the citizen's other sessions
 
 # Internal.
 IDENTITY_VERIFIED = "identity.verified"
@@ -60,11 +63,22 @@ CONSUMED = (
     PASSWORD_UPDATED,
     PASSWORD_REJECTED,
     AUDIT_EVENTS,  # by the audit read model, which dead-letters what it cannot project
+    LOGIN_CHECKS,
 )
 
-PRODUCED_ONLY = (RECOVERY_OUTCOMES, NOTIFIER_SENT, NOTIFIER_FAILED, IDENTITY_COMMAND_RESULTS)
+PRODUCED_ONLY = (
+    RECOVERY_OUTCOMES,
+    NOTIFIER_SENT,
+    NOTIFIER_FAILED,
+    IDENTITY_COMMAND_RESULTS,
+    LOGIN_RESULTS,
+    ACCOUNT_KEY_CHANGED,
+)
 # Kept forever: the audit log, and the operator key registry (its log of record, small).
 KEPT_FOREVER = (AUDIT_EVENTS, IDENTITY_OPERATOR_KEYS)
+
+# What citizens typed, in the clear: short retention, off the disk soon after (portal_input).
+PORTAL_INPUTS = (RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS)
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -138,7 +152,7 @@ def all_topics(
     for name in CONSUMED + PRODUCED_ONLY:
         if name in KEPT_FOREVER:
             specs.append(TopicSpec(name, partitions, -1))
-        elif name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+        elif name in PORTAL_INPUTS:
             specs.append(portal_input(name, partitions, portal_retention_ms))
         else:
             specs.append(TopicSpec(name, partitions, internal_retention_ms))
@@ -175,5 +189,8 @@ class EventType:
     PASSWORD_REJECTED = "ec.clave.password.rejected.v1"
     NOTIFIER_SENT = "ec.clave.notifier.sent.v1"
     NOTIFIER_FAILED = "ec.clave.notifier.failed.v1"
+    LOGIN_CHECK_REQUESTED = "ec.clave.login.check_requested.v1"
+    LOGIN_RESULT = "ec.clave.login.result.v1"
+    ACCOUNT_KEY_CHANGED = "ec.clave.account.key_changed.v1"
     AUDIT = "ec.clave.audit.v1"
     DEAD_LETTER = "ec.clave.dead_letter.v1"

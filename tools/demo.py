@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from shared.acl import PORTAL
-from tools.portal import Mailbox, Portal, body_text, extract_link
+from tools.mail import Mailbox, extract_link
+from tools.portal import Portal
 from tools.testdata import new_citizen, new_key, write_jsonl
 from tools.workbench import (
     SERVICES,
@@ -60,8 +61,7 @@ async def run() -> tuple[str, str]:
         raise RuntimeError(f"import failed: {result.stdout}{result.stderr}")
     steps.say(f"operator imported citizen {citizen.national_id} ({result.stdout.strip()})")
 
-    mailbox = Mailbox(settings.mail_dir)
-    before = mailbox.snapshot()
+    mailbox = Mailbox(settings.mail_dir, ignore_existing=True)  # this run's mail only
     portal = Portal(as_principal(settings, PORTAL))  # the portal's own Kafka principal
     await portal.start()
     try:
@@ -75,9 +75,9 @@ async def run() -> tuple[str, str]:
         outcome = await portal.wait_outcome(request_id, "request", timeout=60)
         steps.say(f"portal read outcome: stage=request status={outcome['status']}")
 
-        mails = await mailbox.wait_for(lambda m: request_id in body_text(m), timeout=60, after=before)
-        link, _, token = extract_link(mails[0])
-        steps.say(f'recovery e-mail captured for {mails[0]["To"]}: "{mails[0]["Subject"]}"')
+        mail = await mailbox.recovery_mail(request_id, timeout=60)
+        link, _, token = extract_link(mail.message)
+        steps.say(f'recovery e-mail captured for {mail.to}: "{mail.subject}"')
         steps.say(f"citizen opened the link {link[:60]}...")
 
         await portal.submit_reset(request_id, new_key(), token=token)
@@ -87,12 +87,9 @@ async def run() -> tuple[str, str]:
             raise RuntimeError(f"reset not completed: {outcome}")
         steps.say(f"portal read outcome: stage=reset status={outcome['status']}")
 
-        changed = await mailbox.wait_for(
-            lambda m: citizen.email in str(m["To"]) and "recuperar?" not in body_text(m),
-            timeout=60,
-            after=before,
-        )
-        steps.say(f'"key changed" e-mail captured: "{changed[-1]["Subject"]}"')
+        address = citizen.email.lower()
+        await mailbox.wait_until(lambda: address in mailbox.notices, timeout=60, what="the key-changed e-mail")
+        steps.say(f'"key changed" e-mail captured: "{mailbox.notices[address][-1].subject}"')
     finally:
         await portal.stop()
     return request_id, citizen.national_id

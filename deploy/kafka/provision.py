@@ -111,6 +111,24 @@ async def delete_acl(admin: AIOKafkaAdminClient, acl: Acl) -> str | None:
     return None if code == 0 else f"{acl}: error {code} {message or ''}".rstrip()
 
 
+async def wait_visible(admin: AIOKafkaAdminClient, wanted: list[Acl], deadline_s: float = 60.0) -> list[Acl]:
+    """Wait until the broker itself answers with every wanted ACL; returns those still missing.
+
+    CreateAcls is committed by the KRaft controller, but a broker authorises with its own copy
+    of the metadata, which follows a moment later (seconds on a loaded machine). A service
+    started in between is refused even its idempotent producer (ClusterAuthorizationFailed,
+    seen on a loaded 2-core machine): so "created" is not "in force" until DescribeAcls on the
+    broker shows it."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        have = await current_acls(admin)
+        missing = [a for a in wanted if a not in have]
+        if not missing or loop.time() >= end:
+            return missing
+        await asyncio.sleep(0.2)  # polling the broker's view, bounded by the deadline
+
+
 def ours(acl: Acl | tuple[Any, ...]) -> bool:
     principal = acl.principal if isinstance(acl, Acl) else str(acl[0]).removeprefix("User:")
     return principal in PRINCIPALS
@@ -129,6 +147,9 @@ async def provision_acls(dry_run: bool, prune: bool, describe: bool) -> int:
             for acl in missing:
                 if (error := await create_acl(admin, acl)) is not None:
                     failures.append(error)
+            if missing and not failures:
+                failures.extend(f"{acl}: created but not in force on the broker after 60 s"
+                                for acl in await wait_visible(admin, wanted))
             if prune:
                 for acl in extra:
                     if not isinstance(acl, Acl):

@@ -95,10 +95,15 @@ admin on identity.operator_keys (deploy/local/operator_keys.py); `run` gives its
 OPERATOR_KEYS_DIR and OPERATOR_ID=op-1, so `clave accounts ...` signs as op-1.
 
 Pid files: a pid is ours only while /proc/PID/cmdline carries the component's signature
-(a reused pid is never signalled).  A pid file is written once the process has exec'd its
-command (subprocess waits for the exec), so a starting component is never taken for one
-that exited.  Every launched process gets its own session and none of our descriptors (the
-stack's lock is never inherited by a daemon).
+(a reused pid is never signalled).  A pid file is written once /proc/PID/cmdline shows the
+command: Popen returns a little before that (the kernel closes the child's close-on-exec
+pipe, then sets up the new program's arguments; /proc/PID/cmdline reads empty meanwhile,
+up to tens of ms on a loaded machine), so a starting component is never taken for one that
+exited.  Every verdict is checked: "exited" only when the process has exited (its exit
+status is shown), "ready" only when the probe answers and the listening sockets are the
+started pid's, "stopped" only when the pid is gone and its ports are free (a start waits
+for that, so a restart never meets the old process).  Every launched process gets its own
+session and none of our descriptors (the stack's lock is never inherited by a daemon).
 Fault flags read by the mail catcher: $VAR_DIR/run/smtp-tempfail, smtp-permfail
 (see mailcatcher.py); `down` removes them together with the mail catcher.
 $VAR_DIR/log/stack.log gets one line per start/stop command, with its caller.
@@ -145,7 +150,8 @@ TIERS = ("prometheus", "services", "mailcatcher", "store", "kafka")  # stop orde
 READY_TIMEOUT = {"kafka": 120, "store": 60, "mailcatcher": 30, "prometheus": 60, "service": 90}
 TIMEOUT_VAR = {"kafka": "KAFKA", "store": "STORE", "mailcatcher": "SMTP", "prometheus": "PROMETHEUS"}
 INSTANCE = re.compile(r"(?P<service>[a-z]+)-(?P<k>[0-9]+)")
-EXEC_WAIT_S = 10.0
+EXEC_WAIT_S = 10.0  # a launched process shows its command line by then
+PORTS_FREE_S = 10.0  # a stopped process's listening sockets are closed by then
 
 
 class StackError(Exception):
@@ -225,6 +231,53 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on `port` (any address), from the kernel's tables:
+    unlike a connection attempt, it neither waits on a busy listener nor misses one."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def port_holders(port: int, pids: Iterable[int] | None = None) -> list[int]:
+    """The processes (among `pids`, else all we may look at) that hold a socket listening on `port`."""
+    inodes = listening_inodes(port)
+    if not inodes:
+        return []
+    if pids is None:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return sorted(pid for pid in pids if socket_inodes(pid) & inodes)
+
+
+def holders_text(port: int) -> str:
+    holders = port_holders(port)
+    if not holders:
+        return "a process we cannot see"
+    return ", ".join(f"pid {pid} ({cmdline(pid)[:80].strip() or '?'})" for pid in holders)
 
 
 @contextlib.contextmanager
@@ -340,6 +393,7 @@ class Stack:
         if self.instances < 1:
             raise StackError(f"INSTANCES={self.instances}: at least 1")
         self.record = False  # `ensure` records what it starts
+        self.launched: dict[str, subprocess.Popen[bytes]] = {}  # what this command started: exit statuses
         self._principals: list[str] = []
         # Every process inherits these, so the services, the tests run through `run` and the
         # infrastructure agree on addresses. The local stack is a development machine:
@@ -351,7 +405,11 @@ class Stack:
             MONGODB_URI=self.mongodb_uri,
             CLAVE_ENV=env.get("CLAVE_ENV") or "development",
             AUDIT_PUBLIC_KEYS=str(self.audit_public),
+            # The reference page (`make portal`, clients/page) listens on PAGE_PORT: the
+            # recovery mail's link opens it.
+            PAGE_PORT=str(env_int("PAGE_PORT", 8000)),
         )
+        env.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{env['PAGE_PORT']}")
         env.pop("AUDIT_SIGNING_KEY", None)  # no private key for anyone but its service
 
     # ---- names and addresses
@@ -859,13 +917,12 @@ log.retention.check.interval.ms=300000
 
     def launch(self, c: str) -> int:
         """Start it in the background, in its own session (a Ctrl-C in the terminal that ran
-        `make up` does not reach it), with none of our descriptors, and write its pid file.
-        Popen returns once the child has exec'd the command (or raises when it could not), so
-        /proc/PID/cmdline already carries the signature: no start race."""
+        `make up` does not reach it), with none of our descriptors, and write its pid file once
+        /proc/PID/cmdline carries the signature (await_exec)."""
         for host, port in self.listen_addrs(c):
-            if port_open(host, port):
+            if listening_inodes(port) or port_open(host, port):
                 raise StackError(
-                    f"{c}: {host}:{port} is already in use by a process this stack did not start "
+                    f"{c}: {host}:{port} is already in use by {holders_text(port)}, not started by this stack "
                     f"(see: ss -ltnp | grep {port}); stop it or choose other ports"
                 )
         if c == "kafka":
@@ -893,8 +950,28 @@ log.retention.check.interval.ms=300000
                                         env=env, cwd=ROOT, start_new_session=True, close_fds=True)
             except OSError as exc:
                 raise StackError(f"{c}: could not start {cmd[0]}: {exc.strerror or exc}") from None
+        self.launched[c] = proc
+        self.await_exec(c, proc)
         self.pidfile(c).write_text(f"{proc.pid}\n")
         return proc.pid
+
+    def await_exec(self, c: str, proc: subprocess.Popen[bytes]) -> None:
+        """Popen returns when the kernel closes the child's close-on-exec pipe, part-way through
+        the exec: the new program's arguments are set up after that, and until then
+        /proc/PID/cmdline reads empty (measured: up to 30 ms for java on 2 loaded cores). A
+        check in that window took a starting Kafka for one that exited ("exited right after
+        start" while it ran). So wait until the command line shows, or the child has ended."""
+        signature = self.signature(c)
+        deadline = time.monotonic() + EXEC_WAIT_S
+        while signature not in cmdline(proc.pid):
+            if proc.poll() is not None:
+                self.show_logs(c)
+                raise StackError(f"{c}: exited right after start (exit status {proc.returncode})")
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise StackError(f"{c}: pid {proc.pid} showed no '{signature}' within {EXEC_WAIT_S:.0f}s; killed it")
+            time.sleep(0.002)  # the rest of the exec, bounded by the deadline
 
     def start_one(self, c: str) -> bool:
         """Launch it unless it already runs; True when launched (recorded when `ensure` runs)."""
@@ -913,17 +990,42 @@ log.retention.check.interval.ms=300000
         pid = self.running_pid(c)
         if pid is None:
             self.show_logs(c)
-            raise StackError(f"{c}: exited right after start")
+            raise StackError(f"{c}: {self.not_running_because(c)}")
         timeout = self.ready_timeout(c)
         rc, detail = self.probe(c, timeout, pid)
         if rc != 0:
             self.show_logs(c)
             if rc == 2:
-                raise StackError(f"{c}: exited before it was ready - {detail}")
+                raise StackError(f"{c}: exited before it was ready{self.exit_status(c)} - {detail}")
             raise StackError(
                 f"{c}: not ready within {timeout:.0f}s ({detail}); pid {pid} left running, 'stack.sh down' stops it"
             )
+        self.check_serves(c, pid)
         say(f"{c}: ready (pid {pid}, {since(t0)}) - {detail}")
+
+    def exit_status(self, c: str) -> str:
+        proc = self.launched.get(c)
+        return f" (exit status {proc.returncode})" if proc is not None and proc.poll() is not None else ""
+
+    def not_running_because(self, c: str) -> str:
+        """What was seen, not guessed: why its pid file names no running process."""
+        try:
+            text = self.pidfile(c).read_text().strip()
+        except OSError:
+            return f"no pid file {self.pidfile(c)}"
+        if not text.isdigit():
+            return f"pid file {self.pidfile(c)} holds {text[:20]!r}, not a pid"
+        pid = int(text)
+        if not pid_alive(pid):
+            return f"exited (pid {pid}){self.exit_status(c)}"
+        return f"pid {pid} runs {cmdline(pid)[:80].strip() or '?'!r}, not {self.signature(c)!r}"
+
+    def check_serves(self, c: str, pid: int) -> None:
+        """The probe answered: make sure it was `pid` that did (it holds the listening sockets), not
+        an older or foreign process on the same port."""
+        for host, port in self.listen_addrs(c):
+            if not port_holders(port, [pid]):
+                raise StackError(f"{c}: {host}:{port} answers, but from {holders_text(port)}, not from pid {pid}")
 
     def start(self, *components: str) -> list[str]:
         """Launch all that are missing, then wait for each of them."""
@@ -943,7 +1045,10 @@ log.retention.check.interval.ms=300000
                 self.stop_together(members)
 
     def stop_together(self, components: list[str]) -> None:
+        """Stopped means verified: the pid is gone and no process listens on its ports any
+        more (so a start right after, as in a restart, never meets the old one)."""
         pids: dict[str, int] = {}
+        problems: list[str] = []
         for c in components:
             pid = self.running_pid(c)
             if pid is None:
@@ -958,12 +1063,31 @@ log.retention.check.interval.ms=300000
                 say(f"{c}: still running {grace}s after SIGTERM, sending SIGKILL (pid {pid})")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                wait_gone(pid, 5)
+                if not wait_gone(pid, 5):
+                    problems.append(f"{c}: pid {pid} still alive 5s after SIGKILL (pid file kept)")
+                    continue
             self.pidfile(c).unlink(missing_ok=True)
+            busy = self.wait_ports_free(c, PORTS_FREE_S)
+            if busy:
+                problems.append(f"{c}: pid {pid} exited, but {busy}")
+                continue
             say(f"{c}: stopped (pid {pid})")
             if c == "mailcatcher":
                 for flag in ("smtp-tempfail", "smtp-permfail"):
                     (self.run_dir / flag).unlink(missing_ok=True)
+        if problems:
+            raise StackError("; ".join(problems))
+
+    def wait_ports_free(self, c: str, timeout: float) -> str:
+        """Wait until nothing listens on its ports (an exited process's sockets are closed with it;
+        a child it left behind may hold them): "" when free, else what still holds one."""
+        deadline = time.monotonic() + timeout
+        for host, port in self.listen_addrs(c):
+            while listening_inodes(port):
+                if time.monotonic() > deadline:
+                    return f"{host}:{port} is still in use by {holders_text(port)} {timeout:.0f}s later"
+                time.sleep(0.05)  # the sockets' close, bounded by the deadline
+        return ""
 
     def kill_one(self, c: str) -> None:
         pid = self.running_pid(c)
@@ -973,13 +1097,13 @@ log.retention.check.interval.ms=300000
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        wait_gone(pid, 5)
-        # A start right after must find the ports free (launch refuses a port in use).
-        for host, port in self.listen_addrs(c):
-            deadline = time.monotonic() + 5
-            while port_open(host, port) and time.monotonic() < deadline:
-                time.sleep(0.05)  # the kernel closing the dead process's sockets
+        if not wait_gone(pid, 5):
+            raise StackError(f"{c}: pid {pid} still alive 5s after SIGKILL (pid file kept)")
         self.pidfile(c).unlink(missing_ok=True)
+        # A start right after must find the ports free (launch refuses a port in use).
+        busy = self.wait_ports_free(c, PORTS_FREE_S)
+        if busy:
+            raise StackError(f"{c}: killed (pid {pid}), but {busy}")
         say(f"{c}: killed (SIGKILL, pid {pid})")
 
     def pid_files(self) -> list[str]:
@@ -1065,11 +1189,15 @@ log.retention.check.interval.ms=300000
             say("  Or choose another port: PROMETHEUS_PORT=19090 PROMETHEUS=1 make up")
             return
         t0 = time.monotonic()
-        self.start_one("prometheus")
+        try:
+            self.start_one("prometheus")
+        except StackError as exc:
+            say(f"{exc}; continuing without it")
+            return
         pid = self.running_pid("prometheus")
         if pid is None:
             self.show_logs("prometheus")
-            say("prometheus: exited right after start, continuing without it")
+            say(f"prometheus: {self.not_running_because('prometheus')}; continuing without it")
             return
         rc, detail = self.probe("prometheus", self.ready_timeout("prometheus"), pid)
         if rc != 0:

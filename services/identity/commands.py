@@ -425,21 +425,28 @@ class OperatorHandlers:
             "created_at": now,
             "updated_at": now,
         }
-        if record.password is not None:
-            ctx.emit(
-                IDENTITY_ACCOUNT_REGISTERED,
-                account_id,
-                EventType.ACCOUNT_REGISTERED,
-                AccountRegistered(
-                    account_id=account_id,
-                    sealed_initial_key=self.password_box.seal(
-                        {"password": record.password},
-                        purpose=Purpose.INITIAL_KEY,
-                        context=initial_key_context(account_id=account_id),
-                    ),
-                    legacy_key=cmd.legacy_key,
-                ),
+        # The password service learns the account's login name (its national ID) and, with one,
+        # its initial key sealed for it.
+        sealed_key = (
+            None
+            if record.password is None
+            else self.password_box.seal(
+                {"password": record.password},
+                purpose=Purpose.INITIAL_KEY,
+                context=initial_key_context(account_id=account_id),
             )
+        )
+        ctx.emit(
+            IDENTITY_ACCOUNT_REGISTERED,
+            account_id,
+            EventType.ACCOUNT_REGISTERED,
+            AccountRegistered(
+                account_id=account_id,
+                national_id=clean["national_id"],
+                sealed_initial_key=sealed_key,
+                legacy_key=cmd.legacy_key and sealed_key is not None,
+            ),
+        )
         self._done(
             ctx, cmd, "account_imported", "success", account_id=account_id, subject_ref=subject_ref, effect="created",
             profile=record.profile, line=cmd.line or 0, legacy_key=cmd.legacy_key,
@@ -461,6 +468,14 @@ class OperatorHandlers:
         account: Account,
         subject_ref: str,
     ) -> None:
+        # A re-import tells the password service the login name again (backfills accounts imported
+        # before it knew them; never a key: an existing account's key is never overwritten).
+        ctx.emit(
+            IDENTITY_ACCOUNT_REGISTERED,
+            account.account_id,
+            EventType.ACCOUNT_REGISTERED,
+            AccountRegistered(account_id=account.account_id, national_id=account.national_id),
+        )
         current = {
             "profile": account.profile,
             "name": account.name,

@@ -17,17 +17,20 @@ own quota, so a stranger can neither flood the owner's mailbox nor use up its re
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from email_validator import EmailNotValidError, validate_email
-from stdnum.ec import ci, ruc
-from stdnum.exceptions import ValidationError as StdnumError
+
+# Shared with the password service's credential checks (re-exported: identity's callers use them here).
+from shared.national_id import InvalidId, normalize_cedula, normalize_national_id
+from shared.throttle import address_block, address_block_or_none, within
+
+__all__ = ["InvalidId", "address_block", "address_block_or_none", "normalize_national_id"]
 
 
 class Reason:
@@ -44,23 +47,6 @@ class Reason:
 
 # Failures that count towards the lockout (a guess at the citizen's secrets).
 COUNTED_FAILURES = {Reason.ANSWERS_WRONG, Reason.EMAIL_MISMATCH, Reason.REPRESENTATIVE_MISMATCH}
-
-
-class InvalidId(ValueError):
-    pass
-
-
-def normalize_national_id(profile: str, raw: str) -> str:
-    """Cédula (affiliate, 10 digits) or RUC (employer, 13 digits), as people type them."""
-    module = ci if profile == "affiliate" else ruc
-    try:
-        return str(module.validate(raw))  # compact() drops spaces and dashes first
-    except StdnumError as exc:
-        raise InvalidId(str(exc)) from None
-
-
-def normalize_cedula(raw: str) -> str:
-    return normalize_national_id("affiliate", raw)
 
 
 def normalize_answer(text: str) -> str:
@@ -90,34 +76,6 @@ def same_mailbox(typed: str, registered: str) -> bool:
 def mask_email(address: str) -> str:
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}"
-
-
-# ---- client addresses ------------------------------------------------------------------------
-
-
-def address_block(client_ip: str) -> str:
-    """The unit that address limits count: an IPv4 address, or an IPv6 /64.
-
-    One subscriber gets a whole /64 (RFC 6177), so counting /128s would give an attacker
-    2**64 fresh buckets; an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address
-    it maps, and a zone index (fe80::1%eth0) names the interface, not another host.
-    Raises ValueError for anything that is not an IP address."""
-    address = ipaddress.ip_address(client_ip)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))  # int() drops the zone
-    return str(address)
-
-
-def address_block_or_none(client_ip: str | None) -> str | None:
-    """For internal events, where the address is optional and only shape-checked."""
-    if client_ip is None:
-        return None
-    try:
-        return address_block(client_ip)
-    except ValueError:
-        return None
 
 
 # ---- limits and counters ---------------------------------------------------------------------
@@ -160,11 +118,6 @@ class Limits:
             timedelta(hours=1),
             self.notice_window,
         )
-
-
-def within(times: Iterable[datetime], now: datetime, window: timedelta) -> int:
-    """How many of `times` fall in the window that ends now (the start excluded)."""
-    return sum(1 for t in times if t > now - window)
 
 
 @dataclass(frozen=True)
@@ -261,6 +214,7 @@ class Emit(StrEnum):
     VERIFIED = "verified"  # identity.verified: tokens issue a real link and code
     DECLINED = "declined"  # identity.declined: tokens keep a decoy that answers as a real one
     LOCK_NOTICE = "lock_notice"  # identity.locked: the owner is told
+    DUPLICATE = "duplicate"  # recovery.outcomes: `rejected` / `duplicate_request` (the first copy was answered)
 
 
 class Audit(StrEnum):
@@ -319,7 +273,8 @@ def decide_request(facts: RequestFacts, limits: Limits, now: datetime) -> Decisi
     """The whole verdict on one recovery request."""
     cheap = cheap_refusal(facts, limits, now)
     if cheap == Reason.DUPLICATE_REQUEST:
-        return Decision(False, (cheap,), record=None)  # the first copy had its effect: nothing more
+        # The first copy had its effect: nothing more, but the portal hears why (it may be waiting).
+        return Decision(False, (cheap,), emit=(Emit.DUPLICATE,), record=None)
     decision = _verdict(facts, cheap, limits, now)
     return replace(decision, record=replace(decision.record or Record(), request=True))
 

@@ -159,6 +159,16 @@ class IdentityHandlers:
                 EventType.RECOVERY_OUTCOME,
                 RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
             )
+        if Emit.DUPLICATE in decision.emit:
+            # Its own reason: the portal knows the first copy's answer stands (no account is named).
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                req.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(
+                    request_id=req.request_id, stage="request", status="rejected", reasons=[Reason.DUPLICATE_REQUEST]
+                ),
+            )
         if Emit.VERIFIED in decision.emit and account is not None:
             ctx.emit(
                 IDENTITY_VERIFIED,

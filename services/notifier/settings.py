@@ -31,7 +31,7 @@ class NotifierSettings(PlatformSettings):
     mail_from: str = "Clave <no-reply@clave.example.org>"
     mail_reply_to: str = "soporte@clave.example.org"
     templates_dir: str = ""  # overrides shipped templates, file by file
-    portal_base_url: str = "http://127.0.0.1:8080"
+    portal_base_url: str = "http://127.0.0.1:8000"  # the reference page (`make portal`)
     # DKIM (services/notifier/signing.py): every mail is signed with this private key (a PEM
     # file, RSA 2048); receivers find its public key at <selector>._domainkey.<domain> in DNS.
     # Rotation by selector: publish the new record, switch selector and key, drop the old record.

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from services.password.domain import LoginReason
 from services.password.handlers import PasswordHandlers
 from services.password.policy import policy_from_name
 from services.password.settings import PasswordSettings
 from services.password.store import CredentialStore
-from shared.consumer import Route
+from shared.consumer import InvalidAnswer, Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
-from shared.schemas import AccountRegistered, TokensRedeemed
+from shared.schemas import AccountRegistered, LoginCheckRequested, LoginResult, TokensRedeemed
 from shared.settings import load
-from shared.topics import IDENTITY_ACCOUNT_REGISTERED, TOKENS_REDEEMED, EventType
+from shared.topics import IDENTITY_ACCOUNT_REGISTERED, LOGIN_CHECKS, LOGIN_RESULTS, TOKENS_REDEEMED, EventType
 
 NAME = "password"
 
 
+def invalid_check(check_id: str) -> LoginResult:
+    return LoginResult(check_id=check_id, status="invalid", reasons=[LoginReason.CHECK_INVALID])
+
+
 def build(settings: PasswordSettings | None = None) -> Service:
     settings = settings or load(PasswordSettings)
-    store = CredentialStore(settings.mongodb_uri, settings.db_name(NAME))
+    limits = settings.login_limits()
+    store = CredentialStore(
+        settings.mongodb_uri, settings.db_name(NAME), keep=limits.keep(), retention=limits.retention()
+    )
     service = Service(NAME, store, settings)
     hasher = SecretHasher(settings)
     h = PasswordHandlers(store, hasher, policy_from_name(settings.password_policy), settings, service.metrics)
@@ -26,6 +34,13 @@ def build(settings: PasswordSettings | None = None) -> Service:
     service.consume(
         IDENTITY_ACCOUNT_REGISTERED,
         {EventType.ACCOUNT_REGISTERED: Route(AccountRegistered, h.account_registered)},
+    )
+    # Hot: the portal's login waits for the answer. A check that cannot be read is answered too.
+    service.consume(
+        LOGIN_CHECKS,
+        {EventType.LOGIN_CHECK_REQUESTED: Route(LoginCheckRequested, h.login_checked)},
+        hot=True,
+        answer=InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check),
     )
 
     async def close_hasher() -> None:

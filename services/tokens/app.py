@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from services.tokens.domain import Reason
 from services.tokens.handlers import TokenHandlers
 from services.tokens.settings import TokensSettings
 from services.tokens.store import TokenStore
-from shared.consumer import Route
+from shared.consumer import InvalidAnswer, Route
 from shared.runtime import Service
 from shared.schemas import (
     EmailChanged,
@@ -13,6 +14,7 @@ from shared.schemas import (
     IdentityVerified,
     PasswordRejected,
     PasswordUpdated,
+    RecoveryOutcome,
     ResetSubmitted,
 )
 from shared.settings import load
@@ -22,11 +24,16 @@ from shared.topics import (
     IDENTITY_VERIFIED,
     PASSWORD_REJECTED,
     PASSWORD_UPDATED,
+    RECOVERY_OUTCOMES,
     RECOVERY_RESETS,
     EventType,
 )
 
 NAME = "tokens"
+
+
+def invalid_reset(request_id: str) -> RecoveryOutcome:
+    return RecoveryOutcome(request_id=request_id, stage="reset", status="rejected", reasons=[Reason.RESET_INVALID])
 
 
 def build(settings: TokensSettings | None = None) -> Service:
@@ -45,7 +52,13 @@ def build(settings: TokensSettings | None = None) -> Service:
     service.consume(
         IDENTITY_DECLINED, {EventType.IDENTITY_DECLINED: Route(IdentityDeclined, h.identity_declined)}, hot=True
     )
-    service.consume(RECOVERY_RESETS, {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)}, hot=True)
+    # Every reset gets an answer: one that cannot be processed is `rejected` / `reset_invalid`.
+    service.consume(
+        RECOVERY_RESETS,
+        {EventType.RESET_SUBMITTED: Route(ResetSubmitted, h.reset_submitted)},
+        hot=True,
+        answer=InvalidAnswer("request_id", RECOVERY_OUTCOMES, EventType.RECOVERY_OUTCOME, invalid_reset),
+    )
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})

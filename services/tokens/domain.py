@@ -38,6 +38,7 @@ class Reason:
     TOKEN_EXPIRED = "token_expired"
     TOKEN_USED = "token_used"
     CODE_ATTEMPTS_EXCEEDED = "code_attempts_exceeded"
+    RESET_INVALID = "reset_invalid"  # the reset could not be processed at all (its dead letter says why)
 
 
 class State:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from clave_portal import PortalClient, PortalSettings
 
 from shared.acl import AUDITOR, OPERATOR, PORTAL
 from shared.contract import expected_sources
@@ -37,8 +39,10 @@ from shared.topics import (
     EventType,
     dlq,
 )
-from tools.portal import Mailbox, Portal, TopicWatcher, body_text, extract_link
+from tools.mail import Mailbox, body_text, extract_link
+from tools.portal import Portal
 from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.watch import TopicWatcher
 from tools.workbench import (
     SERVICES,
     WorkbenchSettings,
@@ -109,6 +113,20 @@ async def portal(stack: WorkbenchSettings) -> AsyncIterator[Portal]:
 
 
 @pytest.fixture(scope="session")
+async def client(stack: WorkbenchSettings) -> AsyncIterator[PortalClient]:
+    """The portal's client library (clients/python), with the portal principal's own settings."""
+    async with PortalClient(
+        PortalSettings.from_properties(principal_properties(PORTAL)), source="/portal/tests", timeout=60
+    ) as c:
+        yield c
+
+
+def citizen_ip() -> str:
+    """A citizen's address: many of them, so the per-address limits stay out of the way."""
+    return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+
+
+@pytest.fixture(scope="session")
 async def audit_log(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
     """Every audit event published during the session."""
     w = TopicWatcher(stack, [AUDIT_EVENTS])
@@ -127,8 +145,8 @@ async def dead_letters(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
 
 @pytest.fixture(scope="session")
 def mailbox(stack: WorkbenchSettings) -> Mailbox:
-    # This session's mail only: the folder keeps every earlier run's (see Mailbox).
-    return Mailbox(stack.mail_dir, new_only=True)
+    # This session's mail only: var/mail keeps every earlier run's (test, test-faults, demo...).
+    return Mailbox(stack.mail_dir, ignore_existing=True)
 
 
 # Who runs each `clave` command group: operators the accounts, auditors the audit log.

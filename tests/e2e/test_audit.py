@@ -23,7 +23,7 @@ from shared.auditkeys import KeyRing
 from shared.kafkaio import publish_raw
 from shared.topics import AUDIT_EVENTS
 from tests.e2e.conftest import World, clave_cli, fetch, metric_value, metrics_url
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import new_key
 from tools.workbench import RECOVERY_SERVICES
 

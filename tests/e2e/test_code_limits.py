@@ -16,8 +16,9 @@ import pytest
 from shared.crypto import keyed_hash
 from shared.topics import TOKENS_CODE_REJECTED
 from tests.e2e.conftest import Publisher, World
-from tools.portal import TopicWatcher, extract_code
+from tools.mail import extract_code
 from tools.testdata import new_citizen, new_key
+from tools.watch import TopicWatcher
 
 pytestmark = pytest.mark.e2e
 

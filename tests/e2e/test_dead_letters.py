@@ -50,7 +50,8 @@ CASES = {
 async def test_bad_input_is_dead_lettered_with_reason_and_origin(world: World, reason: str) -> None:
     marker = f"SECRET{uuid.uuid4().hex}"
     key = uuid.uuid4().hex
-    await publish_raw(world.portal.settings, RECOVERY_RESETS, key.encode(), CASES[reason](marker))
+    value = CASES[reason](marker)
+    await publish_raw(world.portal.settings, RECOVERY_RESETS, key.encode(), value)
     box = SecretBox(world.settings.dlq_keys)
     found = await world.dead_letters.wait(
         lambda topic, headers, d: (
@@ -65,6 +66,15 @@ async def test_bad_input_is_dead_lettered_with_reason_and_origin(world: World, r
     assert letter["data"]["origin_topic"] == RECOVERY_RESETS
     assert isinstance(letter["data"]["origin_offset"], int)
     assert marker not in json.dumps(letter)  # the payload is sealed, the detail names fields only
+    # Every reset gets an answer: keyed by the request_id read from the record, else its key.
+    try:
+        answer_id = json.loads(value)["data"]["request_id"]
+    except (ValueError, KeyError, TypeError):
+        answer_id = key
+    if reason == "too_large":
+        answer_id = key  # not parsed at all: only its key is known
+    outcome = await world.portal.wait_outcome(answer_id, "reset")
+    assert (outcome["status"], outcome["reasons"]) == ("rejected", ["reset_invalid"])
     await world.audit_log.wait(
         lambda _t, _h, d: (
             d["data"].get("action") == "message_dead_lettered"

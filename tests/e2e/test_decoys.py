@@ -25,7 +25,7 @@ import pytest
 from shared.crypto import keyed_hash
 from tests.e2e.conftest import Publisher, World
 from tests.e2e.timing import gap, new_rid_on, settled, summary
-from tools.portal import body_text, extract_code
+from tools.mail import body_text, extract_code
 from tools.testdata import Citizen, new_citizen, new_key, random_cedula
 
 pytestmark = pytest.mark.e2e

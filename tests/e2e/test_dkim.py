@@ -11,7 +11,7 @@ import dkim
 import pytest
 
 from tests.e2e.conftest import World
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from pymongo import AsyncMongoClient
 from services.identity.domain import normalize_answer
 from tests.e2e.conftest import Publisher, World
 from tests.e2e.timing import gap, keyed_on, new_rid_on, settled, summary
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, random_cedula
 
 pytestmark = pytest.mark.e2e

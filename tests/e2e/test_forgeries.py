@@ -36,8 +36,9 @@ from shared.kafka import client_kwargs
 from shared.schemas import IdentityVerified, Recipient, TokensRedeemed
 from shared.topics import IDENTITY_VERIFIED, PASSWORD_UPDATED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType, dlq
 from tests.e2e.conftest import World
-from tools.portal import TopicWatcher, body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, new_key
+from tools.watch import TopicWatcher
 from tools.workbench import WorkbenchSettings, as_principal
 
 pytestmark = pytest.mark.e2e

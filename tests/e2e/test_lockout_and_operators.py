@@ -9,7 +9,7 @@ import secrets
 import pytest
 
 from tests.e2e.conftest import World, clave_cli
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_key
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from tests.e2e.conftest import World
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import Citizen
 
 pytestmark = pytest.mark.e2e

@@ -26,8 +26,8 @@ from shared.schemas import Recipient, TokensIssued
 from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, TOKENS_ISSUED, EventType
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
 from tests.e2e.test_forgeries import on, produce
-from tools.portal import TopicWatcher
 from tools.testdata import new_citizen
+from tools.watch import TopicWatcher
 from tools.workbench import as_principal
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,9 @@ from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_COMMAND_RESULTS, IDENTITY_COMMANDS, EventType, dlq
 from tests.e2e.conftest import World, clave_cli
-from tools.portal import TopicWatcher, body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, write_jsonl
+from tools.watch import TopicWatcher
 from tools.workbench import WorkbenchSettings, as_principal
 
 pytestmark = pytest.mark.e2e
@@ -197,11 +198,6 @@ def mails(world: World, address: str, kind: str) -> list[Any]:
     return [m for m in world.mails_to(address) if SUBJECTS[kind] in str(m["Subject"])]
 
 
-def mail_of(address: str, kind: str) -> Callable[[Any], bool]:
-    """A wait_for predicate: one message at a time (not a scan of the folder per message)."""
-    return lambda m: address.lower() in str(m["To"]).lower() and SUBJECTS[kind] in str(m["Subject"])
-
-
 def sent_id(stdout: str) -> str:
     match = re.search(r"command ([0-9a-f]{32}) sent", stdout)
     assert match, stdout
@@ -226,9 +222,9 @@ async def request_change(
 
 async def told_of_request(world: World, old_email: str, new_email: str) -> None:
     """Both addresses are told at once, before anything changes; the new one only masked to the old."""
-    [old] = await world.mailbox.wait_for(mail_of(old_email, "requested_old"))
+    [old] = await world.mailbox.wait_for(lambda m: m in mails(world, old_email, "requested_old"))
     assert new_email not in body_text(old) and "***" in body_text(old)
-    await world.mailbox.wait_for(mail_of(new_email, "requested_new"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email, "requested_new"))
 
 
 def cooling_off_or_skip(pending: dict[str, Any]) -> datetime:
@@ -275,8 +271,8 @@ async def test_email_change_needs_a_second_operator(world: World, results: Topic
     )
     assert done[0]["data"]["operator_id"] == "op-1"
     # Both addresses are told it took effect; live tokens are revoked.
-    await world.mailbox.wait_for(mail_of(c.email, "changed_old"))
-    await world.mailbox.wait_for(mail_of(new_email, "changed_new"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, c.email, "changed_old"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email, "changed_new"))
     await world.audit_log.wait(
         lambda _t, _h, d: (
             d["data"].get("action") == "tokens_revoked"
@@ -328,7 +324,7 @@ async def test_an_approved_change_waits_for_the_cooling_off(
         )
     )
     assert datetime.fromisoformat(applied[0]["time"]) >= effective  # not one moment earlier
-    await world.mailbox.wait_for(mail_of(new_email, "changed_new"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email, "changed_new"))
 
 
 async def test_a_second_change_waits_for_the_first(world: World, results: TopicWatcher) -> None:
@@ -371,8 +367,8 @@ async def test_import_unchanged_is_a_noop_changes_are_named_and_email_needs_appr
         lambda _t, _h, d: d["data"].get("action") == "account_updated" and d["data"].get("account_id") == account_id
     )
     assert updated[0]["data"]["details"]["changed"] == "name"
-    await world.mailbox.wait_for(mail_of(c.email, "requested_old"))
-    await world.mailbox.wait_for(mail_of(new_email, "requested_new"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, c.email, "requested_old"))
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email, "requested_new"))
     assert not world.audit_log.matching(
         lambda _t, _h, d: (
             d["data"].get("action") == "email_change_applied" and d["data"].get("account_id") == account_id

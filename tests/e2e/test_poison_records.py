@@ -87,7 +87,12 @@ async def test_poison_on_recovery_resets_then_the_reset_is_served(world: World) 
     _, token = await world.recovery_mail(rid)
     sent = await publish_poison(world, RECOVERY_RESETS, rid)  # the portal's key
     await world.portal.submit_reset(rid, new_key(), token=token)
-    assert (await world.portal.wait_outcome(rid, "reset"))["status"] == "completed"
+    # Every reset gets an answer: each poison record a `reset_invalid` (by its record key), in
+    # order on the partition, then the real reset its own.
+    last = await world.portal.wait_outcome(rid, "reset", count=len(sent) + 1)
+    assert last["status"] == "completed"
+    earlier = [o for o in world.portal.outcomes(rid) if o["stage"] == "reset"][: len(sent)]
+    assert [(o["status"], o["reasons"]) for o in earlier] == [("rejected", ["reset_invalid"])] * len(sent)
     await assert_parked(world, RECOVERY_RESETS, sent)
 
 

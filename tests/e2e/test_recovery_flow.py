@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
-from tools.portal import body_text, extract_code
+from tools.mail import body_text, extract_code
 from tools.testdata import new_key
 from tools.workbench import RECOVERY_SERVICES
 

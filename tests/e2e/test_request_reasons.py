@@ -15,47 +15,21 @@ import pytest
 from shared.crypto import keyed_hash
 from shared.topics import IDENTITY_DECLINED, IDENTITY_VERIFIED
 from tests.e2e.conftest import World
-from tools.portal import TopicWatcher, body_text
+from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, random_cedula
+from tools.watch import TopicWatcher
 from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
 
 
-class KeyedWatcher(TopicWatcher):
-    """A TopicWatcher that also keeps each record's key (the contract keys identity.declined
-    by account_id when the ID named an account, else by subject_ref)."""
-
-    async def _collect(self) -> None:
-        import asyncio
-        import json
-
-        from aiokafka.errors import KafkaError
-
-        assert self._consumer is not None
-        while True:
-            try:
-                batch = await self._consumer.getmany(timeout_ms=500)
-            except KafkaError as exc:
-                self.errors.append(exc.__class__.__name__)
-                await asyncio.sleep(0.5)
-                continue
-            for messages in batch.values():
-                for msg in messages:
-                    doc = json.loads(msg.value)
-                    doc["_key"] = msg.key.decode() if msg.key else None
-                    self.records.append((msg.topic, {}, doc))
-            if batch:
-                self._changed.set()
-
-
 @pytest.fixture(scope="module")
-async def decisions(stack: WorkbenchSettings) -> AsyncIterator[KeyedWatcher]:
-    """identity.declined and identity.verified, from now on."""
-    w = KeyedWatcher(stack, [IDENTITY_DECLINED, IDENTITY_VERIFIED])
-    await w.start()
-    yield w
-    await w.stop()
+async def decisions(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
+    """identity.declined and identity.verified, from now on (with each record's key: the
+    contract keys identity.declined by account_id when the ID named an account, else by
+    subject_ref)."""
+    async with TopicWatcher(stack, [IDENTITY_DECLINED, IDENTITY_VERIFIED]) as w:
+        yield w
 
 
 class Witnesses:
@@ -87,7 +61,7 @@ def on(watcher: TopicWatcher, topic: str, rid: str) -> list[dict[str, Any]]:
 
 
 async def assert_refused_quietly(
-    world: World, decisions: KeyedWatcher, rid: str, reason: str, account_of: Citizen | None = None
+    world: World, decisions: TopicWatcher, rid: str, reason: str, account_of: Citizen | None = None
 ) -> dict[str, Any]:
     """Accepted for the portal, rejected in the audit, declined once on identity.declined."""
     outcome = await world.portal.wait_outcome(rid, "request")
@@ -95,15 +69,15 @@ async def assert_refused_quietly(
     audit = await world.audited(rid)
     assert audit["outcome"] == "rejected"
     assert reason in audit["reasons"]
-    declined = await decisions.wait(lambda t, _h, d: t == IDENTITY_DECLINED and d["data"]["request_id"] == rid)
+    declined = await decisions.wait_records(lambda r: r.topic == IDENTITY_DECLINED and r.data["request_id"] == rid)
     assert len(declined) == 1
-    data = declined[0]["data"]
+    data = declined[0].data
     assert data["client_ip"] and data["requested_at"]
     if account_of is not None:
-        assert audit["account_id"] == data["account_id"] == declined[0]["_key"]
+        assert audit["account_id"] == data["account_id"] == declined[0].key
     else:
         assert "account_id" not in audit and data["account_id"] is None
-        assert audit["subject_ref"] == data["subject_ref"] == declined[0]["_key"]
+        assert audit["subject_ref"] == data["subject_ref"] == declined[0].key
     assert on(decisions, IDENTITY_VERIFIED, rid) == []  # same transaction: it would be here already
     return audit
 
@@ -113,7 +87,7 @@ async def assert_no_mail(world: World, witnesses: Witnesses, to: str, already: i
     assert len(world.mails_to(to)) == already
 
 
-async def test_invalid_check_digit_is_id_invalid(world: World, decisions: KeyedWatcher) -> None:
+async def test_invalid_check_digit_is_id_invalid(world: World, decisions: TopicWatcher) -> None:
     good = random_cedula()
     bad = good[:-1] + str((int(good[-1]) + 1) % 10)
     rid = await world.portal.request_recovery(
@@ -123,7 +97,7 @@ async def test_invalid_check_digit_is_id_invalid(world: World, decisions: KeyedW
     assert audit["subject_ref"] == keyed_hash(world.settings.pseudonym_key, bad)
 
 
-async def test_unknown_account(world: World, decisions: KeyedWatcher) -> None:
+async def test_unknown_account(world: World, decisions: TopicWatcher) -> None:
     cedula = random_cedula()
     rid = await world.portal.request_recovery(
         national_id=cedula[:9] + "-" + cedula[9],
@@ -134,14 +108,14 @@ async def test_unknown_account(world: World, decisions: KeyedWatcher) -> None:
     assert audit["subject_ref"] == keyed_hash(world.settings.pseudonym_key, cedula)  # a keyed hash, not the ID
 
 
-async def test_wrong_answer(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_wrong_answer(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen()
     rid = await world.request(c, answers={**c.answers, "mother_surname": "Otro"})
     await assert_refused_quietly(world, decisions, rid, "answers_wrong", account_of=c)
     await assert_no_mail(world, witnesses, c.email)
 
 
-async def test_missing_answer_is_wrong(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_missing_answer_is_wrong(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen()
     answers = dict(c.answers)
     answers.pop("birth_date")
@@ -151,7 +125,7 @@ async def test_missing_answer_is_wrong(world: World, decisions: KeyedWatcher, wi
 
 
 async def test_email_mismatch_and_the_typed_address_gets_nothing(
-    world: World, decisions: KeyedWatcher, witnesses: Witnesses
+    world: World, decisions: TopicWatcher, witnesses: Witnesses
 ) -> None:
     c = await world.citizen()
     typed = f"attacker.{uuid.uuid4().hex[:8]}@example.net"
@@ -161,21 +135,21 @@ async def test_email_mismatch_and_the_typed_address_gets_nothing(
     assert world.mails_to(typed) == []
 
 
-async def test_captcha_missing(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_captcha_missing(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen()
     rid = await world.request(c, captcha_passed=False)
     await assert_refused_quietly(world, decisions, rid, "captcha_missing", account_of=c)
     await assert_no_mail(world, witnesses, c.email)
 
 
-async def test_employer_representative_must_match(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_employer_representative_must_match(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen(profile="employer")
     rid = await world.request(c, representative_id=random_cedula())
     await assert_refused_quietly(world, decisions, rid, "representative_mismatch", account_of=c)
     await assert_no_mail(world, witnesses, c.email)
 
 
-async def test_locked_block(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_locked_block(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen()
     ip = str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.0.1")) + secrets.randbelow(2**17 - 2)))
     for _ in range(world.settings.lockout_max_failures):
@@ -188,7 +162,7 @@ async def test_locked_block(world: World, decisions: KeyedWatcher, witnesses: Wi
     assert "recuperar?" not in body_text(world.mails_to(c.email)[0])
 
 
-async def test_mailbox_flood_limit_is_rate_limited(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_mailbox_flood_limit_is_rate_limited(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     c = await world.citizen()
     limit = world.settings.recovery_mails_per_hour
     for _ in range(limit):
@@ -200,7 +174,7 @@ async def test_mailbox_flood_limit_is_rate_limited(world: World, decisions: Keye
     await assert_no_mail(world, witnesses, c.email, already=limit)
 
 
-async def test_client_ip_rate_limit(world: World, decisions: KeyedWatcher, witnesses: Witnesses) -> None:
+async def test_client_ip_rate_limit(world: World, decisions: TopicWatcher, witnesses: Witnesses) -> None:
     ip = str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.0.1")) + secrets.randbelow(2**17 - 2)))
     limit = world.settings.ip_max_requests
     for n in range(limit):
@@ -218,7 +192,7 @@ async def test_client_ip_rate_limit(world: World, decisions: KeyedWatcher, witne
     await assert_no_mail(world, witnesses, c.email)
 
 
-async def test_client_ip_rate_limit_counts_an_ipv6_64_as_one_address(world: World, decisions: KeyedWatcher) -> None:
+async def test_client_ip_rate_limit_counts_an_ipv6_64_as_one_address(world: World, decisions: TopicWatcher) -> None:
     prefix = f"2001:db8:{secrets.randbelow(65536):x}:{secrets.randbelow(65536):x}::"
     for n in range(world.settings.ip_max_requests):
         rid = await world.portal.request_recovery(
@@ -234,7 +208,7 @@ async def test_client_ip_rate_limit_counts_an_ipv6_64_as_one_address(world: Worl
     await world.recovery_mail(rid)
 
 
-async def test_same_request_id_twice_has_one_effect(world: World, decisions: KeyedWatcher) -> None:
+async def test_same_request_id_twice_has_one_effect(world: World, decisions: TopicWatcher) -> None:
     c = await world.citizen()
     rid = await world.request(c)
     await world.recovery_mail(rid)

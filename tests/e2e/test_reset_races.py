@@ -9,8 +9,9 @@ import pytest
 
 from shared.topics import PASSWORD_UPDATED, RECOVERY_RESETS, TOKENS_REDEEMED
 from tests.e2e.conftest import Publisher, World, fetch, metric_value, metrics_url
-from tools.portal import TopicWatcher, body_text, extract_code
+from tools.mail import body_text, extract_code
 from tools.testdata import new_key
+from tools.watch import TopicWatcher
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import secrets
 import pytest
 
 from tests.e2e.conftest import World, fetch, metric_value, metrics_url
-from tools.portal import extract_code
+from tools.mail import extract_code
 from tools.testdata import new_key
 
 pytestmark = pytest.mark.e2e

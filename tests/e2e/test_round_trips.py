@@ -9,7 +9,7 @@ from collections import Counter
 
 from services.audit.app import make_store
 from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
-from tools.portal import body_text
+from tools.mail import body_text
 from tools.testdata import new_key
 
 NAME = "clave_store_commands_total"

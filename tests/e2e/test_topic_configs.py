@@ -16,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from shared.kafka import client_kwargs
-from shared.topics import HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics
+from shared.topics import HOUR_MS, PORTAL_INPUTS, RECOVERY_RESETS, all_topics
 from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +72,7 @@ async def test_portal_inputs_leave_the_disk_within_two_hours(
 ) -> None:
     nodes = (await admin.describe_cluster())["brokers"]
     broker = await configs(admin, ConfigResourceType.BROKER, str(nodes[0]["node_id"]))
-    for name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+    for name in PORTAL_INPUTS:
         topic = await configs(admin, ConfigResourceType.TOPIC, name)
         assert {k: topic[k] for k in KEYS} == wanted(stack, name)
         assert topic["retention.ms"] == str(stack.portal_topic_retention_ms)

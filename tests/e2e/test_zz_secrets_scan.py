@@ -16,9 +16,9 @@ from pymongo import AsyncMongoClient
 
 from shared.kafka import client_kwargs
 from shared.kafkaio import read_topic
-from shared.topics import RECOVERY_REQUESTS, RECOVERY_RESETS
+from shared.topics import PORTAL_INPUTS
 from tests.e2e.conftest import SERVICES, World, fetch, metrics_url
-from tools.portal import Mailbox, body_text
+from tools.mail import Mailbox, body_text
 from tools.testdata import SECRETS_MADE
 from tools.workbench import WorkbenchSettings
 
@@ -30,10 +30,10 @@ CODE_EDGE = r"(?<![A-Za-z0-9_\-+/=.:]){}(?![A-Za-z0-9_\-+/=])"
 
 
 async def portal_inputs(settings: WorkbenchSettings) -> tuple[set[str], set[str]]:
-    """What citizens typed: answers, tokens, keys (words) and codes, from the two input topics."""
+    """What citizens typed: answers, tokens, keys (words) and codes, from the portal's input topics."""
     words: set[str] = set()
     codes: set[str] = set()
-    for topic in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+    for topic in PORTAL_INPUTS:
         async for record in read_topic(settings, topic):
             try:
                 data = json.loads(record.value).get("data") or {}
@@ -44,7 +44,7 @@ async def portal_inputs(settings: WorkbenchSettings) -> tuple[set[str], set[str]
             answers = data.get("answers")
             if isinstance(answers, dict):
                 words.update(str(a) for a in answers.values())
-            for field in ("token", "new_password"):
+            for field in ("token", "new_password", "key"):
                 if isinstance(data.get(field), str):
                     words.add(data[field])
             if isinstance(data.get("code"), str):
@@ -72,7 +72,7 @@ async def sources(settings: WorkbenchSettings) -> list[tuple[str, str]]:
         topics = [t for t in await admin.list_topics() if not t.startswith("__")]
     finally:
         await admin.close()
-    for topic in sorted(set(topics) - {RECOVERY_REQUESTS, RECOVERY_RESETS}):
+    for topic in sorted(set(topics) - set(PORTAL_INPUTS)):
         chunks = []
         async for record in read_topic(settings, topic):
             chunks.append(record.value.decode("utf-8", "replace"))

@@ -1,30 +1,20 @@
-"""Tools of the fault suite: Kafka readers with explicit start offsets, an indexed view of
-the mail catcher's folder, a portal that re-sends the same event when the broker is away,
-and the `stack.sh` fault commands.  Everything waits on conditions with deadlines."""
+"""Tools of the fault suite: a portal that re-sends the same event when the broker is away,
+the `stack.sh` fault commands and the summary table. The topics and the mail catcher's
+folder are read with the workbench's readers (tools/watch.py, tools/mail.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email
-import email.policy
-import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, new_event
-from shared.kafka import client_kwargs
-from tools.portal import Portal, body_text, extract_link, stop_background_consumer
-from tools.workbench import WorkbenchSettings
+from tools.portal import Portal
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "local" / "stack.sh"
@@ -37,225 +27,6 @@ def utc_now() -> str:
 
 def var_dir() -> Path:
     return Path(os.environ.get("VAR_DIR", "var"))
-
-
-# ---------------------------------------------------------------------------- Kafka
-
-
-@dataclass(frozen=True)
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: str | None
-    headers: dict[str, str]
-    raw: bytes
-    doc: dict[str, Any] | None
-
-
-def _rec(msg: Any) -> Rec:
-    raw = msg.value or b""
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            doc = None
-    except (ValueError, RecursionError):
-        doc = None
-    return Rec(
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=msg.timestamp,
-        key=msg.key.decode("utf-8", "replace") if msg.key else None,
-        headers={k: v.decode("utf-8", "replace") for k, v in (msg.headers or [])},
-        raw=raw,
-        doc=doc,
-    )
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
-    await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call
-    tps = []
-    for topic in topics:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise RuntimeError(f"topic {topic} has no partitions (is it created?)")
-        tps.extend(TopicPartition(topic, p) for p in sorted(parts))
-    return tps
-
-
-async def end_offsets(settings: WorkbenchSettings, topics: Iterable[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = await _partitions(consumer, topics)
-        return dict(await consumer.end_offsets(tps))
-    finally:
-        await consumer.stop()
-
-
-async def read_records(
-    settings: WorkbenchSettings, starts: dict[TopicPartition, int], timeout: float = 120.0
-) -> list[Rec]:
-    """Every record from `starts` up to the end offsets seen now, partition by partition (log order)."""
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
-    await consumer.start()
-    out: list[Rec] = []
-    deadline = time.monotonic() + timeout
-    try:
-        tps = list(starts)
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            if starts[tp] >= ends[tp]:
-                continue
-            consumer.seek(tp, starts[tp])
-            while await consumer.position(tp) < ends[tp]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {tp} did not reach offset {ends[tp]} in {timeout}s")
-                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
-                out.extend(_rec(m) for m in batch.get(tp, []) if m.offset < ends[tp])
-    finally:
-        await consumer.stop()
-    return out
-
-
-class Tail:
-    """Follows some partitions from given offsets; `on_record` indexes; waiters use `cond`."""
-
-    def __init__(
-        self, settings: WorkbenchSettings, starts: dict[TopicPartition, int], on_record: Callable[[Rec], None]
-    ):
-        self.settings = settings
-        self.starts = starts
-        self.on_record = on_record
-        self.cond = asyncio.Condition()
-        self.count = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
-        await self._consumer.start()
-        self._consumer.assign(list(self.starts))
-        for tp, offset in self.starts.items():
-            self._consumer.seek(tp, offset)
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        await stop_background_consumer(self._task, self._consumer)
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            try:
-                batch = await self._consumer.getmany(timeout_ms=500)
-            except KafkaError:  # the broker is being restarted: the consumer reconnects
-                await asyncio.sleep(0.5)
-                continue
-            if not batch:
-                continue
-            for messages in batch.values():
-                for msg in messages:
-                    self.on_record(_rec(msg))
-                    self.count += 1
-            async with self.cond:
-                self.cond.notify_all()
-
-    async def wait(self, predicate: Callable[[], bool], deadline: float, what: str) -> None:
-        async with self.cond:
-            try:
-                await asyncio.wait_for(self.cond.wait_for(predicate), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise TimeoutError(f"timed out waiting for {what}") from None
-
-
-# ---------------------------------------------------------------------------- mail
-
-
-@dataclass
-class Mail:
-    path: str
-    arrived: float  # monotonic, when this harness first saw the file
-    arrived_utc: str
-    message_id: str
-    to: str
-    subject: str
-    request_id: str | None  # recovery e-mails only (from the link)
-    token: str | None
-
-
-@dataclass
-class MailIndex:
-    """The mail catcher's folder, indexed as files appear (each file parsed once)."""
-
-    mail_dir: Path
-    ignore: set[str] = field(default_factory=set)
-    mails: list[Mail] = field(default_factory=list)
-    by_request: dict[str, list[Mail]] = field(default_factory=dict)
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
-    _seen: set[str] = field(default_factory=set)
-    _task: asyncio.Task[None] | None = None
-
-    def snapshot_existing(self) -> None:
-        self.ignore = {p.name for p in self.mail_dir.glob("*.eml")}
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def scan(self) -> int:
-        new = 0
-        names = sorted(e.name for e in os.scandir(self.mail_dir) if e.name.endswith(".eml"))
-        for name in names:
-            if name in self._seen or name in self.ignore:
-                continue
-            self._seen.add(name)
-            path = self.mail_dir / name
-            with path.open("rb") as fh:
-                msg: EmailMessage = email.message_from_binary_file(fh, policy=email.policy.default)  # type: ignore[assignment]
-            request_id = token = None
-            if "recuperar?" in body_text(msg):
-                _, request_id, token = extract_link(msg)
-            mail = Mail(
-                path=str(path),
-                arrived=time.monotonic(),
-                arrived_utc=utc_now(),
-                message_id=str(msg["Message-ID"]),
-                to=str(msg["To"]),
-                subject=str(msg["Subject"]),
-                request_id=request_id,
-                token=token,
-            )
-            self.mails.append(mail)
-            if request_id:
-                self.by_request.setdefault(request_id, []).append(mail)
-            new += 1
-        return new
-
-    async def _run(self) -> None:
-        while True:
-            if await asyncio.to_thread(self.scan):
-                async with self.cond:
-                    self.cond.notify_all()
-            await asyncio.sleep(0.1)  # polling a folder: waiters re-check their condition on every change
-
-    async def recovery_mail(self, request_id: str, deadline: float) -> Mail:
-        async with self.cond:
-            try:
-                await asyncio.wait_for(
-                    self.cond.wait_for(lambda: request_id in self.by_request),
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
-            except TimeoutError:
-                raise TimeoutError(f"no recovery e-mail for {request_id}") from None
-        return self.by_request[request_id][0]
 
 
 # ---------------------------------------------------------------------------- portal

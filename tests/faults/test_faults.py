@@ -35,6 +35,7 @@ The report gives the throughput: completed recoveries per second of load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -55,8 +56,10 @@ from shared.audit import canonical
 from shared.crypto import keyed_hash
 from shared.topics import AUDIT_EVENTS, CONSUMED, RECOVERY_OUTCOMES, dlq
 from tests.faults import harness
-from tests.faults.harness import MailIndex, Rec, RetryingPortal, Tail, end_offsets, read_records, stack, utc_now
+from tests.faults.harness import RetryingPortal, stack, utc_now
+from tools.mail import Mailbox
 from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
+from tools.watch import Rec, TopicWatcher, end_offsets, read_from
 from tools.workbench import (
     RECOVERY_SERVICES,
     WorkbenchSettings,
@@ -290,10 +293,9 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         if data.get("stage") == "reset":
             reset_outcomes[data.get("request_id")].append(data)
 
-    audit_tail = Tail(settings, audit_starts, on_audit)
-    outcome_tail = Tail(settings, outcome_starts, on_outcome)
-    mails = MailIndex(Path(settings.mail_dir))
-    mails.snapshot_existing()
+    audit_tail = TopicWatcher(settings, starts=audit_starts, on_record=on_audit)
+    outcome_tail = TopicWatcher(settings, starts=outcome_starts, on_record=on_outcome)
+    mails = Mailbox(settings.mail_dir, ignore_existing=True)  # this run's mail only
     portal = RetryingPortal(as_principal(settings, PORTAL))
     await audit_tail.start()
     await outcome_tail.start()
@@ -316,9 +318,13 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         assert result.returncode == 0, f"import failed: {result.stdout}{result.stderr}"
         refs = {keyed_hash(settings.pseudonym_key, c.national_id) for c in citizens}
         deadline = min(time.monotonic() + IMPORT_TIMEOUT_S, suite_t0 + BUDGET_S / 3)
-        await audit_tail.wait(lambda: refs <= imported.keys(), deadline, "account_imported for every citizen")
+        await audit_tail.wait_until(
+            lambda: refs <= imported.keys(), deadline=deadline, what="account_imported for every citizen"
+        )
         account_ids = {imported[r] for r in refs}
-        await audit_tail.wait(lambda: account_ids <= keys_set, deadline, "initial_key_set for every account")
+        await audit_tail.wait_until(
+            lambda: account_ids <= keys_set, deadline=deadline, what="initial_key_set for every account"
+        )
         report["import"] = {"accounts": N, "seconds": round(time.monotonic() - t, 1), "cli": result.stdout.strip()}
 
         # ---- the load, with the faults injected while it runs ---------------------------------
@@ -357,11 +363,13 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
                         locale=c.locale,
                     )
                     run["rid"] = rid
-                    mail = await mails.recovery_mail(rid, load_deadline)
+                    mail = await mails.recovery_mail(rid, deadline=load_deadline)
                     run["t_mail"] = time.monotonic()
                     assert mail.token is not None
                     await portal.submit_reset(rid, new_key(), token=mail.token)
-                    await outcome_tail.wait(lambda: bool(reset_outcomes.get(rid)), load_deadline, f"outcome of {rid}")
+                    await outcome_tail.wait_until(
+                        lambda: bool(reset_outcomes.get(rid)), deadline=load_deadline, what=f"outcome of {rid}"
+                    )
                     run["status"] = reset_outcomes[rid][0]["status"]
                     run["reasons"] = reset_outcomes[rid][0]["reasons"]
                 except Exception as exc:  # recorded and reported; the assertions come at the end
@@ -432,23 +440,17 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         def changed_mails() -> int:
             return sum(1 for m in mails.mails if m.request_id is None and m.to in emails)
 
-        async with mails.cond:
-            try:
-                await asyncio.wait_for(
-                    mails.cond.wait_for(lambda: changed_mails() >= len(rids)),
-                    timeout=max(0.0, settle_deadline - time.monotonic()),
-                )
-            except TimeoutError:
-                pass  # counted below
+        with contextlib.suppress(TimeoutError):  # counted below
+            await mails.wait_until(
+                lambda: changed_mails() >= len(rids), deadline=settle_deadline, what="every key-changed e-mail"
+            )
 
         def trails_complete() -> bool:
             need = {*TRAIL, *(f"mail_sent:{k}" for k in MAIL_KINDS)}
             return all(need <= set(audit_by_rid.get(rid, {}).values()) for rid in rids)
 
-        try:
-            await audit_tail.wait(trails_complete, settle_deadline, "complete audit trails")
-        except TimeoutError:
-            pass  # counted below
+        with contextlib.suppress(TimeoutError):  # counted below
+            await audit_tail.wait_until(trails_complete, deadline=settle_deadline, what="complete audit trails")
         # "No duplicate, no stray mail" is concluded only after a later mail has arrived: a
         # recovery for someone else, requested now (the notifier sends in queue order, so a
         # copy queued before it would be here too).
@@ -457,11 +459,11 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
             witness_rid = await portal.request_recovery(
                 national_id=witness.national_id, email_address=witness.email, answers=dict(witness.answers)
             )
-            await mails.recovery_mail(witness_rid, max(settle_deadline, time.monotonic() + 60))
+            await mails.recovery_mail(witness_rid, deadline=max(settle_deadline, time.monotonic() + 60))
             report["witness_mail"] = True
         except TimeoutError:
             pass  # reported below
-        await asyncio.to_thread(mails.scan)
+        mails.scan()
     finally:
         await portal.stop()
         await mails.stop()
@@ -469,9 +471,9 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         await audit_tail.stop()
 
     # ---- read everything again from the topics, and count ---------------------------------
-    audit_recs = await read_records(settings, audit_starts)
-    outcome_recs = await read_records(settings, outcome_starts)
-    dlq_recs = await read_records(settings, dlq_starts)
+    audit_recs = await read_from(settings, audit_starts)
+    outcome_recs = await read_from(settings, outcome_starts)
+    dlq_recs = await read_from(settings, dlq_starts)
 
     # Recoveries
     completed = [r for r in runs if r.get("status") == "completed"]
@@ -511,9 +513,9 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         eid = str(doc.get("id"))
         if eid in outcome_ids:
             outcome_copies += 1
-            outcome_conflicts += outcome_ids[eid] != rec.raw
+            outcome_conflicts += outcome_ids[eid] != rec.value
             continue
-        outcome_ids[eid] = rec.raw
+        outcome_ids[eid] = rec.value
         if data.get("stage") == "reset":
             reset_by_rid[data["request_id"]].append(data)
     report["outcomes"] = {
@@ -532,7 +534,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
     for rec in audit_recs:
         doc = rec.doc or {}
         eid = str(doc.get("id"))
-        digest = canonical(doc).hex() if doc else rec.raw.hex()
+        digest = canonical(doc).hex() if doc else rec.value.hex()
         if eid in audit_first:
             if audit_first[eid] == digest:
                 exact += 1
@@ -590,7 +592,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
         if len(copies) == 2 and identical and (rid, kind) in in_doubt:
             in_doubt_copies += 1
         else:
-            unexplained.append({"request": rid, "kind": kind, "files": [m.path for m in copies]})
+            unexplained.append({"request": rid, "kind": kind, "files": [str(m.path) for m in copies]})
     owners = defaultdict(set)
     for (rid, kind), copies in groups.items():
         for m in copies:
@@ -641,7 +643,7 @@ async def test_recoveries_survive_faults() -> None:  # noqa: C901 - one scenario
                 1 for r in runs if t0 <= r.get("t_end", -1) < t1 and r.get("status") == "completed"
             ),
             "slowest_in_flight_s": round(max((r.get("t_end", load_end) - r["t0"] for r in hit), default=0.0), 1),
-            "mails_in_window": sum(1 for m in ours if t0 <= m.arrived < t1),
+            "mails_in_window": sum(1 for m in ours if t0 <= m.seen < t1),
             "audit_redeliveries": sum(1 for ts in redelivery_times if w0 <= ts < w1),
             "dlq_in_window": dict(
                 Counter(r.headers.get("clave-dlq-reason", "?") for r in dlq_recs if w0 <= r.timestamp_ms / 1000 < w1)

@@ -78,8 +78,8 @@ def test_services_write_only_their_topics_dlqs_and_the_audit_log() -> None:
 
 
 def test_people_facing_principals_get_least_privilege() -> None:
-    assert topic_acls(PORTAL, Operation.WRITE) == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
-    assert topic_acls(PORTAL, Operation.READ) == {t.RECOVERY_OUTCOMES}
+    assert topic_acls(PORTAL, Operation.WRITE) == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS}
+    assert topic_acls(PORTAL, Operation.READ) == {t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED}
     assert topic_acls(OPERATOR, Operation.WRITE) == {t.IDENTITY_COMMANDS}
     # The operator sees its commands' results on their own topic, not the whole audit log.
     assert topic_acls(OPERATOR, Operation.READ) == {t.IDENTITY_COMMAND_RESULTS}
@@ -103,6 +103,9 @@ def test_internal_topics_have_one_writer_and_the_secrets_one_reader() -> None:
     assert acl.readers(t.TOKENS_REDEEMED) == {"password"}
     assert acl.readers(t.RECOVERY_REQUESTS) == {"identity"}
     assert acl.readers(t.RECOVERY_RESETS) == {"tokens"}
+    # Keys typed at login: only the password service reads them; only it answers.
+    assert acl.readers(t.LOGIN_CHECKS) == {"password"}
+    assert acl.writers(t.LOGIN_RESULTS) == acl.writers(t.ACCOUNT_KEY_CHANGED) == {"password"}
 
 
 def test_no_cluster_wildcard_or_admin_acls() -> None:

@@ -15,15 +15,16 @@ import pytest
 from aiokafka import ConsumerRecord
 from pymongo.errors import AutoReconnect
 
+from services.tokens.app import invalid_reset
 from shared import consumer
-from shared.consumer import HANDLER_ATTEMPTS, EventPipeline, HandlerContext, Route
+from shared.consumer import HANDLER_ATTEMPTS, EventPipeline, HandlerContext, InvalidAnswer, Route
 from shared.crypto import SecretBox
 from shared.envelope import BadInput, DeadLetterReason, new_event
 from shared.metrics import ServiceMetrics
 from shared.schemas import ResetSubmitted
 from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing
-from shared.topics import RECOVERY_RESETS, EventType, dlq
+from shared.topics import RECOVERY_OUTCOMES, RECOVERY_RESETS, EventType, dlq
 from tests.memory import apply_all
 
 SETTINGS = PlatformSettings()
@@ -73,7 +74,7 @@ class FakeStore:
 
 
 class Harness:
-    def __init__(self, handler: Callable[..., Any] | None = None) -> None:
+    def __init__(self, handler: Callable[..., Any] | None = None, answer: InvalidAnswer | None = None) -> None:
         self.store = FakeStore()
         self.served: list[str] = []
         self.offset = 0
@@ -89,6 +90,7 @@ class Harness:
             settings=SETTINGS,
             metrics=ServiceMetrics("tokens"),
             on_committed=lambda: None,
+            answer=answer,
         )
 
     def record(self, raw: bytes, key: bytes | None = KEY) -> ConsumerRecord[Any, Any]:
@@ -360,3 +362,105 @@ async def test_store_errors_while_the_store_answers_are_parked_in_the_end() -> N
     assert await h.deliver(reset_bytes(request_id="req-stuck"), max_deliveries=limit) == limit
     assert [o.headers["clave-dlq-reason"] for o in h.store.letters()] == [DeadLetterReason.HANDLER_ERROR]
     assert await h.deliver(reset_bytes()) == 1
+
+
+# ---- every reset gets an answer ---------------------------------------------------------------
+
+RESET_ANSWER = InvalidAnswer("request_id", RECOVERY_OUTCOMES, EventType.RECOVERY_OUTCOME, invalid_reset)
+
+
+def answers(h: Harness) -> list[Outgoing]:
+    return [o for o in h.store.outbox if o.topic == RECOVERY_OUTCOMES]
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+async def test_a_reset_that_cannot_be_processed_is_answered_besides_its_letter(case: str) -> None:
+    reason, make = POISON[case]
+    h = Harness(answer=RESET_ANSWER)
+    raw = make()
+    await h.deliver(raw)
+    assert len(h.store.letters()) == 1
+    [answer] = answers(h)
+    # Keyed by the request_id read from the record, else by its record key (the contract's key).
+    try:
+        readable = json.loads(raw)["data"]["request_id"]
+    except Exception:
+        readable = None
+    expected = (
+        readable if reason in ("schema_invalid", "unknown_type", "wrong_specversion") and readable else KEY.decode()
+    )
+    assert answer.key == expected and answer.event.correlationid == expected
+    assert answer.event.data == {
+        "request_id": expected,
+        "stage": "reset",
+        "status": "rejected",
+        "reasons": ["reset_invalid"],
+    }
+    assert SECRET not in answer.event.to_bytes().decode()
+
+
+async def test_the_request_id_in_the_data_wins_over_the_record_key() -> None:
+    h = Harness(answer=RESET_ANSWER)
+    await h.deliver(reset_bytes(request_id="req-in-data", code="12ab"), key=b"req-in-key")
+    assert [a.key for a in answers(h)] == ["req-in-data"]
+
+
+async def test_no_readable_id_no_answer_but_still_the_letter() -> None:
+    h = Harness(answer=RESET_ANSWER)
+    await h.deliver(b"[" * DEPTH + b"]" * DEPTH, key=b"not an id \xff")
+    await h.deliver(json.dumps({"hello": 1}).encode(), key=None)
+    assert len(h.store.letters()) == 2 and answers(h) == []
+
+
+async def test_a_redelivered_event_is_not_answered_again() -> None:
+    h = Harness(answer=RESET_ANSWER)
+    raw = reset_bytes()
+    await h.deliver(raw)
+    await h.deliver(raw)  # same event id: duplicate_event
+    [letter] = h.store.letters()
+    assert letter.headers["clave-dlq-reason"] == DeadLetterReason.DUPLICATE_EVENT
+    assert answers(h) == []
+
+
+async def test_a_handler_that_keeps_failing_is_answered() -> None:
+    async def broken(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        raise ValueError("bug")
+
+    h = Harness(broken, answer=RESET_ANSWER)
+    doc = reset_doc()
+    await h.deliver(json.dumps(doc).encode(), max_deliveries=3)
+    assert [a.event.data["request_id"] for a in answers(h)] == [doc["data"]["request_id"]]
+
+
+# ---- replies sent at once -----------------------------------------------------------------------
+
+
+async def test_a_reply_is_sent_at_once_after_the_commit_and_kept_in_the_outbox() -> None:
+    sent: list[list[Outgoing]] = []
+
+    async def answer(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        ctx.reply(RECOVERY_OUTCOMES, data.request_id, EventType.RECOVERY_OUTCOME, invalid_reset(data.request_id))
+        await ctx.commit()
+
+    async def send_now(outgoing: list[Outgoing]) -> None:
+        assert all(o in h.store.outbox for o in outgoing), "sent before its commit"
+        sent.append(outgoing)
+
+    h = Harness(answer)
+    h.pipeline.send_now = send_now
+    await h.deliver(reset_bytes())
+    [[reply]] = sent
+    assert reply.topic == RECOVERY_OUTCOMES and reply in h.store.outbox  # the relay publishes it too
+
+
+async def test_a_failed_immediate_reply_changes_nothing() -> None:
+    async def answer(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        ctx.reply(RECOVERY_OUTCOMES, data.request_id, EventType.RECOVERY_OUTCOME, invalid_reset(data.request_id))
+
+    async def broken(outgoing: list[Outgoing]) -> None:
+        raise OSError("broker away")
+
+    h = Harness(answer)
+    h.pipeline.send_now = broken
+    assert await h.deliver(reset_bytes()) == 1  # settled: the outbox copy will go
+    assert [o.topic for o in h.store.outbox] == [RECOVERY_OUTCOMES] and h.store.letters() == []

@@ -113,9 +113,9 @@ def test_table_matches_the_service_subscriptions(service: str, monkeypatch: pyte
     routed: dict[str, dict[str, Route]] = {}
     original = Service.consume
 
-    def record(self: Service, topic: str, routes: dict[str, Route], *, hot: bool = False) -> None:
+    def record(self: Service, topic: str, routes: dict[str, Route], **options: Any) -> None:
         routed[topic] = routes
-        original(self, topic, routes, hot=hot)
+        original(self, topic, routes, **options)
 
     monkeypatch.setattr(Service, "consume", record)
     built = importlib.import_module(f"services.{service}.app").build()
@@ -149,7 +149,8 @@ def test_table_matches_the_topics_the_service_code_names(service: str) -> None:
 
 def test_portal_stand_in_and_cli_use_the_clients_topics() -> None:
     portal = CLIENTS["portal"]
-    assert topics_named_in([ROOT / "tools" / "portal.py"]) == {*portal.produces, *portal.consumes}
+    # The recovery stand-in plays part of the portal (the client library, clients/python, all of it).
+    assert topics_named_in([ROOT / "tools" / "portal.py"]) <= {*portal.produces, *portal.consumes}
     # The operator's commands and their results; admin's registry of operator keys.
     operator = CLIENTS["operator"]
     named = topics_named_in([ROOT / "clave" / "cli.py", ROOT / "clave" / "operators.py"])

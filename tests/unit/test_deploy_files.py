@@ -1149,7 +1149,7 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
     portal_writes = {
         a.resource_name for a in wanted if a.principal == "portal" and a.operation is provision.Operation.WRITE
     }
-    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS}
+    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS}
     # Idempotent: a second run finds every ACL in place and asks for none.
     RecordingAdmin.acl_requests = []
     assert asyncio.run(provision.provision_acls(dry_run=False, prune=False, describe=False)) == 0

@@ -532,10 +532,10 @@ def test_verified_rehashes_only_outdated_answers() -> None:
     assert d.verified and d.record is not None and d.record.rehash == {"birth_date"}
 
 
-def test_duplicate_request_does_nothing_at_all() -> None:
+def test_duplicate_request_does_nothing_but_answer_why() -> None:
     d = run(facts(seen_before=True, captcha_passed=False, answers=None))
     assert d.reasons == (Reason.DUPLICATE_REQUEST,)
-    assert d.emit == () and d.record is None and not d.verified
+    assert d.emit == (Emit.DUPLICATE,) and d.record is None and not d.verified
 
 
 def test_address_over_its_limit_is_rate_limited_and_not_counted_again() -> None:

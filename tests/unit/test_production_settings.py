@@ -190,7 +190,7 @@ def test_each_process_loads_only_the_keys_it_uses() -> None:
     assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys", "import_keys"}
     assert key_fields(TokensSettings) == platform | {"notifier_keys", "password_keys", "code_hmac_key"}
     assert key_fields(NotifierSettings) == platform | {"notifier_keys", "dkim_private_key"}
-    assert key_fields(PasswordSettings) == platform | {"password_keys"}
+    assert key_fields(PasswordSettings) == platform | {"password_keys", "pseudonym_key"}
     # Verifiers: public keys, and the old HMAC key only for a log that still has legacy events.
     assert key_fields(AuditSettings) == platform | {"audit_public_keys", "audit_hmac_key"}
 

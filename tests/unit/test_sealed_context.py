@@ -19,6 +19,7 @@ from services.password.domain import KeyHistory
 from services.password.handlers import PasswordHandlers
 from services.password.policy import policy_from_name
 from services.password.settings import PasswordSettings
+from services.password.store import Credential
 from shared import consumer
 from shared.consumer import EventPipeline, HandlerContext, Route
 from shared.contract import SERVICES, expected_sources, source_of
@@ -46,7 +47,7 @@ from shared.topics import (
     EventType,
     dlq,
 )
-from tests.memory import apply_all, staged_many
+from tests.memory import apply_all, staged, staged_many
 
 PASSWORD = PasswordSettings(clave_env="development", argon2_memory_kib=1024, argon2_time_cost=1)
 NOTIFIER = NotifierSettings(clave_env="development")
@@ -79,10 +80,23 @@ class Credentials(Outbox):
     def __init__(self) -> None:
         super().__init__()
         self.saved: dict[str, KeyHistory] = {}
+        self.names: dict[str, str] = {}  # login names (national IDs)
         self.used: set[str] = set()
 
     async def history(self, account_id: str) -> KeyHistory:
         return self.saved.get(account_id, KeyHistory())
+
+    async def credential(self, account_id: str) -> Credential | None:
+        found = self.saved.get(account_id)
+        return None if found is None else Credential(account_id, self.names.get(account_id), found)
+
+    @staged
+    async def set_national_id(self, account_id: str, national_id: str) -> None:
+        self.names[account_id] = national_id
+
+    @staged_many
+    async def clear_key_failures(self, principal: str) -> None:
+        pass
 
     async def exists(self, account_id: str) -> bool:
         return account_id in self.saved
@@ -97,10 +111,13 @@ class Credentials(Outbox):
         history: KeyHistory,
         now: datetime,
         token_id: str | None = None,
+        national_id: str | None = None,
         *,
         must_change: bool = False,
     ) -> None:
         self.saved[account_id] = history
+        if national_id is not None:
+            self.names[account_id] = national_id
         if token_id is not None:
             self.used.add(token_id)
 

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from shared.settings import PlatformSettings
-from shared.topics import AUDIT_EVENTS, CONSUMED, HOUR_MS, RECOVERY_REQUESTS, RECOVERY_RESETS, all_topics, dlq
+from shared.topics import (
+    AUDIT_EVENTS,
+    CONSUMED,
+    HOUR_MS,
+    LOGIN_CHECKS,
+    PORTAL_INPUTS,
+    RECOVERY_REQUESTS,
+    RECOVERY_RESETS,
+    all_topics,
+    dlq,
+)
 
 S = PlatformSettings()
 SPECS = {
@@ -12,7 +22,8 @@ SPECS = {
 
 
 def test_portal_inputs_are_gone_within_two_hours() -> None:
-    for name in (RECOVERY_REQUESTS, RECOVERY_RESETS):
+    assert {RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS} <= set(PORTAL_INPUTS)  # keys typed at login too
+    for name in PORTAL_INPUTS:
         spec = SPECS[name]
         configs = spec.configs()
         assert configs["retention.ms"] == str(HOUR_MS)

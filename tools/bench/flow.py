@@ -18,7 +18,8 @@ from typing import Any
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED
 from tools.bench.common import STACK_SH, console, ratio
 from tools.bench.probes import machine_cpu, sample_sum, scrape, scrape_all, stack_cpu
-from tools.portal import Portal, extract_link
+from tools.mail import extract_link
+from tools.portal import Portal
 from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
 from tools.workbench import WorkbenchSettings as Settings
 

@@ -1,0 +1,32 @@
+"""clave_portal: the portal's side of Clave's topic contract (docs/asyncapi.yaml).
+
+from clave_portal import PortalClient, PortalSettings
+
+async with PortalClient(PortalSettings.from_properties("portal.properties")) as clave:
+    request_id = await clave.request_recovery(national_id=..., email=..., answers=..., client_ip=...)
+    outcome = await clave.submit_reset(request_id, token=token, new_password=new_key)
+    ok = await clave.check_credentials(national_id, key, client_ip=ip)
+    async for change in clave.key_changes():
+        end_other_sessions(change.national_id)
+"""
+
+from clave_portal.client import PortalClient
+from clave_portal.errors import ClaveError, ClaveTimeout
+from clave_portal.events import CONTENT_TYPE, cloud_event
+from clave_portal.models import KeyChange, LoginResult, Outcome
+from clave_portal.sealing import InputSealer, PlainInput
+from clave_portal.settings import PortalSettings
+
+__all__ = [
+    "CONTENT_TYPE",
+    "ClaveError",
+    "ClaveTimeout",
+    "InputSealer",
+    "KeyChange",
+    "LoginResult",
+    "Outcome",
+    "PlainInput",
+    "PortalClient",
+    "PortalSettings",
+    "cloud_event",
+]

@@ -1,0 +1,232 @@
+"""The reference page's routes with an in-memory backend: forms, field errors, the same
+answer for every request, reset reasons next to the field, language, headers and logs.
+(The real page against the real stack in a real browser: tests/e2e/test_page_browser.py.)"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from clave_page.app import create_app
+from clave_page.backend import ResetAnswer
+from clave_page.settings import PageSettings
+from fastapi.testclient import TestClient
+from stdnum.ec import ci
+
+CEDULA = "1710034065"
+RUC = "1790011674001"
+REPRESENTATIVE = "0926687856"
+QUESTIONS = ("birth_date", "fingerprint_code", "mother_surname")
+
+
+@dataclass
+class FakeBackend:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    resets: list[dict[str, Any]] = field(default_factory=list)
+    reset_answer: ResetAnswer = ResetAnswer("completed")
+    valid_keys: dict[str, str] = field(default_factory=dict)
+    timeout: bool = False
+
+    async def request_recovery(self, **fields: Any) -> str:
+        self.requests.append(fields)
+        return f"req-{len(self.requests)}"
+
+    async def submit_reset(self, request_id: str, **fields: Any) -> ResetAnswer:
+        if self.timeout:
+            raise TimeoutError
+        self.resets.append({"request_id": request_id, **fields})
+        return self.reset_answer
+
+    async def check_credentials(self, national_id: str, key: str, client_ip: str) -> bool:
+        return self.valid_keys.get(national_id) == key
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def page(backend: FakeBackend) -> TestClient:
+    settings = PageSettings(clave_env="development", page_captcha="stand-in")
+    return TestClient(create_app(settings, backend), base_url="http://127.0.0.1:8000")
+
+
+def form_token(client: TestClient, path: str) -> str:
+    html = client.get(path).text
+    match = re.search(r'name="form_token" value="([^"]+)"', html)
+    assert match, html
+    return match.group(1)
+
+
+def request_fields(client: TestClient, **overrides: str) -> dict[str, str]:
+    fields = {
+        "form_token": form_token(client, "/solicitar"),
+        "profile": "affiliate",
+        "national_id": CEDULA,
+        "email": "ana@example.org",
+        "captcha_stand_in": "yes",
+        **{f"answers.{q}": "x" for q in QUESTIONS},
+    }
+    fields.update(overrides)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def test_test_ids_are_valid() -> None:
+    assert ci.is_valid(CEDULA) and ci.is_valid(REPRESENTATIVE)
+
+
+def test_request_form_fields_use_the_contract_names_and_tie_labels(page: TestClient) -> None:
+    html = page.get("/solicitar").text
+    for name in ("profile", "national_id", "representative_id", "email", *(f"answers.{q}" for q in QUESTIONS)):
+        assert f'name="{name}"' in html
+    for input_id in re.findall(r'<input id="([^"]+)"', html):
+        assert f'for="{input_id}"' in html, f"input {input_id} has no label"
+    assert '<html lang="es">' in html
+
+
+def test_a_request_is_published_and_answered_with_the_same_page(page: TestClient, backend: FakeBackend) -> None:
+    response = page.post("/solicitar", data=request_fields(page), follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/revise-su-correo?request_id=req-1"
+    sent = backend.requests[0]
+    assert sent["national_id"] == CEDULA and sent["profile"] == "affiliate" and sent["captcha_passed"] is True
+    assert sent["answers"] == dict.fromkeys(QUESTIONS, "x") and sent["representative_id"] is None
+    assert sent["client_ip"] == "testclient" or sent["client_ip"]
+
+
+def test_an_employer_request_carries_the_ruc_and_the_representative(page: TestClient, backend: FakeBackend) -> None:
+    fields = request_fields(page, profile="employer", national_id=RUC, representative_id=REPRESENTATIVE)
+    assert page.post("/solicitar", data=fields, follow_redirects=False).status_code == 303
+    assert backend.requests[0]["representative_id"] == REPRESENTATIVE
+    assert backend.requests[0]["national_id"] == RUC
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field_name", "message"),
+    [
+        ({"national_id": "1710034066"}, "national_id", "Escriba una cédula de 10 dígitos"),
+        ({"national_id": ""}, "national_id", "Este campo es obligatorio"),
+        ({"email": "not-an-address"}, "email", "Escriba un correo electrónico válido"),
+        ({"answers.birth_date": ""}, "answers-birth_date", "Este campo es obligatorio"),
+        ({"profile": "employer", "national_id": RUC}, "representative_id", "Este campo es obligatorio"),
+        ({"captcha_stand_in": None}, "captcha", "Confirme que no es un robot"),
+        ({"form_token": "forged"}, "form", "El formulario venció"),
+    ],
+)
+def test_a_bad_field_gets_its_error_next_to_it_and_nothing_is_sent(
+    page: TestClient, backend: FakeBackend, overrides: dict[str, str], field_name: str, message: str
+) -> None:
+    response = page.post("/solicitar", data=request_fields(page, **overrides))
+    assert response.status_code == 422
+    assert message in response.text
+    if field_name != "form":
+        assert f'id="f-{field_name}-error"' in response.text
+        if field_name != "captcha":
+            assert re.search(rf'id="f-{field_name}"[^>]*aria-invalid="true"', response.text, re.S)
+    assert backend.requests == []
+
+
+def test_answers_are_never_echoed_back(page: TestClient) -> None:
+    response = page.post("/solicitar", data=request_fields(page, email="bad", **{"answers.mother_surname": "Secreto"}))
+    assert response.status_code == 422 and "Secreto" not in response.text
+
+
+def test_reset_by_link_completes_and_offers_the_login(page: TestClient, backend: FakeBackend) -> None:
+    token = form_token(page, "/recuperar?request_id=r1&token=tok-123")
+    fields = {"form_token": token, "request_id": "r1", "token": "tok-123", "new_password": "Nueva2025x",
+              "new_password_confirm": "Nueva2025x"}
+    response = page.post("/recuperar", data=fields, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/listo"
+    assert backend.resets == [{"request_id": "r1", "token": "tok-123", "code": None, "new_password": "Nueva2025x",
+                               "client_ip": backend.resets[0]["client_ip"]}]
+    assert 'action="/ingresar"' in page.get("/listo").text
+
+
+def test_reset_by_code(page: TestClient, backend: FakeBackend) -> None:
+    token = form_token(page, "/revise-su-correo?request_id=r2")
+    fields = {"form_token": token, "request_id": "r2", "code": "123456", "new_password": "Nueva2025x",
+              "new_password_confirm": "Nueva2025x"}
+    assert page.post("/recuperar", data=fields, follow_redirects=False).status_code == 303
+    assert backend.resets[0]["code"] == "123456" and backend.resets[0]["token"] is None
+
+
+def test_keys_that_differ_are_caught_before_clave_sees_them(page: TestClient, backend: FakeBackend) -> None:
+    token = form_token(page, "/recuperar?request_id=r1&token=t")
+    fields = {"form_token": token, "request_id": "r1", "token": "t", "new_password": "Nueva2025x",
+              "new_password_confirm": "Otra2025x"}
+    response = page.post("/recuperar", data=fields)
+    assert response.status_code == 422 and 'id="f-new_password_confirm-error"' in response.text
+    assert backend.resets == []
+
+
+def test_policy_reasons_are_shown_next_to_the_key_field(page: TestClient, backend: FakeBackend) -> None:
+    backend.reset_answer = ResetAnswer("rejected", ("password_too_short", "password_blocklisted"))
+    token = form_token(page, "/recuperar?request_id=r1&token=t")
+    fields = {"form_token": token, "request_id": "r1", "token": "t", "new_password": "zq9",
+              "new_password_confirm": "zq9"}
+    response = page.post("/recuperar", data=fields)
+    assert response.status_code == 422
+    error = re.search(r'<ul class="error" id="f-new_password-error">(.*?)</ul>', response.text, re.S)
+    assert error and "Es demasiado corta." in error.group(1) and "muy común" in error.group(1)
+    assert re.search(r'id="f-new_password"[^>]*aria-describedby="[^"]*f-new_password-error', response.text, re.S)
+    assert "zq9" not in response.text  # the key is never echoed back
+
+
+def test_a_dead_link_says_so_and_points_to_a_new_request(page: TestClient, backend: FakeBackend) -> None:
+    backend.reset_answer = ResetAnswer("rejected", ("token_expired",))
+    token = form_token(page, "/recuperar?request_id=r1&token=t")
+    fields = {"form_token": token, "request_id": "r1", "token": "t", "new_password": "Nueva2025x",
+              "new_password_confirm": "Nueva2025x"}
+    response = page.post("/recuperar", data=fields)
+    assert "El enlace o el código venció" in response.text and 'href="/solicitar"' in response.text
+
+
+def test_no_answer_in_time_is_said_plainly(page: TestClient, backend: FakeBackend) -> None:
+    backend.timeout = True
+    token = form_token(page, "/recuperar?request_id=r1&token=t")
+    fields = {"form_token": token, "request_id": "r1", "token": "t", "new_password": "Nueva2025x",
+              "new_password_confirm": "Nueva2025x"}
+    response = page.post("/recuperar", data=fields)
+    assert response.status_code == 503 and "No recibimos respuesta a tiempo" in response.text
+
+
+def test_login_checks_the_key(page: TestClient, backend: FakeBackend) -> None:
+    backend.valid_keys[CEDULA] = "Nueva2025x"
+    token = form_token(page, "/ingresar")
+    good = page.post("/ingresar", data={"form_token": token, "national_id": CEDULA, "key": "Nueva2025x"})
+    assert good.status_code == 200 and "Su clave es correcta" in good.text
+    bad = page.post("/ingresar", data={"form_token": token, "national_id": CEDULA, "key": "Otra2025x"})
+    assert bad.status_code == 401 and "no son correctas" in bad.text
+
+
+def test_english_switch_sticks(page: TestClient) -> None:
+    html = page.get("/solicitar").text
+    switch = re.search(r'id="lang-switch" href="([^"]+)"', html)
+    assert switch and "lang=en" in switch.group(1)
+    english = page.get(switch.group(1).replace("&amp;", "&"))
+    assert '<html lang="en">' in english.text and "Recover your key" in english.text
+    assert '<html lang="en">' in page.get("/ingresar").text  # the choice is kept in a cookie
+
+
+def test_every_page_sends_no_referrer_and_no_store(page: TestClient) -> None:
+    for path in ("/solicitar", "/recuperar?request_id=r&token=t", "/revise-su-correo?request_id=r", "/ingresar"):
+        headers = page.get(path).headers
+        assert headers["referrer-policy"] == "no-referrer"
+        assert headers["cache-control"] == "no-store"
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+def test_no_token_reaches_the_log(page: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="clave_page"):
+        page.get("/recuperar?request_id=r1&token=secret-token-value")
+    assert any("/recuperar" in r.getMessage() for r in caplog.records)
+    assert all("secret-token-value" not in r.getMessage() for r in caplog.records)
+
+
+def test_production_refuses_the_stand_in_captcha() -> None:
+    assert PageSettings(clave_env="production", page_captcha="stand-in").problems()
+    assert PageSettings(clave_env="production", page_captcha="external").problems() == []

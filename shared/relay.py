@@ -43,16 +43,21 @@ import os
 import socket
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     CorruptRecordException,
+    InvalidProducerEpoch,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
     RecordListTooLargeError,
+    UnknownProducerId,
 )
 from bson import ObjectId
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -82,6 +87,10 @@ CHAIN_ID = "audit-chain"
 # The store cannot run change streams (a standalone server): no use retrying them.
 NO_CHANGE_STREAMS = frozenset({40573, 40324, 115})
 # Broker or client refusals of one record as such: retrying the same bytes cannot help.
+# What leaves aiokafka's idempotent producer unusable: its sender task ends on them, and every
+# later send fails the same way (the Java client bumps the epoch instead). After a broker
+# restart the password relay met OutOfOrderSequenceNumber and retried it for ever.
+PRODUCER_BROKEN = (OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId, InvalidProducerEpoch)
 RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, CorruptRecordException)
 
 
@@ -116,6 +125,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._producer: Any = None  # AIOKafkaProducer, or what a test hands to start()
+        self._new_producer: Callable[[], Awaitable[Any]] | None = None  # a fresh one, when it breaks
         self._stopping = False
         self._held_until = 0.0  # loop time until which our lease is valid (0: not ours)
         self._other_until = 0.0  # loop time until which another relay's lease was seen valid
@@ -151,19 +161,35 @@ class OutboxRelay:
     def _now() -> float:
         return asyncio.get_running_loop().time()
 
-    async def start(self, producer: Any = None) -> None:
-        """Start publishing (and watching the outbox). `producer`: tests pass a stand-in."""
+    async def start(self, producer: Any = None, new_producer: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Start publishing (and watching the outbox). `producer`, `new_producer`: tests pass
+        a stand-in and what replaces it when it breaks."""
+        self._new_producer = new_producer or (self._kafka_producer if producer is None else None)
         if producer is None:
-            producer = AIOKafkaProducer(
-                **client_kwargs(self.settings),
-                client_id=f"clave-{self.service}-relay",
-                enable_idempotence=True,  # forces acks=all
-                linger_ms=2,
-            )
-            await producer.start()
+            producer = await self._kafka_producer()
         self._producer = producer
         self._task = asyncio.create_task(self._run(), name=f"{self.service}-relay")
         self._watcher = asyncio.create_task(self._watch(), name=f"{self.service}-relay-watch")
+
+    async def _kafka_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            **client_kwargs(self.settings),
+            client_id=f"clave-{self.service}-relay",
+            enable_idempotence=True,  # forces acks=all
+            linger_ms=2,
+        )
+        await producer.start()
+        return producer
+
+    async def _renew_producer(self) -> None:
+        """A new producer (a new producer id, sequences from 0) for one that broke; what the old
+        one had not had acknowledged is published again (consumers drop redeliveries by id)."""
+        if self._new_producer is None:
+            return
+        old, self._producer = self._producer, await self._new_producer()
+        log.warning("relay: producer replaced")
+        with contextlib.suppress(Exception):
+            await old.stop()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -205,6 +231,9 @@ class OutboxRelay:
                 log.warning("relay: %s; retrying in %.1fs", exc.__class__.__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                if isinstance(exc, PRODUCER_BROKEN):
+                    with contextlib.suppress(KafkaError, OSError):  # the broker away: next round
+                        await self._renew_producer()
             except Exception as exc:
                 # Not an item's (those are parked in publish_pending) and not an outage: a bug.
                 # The relay must outlive it, loudly, or every later event would wait for ever.

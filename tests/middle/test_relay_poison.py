@@ -12,7 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
+)
 from bson import ObjectId
 
 from shared.audit import audit_event
@@ -187,3 +192,37 @@ def test_a_well_formed_outbox_document_is_publishable() -> None:
     doc = Outgoing(topic="t", key="k", event=audit("x").event).to_document()
     assert unpublishable(doc) is None
     assert unpublishable({**doc, "sealed": True, "value": b"anything"}) is None  # sealed: not re-read
+
+
+class BrokenProducer(FakeProducer):
+    """aiokafka's idempotent producer after a broker restart lost its sequence state: its
+    sender task has ended and every send fails with OutOfOrderSequenceNumber, for ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+
+    async def send(self, topic: str, *, value: bytes, key: bytes, headers: list[Any]) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_exception(OutOfOrderSequenceNumber())
+        return future
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_producer_broken_by_a_broker_restart_is_replaced(instances: Callable[[], Instance]) -> None:
+    """The fault suite's Kafka restart left the password relay retrying OutOfOrderSequenceNumber
+    for ever (13 recoveries never completed): the relay now replaces the broken producer."""
+    inst = instances()
+    broken, fresh = BrokenProducer(), FakeProducer()
+
+    async def new_producer() -> FakeProducer:
+        return fresh
+
+    await inst.store.ensure_indexes()
+    await inst.relay.start(broken, new_producer)
+    published = await inst.commit(2)
+    await until(lambda: fresh.ids() == published, 15, "published by the new producer")
+    assert broken.stopped and broken.sent == []
+    assert await inst.store.db[OUTBOX].count_documents({"parked": {"$exists": True}}) == 0

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from services.identity.domain import ContactReason
 from services.identity.domain import Reason as RequestReason
 from services.password.domain import LoginReason
 from services.password.policy import Reason as PasswordReason
@@ -47,6 +48,7 @@ from shared.contract import (
     writes,
 )
 from shared.envelope import CONTENT_TYPE, SPECVERSION, CloudEvent, DeadLetterReason
+from shared.portal_input import InputReason
 from shared.schemas import SCHEMAS
 from shared.settings import PlatformSettings
 from shared.topics import EventType
@@ -86,7 +88,11 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "representative_id": "Employers: the legal representative's cédula.",
         "email": "The e-mail address the citizen typed. Mail only ever goes to the registered address.",
         "answers": "Security question id → the citizen's answer, for every configured question "
-        "(`SECURITY_QUESTIONS`); compared ignoring case, accents and spacing.",
+        "(`SECURITY_QUESTIONS`); compared ignoring case, accents and spacing. Exactly one of `answers` and "
+        "`sealed_answers`; refused (`plaintext_refused`) when Clave runs with `PORTAL_INPUT=sealed`.",
+        "sealed_answers": "The same object as JSON, sealed to Clave's public key: base64url of HPKE (RFC 9180) "
+        "`enc || ciphertext`, suite DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305, `info` "
+        "`clave-portal-input/v1|recovery.requests|answers|<request_id>`.",
         "captcha_passed": "Whether the citizen solved the portal's captcha.",
         "locale": "Language of the e-mails: `es` or `en`.",
         "client_ip": "The citizen's IP address (IPv4 or IPv6), for the per-address limits.",
@@ -95,7 +101,11 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "request_id": "The `request_id` from the link, or the one the code was sent for.",
         "token": "The token from the link. Exactly one of `token` and `code`.",
         "code": "The 6-digit code from the e-mail. Exactly one of `token` and `code`.",
-        "new_password": "The new key, checked against the key policy and the last keys.",
+        "new_password": "The new key, checked against the key policy and the last keys. Exactly one of "
+        "`new_password` and `sealed_new_password`; refused (`plaintext_refused`) under `PORTAL_INPUT=sealed`.",
+        "sealed_new_password": "The new key (UTF-8) sealed to Clave's public key: base64url of HPKE `enc || "
+        "ciphertext` (suite as `sealed_answers`), `info` `clave-portal-input/v1|recovery.resets|new_password|"
+        "<request_id>`.",
         "client_ip": "Optional: the citizen's IP address, so wrong codes also count per address block.",
     },
     "RecoveryOutcome": {
@@ -105,16 +115,41 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "changed) or `rejected` (the reset was refused; the same link works again unless a reason says "
         "otherwise).",
         "reasons": "`rejected` only: every reason that applies (`ResetReason`s; a repeated request: "
-        "`duplicate_request`).",
+        "`duplicate_request`; at either stage, input refused for how its secrets came: `plaintext_refused`, "
+        "`sealed_invalid`, never anything about the account).",
     },
     "LoginCheckRequested": {
         "check_id": "The portal's id for this check: the answer on `login.results` is keyed by it and carries it "
         "(also as `correlationid`).",
         "national_id": "Cédula (10 digits) or RUC (13 digits), as the citizen typed it; spaces and dashes allowed.",
         "key": "The key the citizen typed. Never stored, logged or audited; compared with the stored argon2id "
-        "hash (a decoy hash when the ID has no key, so the answer and its timing are the same).",
+        "hash (a decoy hash when the ID has no key, so the answer and its timing are the same). Exactly one of "
+        "`key` and `sealed_key`; refused (`plaintext_refused`) under `PORTAL_INPUT=sealed`.",
         "client_ip": "The citizen's IP address (IPv4 or IPv6): wrong keys are throttled per address block "
         "(IPv4 address, IPv6 /64).",
+        "sealed_key": "The key (UTF-8) sealed to Clave's public key (suite as `sealed_answers`), `info` "
+        "`clave-portal-input/v1|login.checks|key|<check_id>`.",
+    },
+    "ContactUpdateRequested": {
+        "update_id": "The portal's id for this update: the answer on `account.contact_results` is keyed by it.",
+        "national_id": "Cédula (10 digits) or RUC (13 digits), as the citizen typed it.",
+        "key": "The citizen's current key, checked exactly as a login's (same throttling, decoy hash, audit "
+        "without the key). Exactly one of `key` and `sealed_key`.",
+        "sealed_key": "The key sealed to Clave's public key (suite as `sealed_answers`), `info` "
+        "`clave-portal-input/v1|account.contact_updates|key|<update_id>`.",
+        "email": "Optional: the new registered e-mail (recoveries go there).",
+        "backup_email": "Optional: the new backup e-mail (a recovery goes there when the citizen types it; the "
+        "registered address is then told); `\"\"` removes it.",
+        "phone": "Optional: the new phone number, E.164 (`+593991234567`) or Ecuadorian national format; stored "
+        "as E.164; `\"\"` removes it. At least one of `email`, `backup_email`, `phone`.",
+        "client_ip": "The citizen's IP address: wrong keys are throttled per address block, as logins.",
+    },
+    "ContactResult": {
+        "update_id": "The update this answers.",
+        "status": "`updated` (every address on file before was told, live recovery links were revoked) or "
+        "`rejected` (nothing changed).",
+        "reasons": "`rejected` only (`ContactResultReason`): a wrong key (`key_invalid`, alike for an unknown ID), "
+        "`throttled`, or contact data that is not valid.",
     },
     "LoginResult": {
         "check_id": "The check this answers.",
@@ -131,11 +166,23 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
 }
 
 # Rules a model enforces in a validator, stated in JSON Schema.
+def _one_of(*fields: str) -> dict[str, Any]:
+    return {"oneOf": [{"required": [f], "properties": {f: {"type": "string"}}} for f in fields]}
+
+
 MODEL_RULES: dict[str, dict[str, Any]] = {
-    "ResetSubmitted": {
+    "RecoveryRequested": {
         "oneOf": [
-            {"required": ["token"], "properties": {"token": {"type": "string"}}},
-            {"required": ["code"], "properties": {"code": {"type": "string"}}},
+            {"required": ["answers"], "properties": {"answers": {"type": "object"}}},
+            {"required": ["sealed_answers"], "properties": {"sealed_answers": {"type": "string"}}},
+        ]
+    },
+    "ResetSubmitted": {"allOf": [_one_of("token", "code"), _one_of("new_password", "sealed_new_password")]},
+    "LoginCheckRequested": _one_of("key", "sealed_key"),
+    "ContactUpdateRequested": {
+        "allOf": [
+            _one_of("key", "sealed_key"),
+            {"anyOf": [{"required": ["email"]}, {"required": ["backup_email"]}, {"required": ["phone"]}]},
         ]
     },
 }
@@ -146,6 +193,9 @@ TYPE_SUMMARIES: dict[str, str] = {
     "revoked; the old and the new address are told).",
     EventType.OPERATOR_UNLOCK: "An operator unlocks an account.",
     EventType.OPERATOR_SEND_RECOVERY: "An operator sends the recovery e-mail to the registered address.",
+    EventType.OPERATOR_CONTACT_UPDATE: "An operator changes an account's backup e-mail and phone "
+    "(`new_backup_email`, `new_phone`; `\"\"` removes one; the registered e-mail is update-email's, with a second "
+    "operator): live tokens are revoked, every address on file before is told.",
     EventType.OPERATOR_APPROVE: "A second, different operator approves a pending command (an e-mail change) by "
     "its id (`approves`).",
     EventType.OPERATOR_ACCOUNT_IMPORT: "One line of the registry import: the account's fields, its answers and "
@@ -172,6 +222,20 @@ PASSWORD_REASONS: dict[str, str] = {
     PasswordReason.BLOCKLISTED: "A common key from the shipped blocklist.",
     PasswordReason.NOT_PRINTABLE: "NIST policy: a control, separator, surrogate or unassigned character.",
     PasswordReason.REUSED: "Equal to one of the last keys (`PASSWORD_HISTORY`, 5).",
+}
+INPUT_REASONS: dict[str, str] = {
+    InputReason.PLAINTEXT_REFUSED: "A secret came in the clear while Clave runs with `PORTAL_INPUT=sealed`: "
+    "send it sealed (nothing was checked, no token touched).",
+    InputReason.SEALED_INVALID: "A sealed secret does not open with Clave's key for this record (another "
+    "public key, another record's or field's context, or damaged bytes).",
+}
+CONTACT_REASONS: dict[str, str] = {
+    ContactReason.EMAIL_INVALID: "The new e-mail is not a valid address.",
+    ContactReason.BACKUP_EMAIL_INVALID: "The new backup e-mail is not a valid address.",
+    ContactReason.PHONE_INVALID: "The new phone is not a valid number (E.164, or Ecuadorian national format).",
+    ContactReason.BACKUP_SAME_AS_EMAIL: "The backup e-mail is the registered address.",
+    ContactReason.NOTHING_TO_CHANGE: "The data given is what is on file already.",
+    ContactReason.ACCOUNT_UNKNOWN: "The account is gone (an operator command about an unknown ID).",
 }
 LOGIN_REASONS: dict[str, str] = {
     LoginReason.KEY_INVALID: "Not the account's key, or no account (or no key yet) for this ID: alike.",
@@ -201,7 +265,10 @@ DLQ_REASONS: dict[str, str] = {
     DeadLetterReason.UNKNOWN_TYPE: "A `type` this topic does not carry.",
     DeadLetterReason.SCHEMA_INVALID: "`data` does not match the schema of its type.",
     DeadLetterReason.DUPLICATE_EVENT: "An event id this consumer already processed (a redelivery: changes nothing).",
-    DeadLetterReason.UNDECRYPTABLE: "A sealed field that does not open with the reader's keys.",
+    DeadLetterReason.UNDECRYPTABLE: "A sealed field that does not open with the reader's keys (portal input: "
+    "not with `PORTAL_SEALING_KEY` and the record's context).",
+    DeadLetterReason.PLAINTEXT_REFUSED: "Portal input with a secret in the clear while Clave runs with "
+    "`PORTAL_INPUT=sealed` (the portal also gets its outcome, reason `plaintext_refused`).",
     DeadLetterReason.HANDLER_ERROR: "The handler failed the same way 3 times (a bug, not an outage).",
     DeadLetterReason.SIGNATURE_MISSING: "An operator command without its signature, key id or signing time.",
     DeadLetterReason.SIGNATURE_INVALID: "An operator command whose signature does not verify with its operator's "
@@ -242,12 +309,13 @@ def _reason_schema(title: str, intro: str, notes: dict[str, str], values: list[s
 
 def reason_schemas() -> dict[str, dict[str, Any]]:
     reset = codes(TokenReason) + [c for c in PasswordReason.ALL if c not in codes(TokenReason)]
+    reset += codes(InputReason)
     return {
         "ResetReason": _reason_schema(
             "ResetReason",
-            "Why a reset was rejected (`recovery.outcomes`, stage `reset`). Stable codes: the set is only "
-            "ever added to.",
-            {**RESET_REASONS, **PASSWORD_REASONS},
+            "Why a reset was rejected (`recovery.outcomes`, stage `reset`; `plaintext_refused` and "
+            "`sealed_invalid` at the request stage too). Stable codes: the set is only ever added to.",
+            {**RESET_REASONS, **PASSWORD_REASONS, **INPUT_REASONS},
             reset,
         ),
         "PasswordReason": _reason_schema(
@@ -273,8 +341,15 @@ def reason_schemas() -> dict[str, dict[str, Any]]:
             "LoginReason",
             "Why a credential check answered `invalid` (`login.results`). An unknown ID and a wrong key give the "
             "same code.",
-            LOGIN_REASONS,
-            codes(LoginReason),
+            {**LOGIN_REASONS, **INPUT_REASONS},
+            codes(LoginReason) + codes(InputReason),
+        ),
+        "ContactResultReason": _reason_schema(
+            "ContactResultReason",
+            "Why a contact update was `rejected` (`account.contact_results`): the key's check (as a login's), "
+            "the input, or the contact data.",
+            {**LOGIN_REASONS, **INPUT_REASONS, **CONTACT_REASONS},
+            codes(LoginReason) + codes(InputReason) + codes(ContactReason),
         ),
         "DeadLetterReason": _reason_schema(
             "DeadLetterReason",
@@ -318,6 +393,7 @@ def payload_schemas() -> dict[str, dict[str, Any]]:
     outcome = schemas["RecoveryOutcome"]["properties"]["reasons"]
     outcome["items"] = {"anyOf": [{"$ref": SCHEMA_REF + "ResetReason"}, {"$ref": SCHEMA_REF + "RequestOutcomeReason"}]}
     schemas["LoginResult"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "LoginReason"}
+    schemas["ContactResult"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "ContactResultReason"}
     schemas["PasswordRejected"]["properties"]["reasons"]["items"] = {"$ref": SCHEMA_REF + "PasswordReason"}
     schemas["DeadLetter"]["properties"]["reason"] = {
         "$ref": SCHEMA_REF + "DeadLetterReason",
@@ -521,8 +597,8 @@ services, every `.dlq` twin and `audit.events`; who sends and who receives each.
 **Envelope.** Every record value is a CloudEvents 1.0 event in structured JSON mode
 (schema `CloudEvent`), its `data` the payload of its `type`; every record has the header
 `content-type: {CONTENT_TYPE}`. `correlationid` is the recovery's `request_id` (for an
-operator command, its command id; for a credential check, its `check_id`); `causationid` the
-`id` of the event that caused this one.
+operator command, its command id; for a credential check, its `check_id`; for a contact update,
+its `update_id`); `causationid` the `id` of the event that caused this one.
 `source` is `/clave/<service>` for every event a service produces; a consumer dead-letters
 (`wrong_source`) an event on a service's topic whose `source` is not of a service that produces
 that topic. The portal and the operator's command name themselves as they like: the broker's
@@ -558,8 +634,9 @@ Generated from the code by `clave contract` (clave/asyncapi.py); do not edit by 
 """
 
 PARTIES: dict[str, str] = {
-    "portal": "The public portal: publishes requests, resets and credential checks; reads outcomes, login "
-    "results and key changes (the `clave_portal` client library, clients/python, does all of it).",
+    "portal": "The public portal: publishes requests, resets, credential checks and contact updates; reads "
+    "outcomes, login results, key changes and contact results (the `clave_portal` client library, "
+    "clients/python, does all of it).",
     "operator": "Operators, through the `clave` command: each command signed with the operator's own key.",
     "admin": "The Kafka super user: provisions topics and ACLs, and alone registers operator keys.",
     "auditor": "Auditors: read and verify the audit log.",

@@ -2,6 +2,7 @@
 
     clave accounts import FILE           load citizen accounts (JSON lines)
     clave accounts update-email ID NEW   after an in-person check at an office
+    clave accounts update-contact ID [--backup-email E] [--phone P]
     clave accounts unlock ID             lift a lockout
     clave accounts send-recovery ID      send a recovery e-mail to the registered address
     clave accounts approve COMMAND_ID    second operator's approval of an e-mail change
@@ -220,6 +221,7 @@ def _command(
     new_email: str | None,
     wait: float,
     key_file: Path | None = None,
+    **contact: str | None,
 ) -> None:
     operator = _not_empty(operator, "--operator", "op-17")
     reason = _not_empty(reason, "--reason", '"case 4411"')
@@ -231,11 +233,18 @@ def _command(
             reason=reason,
             national_id=national_id,
             new_email=new_email,
+            **contact,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
-        option = {"operator_id": "--operator", "reason": "--reason", "new_email": "NEW_EMAIL"}.get(field, field)
+        option = {
+            "operator_id": "--operator",
+            "reason": "--reason",
+            "new_email": "NEW_EMAIL",
+            "new_backup_email": "--backup-email",
+            "new_phone": "--phone",
+        }.get(field, field)
         raise Usage(f"{option}: {first['msg']}", "see `clave accounts --help`") from None
     settings = _load(operators.OperatorSettings, "clave")
     _run(event_type, _signer(settings, operator, key_file), data, settings, wait)
@@ -269,6 +278,33 @@ def approve(command_id: str, operator: Operator, reason: Reason, key_file: KeyFi
             f"{first['loc'][0] if first['loc'] else ''}: {first['msg']}", "see `clave accounts --help`"
         ) from None
     _run(EventType.OPERATOR_APPROVE, sign, data, settings, wait)
+
+
+@accounts.command("update-contact")
+def update_contact(
+    national_id: str,
+    operator: Operator,
+    reason: Reason,
+    backup_email: Annotated[str | None, typer.Option(help='New backup e-mail ("" removes it).')] = None,
+    phone: Annotated[str | None, typer.Option(help='New phone, E.164 or Ecuadorian ("" removes it).')] = None,
+    key_file: KeyFile = None,
+    wait: Wait = 30,
+) -> None:
+    """Change a citizen's backup e-mail or phone after checking their ID in person (the
+    registered e-mail: update-email). Revokes live tokens and tells every address on file before."""
+    if backup_email is None and phone is None:
+        raise Usage("nothing to change", "give --backup-email or --phone (or both)")
+    _command(
+        EventType.OPERATOR_CONTACT_UPDATE,
+        national_id,
+        operator,
+        reason,
+        None,
+        wait,
+        key_file,
+        new_backup_email=backup_email,
+        new_phone=phone,
+    )
 
 
 @accounts.command("unlock")

@@ -270,6 +270,8 @@ def import_commands(
             email=clean["email"],
             locale=record.locale,
             representative_id=record.representative_id,
+            backup_email=record.backup_email,
+            phone=record.phone,
             sealed_secrets=seal_secrets(box, secrets),
             legacy_key=legacy_keys and record.password is not None,
             line=number,

@@ -68,6 +68,8 @@ ACTIONS: frozenset[str] = frozenset(
         "operator_unlock",
         "operator_email_update",
         "operator_send_recovery",
+        "operator_contact_update",
+        "contact_updated",  # the citizen's own change after a login (the fields, never the values)
         "operator_command_refused",  # unsigned, forged, unknown operator, expired or replayed
         "operator_key_registered",
         "operator_key_revoked",

@@ -359,7 +359,8 @@ class EventPipeline:
                 origin,
                 exc.__class__.__name__,
             )
-            parked = await self._commit_letter(origin, self._minimal_letter(record, raw, bad.reason, exc))
+            letter = self._minimal_letter(record, raw, bad.reason, exc)
+            parked = await self._commit_letter(origin, letter + [o for o in bad.also if isinstance(o, Outgoing)])
         if parked:
             self.metrics.dead_letters.labels(record.topic, bad.reason).inc()
             log.info("%s: dead-lettered %s (%s)", self.consumer, origin, bad.reason)
@@ -386,8 +387,8 @@ class EventPipeline:
 
     def _answer(self, record: ConsumerRecord[Any, Any], bad: BadInput) -> list[Outgoing]:
         """The portal's answer to a record it will never get another one for (see InvalidAnswer)."""
-        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT:
-            return []
+        if self.answer is None or bad.reason == DeadLetterReason.DUPLICATE_EVENT or bad.also:
+            return []  # (a handler that staged its own answer, bad.also, gave the portal a better one)
         answer_id = self.answer.readable_id(bad.data, record.key)
         if answer_id is None:
             return []

@@ -43,6 +43,7 @@ SERVICES: dict[str, ServiceTopics] = {
             t.PASSWORD_UPDATED,
             t.IDENTITY_COMMANDS,
             t.TOKENS_CODE_REJECTED,
+            t.PASSWORD_CONTACT_AUTHORIZED,  # a contact update whose key the password service checked
             t.IDENTITY_OPERATOR_KEYS,  # the registry of operator public keys (written by `admin` only)
         ),
         produces=(
@@ -52,6 +53,8 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
             t.IDENTITY_ACCOUNT_REGISTERED,  # the registry import (`clave accounts import`)
+            t.IDENTITY_CONTACT_CHANGED,
+            t.CONTACT_RESULTS,  # `updated`, or `rejected` for contact data that is not valid
             t.IDENTITY_EMAIL_CHANGE_REQUESTED,  # both addresses are told before a change takes effect
             t.IDENTITY_COMMAND_RESULTS,  # what became of each operator command, for the operator
         ),
@@ -64,6 +67,7 @@ SERVICES: dict[str, ServiceTopics] = {
             t.PASSWORD_UPDATED,
             t.PASSWORD_REJECTED,
             t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_CONTACT_CHANGED,  # revokes live tokens
         ),
         produces=(t.TOKENS_ISSUED, t.TOKENS_REDEEMED, t.TOKENS_CODE_REJECTED, t.RECOVERY_OUTCOMES),
     ),
@@ -73,13 +77,21 @@ SERVICES: dict[str, ServiceTopics] = {
             t.PASSWORD_UPDATED,
             t.IDENTITY_LOCKED,
             t.IDENTITY_EMAIL_CHANGED,
+            t.IDENTITY_CONTACT_CHANGED,  # tells every old address
             t.IDENTITY_EMAIL_CHANGE_REQUESTED,
         ),
         produces=(t.NOTIFIER_SENT, t.NOTIFIER_FAILED),
     ),
     "password": ServiceTopics(
-        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.LOGIN_CHECKS),
-        produces=(t.PASSWORD_UPDATED, t.PASSWORD_REJECTED, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
+        consumes=(t.TOKENS_REDEEMED, t.IDENTITY_ACCOUNT_REGISTERED, t.LOGIN_CHECKS, t.CONTACT_UPDATES),
+        produces=(
+            t.PASSWORD_UPDATED,
+            t.PASSWORD_REJECTED,
+            t.LOGIN_RESULTS,
+            t.ACCOUNT_KEY_CHANGED,
+            t.PASSWORD_CONTACT_AUTHORIZED,  # the key checked: identity applies the change
+            t.CONTACT_RESULTS,  # `rejected` for a wrong key
+        ),
     ),
     "audit": ServiceTopics(consumes=(t.AUDIT_EVENTS,), produces=()),
 }
@@ -87,8 +99,8 @@ SERVICES: dict[str, ServiceTopics] = {
 # The people-facing parties (their Kafka principals, shared/acl.py): what they write and read.
 CLIENTS: dict[str, ServiceTopics] = {
     "portal": ServiceTopics(
-        consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED),
-        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS),
+        consumes=(t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED, t.CONTACT_RESULTS),
+        produces=(t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS, t.CONTACT_UPDATES),
     ),
     # The `clave` command: signed commands; their results on a narrow topic (not the audit log).
     "operator": ServiceTopics(consumes=(t.IDENTITY_COMMAND_RESULTS,), produces=(t.IDENTITY_COMMANDS,)),
@@ -102,6 +114,8 @@ PORTAL_FACING = (
     t.LOGIN_CHECKS,
     t.LOGIN_RESULTS,
     t.ACCOUNT_KEY_CHANGED,
+    t.CONTACT_UPDATES,
+    t.CONTACT_RESULTS,
 )
 
 # Written by the `admin` principal alone (a broker super user, which needs no ACL): no ACL lets
@@ -175,6 +189,27 @@ TOPICS: dict[str, TopicContract] = {
         "The national ID (normalised: digits only).",
         "A citizen's key changed (a recovery, or the initial key from the registry): end their other sessions.",
     ),
+    t.CONTACT_UPDATES: TopicContract(
+        (EventType.CONTACT_UPDATE_REQUESTED,),
+        "The national ID as the citizen typed it.",
+        "A logged-in citizen changes their contact data (e-mail, backup e-mail, phone), with the current key "
+        "(checked as a login is, same throttling).",
+    ),
+    t.CONTACT_RESULTS: TopicContract(
+        (EventType.CONTACT_RESULT,),
+        "The `update_id`.",
+        "Clave's answer to a contact update: `updated`, or `rejected` with reasons.",
+    ),
+    t.PASSWORD_CONTACT_AUTHORIZED: TopicContract(
+        (EventType.CONTACT_AUTHORIZED,),
+        "The internal `account_id`.",
+        "A contact update whose key the password service checked (the key is not in it): identity applies it.",
+    ),
+    t.IDENTITY_CONTACT_CHANGED: TopicContract(
+        (EventType.IDENTITY_CONTACT_CHANGED,),
+        "The internal `account_id`.",
+        "An account's contact data changed: revoke live tokens, tell every address on file before.",
+    ),
     t.IDENTITY_VERIFIED: TopicContract(
         (EventType.IDENTITY_VERIFIED,),
         "The internal `account_id`.",
@@ -200,6 +235,7 @@ TOPICS: dict[str, TopicContract] = {
             EventType.OPERATOR_EMAIL_UPDATE,
             EventType.OPERATOR_UNLOCK,
             EventType.OPERATOR_SEND_RECOVERY,
+            EventType.OPERATOR_CONTACT_UPDATE,
             EventType.OPERATOR_APPROVE,
             EventType.OPERATOR_ACCOUNT_IMPORT,
         ),

@@ -36,6 +36,7 @@ class DeadLetterReason:
     SCHEMA_INVALID = "schema_invalid"
     DUPLICATE_EVENT = "duplicate_event"
     UNDECRYPTABLE = "undecryptable"
+    PLAINTEXT_REFUSED = "plaintext_refused"  # a secret in the clear under PORTAL_INPUT=sealed
     HANDLER_ERROR = "handler_error"
     # Operator commands (identity.commands): each must be signed by a registered operator key.
     SIGNATURE_MISSING = "signature_missing"
@@ -62,7 +63,8 @@ class BadInput(Exception):
         self.correlationid = correlationid  # the record's own, when readable: its dead letter carries it
         self.data = data  # the record's `data` object, when the parse got that far (an answer's id is read there)
         # Outgoing events (shared.store.Outgoing) committed with the dead letter, atomically: e.g. the
-        # result an operator waits for when identity refuses a command.
+        # result an operator waits for when identity refuses a command, or the answer the portal waits
+        # for when its input is refused for how its secrets came (plaintext_refused, sealed_invalid).
         self.also: list[Any] = []
 
 

@@ -30,6 +30,22 @@ class InternalPayload(Payload):
 
 
 RequestId = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+# A secret the portal sealed to Clave's public key (shared/portal_input.py): base64url of HPKE's
+# enc || ciphertext.
+Sealed = Field(default=None, min_length=1, max_length=8192, pattern=r"^[A-Za-z0-9_-]+={0,2}$")
+MAX_ANSWERS = 16
+
+
+def check_answers(value: dict[str, str]) -> dict[str, str]:
+    """The bounds of a set of security answers (plain, or opened from `sealed_answers`)."""
+    if len(value) > MAX_ANSWERS:
+        raise ValueError(f"at most {MAX_ANSWERS} answers")
+    for key, answer in value.items():
+        if not 1 <= len(key) <= 64 or len(answer) > 256:
+            raise ValueError("answer keys must be 1-64 characters and answers at most 256")
+    return value
+
+
 AccountId = Field(min_length=1, max_length=64)
 Locale = Literal["es", "en"]
 
@@ -43,32 +59,39 @@ class RecoveryRequested(Payload):
     national_id: str = Field(min_length=1, max_length=32)
     representative_id: str | None = Field(default=None, max_length=32)
     email: str = Field(min_length=3, max_length=254)
-    answers: dict[str, str] = Field(max_length=16)
+    # Exactly one of `answers` and `sealed_answers` (added: the answers sealed to Clave's key).
+    answers: dict[str, str] | None = Field(default=None, max_length=MAX_ANSWERS)
     captcha_passed: bool
     locale: Locale = "es"
     client_ip: str = Field(max_length=45)
+    sealed_answers: str | None = Sealed
 
     @field_validator("answers")
     @classmethod
-    def _answer_sizes(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, answer in value.items():
-            if not 1 <= len(key) <= 64 or len(answer) > 256:
-                raise ValueError("answer keys must be 1-64 characters and answers at most 256")
-        return value
+    def _answer_sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else check_answers(value)
 
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
         return str(ipaddress.ip_address(value))
 
+    @model_validator(mode="after")
+    def _one_form(self) -> RecoveryRequested:
+        if (self.answers is None) == (self.sealed_answers is None):
+            raise ValueError("give exactly one of answers or sealed_answers")
+        return self
+
 
 class ResetSubmitted(Payload):
     request_id: str = RequestId
     token: str | None = Field(default=None, min_length=1, max_length=128)
     code: str | None = Field(default=None, pattern=r"^[0-9]{6}$")
-    new_password: str = Field(min_length=1, max_length=256)
+    # Exactly one of `new_password` and `sealed_new_password` (added: sealed to Clave's key).
+    new_password: str | None = Field(default=None, min_length=1, max_length=256)
     # Optional (added): the citizen's address, so wrong codes count per address block too.
     client_ip: str | None = Field(default=None, max_length=45)
+    sealed_new_password: str | None = Sealed
 
     @field_validator("client_ip")
     @classmethod
@@ -79,7 +102,46 @@ class ResetSubmitted(Payload):
     def _one_secret(self) -> ResetSubmitted:
         if (self.token is None) == (self.code is None):
             raise ValueError("give exactly one of token or code")
+        if (self.new_password is None) == (self.sealed_new_password is None):
+            raise ValueError("give exactly one of new_password or sealed_new_password")
         return self
+
+
+class ContactUpdateRequested(Payload):
+    """A citizen, logged in, changes their contact data; the current key comes with it (checked
+    as a login is). Each of `email`, `backup_email`, `phone` is optional: absent keeps it, ""
+    removes the backup e-mail or the phone."""
+
+    update_id: str = RequestId
+    national_id: str = Field(min_length=1, max_length=32)
+    # Exactly one of `key` and `sealed_key`.
+    key: str | None = Field(default=None, min_length=1, max_length=256)
+    sealed_key: str | None = Sealed
+    email: str | None = Field(default=None, min_length=3, max_length=254)
+    backup_email: str | None = Field(default=None, max_length=254)
+    phone: str | None = Field(default=None, max_length=32)
+    client_ip: str = Field(max_length=45)  # wrong keys are throttled per address block, as logins
+
+    @field_validator("client_ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+    @model_validator(mode="after")
+    def _key_and_change(self) -> ContactUpdateRequested:
+        if (self.key is None) == (self.sealed_key is None):
+            raise ValueError("give exactly one of key or sealed_key")
+        if self.email is None and self.backup_email is None and self.phone is None:
+            raise ValueError("give at least one of email, backup_email, phone")
+        return self
+
+
+class ContactResult(InternalPayload):
+    """Clave's answer to a contact update (`account.contact_results`, keyed by `update_id`)."""
+
+    update_id: str = RequestId
+    status: Literal["updated", "rejected"]
+    reasons: list[str] = Field(default_factory=list)
 
 
 class RecoveryOutcome(InternalPayload):
@@ -94,13 +156,21 @@ class LoginCheckRequested(Payload):
 
     check_id: str = RequestId
     national_id: str = Field(min_length=1, max_length=32)
-    key: str = Field(min_length=1, max_length=256)
+    # Exactly one of `key` and `sealed_key` (added: the key sealed to Clave's public key).
+    key: str | None = Field(default=None, min_length=1, max_length=256)
     client_ip: str = Field(max_length=45)
+    sealed_key: str | None = Sealed
 
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
         return str(ipaddress.ip_address(value))
+
+    @model_validator(mode="after")
+    def _one_key(self) -> LoginCheckRequested:
+        if (self.key is None) == (self.sealed_key is None):
+            raise ValueError("give exactly one of key or sealed_key")
+        return self
 
 
 class LoginResult(InternalPayload):
@@ -135,6 +205,9 @@ class IdentityVerified(InternalPayload):
     recipient: Recipient
     actor: str = "system"
     requested_at: datetime | None = None  # when the portal published the request (end-to-end latency)
+    # Added: the recovery goes to the backup address (`recipient`); the registered address is
+    # told that a recovery was sent elsewhere.
+    primary_recipient: Recipient | None = None
 
 
 class IdentityLocked(InternalPayload):
@@ -161,6 +234,33 @@ class EmailChanged(InternalPayload):
     old_recipient: Recipient
     new_recipient: Recipient
     operator_id: str
+
+
+class ContactChange(InternalPayload):
+    field: Literal["email", "backup_email", "phone"]
+    masked: str  # the new value, masked (m***@example.org, +593***67); "" when removed
+
+
+class ContactChanged(InternalPayload):
+    """An account's contact data changed (by its owner after a login, or by an operator):
+    live recovery tokens are revoked, and every address on file before is told."""
+
+    change_id: str  # the portal's update_id, or the operator command's id
+    account_id: str = AccountId
+    old_recipients: list[Recipient]
+    changes: list[ContactChange]
+    actor: str = "citizen"
+
+
+class ContactUpdateAuthorized(InternalPayload):
+    """The password service checked the citizen's key for a contact update: identity applies it."""
+
+    update_id: str = RequestId
+    account_id: str = AccountId
+    email: str | None = None
+    backup_email: str | None = None
+    phone: str | None = None
+    client_ip: str | None = None
 
 
 class AccountRegistered(InternalPayload):
@@ -198,6 +298,9 @@ class OperatorCommand(Payload):
     reason: str = Field(min_length=3, max_length=500)
     national_id: str = Field(min_length=1, max_length=32)
     new_email: str | None = Field(default=None, max_length=254)
+    # Added (contact_update): "" removes the backup e-mail or the phone.
+    new_backup_email: str | None = Field(default=None, max_length=254)
+    new_phone: str | None = Field(default=None, max_length=32)
     issued_at: datetime | None = None
     key_id: str | None = KeyId
     signature: str | None = Signature
@@ -230,6 +333,9 @@ class AccountImport(Payload):
     representative_id: str | None = Field(default=None, max_length=32)
     sealed_secrets: str = Field(min_length=1, max_length=8192)  # {"command_id", "national_id", "answers", "password"}
     legacy_key: bool = False  # the migration option: a key breaking the policy is taken, marked must-change
+    # Added: optional contact data (not secret; validated by identity as the import format says).
+    backup_email: str | None = Field(default=None, min_length=3, max_length=254)
+    phone: str | None = Field(default=None, min_length=1, max_length=32)
     line: int | None = Field(default=None, ge=1)  # its line in the import file, for the operator's report
     issued_at: datetime | None = None
     key_id: str | None = KeyId
@@ -294,6 +400,7 @@ class TokensIssued(InternalPayload):
         "`account_id`, `request_id` and the recipient's address."
     )
     requested_at: datetime | None = None
+    primary_recipient: Recipient | None = None  # added: told that the recovery went to `recipient`
 
 
 class TokensRedeemed(InternalPayload):
@@ -377,6 +484,11 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.OPERATOR_EMAIL_UPDATE: OperatorCommand,
     EventType.OPERATOR_UNLOCK: OperatorCommand,
     EventType.OPERATOR_SEND_RECOVERY: OperatorCommand,
+    EventType.OPERATOR_CONTACT_UPDATE: OperatorCommand,
+    EventType.CONTACT_UPDATE_REQUESTED: ContactUpdateRequested,
+    EventType.CONTACT_RESULT: ContactResult,
+    EventType.CONTACT_AUTHORIZED: ContactUpdateAuthorized,
+    EventType.IDENTITY_CONTACT_CHANGED: ContactChanged,
     EventType.OPERATOR_APPROVE: OperatorApproval,
     EventType.OPERATOR_ACCOUNT_IMPORT: AccountImport,
     EventType.OPERATOR_KEY_REGISTERED: OperatorKeyRegistered,

@@ -229,6 +229,31 @@ class Argon2Settings(BaseSettings):
         ]
 
 
+class PortalInputSettings(BaseSettings):
+    """For the services that read what the portal may seal (identity: answers, tokens: new
+    keys, password: login keys): shared/portal_input.py."""
+
+    # `sealed` refuses secrets in the clear, `any` takes both; unset: `sealed` in production,
+    # `any` in development.
+    portal_input: Literal["sealed", "any"] | None = None
+    # Clave's X25519 private key(s): PEM file path(s), comma-separated during a rotation.
+    portal_sealing_key: str = ""
+
+    def portal_input_mode(self, production: bool) -> Literal["sealed", "any"]:
+        if self.portal_input is not None:
+            return self.portal_input
+        return "sealed" if production else "any"
+
+    def portal_input_problems(self) -> list[str]:
+        from shared.portal_input import sealing_key_problems  # cryptography's HPKE: loaded by readers only
+
+        found = []
+        if self.portal_input == "any":
+            found.append("PORTAL_INPUT: any accepts the portal's secrets in the clear; production needs sealed")
+        found += [f"PORTAL_SEALING_KEY: {p}" for p in sealing_key_problems(self.portal_sealing_key)]
+        return found
+
+
 S = TypeVar("S", bound=PlatformSettings)
 
 

@@ -15,6 +15,8 @@ RECOVERY_OUTCOMES = "recovery.outcomes"
 LOGIN_CHECKS = "login.checks"  # portal -> password: is this the citizen's key?
 LOGIN_RESULTS = "login.results"  # password -> portal: valid / invalid, keyed by check_id
 ACCOUNT_KEY_CHANGED = "account.key_changed"  # password -> portal: end the citizen's other sessions
+CONTACT_UPDATES = "account.contact_updates"
+CONTACT_RESULTS = "account.contact_results"
 
 # Internal.
 IDENTITY_VERIFIED = "identity.verified"
@@ -23,6 +25,8 @@ IDENTITY_EMAIL_CHANGED = "identity.email_changed"
 IDENTITY_ACCOUNT_REGISTERED = "identity.account_registered"
 IDENTITY_COMMANDS = "identity.commands"
 IDENTITY_DECLINED = "identity.declined"
+IDENTITY_CONTACT_CHANGED = "identity.contact_changed"
+PASSWORD_CONTACT_AUTHORIZED = "password.contact_authorized"
 # Operators (issue 9): the registry of their public keys (written by `admin` alone), the results
 # of their commands (read by the operator), and the notice of a requested e-mail change.
 IDENTITY_OPERATOR_KEYS = "identity.operator_keys"
@@ -55,6 +59,9 @@ CONSUMED = (
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_COMMANDS,
     IDENTITY_DECLINED,
+    IDENTITY_CONTACT_CHANGED,
+    CONTACT_UPDATES,
+    PASSWORD_CONTACT_AUTHORIZED,
     IDENTITY_OPERATOR_KEYS,
     IDENTITY_EMAIL_CHANGE_REQUESTED,
     TOKENS_ISSUED,
@@ -70,15 +77,16 @@ PRODUCED_ONLY = (
     RECOVERY_OUTCOMES,
     NOTIFIER_SENT,
     NOTIFIER_FAILED,
-    IDENTITY_COMMAND_RESULTS,
     LOGIN_RESULTS,
     ACCOUNT_KEY_CHANGED,
+    CONTACT_RESULTS,
+    IDENTITY_COMMAND_RESULTS,
 )
 # Kept forever: the audit log, and the operator key registry (its log of record, small).
 KEPT_FOREVER = (AUDIT_EVENTS, IDENTITY_OPERATOR_KEYS)
 
 # What citizens typed, in the clear: short retention, off the disk soon after (portal_input).
-PORTAL_INPUTS = (RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS)
+PORTAL_INPUTS = (RECOVERY_REQUESTS, RECOVERY_RESETS, LOGIN_CHECKS, CONTACT_UPDATES)
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -176,6 +184,11 @@ class EventType:
     OPERATOR_EMAIL_UPDATE = "ec.clave.operator.email_update.v1"
     OPERATOR_UNLOCK = "ec.clave.operator.unlock.v1"
     OPERATOR_SEND_RECOVERY = "ec.clave.operator.send_recovery.v1"
+    OPERATOR_CONTACT_UPDATE = "ec.clave.operator.contact_update.v1"
+    CONTACT_UPDATE_REQUESTED = "ec.clave.account.contact_update_requested.v1"
+    CONTACT_RESULT = "ec.clave.account.contact_result.v1"
+    CONTACT_AUTHORIZED = "ec.clave.password.contact_authorized.v1"
+    IDENTITY_CONTACT_CHANGED = "ec.clave.identity.contact_changed.v1"
     OPERATOR_APPROVE = "ec.clave.operator.approve.v1"
     OPERATOR_ACCOUNT_IMPORT = "ec.clave.operator.account_import.v1"
     OPERATOR_KEY_REGISTERED = "ec.clave.operator.key_registered.v1"

@@ -18,6 +18,9 @@ Writes, once each (an existing file is never overwritten: delete one to rotate i
   service's key by deleting its .pem: the next run makes a new pair and adds its public
   entry, and every older entry stays (the events they signed are verified with them);
   set the old entry's `not_after` (README, "Auditing Clave");
+- portal/sealing.pem: Clave's X25519 private key for sealed portal input (PORTAL_SEALING_KEY of
+  identity, tokens and password), and portal/sealing-public.pem, the public key to give the
+  portal (not secret);
 - dkim/private.pem: the notifier's DKIM key (RSA 2048, DKIM_PRIVATE_KEY), and
   dkim/dns-record.txt: the TXT value to publish at <selector>._domainkey.<domain>; rotate by
   a new selector (README, "Mail that lands in the inbox");
@@ -60,6 +63,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
 import provision  # noqa: E402
 
 from shared.auditkeys import PublicKeyEntry, kid_of, load_signing_key, private_pem  # noqa: E402
+from shared.portal_input import make_key_pair  # noqa: E402
 from shared.settings import PlatformSettings  # noqa: E402
 
 SERVICES = ("identity", "tokens", "notifier", "password", "audit")
@@ -280,6 +284,10 @@ def make_all(root: Path) -> list[str]:
     for name, fernet in all_keys().items():
         w.file(f"keys/{name}", _fernet_key if fernet else _password)
     make_audit_keys(w)
+    private, public = w.root / "portal" / "sealing.pem", w.root / "portal" / "sealing-public.pem"
+    for path in make_key_pair(private, public):
+        path.chmod(0o644)  # as every file here: the containers read it as their own user
+        w.created.append(str(path.relative_to(w.root)))
     make_dkim_key(w)
     w.file("grafana/admin.password", _password)
     make_tls(w)

@@ -89,6 +89,11 @@ service gets its own private key only (AUDIT_SIGNING_KEY); everything else run b
 stack (tests, the CLI) gets AUDIT_PUBLIC_KEYS, the folder of public keys, and no
 private key.
 
+Sealed portal input: before the first service starts, Clave's X25519 key pair is made
+(deploy/local/portal_keys.py): $VAR_DIR/secrets/portal/sealing.pem (0600) goes to identity,
+tokens and password as PORTAL_SEALING_KEY; everything else gets PORTAL_SEALING_PUBLIC_KEY
+($VAR_DIR/portal/sealing-public.pem), the public key the portal seals to.
+
 Operator keys: with the topics, development operators (op-1, op-2, demo, bench) get an
 Ed25519 key pair each in $VAR_DIR/secrets/operators (<operator>.pem, 0600), registered by
 admin on identity.operator_keys (deploy/local/operator_keys.py); `run` gives its command
@@ -138,6 +143,9 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # the `shared` package; probe.py
 
 # secantusd-rs: crates.io secantus-mdb at this version, built with its own Cargo.lock.
 SECANTUS_RS_VERSION = "0.5.3-beta.193"
+# The services that open what the portal may seal (answers, new keys, login keys): they alone
+# get PORTAL_SEALING_KEY.
+PORTAL_INPUT_READERS = frozenset({"identity", "tokens", "password"})
 STORE_RS_MARK = f"secantus-mdb {SECANTUS_RS_VERSION} --locked"
 KAFKA_POM = HERE / "kafka" / "pom.xml"
 KAFKA_LOG4J = HERE / "kafka" / "log4j2.yaml"
@@ -360,6 +368,7 @@ class Stack:
         self.started_file = self.run_dir / "started-by-ensure"
         self.audit_keys_dir = self.var_dir / "secrets" / "audit"
         self.dkim_env: dict[str, str] = {}  # the notifier's DKIM setting (local_keys)
+        self.portal_env: dict[str, str] = {}  # the sealing key for sealed portal input (local_keys)
         self.operator_keys_dir = self.var_dir / "secrets" / "operators"
         self.audit_public = Path(env.get("AUDIT_PUBLIC_KEYS") or self.audit_keys_dir / "public")
         self.prometheus = env.get("PROMETHEUS", "0") == "1"
@@ -408,9 +417,14 @@ class Stack:
             # The reference page (`make portal`, clients/page) listens on PAGE_PORT: the
             # recovery mail's link opens it.
             PAGE_PORT=str(env_int("PAGE_PORT", 8000)),
+            # The public key the portal seals its secrets to (tests, demo); its private key goes to
+            # identity, tokens and password alone (service_env).
+            PORTAL_SEALING_PUBLIC_KEY=env.get("PORTAL_SEALING_PUBLIC_KEY")
+            or str(self.var_dir / "portal" / "sealing-public.pem"),
         )
         env.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{env['PAGE_PORT']}")
         env.pop("AUDIT_SIGNING_KEY", None)  # no private key for anyone but its service
+        env.pop("PORTAL_SEALING_KEY", None)
 
     # ---- names and addresses
 
@@ -870,6 +884,7 @@ log.retention.check.interval.ms=300000
         self.audit_keys()
         dkim_dirs = (self.var_dir / "secrets" / "dkim", self.var_dir / "dkim")
         self.dkim_env = self.dkim_env or self.key_script("dkim_key.py", *dkim_dirs)
+        self.portal_env = self.portal_env or self.key_script("portal_keys.py", self.var_dir)
 
     def key_script(self, script: str, *args: Path) -> dict[str, str]:
         """Run a deploy/local key script; the settings it prints (NAME=value lines) for the
@@ -898,6 +913,8 @@ log.retention.check.interval.ms=300000
         env[f"{service.upper()}_METRICS_PORT"] = str(self.metrics_port(c))
         if service == "notifier":  # the DKIM key is the notifier's alone
             env.update(self.dkim_env)
+        if service in PORTAL_INPUT_READERS:  # they open the portal's sealed secrets (local_keys made it)
+            env.update({k: v for k, v in self.portal_env.items() if k == "PORTAL_SEALING_KEY"})
         return env
 
     # ---- start / stop

@@ -12,6 +12,7 @@ from shared.runtime import Service
 from shared.schemas import (
     AccountImport,
     CodeRejected,
+    ContactUpdateAuthorized,
     OperatorApproval,
     OperatorCommand,
     OperatorKeyRegistered,
@@ -23,6 +24,7 @@ from shared.settings import load
 from shared.topics import (
     IDENTITY_COMMANDS,
     IDENTITY_OPERATOR_KEYS,
+    PASSWORD_CONTACT_AUTHORIZED,
     PASSWORD_UPDATED,
     RECOVERY_REQUESTS,
     TOKENS_CODE_REJECTED,
@@ -72,9 +74,15 @@ def build(settings: IdentitySettings | None = None) -> Service:
             EventType.OPERATOR_SEND_RECOVERY: Route(OperatorCommand, ops.send_recovery),
             EventType.OPERATOR_APPROVE: Route(OperatorApproval, ops.approve),
             EventType.OPERATOR_ACCOUNT_IMPORT: Route(AccountImport, ops.account_import),
+            EventType.OPERATOR_CONTACT_UPDATE: Route(OperatorCommand, ops.contact_update),
         },
     )
     service.every("email-change-applier", 1.0, applier.run_forever)
+    # Contact updates whose key the password service checked.
+    service.consume(
+        PASSWORD_CONTACT_AUTHORIZED,
+        {EventType.CONTACT_AUTHORIZED: Route(ContactUpdateAuthorized, handlers.contact_authorized)},
+    )
 
     async def close_hasher() -> None:
         hasher.close()

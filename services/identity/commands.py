@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from services.identity import domain, operator_domain
 from services.identity.domain import Account, Reason
-from services.identity.handlers import recipient
+from services.identity.handlers import recipient, stage_contact_changed
 from services.identity.operator_domain import CommandReason, EmailChange, RegisteredKey
 from services.identity.registry import AccountRecord, open_secrets, validate_record
 from services.identity.settings import IdentitySettings
@@ -285,6 +285,36 @@ class OperatorHandlers:
         self._done(ctx, cmd, action, "success", account_id=account.account_id, request_id=request_id)
         await self._commit(ctx, cmd, self.store.record_mail(keys, now))
 
+    async def contact_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
+        """The backup e-mail and the phone, changed at an office (the registered e-mail has its
+        own command, update-email, with a second operator and the cooling-off period). Every
+        address on file before is told and live links are revoked, as for the citizen's change."""
+        await self._verify(ctx, cmd)
+        action = "operator_contact_update"
+        account = await self._command_account(ctx, cmd, action)
+        if account is None:
+            return await self._commit(ctx, cmd)
+        if cmd.new_email is not None:
+            self._done(
+                ctx, cmd, action, "rejected", account_id=account.account_id,
+                reasons=[CommandReason.EMAIL_NEEDS_APPROVAL],
+            )  # fmt: skip
+            return await self._commit(ctx, cmd)
+        before = account.contact
+        try:
+            after = domain.new_contact(before, None, cmd.new_backup_email, cmd.new_phone)
+        except domain.ContactRefused as refused:
+            self._done(ctx, cmd, action, "rejected", account_id=account.account_id, reasons=list(refused.reasons))
+            return await self._commit(ctx, cmd)
+        changes = stage_contact_changed(ctx, account, after, change_id=cmd.command_id, actor=cmd.operator_id)
+        self._done(
+            ctx, cmd, action, "success", account_id=account.account_id, effect="updated",
+            fields=",".join(f for f, _ in changes),
+        )  # fmt: skip
+        # A concurrent change (StaleContact) makes the command fail and be redelivered: it is
+        # then decided again on what that change left.
+        await self._commit(ctx, cmd, self.store.set_contact(account.account_id, after, before))
+
     async def email_update(self, ctx: HandlerContext, cmd: OperatorCommand) -> None:
         """Only a request: a second operator approves it, and it takes effect after the
         cooling-off period. Both addresses are told now."""
@@ -386,6 +416,8 @@ class OperatorHandlers:
                 answers=secrets.answers,
                 representative_id=cmd.representative_id,
                 password=secrets.password,
+                backup_email=cmd.backup_email,
+                phone=cmd.phone,
             )
             clean = validate_record(record, self.questions)
         except ValidationError as exc:
@@ -424,6 +456,7 @@ class OperatorHandlers:
             "answer_hashes": await self._hashes(record.answers),
             "created_at": now,
             "updated_at": now,
+            **clean["contact"],  # backup_email, phone, when the line gives them
         }
         # The password service learns the account's login name (its national ID) and, with one,
         # its initial key sealed for it.
@@ -490,13 +523,25 @@ class OperatorHandlers:
         }
         changed = operator_domain.changed_fields(current, incoming, await self._answers_same(account, record.answers))
         email_changes = clean["email"].casefold() != account.email.casefold()
+        # A line that gives a backup e-mail or a phone sets it (one that gives none keeps what the
+        # citizen set on the portal); every address on file is told, as for any contact change.
+        contact = domain.Contact(
+            account.email,
+            clean["contact"].get("backup_email", account.backup_email),
+            clean["contact"].get("phone", account.phone),
+        )
+        if contact != account.contact:
+            stage_contact_changed(ctx, account, contact, change_id=cmd.command_id, actor=cmd.operator_id)
+            changed = [*changed, "contact"]
         if not changed and not email_changes:
             self._done(
                 ctx, cmd, "account_import_unchanged", "info", account_id=account.account_id, effect="unchanged",
                 line=cmd.line or 0,
             )  # fmt: skip
             return await self._commit(ctx, cmd)
-        fields: dict[str, Any] = {f: incoming[f] for f in changed if f != "answers"}
+        fields: dict[str, Any] = {f: incoming[f] for f in changed if f not in ("answers", "contact")}
+        if "contact" in changed:
+            fields.update(backup_email=contact.backup_email, phone=contact.phone)
         if "answers" in changed:
             fields["answer_hashes"] = await self._hashes(record.answers)
         writes: list[Write] = []

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 # Shared with the password service's credential checks (re-exported: identity's callers use them here).
@@ -76,6 +77,112 @@ def same_mailbox(typed: str, registered: str) -> bool:
 def mask_email(address: str) -> str:
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}"
+
+
+# Numbers written without a country code are read as Ecuadorian (the portal's citizens).
+PHONE_REGION = "EC"
+
+
+def normalize_phone(raw: str) -> str:
+    """A phone number as E.164 (`+593991234567`), checked with libphonenumber's metadata
+    (length and number ranges of its country). Raises ValueError."""
+    try:
+        number = phonenumbers.parse(raw, PHONE_REGION)
+    except phonenumbers.NumberParseException:
+        raise ValueError("invalid phone number: not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("invalid phone number: not a valid number for its country")
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def mask_phone(number: str) -> str:
+    return f"{number[:4]}***{number[-2:]}"
+
+
+@dataclass(frozen=True)
+class Contact:
+    """The contact data an account keeps: the registered e-mail (recoveries go there), an
+    optional backup e-mail (a recovery may go there when the citizen types it) and phone."""
+
+    email: str
+    backup_email: str | None = None
+    phone: str | None = None
+
+
+class ContactReason:
+    """Why a contact change was refused (`account.contact_results`, `rejected`)."""
+
+    EMAIL_INVALID = "email_invalid"
+    BACKUP_EMAIL_INVALID = "backup_email_invalid"
+    PHONE_INVALID = "phone_invalid"
+    BACKUP_SAME_AS_EMAIL = "backup_same_as_email"
+    NOTHING_TO_CHANGE = "nothing_to_change"
+    ACCOUNT_UNKNOWN = "account_unknown"
+
+
+CLEAR = ""  # a change to "" removes the backup e-mail or the phone
+
+
+def new_contact(current: Contact, email: str | None, backup_email: str | None, phone: str | None) -> Contact:
+    """The contact data after a change (None: keep; "": remove an optional one), normalised.
+    Raises ContactRefused with every reason that applies."""
+    reasons = []
+    result = {"email": current.email, "backup_email": current.backup_email, "phone": current.phone}
+    for name, value, reason, normalize in (
+        ("email", email, ContactReason.EMAIL_INVALID, normalize_email),
+        ("backup_email", backup_email, ContactReason.BACKUP_EMAIL_INVALID, normalize_email),
+        ("phone", phone, ContactReason.PHONE_INVALID, normalize_phone),
+    ):
+        if value is None:
+            continue
+        if value == CLEAR and name != "email":
+            result[name] = None
+            continue
+        try:
+            result[name] = normalize(value)
+        except ValueError:
+            reasons.append(reason)
+    if not reasons and result["backup_email"] and same_mailbox(result["backup_email"], result["email"] or ""):
+        reasons.append(ContactReason.BACKUP_SAME_AS_EMAIL)
+    changed = Contact(result["email"] or current.email, result["backup_email"], result["phone"])
+    if not reasons and changed == current:
+        reasons.append(ContactReason.NOTHING_TO_CHANGE)
+    if reasons:
+        raise ContactRefused(tuple(reasons))
+    return changed
+
+
+class ContactRefused(ValueError):
+    def __init__(self, reasons: tuple[str, ...]) -> None:
+        super().__init__(", ".join(reasons))
+        self.reasons = reasons
+
+
+def old_addresses(before: Contact) -> tuple[str, ...]:
+    """Every address on file before a change: each is told (a stolen key cannot quietly move
+    the recovery mailbox). Distinct, the primary first."""
+    found = [before.email] + ([before.backup_email] if before.backup_email else [])
+    return tuple(dict.fromkeys(found))
+
+
+def changed_fields(before: Contact, after: Contact) -> list[tuple[str, str]]:
+    """(field, new value masked; "" when removed) for each field that changed."""
+    out = []
+    for name, mask in (("email", mask_email), ("backup_email", mask_email), ("phone", mask_phone)):
+        old, new = getattr(before, name), getattr(after, name)
+        if old != new:
+            out.append((name, mask(new) if new else ""))
+    return out
+
+
+def recovery_address(typed: str, account: Account) -> str | None:
+    """Where a verified recovery goes: the registered address, or the backup address when that
+    is what the citizen typed. None when the typed address is neither."""
+    if same_mailbox(typed, account.email):
+        return account.email
+    if account.backup_email and same_mailbox(typed, account.backup_email):
+        return account.backup_email
+    return None
 
 
 # ---- limits and counters ---------------------------------------------------------------------
@@ -182,6 +289,12 @@ class Account:
     locale: str
     answer_hashes: dict[str, str]
     representative_id: str | None = None
+    backup_email: str | None = None
+    phone: str | None = None
+
+    @property
+    def contact(self) -> Contact:
+        return Contact(self.email, self.backup_email, self.phone)
 
 
 @dataclass(frozen=True)
@@ -246,6 +359,7 @@ class Decision:
     record: Record | None = field(default_factory=Record)  # None: store nothing at all
     audits: tuple[Audit, ...] = ()
     locked_until: datetime | None = None  # the block's lock, for the notice
+    mail_to: str | None = None  # verified: the address the recovery goes to (registered or backup)
 
 
 def cheap_refusal(facts: RequestFacts, limits: Limits, now: datetime) -> str | None:
@@ -317,6 +431,7 @@ def _verdict(facts: RequestFacts, cheap: str | None, limits: Limits, now: dateti
         account,
         (Emit.ACCEPTED, Emit.VERIFIED),
         Record(attempt=True, mail=True, rehash=rehash),
+        mail_to=recovery_address(facts.typed_email, account),
     )
 
 
@@ -342,7 +457,7 @@ def _wrong_secrets(facts: RequestFacts, account: Account, answers: AnswerChecks)
     wrong = []
     if not answers_ok:
         wrong.append(Reason.ANSWERS_WRONG)
-    if not same_mailbox(facts.typed_email, account.email):
+    if recovery_address(facts.typed_email, account) is None:
         wrong.append(Reason.EMAIL_MISMATCH)
     if not representative_matches(account, facts.typed_representative):
         wrong.append(Reason.REPRESENTATIVE_MISMATCH)

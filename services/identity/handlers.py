@@ -10,13 +10,18 @@ from datetime import UTC, datetime
 from services.identity import domain
 from services.identity.domain import Account, AnswerChecks, Audit, Decision, Emit, Reason, RequestFacts
 from services.identity.settings import IdentitySettings
-from services.identity.store import AccountStore, CounterKeys, StaleCounters
+from services.identity.store import AccountStore, CounterKeys, StaleContact, StaleCounters
 from shared.consumer import HandlerContext
 from shared.crypto import keyed_hash
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
+from shared.portal_input import InputRefused, PortalInput, check_opened_answers
 from shared.schemas import (
     CodeRejected,
+    ContactChange,
+    ContactChanged,
+    ContactResult,
+    ContactUpdateAuthorized,
     IdentityDeclined,
     IdentityLocked,
     IdentityVerified,
@@ -27,10 +32,13 @@ from shared.schemas import (
 )
 from shared.store import Write
 from shared.topics import (
+    CONTACT_RESULTS,
+    IDENTITY_CONTACT_CHANGED,
     IDENTITY_DECLINED,
     IDENTITY_LOCKED,
     IDENTITY_VERIFIED,
     RECOVERY_OUTCOMES,
+    RECOVERY_REQUESTS,
     EventType,
 )
 
@@ -46,6 +54,29 @@ def recipient(account: Account, email: str | None = None) -> Recipient:
     return Recipient(email=email or account.email, name=account.name, locale=account.locale)  # type: ignore[arg-type]
 
 
+def stage_contact_changed(
+    ctx: HandlerContext, account: Account, after: domain.Contact, *, change_id: str, actor: str
+) -> list[tuple[str, str]]:
+    """Stage identity.contact_changed for a change of `account`'s contact data to `after`: the
+    tokens service revokes the account's live links, the notifier tells every address on file
+    before. Returns the changed fields with their new values masked."""
+    before = account.contact
+    changes = domain.changed_fields(before, after)
+    ctx.emit(
+        IDENTITY_CONTACT_CHANGED,
+        account.account_id,
+        EventType.IDENTITY_CONTACT_CHANGED,
+        ContactChanged(
+            change_id=change_id,
+            account_id=account.account_id,
+            old_recipients=[recipient(account, address) for address in domain.old_addresses(before)],
+            changes=[ContactChange(field=f, masked=m) for f, m in changes],  # type: ignore[arg-type]
+            actor=actor,
+        ),
+    )
+    return changes
+
+
 class IdentityHandlers:
     def __init__(
         self, store: AccountStore, hasher: SecretHasher, settings: IdentitySettings, metrics: ServiceMetrics
@@ -54,6 +85,7 @@ class IdentityHandlers:
         self.hasher = hasher
         self.settings = settings
         self.questions = settings.question_ids()
+        self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
         self.limits = settings.limits()
         self.requests = metrics.counter(
             "clave_identity_requests_total", "Recovery requests by audited result", ["result"]
@@ -67,13 +99,14 @@ class IdentityHandlers:
 
     async def recovery_requested(self, ctx: HandlerContext, req: RecoveryRequested) -> None:
         now = datetime.now(UTC)
+        answers = self._typed_answers(ctx, req)
         facts, keys, subject_ref = await self._request_facts(req)
         for attempt in range(1, STALE_RETRIES + 1):
             facts = replace(facts, counters=await self.store.counters(keys))
             if domain.needs_answer_checks(facts, self.limits, now):
-                facts = replace(facts, answers=await self._check_answers(facts.account, req.answers))
+                facts = replace(facts, answers=await self._check_answers(facts.account, answers))
             decision = domain.decide_request(facts, self.limits, now)
-            rehashed = await self._rehashed(decision, req.answers)
+            rehashed = await self._rehashed(decision, answers)
             self._stage_request(ctx, req, decision, subject_ref, rehashed)
             writes = self._request_writes(req.request_id, keys, facts.counters, decision, rehashed, now)
             if await self._committed(ctx, writes, attempt):
@@ -81,6 +114,26 @@ class IdentityHandlers:
         self.requests.labels(decision.reasons[0] if decision.reasons else "verified").inc()
         if Audit.LOCKED in decision.audits:
             self.lockouts.inc()
+
+    def _typed_answers(self, ctx: HandlerContext, req: RecoveryRequested) -> dict[str, str]:
+        """The answers as typed, opened when sealed. Input refused for how it came (in the clear
+        under PORTAL_INPUT=sealed, or sealed but not opening) is dead-lettered, and the portal
+        gets `rejected` with the reason, which says nothing about the account."""
+        try:
+            return check_opened_answers(
+                self.portal_input.answers(req.answers, req.sealed_answers, topic=RECOVERY_REQUESTS, ref=req.request_id)
+            )
+        except InputRefused as refused:
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                req.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(
+                    request_id=req.request_id, stage="request", status="rejected", reasons=[refused.portal_reason]
+                ),
+            )
+            refused.also = list(ctx.outgoing)
+            raise
 
     async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
         """What the store knows about the request (its counters are read apart, again after a
@@ -170,6 +223,9 @@ class IdentityHandlers:
                 ),
             )
         if Emit.VERIFIED in decision.emit and account is not None:
+            # To the registered address, or to the backup address when the citizen typed that:
+            # then the registered address is told that a recovery went elsewhere.
+            elsewhere = decision.mail_to is not None and decision.mail_to != account.email
             ctx.emit(
                 IDENTITY_VERIFIED,
                 account.account_id,
@@ -177,8 +233,9 @@ class IdentityHandlers:
                 IdentityVerified(
                     request_id=req.request_id,
                     account_id=account.account_id,
-                    recipient=recipient(account),
+                    recipient=recipient(account, decision.mail_to),
                     requested_at=ctx.event.time,
+                    primary_recipient=recipient(account) if elsewhere else None,
                 ),
             )
         if Emit.DECLINED in decision.emit:
@@ -198,6 +255,7 @@ class IdentityHandlers:
         details: dict[str, str | int] = {"profile": req.profile}
         if decision.verified:
             details["answers_rehashed"] = len(rehashed)
+            details["mail_to"] = "backup" if account and decision.mail_to != account.email else "registered"
         if decision.reasons == (Reason.DUPLICATE_REQUEST,):
             account_id = None  # as before: a duplicate names nobody
         ctx.audit(
@@ -322,3 +380,83 @@ class IdentityHandlers:
             )
 
         await ctx.commit(*self.store.clear_lockout(keys))
+
+    # ---- contact data: the citizen's own change (key checked by password), or an operator's --
+
+    async def contact_authorized(self, ctx: HandlerContext, evt: ContactUpdateAuthorized) -> None:
+        """Apply a contact update whose key the password service checked, and answer the portal."""
+        await self._apply_contact(
+            ctx,
+            evt.account_id,
+            (evt.email, evt.backup_email, evt.phone),
+            change_id=evt.update_id,
+            actor="citizen",
+            action="contact_updated",
+            answer=evt.update_id,
+        )
+
+    def _answer_contact(self, ctx: HandlerContext, update_id: str | None, reasons: tuple[str, ...]) -> None:
+        """The portal's answer on account.contact_results (operator commands get none)."""
+        if update_id is None:
+            return
+        status = "rejected" if reasons else "updated"
+        ctx.emit(
+            CONTACT_RESULTS,
+            update_id,
+            EventType.CONTACT_RESULT,
+            ContactResult(update_id=update_id, status=status, reasons=list(reasons)),  # type: ignore[arg-type]
+        )
+
+    async def _apply_contact(
+        self,
+        ctx: HandlerContext,
+        account_id: str,
+        wanted: tuple[str | None, str | None, str | None],
+        *,
+        change_id: str,
+        actor: str,
+        action: str,
+        details: dict[str, str] | None = None,
+        answer: str | None = None,
+    ) -> tuple[str, ...]:
+        """Decide and stage a contact change: () when applied (committed), else the reasons
+        (audited, nothing changed). Every address on file before is told; live tokens are
+        revoked (tokens consumes identity.contact_changed)."""
+        for attempt in range(1, STALE_RETRIES + 1):
+            account = await self.store.by_id(account_id)
+            if account is None:
+                reasons: tuple[str, ...] = (domain.ContactReason.ACCOUNT_UNKNOWN,)
+                ctx.audit(action, "rejected", actor=actor, reasons=list(reasons), details={**(details or {})})
+                self._answer_contact(ctx, answer, reasons)
+                return reasons
+            before = account.contact
+            try:
+                after = domain.new_contact(before, *wanted)
+            except domain.ContactRefused as refused:
+                ctx.audit(
+                    action,
+                    "rejected",
+                    actor=actor,
+                    account_id=account_id,
+                    reasons=list(refused.reasons),
+                    details={**(details or {}), "change_id": change_id},
+                )
+                self._answer_contact(ctx, answer, refused.reasons)
+                return refused.reasons
+            changes = stage_contact_changed(ctx, account, after, change_id=change_id, actor=actor)
+            ctx.audit(
+                action,
+                "success",
+                actor=actor,
+                account_id=account_id,
+                details={**(details or {}), "change_id": change_id, "fields": ",".join(f for f, _ in changes)},
+            )
+            self._answer_contact(ctx, answer, ())
+            try:
+                await ctx.commit(self.store.set_contact(account_id, after, before))
+                return ()
+            except StaleContact:
+                if attempt == STALE_RETRIES:
+                    raise
+                ctx.outgoing.clear()  # another change came first: decide again on what it left
+        raise AssertionError("unreachable")

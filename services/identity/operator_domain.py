@@ -37,6 +37,8 @@ class CommandReason:
     APPROVER_IS_REQUESTER = "approver_is_requester"  # approve: the second operator must be another
     RECORD_INVALID = "record_invalid"  # import: the record breaks a rule (its detail says which)
     RATE_LIMITED = "rate_limited"
+    # contact-update with a new registered e-mail: that is update-email's (two operators, cooling-off)
+    EMAIL_NEEDS_APPROVAL = "email_needs_approval"
 
 
 @dataclass(frozen=True)

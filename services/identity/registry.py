@@ -31,6 +31,9 @@ class AccountRecord(BaseModel):
     answers: dict[str, str]
     representative_id: str | None = None
     password: str | None = Field(default=None, min_length=1, max_length=256)
+    # Added: optional contact data (a recovery may go to the backup address the citizen types).
+    backup_email: str | None = Field(default=None, min_length=3, max_length=254)
+    phone: str | None = Field(default=None, min_length=1, max_length=32)
 
     @model_validator(mode="after")
     def _employer_has_representative(self) -> AccountRecord:
@@ -56,11 +59,21 @@ def validate_record(record: AccountRecord, questions: list[str]) -> dict[str, An
         raise ValueError(f"answers: missing {', '.join(missing)}")
     if len(record.answers) < 3:
         raise ValueError("answers: at least 3 security questions are required")
-    return {
-        "national_id": national_id,
-        "representative_id": representative,
-        "email": domain.normalize_email(record.email),
-    }
+    email = domain.normalize_email(record.email)
+    contact = {}
+    if record.backup_email is not None:
+        try:
+            contact["backup_email"] = domain.normalize_email(record.backup_email)
+        except ValueError as exc:
+            raise ValueError(f"backup_email: {exc}") from None
+        if domain.same_mailbox(contact["backup_email"], email):
+            raise ValueError("backup_email: the same address as email")
+    if record.phone is not None:
+        try:
+            contact["phone"] = domain.normalize_phone(record.phone)
+        except ValueError as exc:
+            raise ValueError(f"phone: {exc}") from None
+    return {"national_id": national_id, "representative_id": representative, "email": email, "contact": contact}
 
 
 class ImportSecrets(BaseModel):

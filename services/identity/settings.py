@@ -8,12 +8,19 @@ from datetime import timedelta
 from pydantic import NonNegativeInt, PositiveInt
 
 from services.identity.domain import Limits
-from shared.settings import DEV_IMPORT_KEY, DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings
+from shared.settings import (
+    DEV_IMPORT_KEY,
+    DEV_PASSWORD_KEY,
+    DEV_PSEUDONYM_KEY,
+    Argon2Settings,
+    PlatformSettings,
+    PortalInputSettings,
+)
 
 MIN_COOLING_OFF_S = 3600
 
 
-class IdentitySettings(PlatformSettings, Argon2Settings):
+class IdentitySettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     pseudonym_key: str = DEV_PSEUDONYM_KEY
     password_keys: str = DEV_PASSWORD_KEY  # seals an imported initial key for the password service
     import_keys: str = DEV_IMPORT_KEY  # opens the answers and initial key of an import command
@@ -67,7 +74,7 @@ class IdentitySettings(PlatformSettings, Argon2Settings):
         return {**super().hmac_keys(), "PSEUDONYM_KEY": self.pseudonym_key}
 
     def problems(self) -> list[str]:
-        found = super().problems() + self.argon2_problems()
+        found = super().problems() + self.argon2_problems() + self.portal_input_problems()
         if self.email_change_cooling_off_s < MIN_COOLING_OFF_S:
             # Seconds are for tests: in production the owner must have time to object.
             found.append(f"EMAIL_CHANGE_COOLING_OFF_S: under {MIN_COOLING_OFF_S} s")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.identity.domain import Account, AddressState, BlockState, Counters, PrincipalState, Record
+from services.identity.domain import Account, AddressState, BlockState, Contact, Counters, PrincipalState, Record
 from services.identity.operator_domain import ChangeStatus, EmailChange, RegisteredKey
 from shared.store import ServiceStore, Write
 
@@ -34,6 +34,10 @@ EMAIL_CHANGES = "email_changes"  # requested e-mail changes, until applied
 COMMANDS_KEEP_S = 30 * 24 * 3600
 # Codes of a write that lost a race for the same principal document: the state changed.
 RACE_CODES = frozenset({11000, 112})
+
+
+class StaleContact(Exception):
+    """The account's contact data changed since it was read: read it again and decide again."""
 
 
 class StaleChange(Exception):
@@ -110,6 +114,8 @@ def _to_account(doc: dict[str, Any]) -> Account:
         locale=doc.get("locale", "es"),
         answer_hashes=doc["answer_hashes"],
         representative_id=doc.get("representative_id"),
+        backup_email=doc.get("backup_email"),
+        phone=doc.get("phone"),
     )
 
 
@@ -150,6 +156,16 @@ class AccountStore(ServiceStore):
 
     def set_email(self, account_id: str, email: str) -> Write:
         return self.update(ACCOUNTS, {"_id": account_id}, {"$set": {"email": email}})
+
+    def set_contact(self, account_id: str, contact: Contact, seen: Contact) -> Write:
+        """Apply a contact change decided on `seen`; the commit raises StaleContact if it changed meanwhile."""
+        return self.update(
+            ACCOUNTS,
+            {"_id": account_id, "email": seen.email, "backup_email": seen.backup_email, "phone": seen.phone},
+            {"$set": {"email": contact.email, "backup_email": contact.backup_email, "phone": contact.phone}},
+            stale=lambda: StaleContact(account_id),
+            must_match=True,
+        )
 
     def create_account(self, doc: dict[str, Any]) -> Write:
         return self.insert(ACCOUNTS, doc)

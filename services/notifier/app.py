@@ -1,4 +1,4 @@
-"""Notifier service wiring: four consumed topics and the SMTP sender loop."""
+"""Notifier service wiring: its consumed topics and the SMTP sender loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ from services.notifier.settings import NotifierSettings
 from services.notifier.store import NotificationStore
 from shared.consumer import Route
 from shared.runtime import Service
-from shared.schemas import EmailChanged, EmailChangeRequested, IdentityLocked, PasswordUpdated, TokensIssued
+from shared.schemas import (
+    ContactChanged,
+    EmailChanged,
+    EmailChangeRequested,
+    IdentityLocked,
+    PasswordUpdated,
+    TokensIssued,
+)
 from shared.settings import load
 from shared.topics import (
+    IDENTITY_CONTACT_CHANGED,
     IDENTITY_EMAIL_CHANGE_REQUESTED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_LOCKED,
@@ -34,6 +42,9 @@ def build(settings: NotifierSettings | None = None) -> Service:
     service.consume(
         IDENTITY_EMAIL_CHANGE_REQUESTED,
         {EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: Route(EmailChangeRequested, h.email_change_requested)},
+    )
+    service.consume(
+        IDENTITY_CONTACT_CHANGED, {EventType.IDENTITY_CONTACT_CHANGED: Route(ContactChanged, h.contact_changed)}
     )
     service.every("mail-sender", 1.0, sender.run_forever)
     return service

@@ -9,6 +9,7 @@ Connection errors and SMTP 4xx are temporary (retry with exponential backoff);
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlencode
@@ -60,3 +61,16 @@ def message_id(notification_id: str) -> str:
 def minutes_between(start: datetime, end: datetime) -> int:
     """Whole minutes a citizen is told a link or code lasts (a lifetime of 30 min reads 30)."""
     return max(0, round((end - start).total_seconds() / 60))
+
+
+CONTACT_FIELDS = {
+    "es": {"email": "correo principal", "backup_email": "correo alternativo", "phone": "teléfono", "": "eliminado"},
+    "en": {"email": "primary e-mail", "backup_email": "backup e-mail", "phone": "phone", "": "removed"},
+}
+
+
+def describe_changes(changes: Sequence[tuple[str, str]], locale: str) -> str:
+    """'correo principal n***@example.org; teléfono eliminado': (field, masked new value, "" when
+    removed) in the citizen's language (Spanish unless English)."""
+    words = CONTACT_FIELDS["en" if locale.lower().startswith("en") else "es"]
+    return "; ".join(f"{words[field]} {value or words['']}" for field, value in changes)

@@ -25,6 +25,7 @@ from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
+    ContactChanged,
     EmailChanged,
     EmailChangeRequested,
     IdentityLocked,
@@ -103,9 +104,26 @@ class NotifierHandlers:
             ttl_s=self.settings.sealed_secrets_ttl_s,
             what="sealed secrets",
         )
+        elsewhere = []
+        if evt.primary_recipient is not None:
+            # The recovery went to the backup address: the registered address is told.
+            elsewhere.append(
+                self._doc(
+                    ctx,
+                    "recovery_elsewhere",
+                    evt.primary_recipient,
+                    account_id=evt.account_id,
+                    request_id=evt.request_id,
+                    context={
+                        "sent_to_masked": mask_email(evt.recipient.email),
+                        "sent_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
+                    },
+                )
+            )
         await self._queue(
             ctx,
-            [
+            elsewhere
+            + [
                 self._doc(
                     ctx,
                     "recovery_link",
@@ -152,6 +170,29 @@ class NotifierHandlers:
                     request_id=evt.request_id,
                     context={"unlock_minutes": minutes},
                 )
+            ],
+        )
+
+    async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
+        """Every address on file before the change is told (new values masked)."""
+        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
+        changes = [(c.field, c.masked) for c in evt.changes]
+        await self._queue(
+            ctx,
+            [
+                {
+                    **self._doc(
+                        ctx,
+                        "contact_changed",
+                        to,
+                        account_id=evt.account_id,
+                        request_id=None,
+                        context={"changed_at": when, "changes": domain.describe_changes(changes, to.locale)},
+                    ),
+                    # One notification per old address (the id is per event and kind otherwise).
+                    "_id": domain.notification_id(ctx.event.id, f"contact_changed:{n}"),
+                }
+                for n, to in enumerate(evt.old_recipients)
             ],
         )
 

@@ -42,6 +42,11 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     "email_changed_new": frozenset({"name"}),
     "email_change_requested_old": frozenset({"name", "new_email_masked", "requested_at", "not_before"}),
     "email_change_requested_new": frozenset({"name", "requested_at", "not_before"}),
+    # A recovery sent to the backup address, told to the registered one.
+    "recovery_elsewhere": frozenset({"name", "sent_to_masked", "sent_at"}),
+    # Contact data changed (after a login): told to every address on file before the change.
+    # `changes`: what changed, new values masked, in the citizen's language (domain.describe_changes).
+    "contact_changed": frozenset({"name", "changes", "changed_at"}),
 }
 
 # Values that must never reach a subject line: subjects show up in lock-screen

@@ -10,15 +10,34 @@ from services.password.store import CredentialStore
 from shared.consumer import InvalidAnswer, Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
-from shared.schemas import AccountRegistered, LoginCheckRequested, LoginResult, TokensRedeemed
+from shared.schemas import (
+    AccountRegistered,
+    ContactResult,
+    ContactUpdateRequested,
+    LoginCheckRequested,
+    LoginResult,
+    TokensRedeemed,
+)
 from shared.settings import load
-from shared.topics import IDENTITY_ACCOUNT_REGISTERED, LOGIN_CHECKS, LOGIN_RESULTS, TOKENS_REDEEMED, EventType
+from shared.topics import (
+    CONTACT_RESULTS,
+    CONTACT_UPDATES,
+    IDENTITY_ACCOUNT_REGISTERED,
+    LOGIN_CHECKS,
+    LOGIN_RESULTS,
+    TOKENS_REDEEMED,
+    EventType,
+)
 
 NAME = "password"
 
 
 def invalid_check(check_id: str) -> LoginResult:
     return LoginResult(check_id=check_id, status="invalid", reasons=[LoginReason.CHECK_INVALID])
+
+
+def invalid_update(update_id: str) -> ContactResult:
+    return ContactResult(update_id=update_id, status="rejected", reasons=[LoginReason.CHECK_INVALID])
 
 
 def build(settings: PasswordSettings | None = None) -> Service:
@@ -41,6 +60,12 @@ def build(settings: PasswordSettings | None = None) -> Service:
         {EventType.LOGIN_CHECK_REQUESTED: Route(LoginCheckRequested, h.login_checked)},
         hot=True,
         answer=InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check),
+    )
+    # Contact updates: the key checked as a login's; one that cannot be read is answered too.
+    service.consume(
+        CONTACT_UPDATES,
+        {EventType.CONTACT_UPDATE_REQUESTED: Route(ContactUpdateRequested, h.contact_update_requested)},
+        answer=InvalidAnswer("update_id", CONTACT_RESULTS, EventType.CONTACT_RESULT, invalid_update),
     )
 
     async def close_hasher() -> None:

@@ -29,9 +29,13 @@ from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
 from shared.national_id import InvalidId, normalize_any
+from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
     AccountKeyChanged,
     AccountRegistered,
+    ContactResult,
+    ContactUpdateAuthorized,
+    ContactUpdateRequested,
     LoginCheckRequested,
     LoginResult,
     PasswordRejected,
@@ -40,7 +44,17 @@ from shared.schemas import (
 )
 from shared.store import Write
 from shared.throttle import ThrottleState, address_block
-from shared.topics import ACCOUNT_KEY_CHANGED, LOGIN_RESULTS, PASSWORD_REJECTED, PASSWORD_UPDATED, EventType
+from shared.topics import (
+    ACCOUNT_KEY_CHANGED,
+    CONTACT_RESULTS,
+    CONTACT_UPDATES,
+    LOGIN_CHECKS,
+    LOGIN_RESULTS,
+    PASSWORD_CONTACT_AUTHORIZED,
+    PASSWORD_REJECTED,
+    PASSWORD_UPDATED,
+    EventType,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +262,7 @@ class PasswordHandlers:
         self.policy = policy
         self.depth = settings.password_history
         self.box = SecretBox(settings.password_keys)
+        self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
         self.new_key_ttl_s = settings.sealed_new_key_ttl_s
         self.initial_key_ttl_s = settings.sealed_initial_key_ttl_s
         self.changed = metrics.counter("clave_password_changed_total", "Keys changed")
@@ -330,8 +345,82 @@ class PasswordHandlers:
             )
             ctx.reply(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)  # sent at once after the commit
 
+        key = self._typed_key(
+            ctx,
+            evt.key,
+            evt.sealed_key,
+            topic=LOGIN_CHECKS,
+            ref=evt.check_id,
+            refuse=lambda reason: answer(KeyVerdict(False, (reason,), None, None, "")),
+        )
         await self.keys.check(
-            ctx, evt.national_id, evt.key, evt.client_ip, purpose="login", reference=evt.check_id, stage=answer
+            ctx, evt.national_id, key, evt.client_ip, purpose="login", reference=evt.check_id, stage=answer
+        )
+
+    def _typed_key(
+        self,
+        ctx: HandlerContext,
+        plain: str | None,
+        sealed: str | None,
+        *,
+        topic: str,
+        ref: str,
+        refuse: Callable[[str], None],
+    ) -> str:
+        """The key as typed, opened when sealed. Input refused for how it came is dead-lettered
+        before any check (nothing counted, nothing hashed), and `refuse` stages the answer."""
+        try:
+            return self.portal_input.secret(plain, sealed, topic=topic, field="key", ref=ref)
+        except InputRefused as refused:
+            refuse(refused.portal_reason)
+            refused.also = list(ctx.outgoing)
+            raise
+
+    # ---- account.contact_updates: a logged-in citizen's new contact data ----------------------
+
+    async def contact_update_requested(self, ctx: HandlerContext, evt: ContactUpdateRequested) -> None:
+        """The key is checked exactly as a login's (same throttling, decoy, audit); a valid one
+        passes the change, without the key, to identity, which applies it and answers the
+        portal. A wrong one is answered here: `rejected`, nothing changed."""
+
+        def reject(reasons: tuple[str, ...]) -> None:
+            result = ContactResult(update_id=evt.update_id, status="rejected", reasons=list(reasons))
+            ctx.emit(CONTACT_RESULTS, evt.update_id, EventType.CONTACT_RESULT, result)
+
+        def authorise(verdict: KeyVerdict) -> None:
+            if not verdict.valid or verdict.account_id is None:
+                reject(verdict.reasons)
+                return
+            ctx.emit(
+                PASSWORD_CONTACT_AUTHORIZED,
+                verdict.account_id,
+                EventType.CONTACT_AUTHORIZED,
+                ContactUpdateAuthorized(
+                    update_id=evt.update_id,
+                    account_id=verdict.account_id,
+                    email=evt.email,
+                    backup_email=evt.backup_email,
+                    phone=evt.phone,
+                    client_ip=evt.client_ip,
+                ),
+            )
+
+        key = self._typed_key(
+            ctx,
+            evt.key,
+            evt.sealed_key,
+            topic=CONTACT_UPDATES,
+            ref=evt.update_id,
+            refuse=lambda reason: reject((reason,)),
+        )
+        await self.keys.check(
+            ctx,
+            evt.national_id,
+            key,
+            evt.client_ip,
+            purpose="contact_update",
+            reference=evt.update_id,
+            stage=authorise,
         )
 
     async def tokens_redeemed(self, ctx: HandlerContext, evt: TokensRedeemed) -> None:

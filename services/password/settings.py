@@ -8,11 +8,11 @@ from typing import Literal
 
 from pydantic import PositiveInt
 
-from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings
+from shared.settings import DEV_PASSWORD_KEY, DEV_PSEUDONYM_KEY, Argon2Settings, PlatformSettings, PortalInputSettings
 from shared.throttle import ThrottleLimits
 
 
-class PasswordSettings(PlatformSettings, Argon2Settings):
+class PasswordSettings(PlatformSettings, Argon2Settings, PortalInputSettings):
     password_keys: str = DEV_PASSWORD_KEY
     # Sealed keys older than these are dead-lettered (`sealed_expired`) and change nothing. A new
     # key is used within seconds of the reset (the reservation waits 120 s); 10 min leave room
@@ -60,4 +60,4 @@ class PasswordSettings(PlatformSettings, Argon2Settings):
         return {**super().hmac_keys(), "PSEUDONYM_KEY": self.pseudonym_key}
 
     def problems(self) -> list[str]:
-        return super().problems() + self.argon2_problems()
+        return super().problems() + self.argon2_problems() + self.portal_input_problems()

@@ -9,6 +9,7 @@ from services.tokens.store import TokenStore
 from shared.consumer import InvalidAnswer, Route
 from shared.runtime import Service
 from shared.schemas import (
+    ContactChanged,
     EmailChanged,
     IdentityDeclined,
     IdentityVerified,
@@ -19,6 +20,7 @@ from shared.schemas import (
 )
 from shared.settings import load
 from shared.topics import (
+    IDENTITY_CONTACT_CHANGED,
     IDENTITY_DECLINED,
     IDENTITY_EMAIL_CHANGED,
     IDENTITY_VERIFIED,
@@ -62,6 +64,9 @@ def build(settings: TokensSettings | None = None) -> Service:
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, h.password_updated)})
     service.consume(PASSWORD_REJECTED, {EventType.PASSWORD_REJECTED: Route(PasswordRejected, h.password_rejected)})
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
+    service.consume(
+        IDENTITY_CONTACT_CHANGED, {EventType.IDENTITY_CONTACT_CHANGED: Route(ContactChanged, h.contact_changed)}
+    )
 
     async def sweep() -> None:
         await h.sweep_forever(on_outbox=service.relay.committed)

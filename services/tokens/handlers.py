@@ -23,9 +23,11 @@ from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SecretBox, new_key_context, recovery_secrets_context
 from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
+from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
     AuditRecord,
     CodeRejected,
+    ContactChanged,
     EmailChanged,
     IdentityDeclined,
     IdentityVerified,
@@ -37,7 +39,14 @@ from shared.schemas import (
     TokensIssued,
     TokensRedeemed,
 )
-from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
+from shared.topics import (
+    RECOVERY_OUTCOMES,
+    RECOVERY_RESETS,
+    TOKENS_CODE_REJECTED,
+    TOKENS_ISSUED,
+    TOKENS_REDEEMED,
+    EventType,
+)
 
 log = logging.getLogger(__name__)
 # A decision is retried on fresh state this many times when the token moved under it; more
@@ -72,6 +81,7 @@ class TokenHandlers:
         self.account_window = timedelta(seconds=settings.code_account_window_s)
         self.notifier_box = SecretBox(settings.notifier_keys)
         self.password_box = SecretBox(settings.password_keys)
+        self.portal_input = PortalInput(settings.portal_input_mode(settings.production), settings.portal_sealing_key)
         self.issued = metrics.counter("clave_tokens_issued_total", "Tokens issued")
         self.redeemed = metrics.counter("clave_tokens_redeemed_total", "Tokens reserved for a key change")
         self.rejected = metrics.counter("clave_tokens_rejected_total", "Reset submissions refused", ["reason"])
@@ -123,6 +133,7 @@ class TokenHandlers:
                     ),
                 ),
                 requested_at=evt.requested_at,
+                primary_recipient=evt.primary_recipient,
             ),
         )
         ctx.audit(
@@ -175,9 +186,34 @@ class TokenHandlers:
     # ---- recovery.resets -> tokens.redeemed | outcome rejected ------------------------------
 
     async def reset_submitted(self, ctx: HandlerContext, reset: ResetSubmitted) -> None:
-        await decide_on_fresh_state(ctx, lambda: self._redeem(ctx, reset))
+        new_password = self._typed_key(ctx, reset)
+        await decide_on_fresh_state(ctx, lambda: self._redeem(ctx, reset, new_password))
 
-    async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted) -> None:
+    def _typed_key(self, ctx: HandlerContext, reset: ResetSubmitted) -> str:
+        """The new key as typed, opened when sealed. Input refused for how it came is
+        dead-lettered before any token is looked at, and the portal gets `rejected` with the
+        reason (nothing about the token: it is untouched and still works)."""
+        try:
+            return self.portal_input.secret(
+                reset.new_password,
+                reset.sealed_new_password,
+                topic=RECOVERY_RESETS,
+                field="new_password",
+                ref=reset.request_id,
+            )
+        except InputRefused as refused:
+            ctx.emit(
+                RECOVERY_OUTCOMES,
+                reset.request_id,
+                EventType.RECOVERY_OUTCOME,
+                RecoveryOutcome(
+                    request_id=reset.request_id, stage="reset", status="rejected", reasons=[refused.portal_reason]
+                ),
+            )
+            refused.also = list(ctx.outgoing)
+            raise
+
+    async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted, new_password: str) -> None:
         now = datetime.now(UTC)
         by: By = "token" if reset.token is not None else "code"
         failures = 0
@@ -213,7 +249,7 @@ class TokenHandlers:
                 token_id=token.token_id,
                 recipient=Recipient.model_validate(doc["recipient"]),
                 sealed_new_key=self.password_box.seal(
-                    {"new_password": reset.new_password},
+                    {"new_password": new_password},
                     purpose=Purpose.NEW_KEY,
                     context=new_key_context(
                         token_id=token.token_id, account_id=doc["account_id"], request_id=reset.request_id
@@ -376,6 +412,17 @@ class TokenHandlers:
         moved = settlement.move
         result = "released" if moved is domain.RELEASE else "spent" if moved is domain.SPEND else "kept"
         self.settled.labels(result).inc()
+
+    async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
+        """A contact change moves where recoveries go: no link sent before it may still work."""
+        count = await self.store.revocable_count(evt.account_id)
+        ctx.audit(
+            "tokens_revoked",
+            "info",
+            account_id=evt.account_id,
+            details={"count": count, "cause": "contact_changed", "change_id": evt.change_id},
+        )
+        await ctx.commit(self.store.revoke_account(evt.account_id))
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
         count = await self.store.revocable_count(evt.account_id)

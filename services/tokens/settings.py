@@ -3,10 +3,10 @@ code for the notifier and a new key for the password service; the codes' keyed h
 
 from __future__ import annotations
 
-from shared.settings import DEV_CODE_KEY, DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, PlatformSettings
+from shared.settings import DEV_CODE_KEY, DEV_NOTIFIER_KEY, DEV_PASSWORD_KEY, PlatformSettings, PortalInputSettings
 
 
-class TokensSettings(PlatformSettings):
+class TokensSettings(PlatformSettings, PortalInputSettings):
     notifier_keys: str = DEV_NOTIFIER_KEY
     password_keys: str = DEV_PASSWORD_KEY
     code_hmac_key: str = DEV_CODE_KEY
@@ -25,3 +25,6 @@ class TokensSettings(PlatformSettings):
 
     def hmac_keys(self) -> dict[str, str]:
         return {**super().hmac_keys(), "CODE_HMAC_KEY": self.code_hmac_key}
+
+    def problems(self) -> list[str]:
+        return super().problems() + self.portal_input_problems()

@@ -145,7 +145,8 @@ async def dead_letters(stack: WorkbenchSettings) -> AsyncIterator[TopicWatcher]:
 
 @pytest.fixture(scope="session")
 def mailbox(stack: WorkbenchSettings) -> Mailbox:
-    return Mailbox(stack.mail_dir)
+    # This session's mail only: var/mail keeps every earlier run's (test, test-faults, demo...).
+    return Mailbox(stack.mail_dir, ignore_existing=True)
 
 
 # Who runs each `clave` command group: operators the accounts, auditors the audit log.

@@ -136,6 +136,14 @@ async def test_a_record_the_broker_refuses_is_parked_and_the_next_ones_go_out(
     await inst.start()
     bad = raw_doc(value=b'{"id": "bad", "x": "' + marker + b'"}')
     await bad_then_good(inst, bad)
+
+    async def parked() -> bool:
+        # The producer records a send when it is made; the refusal (a send error, or the
+        # broker's answer on the future) is parked by the relay's store write after that.
+        doc = await inst.store.db[OUTBOX].find_one({"_id": bad["_id"]})
+        return bool(doc and doc.get("parked"))
+
+    await until(parked, 10, "the refused record parked")
     stored = await inst.store.db[OUTBOX].find_one({"_id": bad["_id"]})
     assert stored is not None and stored["sent"] is None and stored["parked"] == "record_refused"
     assert stored["parked_error"].split(" at ")[0] in ("MessageSizeTooLargeError", "RecordListTooLargeError")

@@ -78,8 +78,18 @@ def test_services_write_only_their_topics_dlqs_and_the_audit_log() -> None:
 
 
 def test_people_facing_principals_get_least_privilege() -> None:
-    assert topic_acls(PORTAL, Operation.WRITE) == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS}
-    assert topic_acls(PORTAL, Operation.READ) == {t.RECOVERY_OUTCOMES, t.LOGIN_RESULTS, t.ACCOUNT_KEY_CHANGED}
+    assert topic_acls(PORTAL, Operation.WRITE) == {
+        t.RECOVERY_REQUESTS,
+        t.RECOVERY_RESETS,
+        t.LOGIN_CHECKS,
+        t.CONTACT_UPDATES,
+    }
+    assert topic_acls(PORTAL, Operation.READ) == {
+        t.RECOVERY_OUTCOMES,
+        t.LOGIN_RESULTS,
+        t.ACCOUNT_KEY_CHANGED,
+        t.CONTACT_RESULTS,
+    }
     assert topic_acls(OPERATOR, Operation.WRITE) == {t.IDENTITY_COMMANDS}
     # The operator sees its commands' results on their own topic, not the whole audit log.
     assert topic_acls(OPERATOR, Operation.READ) == {t.IDENTITY_COMMAND_RESULTS}
@@ -106,6 +116,13 @@ def test_internal_topics_have_one_writer_and_the_secrets_one_reader() -> None:
     # Keys typed at login: only the password service reads them; only it answers.
     assert acl.readers(t.LOGIN_CHECKS) == {"password"}
     assert acl.writers(t.LOGIN_RESULTS) == acl.writers(t.ACCOUNT_KEY_CHANGED) == {"password"}
+    # Contact updates carry the key too: the password service alone reads them; it passes only
+    # an authorised change (no key) to identity, which alone applies it.
+    assert acl.readers(t.CONTACT_UPDATES) == {"password"}
+    assert acl.writers(t.PASSWORD_CONTACT_AUTHORIZED) == {"password"}
+    assert acl.readers(t.PASSWORD_CONTACT_AUTHORIZED) == {"identity"}
+    assert acl.writers(t.IDENTITY_CONTACT_CHANGED) == {"identity"}
+    assert acl.writers(t.CONTACT_RESULTS) == {"identity", "password"}
 
 
 def test_no_cluster_wildcard_or_admin_acls() -> None:

@@ -334,9 +334,12 @@ def test_reason_enumerations_are_the_codes_of_the_code(document: dict[str, Any])
     from services.password.policy import Reason as PasswordReason
     from services.tokens.domain import Reason as TokenReason
     from shared.envelope import DeadLetterReason
+    from shared.portal_input import InputReason
 
     schemas = document["components"]["schemas"]
-    assert set(schemas["ResetReason"]["enum"]) == set(asyncapi.codes(TokenReason)) | set(PasswordReason.ALL)
+    reset = set(asyncapi.codes(TokenReason)) | set(PasswordReason.ALL) | set(asyncapi.codes(InputReason))
+    assert set(schemas["ResetReason"]["enum"]) == reset
+    assert {"plaintext_refused", "sealed_invalid"} <= reset
     assert schemas["PasswordReason"]["enum"] == list(PasswordReason.ALL)
     assert set(schemas["RequestReason"]["enum"]) == {
         "id_invalid",

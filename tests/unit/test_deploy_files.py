@@ -85,6 +85,7 @@ SERVICES = sorted(p.parent.name for p in ROOT.glob("services/*/__main__.py"))
 NOT_SETTINGS = {"SSL_CERT_FILE": "OpenSSL's CA bundle: the notifier checks the compose SMTP relay's certificate"}
 SECRET_FILE = "__FILE"  # VAR__FILE=path: the image's entry point reads VAR from the file
 SIGNING_KEY, PUBLIC_KEYS = "AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS"  # settings that are file paths
+SEALING_KEY = "PORTAL_SEALING_KEY"  # a file path too: Clave's key for sealed portal input
 KAFKA_ADMIN = "admin"  # the super user the provisioning job runs as
 
 
@@ -115,6 +116,11 @@ def secret_variables(service: str) -> set[str]:
     """What must come from a secret: its keys, its Kafka password, its store URI (it holds
     the store user's password)."""
     return key_variables(service) | {"KAFKA_SASL_PASSWORD", "MONGODB_URI"}
+
+
+def reads_portal_input(service: str) -> bool:
+    """Does the service open sealed portal input (and so need PORTAL_SEALING_KEY)?"""
+    return "portal_sealing_key" in make_secrets.settings_class(service).model_fields
 
 
 def signing_kid(pem: Path) -> str:
@@ -430,7 +436,7 @@ def resolve_secret_files(
         if name.endswith(SECRET_FILE):
             assert value in mounts, f"{name}={value}: no such secret mounted"
             out[name.removesuffix(SECRET_FILE)] = host_path(compose, service, value, secrets_dir).read_text().strip()
-        elif name in (SIGNING_KEY, PUBLIC_KEYS, DKIM_KEY):
+        elif name in (SIGNING_KEY, PUBLIC_KEYS, DKIM_KEY, SEALING_KEY):
             out[name] = str(host_path(compose, service, value, secrets_dir))
         else:
             out[name] = value
@@ -475,6 +481,11 @@ def test_compose_runs_each_service_with_its_settings_and_secrets(
         assert (PUBLIC_KEYS in env) == make_secrets.verifies_audit(name), name
         if PUBLIC_KEYS in env:
             assert bind_mounts(spec)[env[PUBLIC_KEYS]] == ("./secrets/audit/public", True)
+        # The readers of sealed portal input, and only they, mount Clave's sealing key.
+        assert (SEALING_KEY in env) == reads_portal_input(name), name
+        if SEALING_KEY in env:
+            assert mounted_secrets(spec)[env[SEALING_KEY]] == "portal_sealing_key"
+            assert compose["secrets"]["portal_sealing_key"]["file"] == "./secrets/portal/sealing.pem"
         # The notifier alone signs mail (DKIM), with a key from a secret of its own.
         assert (DKIM_KEY in env) == (name == "notifier"), name
         if DKIM_KEY in env:
@@ -887,6 +898,14 @@ def test_chart_deployments_match_the_code(
             folder = mounted_from(pod, container, values[PUBLIC_KEYS])
             assert folder["configMap"]["name"] == "clave-audit-public-keys"
             files[PUBLIC_KEYS] = str(public_keys)
+        # The readers of sealed portal input mount Clave's sealing key from their own Secret.
+        assert (SEALING_KEY in values) == reads_portal_input(name), name
+        if SEALING_KEY in values:
+            sealing = mounted_from(pod, container, values[SEALING_KEY])["secret"]
+            assert [sealing["secretName"]] == sorted(secret_names), name
+            assert sealing["items"] == [{"key": SEALING_KEY, "path": Path(values[SEALING_KEY]).name}]
+            assert sealing["defaultMode"] & 0o007 == 0, "not readable by other users"
+            files[SEALING_KEY] = str(made_secrets / "portal" / "sealing.pem")
         # The Secret holds the PEM make_secrets.py (or `clave audit keygen`) made for it.
         files[SIGNING_KEY] = str(made_secrets / "audit" / f"{name}.pem")
         # The notifier alone signs mail (DKIM): a file from its own Secret too.
@@ -1149,7 +1168,7 @@ def test_provisioning_creates_every_acl_on_existing_topics(provisioning_env: Non
     portal_writes = {
         a.resource_name for a in wanted if a.principal == "portal" and a.operation is provision.Operation.WRITE
     }
-    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS}
+    assert portal_writes == {t.RECOVERY_REQUESTS, t.RECOVERY_RESETS, t.LOGIN_CHECKS, t.CONTACT_UPDATES}
     # Idempotent: a second run finds every ACL in place and asks for none.
     RecordingAdmin.acl_requests = []
     assert asyncio.run(provision.provision_acls(dry_run=False, prune=False, describe=False)) == 0

@@ -33,7 +33,7 @@ from shared.store import Outgoing
 from shared.topics import IDENTITY_DECLINED, IDENTITY_LOCKED, IDENTITY_VERIFIED, RECOVERY_OUTCOMES, EventType
 from tests.memory import apply_all, staged, staged_many
 
-SETTINGS = IdentitySettings(argon2_memory_kib=1024, argon2_time_cost=1)  # fast hashes for the test
+SETTINGS = IdentitySettings(argon2_memory_kib=1024, argon2_time_cost=1, portal_input="any")  # fast hashes for the test
 ANSWERS = {"birth_date": "1984-03-09", "fingerprint_code": "V4443V4442", "mother_surname": "Andrade"}
 
 

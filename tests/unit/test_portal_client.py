@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clave_portal import ClaveError, ClaveTimeout, PortalClient, PortalSettings
+from clave_portal import ClaveError, ClaveTimeout, HpkeSealer, PortalClient, PortalSettings
 from clave_portal import events as ev
 
 from shared import topics as t
 from shared.contract import CLIENTS, TOPICS
 from shared.envelope import CONTENT_TYPE, parse_event
-from shared.schemas import SCHEMAS, LoginResult, RecoveryOutcome
+from shared.portal_input import InputRefused, PortalInput, make_key_pair
+from shared.schemas import SCHEMAS, ContactResult, LoginResult, RecoveryOutcome
 from shared.topics import EventType
 
 
@@ -52,8 +53,10 @@ def parsed(sent: tuple[str, bytes, bytes, list[tuple[str, bytes]]]) -> tuple[str
 
 def test_the_client_speaks_exactly_the_portals_topics_and_types() -> None:
     portal = CLIENTS["portal"]
-    assert {ev.RECOVERY_REQUESTS, ev.RECOVERY_RESETS, ev.LOGIN_CHECKS} == set(portal.produces)
-    assert {ev.RECOVERY_OUTCOMES, ev.LOGIN_RESULTS, ev.ACCOUNT_KEY_CHANGED} == set(portal.consumes)
+    assert {ev.RECOVERY_REQUESTS, ev.RECOVERY_RESETS, ev.LOGIN_CHECKS, ev.CONTACT_UPDATES} == set(portal.produces)
+    assert {ev.RECOVERY_OUTCOMES, ev.LOGIN_RESULTS, ev.ACCOUNT_KEY_CHANGED, ev.CONTACT_RESULTS} == set(portal.consumes)
+    assert ev.CONTACT_UPDATE_REQUESTED == EventType.CONTACT_UPDATE_REQUESTED
+    assert ev.CONTACT_RESULT == EventType.CONTACT_RESULT
     assert ev.RECOVERY_REQUESTED == EventType.RECOVERY_REQUESTED
     assert ev.RESET_SUBMITTED == EventType.RESET_SUBMITTED
     assert ev.RECOVERY_OUTCOME == EventType.RECOVERY_OUTCOME
@@ -175,6 +178,63 @@ def test_key_change_groups_must_be_the_portals() -> None:
     with pytest.raises(ClaveError):
         c.key_changes(group_id="other-group")
     c.key_changes(group_id="portal-sessions")
+
+
+async def test_a_contact_update_is_valid_input_and_its_result_is_correlated() -> None:
+    c, producer = client()
+    task = asyncio.create_task(
+        c.update_contact("1710034065", "Clave2024", client_ip="10.0.0.1", phone="0991234567", update_id="upd-1")
+    )
+    await asyncio.sleep(0)
+    topic, key, event = parsed(producer.sent[0])
+    assert (topic, key) == (t.CONTACT_UPDATES, "1710034065")
+    assert event["data"] == {
+        "update_id": "upd-1",
+        "national_id": "1710034065",
+        "key": "Clave2024",
+        "client_ip": "10.0.0.1",
+        "phone": "0991234567",
+    }
+    answer(c, ev.CONTACT_RESULTS, ev.CONTACT_RESULT, {"update_id": "upd-0", "status": "updated"})
+    result = {"update_id": "upd-1", "status": "rejected", "reasons": ["key_invalid"]}
+    ContactResult.model_validate(result)
+    answer(c, ev.CONTACT_RESULTS, ev.CONTACT_RESULT, result)
+    got = await asyncio.wait_for(task, 2)
+    assert not got.updated and got.reasons == ("key_invalid",)
+    with pytest.raises(ClaveError):
+        await c.update_contact("1710034065", "k", client_ip="10.0.0.1")
+
+
+async def test_the_hpke_sealer_seals_every_secret_so_that_clave_opens_it(tmp_path: Path) -> None:
+    """What the client seals, Clave's services open (shared/portal_input.py); in the clear no
+    secret is left, and each sealed field is bound to its record."""
+    private, public = tmp_path / "sealing.pem", tmp_path / "public.pem"
+    make_key_pair(private, public)
+    opener = PortalInput("sealed", str(private))
+    c, producer = client(sealer=HpkeSealer.from_file(public))
+    answers = {"birth_date": "1984-03-09", "mother_surname": "Ándrade"}
+    await c.request_recovery(
+        national_id="1710034065", email="m@example.org", answers=answers, client_ip="10.0.0.1", captcha_passed=True
+    )
+    for call in (
+        c.submit_reset("req-1", token="tok", new_password="Nueva2024x", timeout=0.01),
+        c.login("1710034065", "Clave2024", client_ip="10.0.0.1", check_id="chk-1", timeout=0.01),
+        c.update_contact("1710034065", "Clave2025", client_ip="10.0.0.1", phone="", update_id="upd-1", timeout=0.01),
+    ):
+        with pytest.raises(ClaveTimeout):
+            await call
+    events = [parsed(sent)[2]["data"] for sent in producer.sent]
+    text = json.dumps(events, ensure_ascii=False)
+    for secret in ("1984-03-09", "Ándrade", "Nueva2024x", "Clave2024", "Clave2025"):
+        assert secret not in text
+    request, reset, check, update = events
+    rid = request["request_id"]
+    assert opener.answers(None, request["sealed_answers"], topic=t.RECOVERY_REQUESTS, ref=rid) == answers
+    assert opener.secret(None, reset["sealed_new_password"], topic=t.RECOVERY_RESETS, field="new_password", ref="req-1")
+    assert opener.secret(None, check["sealed_key"], topic=t.LOGIN_CHECKS, field="key", ref="chk-1") == "Clave2024"
+    assert opener.secret(None, update["sealed_key"], topic=t.CONTACT_UPDATES, field="key", ref="upd-1") == "Clave2025"
+    with pytest.raises(InputRefused):  # bound to its record: not another's
+        opener.secret(None, update["sealed_key"], topic=t.CONTACT_UPDATES, field="key", ref="upd-2")
 
 
 async def test_two_waiters_on_one_id_both_get_their_answer() -> None:

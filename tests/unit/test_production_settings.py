@@ -15,6 +15,8 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from services.audit.settings import AuditorSettings, AuditSettings
 from services.identity.settings import IdentitySettings
@@ -37,7 +39,7 @@ def hmac_key() -> str:
 
 # These name files (a private key readable by its service alone; public keys): the path is
 # printed to help, the key itself never.
-FILE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS", "DKIM_PRIVATE_KEY")
+FILE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_PUBLIC_KEYS", "DKIM_PRIVATE_KEY", "PORTAL_SEALING_KEY")
 KEY_DIR = Path(tempfile.mkdtemp(prefix="clave-audit-keys-"))
 DKIM_KEY = KEY_DIR / "dkim.pem"
 DKIM_KEY.write_bytes(
@@ -56,6 +58,13 @@ def signing_key_file(name: str, key: Ed25519PrivateKey | None = None) -> str:
     return str(path)
 
 
+def sealing_key_file() -> str:
+    """Clave's X25519 key for sealed portal input, as production gives it: a PEM file."""
+    path = KEY_DIR / "portal-sealing.pem"
+    path.write_bytes(X25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return str(path)
+
+
 SAFE = {
     "CLAVE_ENV": "production",
     "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
@@ -69,6 +78,7 @@ SAFE = {
     "CODE_HMAC_KEY": hmac_key(),
     "NOTIFIER_KEYS": fernet(),
     "PASSWORD_KEYS": f"{fernet()},{fernet()}",
+    "PORTAL_SEALING_KEY": sealing_key_file(),
     "DKIM_PRIVATE_KEY": str(DKIM_KEY),
     "IMPORT_KEYS": fernet(),
 }
@@ -139,6 +149,16 @@ def test_development_defaults_are_refused_by_name(monkeypatch: pytest.MonkeyPatc
         (NotifierSettings, "DKIM_PRIVATE_KEY", signing_key_file("not-rsa"), "DKIM_PRIVATE_KEY"),
         (IdentitySettings, "ARGON2_MEMORY_KIB", "8192", "ARGON2_MEMORY_KIB"),
         (PasswordSettings, "ARGON2_TIME_COST", "1", "ARGON2_MEMORY_KIB/ARGON2_TIME_COST"),
+        (IdentitySettings, "PORTAL_INPUT", "any", "PORTAL_INPUT: any accepts"),
+        (TokensSettings, "PORTAL_SEALING_KEY", "", "PORTAL_SEALING_KEY: not set"),
+        (PasswordSettings, "PORTAL_SEALING_KEY", "/nonexistent/sealing.pem", "PORTAL_SEALING_KEY: cannot read"),
+        (IdentitySettings, "PORTAL_SEALING_KEY", signing_key_file("ed"), "PORTAL_SEALING_KEY: not an X25519 key"),
+        (
+            TokensSettings,
+            "PORTAL_SEALING_KEY",
+            f"{SAFE['PORTAL_SEALING_KEY']},/nonexistent",
+            "PORTAL_SEALING_KEY: key 2",
+        ),
     ],
 )
 def test_each_unsafe_setting_is_named(
@@ -176,6 +196,17 @@ def test_development_starttls_is_opportunistic_never_off(monkeypatch: pytest.Mon
     assert NotifierSettings().smtp_tls_mode() is True
 
 
+def test_portal_input_is_sealed_in_production_and_open_in_development(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PORTAL_INPUT", raising=False)
+    assert IdentitySettings().portal_input_mode(production=True) == "sealed"
+    assert IdentitySettings().portal_input_mode(production=False) == "any"
+    monkeypatch.setenv("PORTAL_INPUT", "sealed")
+    assert TokensSettings().portal_input_mode(production=False) == "sealed"
+    monkeypatch.setenv("PORTAL_INPUT", "clear")
+    with pytest.raises(ValueError, match="portal_input"):
+        PasswordSettings()
+
+
 def test_development_mode_is_not_gated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAVE_ENV", "development")
     PlatformSettings().ensure_safe("test")  # does not exit
@@ -187,10 +218,11 @@ def key_fields(cls: type[PlatformSettings]) -> set[str]:
 
 def test_each_process_loads_only_the_keys_it_uses() -> None:
     platform = {"dlq_keys", "audit_signing_key"}
-    assert key_fields(IdentitySettings) == platform | {"pseudonym_key", "password_keys", "import_keys"}
-    assert key_fields(TokensSettings) == platform | {"notifier_keys", "password_keys", "code_hmac_key"}
+    portal = {"portal_sealing_key"}  # the readers of sealed portal input: answers, new keys, login keys
+    assert key_fields(IdentitySettings) == platform | portal | {"pseudonym_key", "password_keys", "import_keys"}
+    assert key_fields(TokensSettings) == platform | portal | {"notifier_keys", "password_keys", "code_hmac_key"}
     assert key_fields(NotifierSettings) == platform | {"notifier_keys", "dkim_private_key"}
-    assert key_fields(PasswordSettings) == platform | {"password_keys", "pseudonym_key"}
+    assert key_fields(PasswordSettings) == platform | portal | {"password_keys", "pseudonym_key"}
     # Verifiers: public keys, and the old HMAC key only for a log that still has legacy events.
     assert key_fields(AuditSettings) == platform | {"audit_public_keys", "audit_hmac_key"}
 

@@ -32,6 +32,12 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "email_changed_old": {"name": "María Pérez", "new_email_masked": "m***z@example.org",
                           "changed_at": "25/11/2026 13:14 (ECT)"},
     "email_changed_new": {"name": "María Pérez"},
+    "recovery_elsewhere": {"name": "María Pérez", "sent_to_masked": "m***@example.net", "sent_at": "25/11/2026 13:14"},
+    "contact_changed": {
+        "name": "María Pérez",
+        "changes": "correo principal n***@example.org; teléfono eliminado",
+        "changed_at": "25/11/2026 13:14 (ECT)",
+    },
     "email_change_requested_old": {"name": "María Pérez", "new_email_masked": "m***z@example.org",
                                    "requested_at": "2026-11-25 13:14 UTC", "not_before": "2026-11-26 13:14 UTC"},
     "email_change_requested_new": {"name": "María Pérez", "requested_at": "2026-11-25 13:14 UTC",

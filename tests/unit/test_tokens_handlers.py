@@ -35,7 +35,7 @@ from shared.store import Outgoing
 from shared.topics import RECOVERY_OUTCOMES, TOKENS_CODE_REJECTED, TOKENS_ISSUED, TOKENS_REDEEMED, EventType
 from tests.memory import apply_all, staged
 
-SETTINGS = TokensSettings()
+SETTINGS = TokensSettings(portal_input="any")
 RECIPIENT = Recipient(email="maria.perez@example.org", name="María Pérez", locale="es")
 Hook = Callable[["MemoryStore"], None]
 

@@ -2,10 +2,12 @@
 
 from clave_portal import PortalClient, PortalSettings
 
-async with PortalClient(PortalSettings.from_properties("portal.properties")) as clave:
+sealer = HpkeSealer.from_file("sealing-public.pem")  # Clave's public key (PORTAL_INPUT=sealed)
+async with PortalClient(PortalSettings.from_properties("portal.properties"), sealer=sealer) as clave:
     request_id = await clave.request_recovery(national_id=..., email=..., answers=..., client_ip=...)
     outcome = await clave.submit_reset(request_id, token=token, new_password=new_key)
     ok = await clave.check_credentials(national_id, key, client_ip=ip)
+    result = await clave.update_contact(national_id, key, client_ip=ip, backup_email=..., phone=...)
     async for change in clave.key_changes():
         end_other_sessions(change.national_id)
 """
@@ -13,14 +15,16 @@ async with PortalClient(PortalSettings.from_properties("portal.properties")) as 
 from clave_portal.client import PortalClient
 from clave_portal.errors import ClaveError, ClaveTimeout
 from clave_portal.events import CONTENT_TYPE, cloud_event
-from clave_portal.models import KeyChange, LoginResult, Outcome
-from clave_portal.sealing import InputSealer, PlainInput
+from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome
+from clave_portal.sealing import HpkeSealer, InputSealer, PlainInput
 from clave_portal.settings import PortalSettings
 
 __all__ = [
     "CONTENT_TYPE",
     "ClaveError",
     "ClaveTimeout",
+    "ContactResult",
+    "HpkeSealer",
     "InputSealer",
     "KeyChange",
     "LoginResult",

@@ -1,8 +1,9 @@
 """PortalClient: the portal's whole conversation with Clave over Kafka.
 
-It publishes what the portal sends (`recovery.requests`, `recovery.resets`, `login.checks`) as
+It publishes what the portal sends (`recovery.requests`, `recovery.resets`, `login.checks`,
+`account.contact_updates`) as
 valid CloudEvents with the portal principal's credentials, and reads the answers
-(`recovery.outcomes`, `login.results`) with one background consumer that every instance runs
+(`recovery.outcomes`, `login.results`, `account.contact_results`) with one background consumer that every instance runs
 over every partition (by assignment, from the end at start: each instance sees the answers to
 what it sent, and no consumer group has to be shared). Answers are correlated by
 `request_id` / `check_id` within a deadline; redelivered answers (the same event id) count once.
@@ -25,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from clave_portal import events as ev
 from clave_portal.errors import ClaveError, ClaveTimeout
-from clave_portal.models import KeyChange, LoginResult, Outcome
+from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome
 from clave_portal.sealing import InputSealer, PlainInput
 from clave_portal.settings import PortalSettings
 
@@ -237,7 +238,10 @@ class PortalClient:
         self.sealer: InputSealer = sealer or PlainInput()
         self.timeout = timeout
         self._producer: AIOKafkaProducer | None = None
-        self._answers = _Answers(settings, {ev.RECOVERY_OUTCOMES: "request_id", ev.LOGIN_RESULTS: "check_id"})
+        self._answers = _Answers(
+            settings,
+            {ev.RECOVERY_OUTCOMES: "request_id", ev.LOGIN_RESULTS: "check_id", ev.CONTACT_RESULTS: "update_id"},
+        )
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), enable_idempotence=True, acks="all")
@@ -357,6 +361,36 @@ class PortalClient:
         """Is `key` the citizen's current key? False alike for a wrong key, an unknown ID and a
         throttled check (use `login` for the reason)."""
         return (await self.login(national_id, key, client_ip=client_ip, timeout=timeout)).valid
+
+    # ---- contact data ----------------------------------------------------------------------------
+
+    async def update_contact(
+        self,
+        national_id: str,
+        key: str,
+        *,
+        client_ip: str,
+        email: str | None = None,
+        backup_email: str | None = None,
+        phone: str | None = None,
+        update_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ContactResult:
+        """Change a logged-in citizen's contact data; `key` is their current key, checked as a
+        login's (same throttling). Give any of `email`, `backup_email`, `phone` (E.164 or
+        Ecuadorian national format); `""` removes the backup e-mail or the phone. Every address
+        on file before is told and live recovery links are revoked."""
+        if email is None and backup_email is None and phone is None:
+            raise ClaveError("give at least one of email, backup_email, phone")
+        update_id = update_id or f"upd-{uuid.uuid4().hex}"
+        data: dict[str, Any] = {"update_id": update_id, "national_id": national_id, "key": key, "client_ip": client_ip}
+        for name, value in (("email", email), ("backup_email", backup_email), ("phone", phone)):
+            if value is not None:
+                data[name] = value
+        after = self._answers.mark(update_id)
+        await self._send(ev.CONTACT_UPDATES, national_id, ev.CONTACT_UPDATE_REQUESTED, data, update_id)
+        event = await self._answers.wait(update_id, lambda _e: True, after=after, timeout=timeout or self.timeout)
+        return ContactResult.from_event(event)
 
     # ---- key changes -----------------------------------------------------------------------------
 

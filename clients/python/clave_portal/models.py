@@ -61,3 +61,20 @@ class KeyChange:
         data = event["data"]
         changed = datetime.fromisoformat(str(data["changed_at"]).replace("Z", "+00:00"))
         return cls(data["national_id"], changed, data["cause"], data.get("request_id"), event["id"])
+
+
+@dataclass(frozen=True)
+class ContactResult:
+    """An answer on `account.contact_results`: `updated` (every address on file before was told,
+    live recovery links were revoked), or `rejected` with its reasons (`key_invalid` alike for a
+    wrong key and an unknown ID; `throttled`; `email_invalid`, `phone_invalid`...): nothing changed."""
+
+    update_id: str
+    updated: bool
+    reasons: tuple[str, ...] = ()
+    event_id: str = ""
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> ContactResult:
+        data = event["data"]
+        return cls(data["update_id"], data["status"] == "updated", tuple(data.get("reasons", ())), event["id"])

@@ -5,15 +5,19 @@ folder are read with the workbench's readers (tools/watch.py, tools/mail.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, new_event
+from shared.kafka import client_kwargs
+from shared.relay import PRODUCER_BROKEN
 from tools.portal import Portal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,11 +54,26 @@ class RetryingPortal(Portal):
                     topic, value, key=key.encode(), headers=[("content-type", CONTENT_TYPE.encode())]
                 )
                 return event.id
-            except KafkaError:
+            except KafkaError as exc:
                 if time.monotonic() > deadline:
                     raise
                 RetryingPortal.send_retries += 1
                 await asyncio.sleep(0.5)  # back-off before re-sending the same bytes
+                if isinstance(exc, PRODUCER_BROKEN):
+                    await self._renew_producer()
+
+    async def _renew_producer(self) -> None:
+        """aiokafka's idempotent producer is dead after these (aio-libs/aiokafka#1017; the
+        Kafka restart fault made 21 sends fail with OutOfOrderSequenceNumber): a new one."""
+        producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
+        try:
+            await producer.start()
+        except KafkaError:
+            return  # the broker still away: the next failed send tries again
+        old, self._producer = self._producer, producer
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
 
 
 # ---------------------------------------------------------------------------- stack

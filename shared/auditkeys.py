@@ -63,17 +63,22 @@ def load_signing_key(setting: str) -> Ed25519PrivateKey:
     """AUDIT_SIGNING_KEY: a PEM file path; empty: the (public) development key."""
     if not setting.strip():
         return dev_signing_key()
-    path = Path(setting.strip())
+    return read_ed25519_private(Path(setting.strip()), AuditKeyError)
+
+
+def read_ed25519_private(path: Path, error: type[Exception]) -> Ed25519PrivateKey:
+    """An Ed25519 private key file (PEM, PKCS#8, unencrypted); problems raise `error`, naming
+    the file, never its content. Shared by the audit signing keys and the operators' keys."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise AuditKeyError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise AuditKeyError(f"{path} is not an unencrypted PEM private key") from None
+        raise error(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise AuditKeyError(f"{path} is not an Ed25519 key")
+        raise error(f"{path} is not an Ed25519 key")
     return key
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.audit import canonical
-from shared.auditkeys import kid_of, raw_public
+from shared.auditkeys import kid_of, raw_public, read_ed25519_private
 
 DOMAIN = b"clave operator command v1\n"
 SIGNATURE_FIELD = "signature"
@@ -75,18 +75,7 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 def load_private(path: str | Path) -> Ed25519PrivateKey:
     """An operator's private key file (PEM, PKCS#8, unencrypted)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise OperatorKeyError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise OperatorKeyError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise OperatorKeyError(f"{path} is not an Ed25519 key")
-    return key
+    return read_ed25519_private(Path(path), OperatorKeyError)
 
 
 def private_pem(key: Ed25519PrivateKey) -> bytes:

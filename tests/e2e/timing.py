@@ -102,7 +102,10 @@ def paired_gap(kind: Sequence[float], reference: Sequence[float], confidence: fl
     n = len(logs)
     if n < 2:
         raise ValueError(f"a paired gap needs 2 pairs at least, got {n}")
-    walsh = sorted((logs[i] + logs[j]) / 2 for i in range(n) for j in range(i, n))
+    sums: list[float] = []  # of each pair of pairs (with itself too): twice the Walsh averages
+    for i, log in enumerate(logs):
+        sums.extend([log + other for other in logs[i:]])
+    walsh = [total / 2 for total in sorted(sums)]
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     spread = math.sqrt(n * (n + 1) * (2 * n + 1) / 24)  # sd of the signed-rank statistic
     outer = max(1, math.floor(len(walsh) / 2 - z * spread))  # 1-based rank of the lower bound
@@ -142,9 +145,9 @@ class PairedTiming:
       interval;
     - the kind fails when that interval lies wholly beyond the limit (the evidence says the
       gap exceeds it), and passes when the interval lies wholly within the limit;
-    - while the interval straddles the limit, sampling goes on (every kind, a whole round at a
-      time) until every kind is decided or `most` cycles are in; at `most`, a kind still
-      undecided is judged on its point estimate: it passes when |estimate| <= limit.
+    - while an interval straddles the limit, sampling goes on (every kind, a whole round at a
+      time) until a kind fails or every kind is decided, or `most` cycles are in; at `most`, a
+      kind still undecided is judged on its point estimate: it passes when |estimate| <= limit.
     The limit is `limit`, or `floor_ms` over the reference's median when that is larger (a
     gap of a few milliseconds is noise whatever the fraction).
 
@@ -169,6 +172,7 @@ class PairedTiming:
         self.least, self.most, self.every = least, most, every
         self.floor_ms = floor_ms
         self.samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+        self._gaps: tuple[int, dict[str, PairedGap]] = (0, {})  # computed for so many cycles
 
     @property
     def cycles(self) -> int:
@@ -185,20 +189,24 @@ class PairedTiming:
             self.samples[kind].append(cycle[kind])
 
     def gaps(self) -> dict[str, PairedGap]:
-        return {k: paired_gap(self.samples[k], self.samples[self.reference]) for k in self.compared()}
+        if self._gaps[0] != self.cycles:
+            reference = self.samples[self.reference]
+            self._gaps = (self.cycles, {k: paired_gap(self.samples[k], reference) for k in self.compared()})
+        return self._gaps[1]
 
     def compared(self) -> list[str]:
         return [k for k in self.kinds if k != self.reference]
 
     def done(self) -> bool:
-        """Time to stop: `most` cycles in, or from `least` on, at the end of a round, every kind
-        decided by its interval."""
+        """Time to stop: `most` cycles in, or from `least` on, at the end of a round, a kind
+        failed or every kind decided by its interval."""
         if self.cycles >= self.most:
             return True
         if self.cycles < self.least or self.cycles % self.every:
             return False
         limit = self.limit
-        return all(judged(g, limit) != "open" for g in self.gaps().values())
+        found = [judged(g, limit) for g in self.gaps().values()]
+        return "fail" in found or "open" not in found
 
     def verdicts(self) -> dict[str, Verdict]:
         """Each kind's verdict as things stand: the interval's, or (at `most` cycles) the point

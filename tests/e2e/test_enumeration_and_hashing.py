@@ -21,9 +21,9 @@ pytestmark = pytest.mark.e2e
 
 LEAST = 42  # cycles (one sample of each kind, back to back) at least: 7 rounds of ORDERS...
 # ...and up to this many while a gap's interval straddles the limit (timing.PairedTiming). At
-# load average 10-25 a cycle's ratio has a spread (sd of its log) of about 0.2; the point
-# estimate of 198 of them then strays past 5 % with no gap in about 1 run of 200 (126: 1 in 16;
-# tests/unit/test_timing_verdict.py models it). A loaded run takes about 7 minutes to get there.
+# load average 10-35 a cycle's log ratio spreads with an sd of about 0.2: with no gap at all,
+# about 1 run in 300 then fails by chance with 198 as the cap, 1 in 43 with 126 (modelled in
+# tests/unit/test_timing_verdict.py). A loaded run took 132 cycles (about 10 minutes).
 MOST = 198
 WARMUP = 1  # rounds of ORDERS not measured (connections, caches)
 LIMIT = 0.05  # each kind within 5 % of the unknown ID (issue 8)

@@ -23,7 +23,7 @@ LEAST = 42  # cycles (one sample of each kind, back to back) at least: 7 rounds 
 # ...and up to this many while a gap's interval straddles the limit (timing.PairedTiming). At
 # load average 10-35 a cycle's log ratio spreads with an sd of about 0.2: with no gap at all,
 # about 1 run in 300 then fails by chance with 198 as the cap, 1 in 43 with 126 (modelled in
-# tests/unit/test_timing_verdict.py). A loaded run took 132 cycles (about 10 minutes).
+# tests/unit/test_timing_verdict.py). A loaded run (load average 20-35) stopped at 132.
 MOST = 198
 WARMUP = 1  # rounds of ORDERS not measured (connections, caches)
 LIMIT = 0.05  # each kind within 5 % of the unknown ID (issue 8)

@@ -408,14 +408,13 @@ class OperatorHandlers:
         action = "email_change_cancelled"
         change = await self.store.email_change(cmd.cancels)
         decision = operator_domain.cancel(change, cmd.operator_id, datetime.now(UTC))
-        if isinstance(decision, str) or change is None:
-            account_id = change.account_id if change else None
-            reasons = [decision if isinstance(decision, str) else CommandReason.CHANGE_UNKNOWN]
+        if isinstance(decision, str):
             self._done(
-                ctx, cmd, action, "rejected", account_id=account_id, reasons=reasons, change_id=cmd.cancels,
-                cancelled_change=cmd.cancels,
+                ctx, cmd, action, "rejected", account_id=change.account_id if change else None,
+                reasons=[decision], change_id=cmd.cancels, cancelled_change=cmd.cancels,
             )  # fmt: skip
             return await self._commit(ctx, cmd)
+        assert change is not None  # the rule refuses an unknown change
         account = await self.store.by_id(decision.account_id)
         if account is not None:
             ctx.emit(

@@ -2,11 +2,12 @@
 wires it (`build`), its FastStream broker under FastStream's `TestKafkaBroker` (in memory), its
 own store class over the in-memory MongoDB (tests/middle/memory_store.py).
 
-`Cluster.deliver` hands a record to a service as Kafka would: through the broker's subscriber
-for the topic (FastStream's decoder, ack policy and the service's `EventPipeline`), with its own
-partition and offset, and again after each exception (NACK_ON_ERROR: Kafka redelivers the
-record at the same offset). `Cluster.start_relays` runs the services' real outbox relays, their
-producer handing each record to the test broker, so one service's events reach the others.
+`Cluster.deliver` hands a record to the services as Kafka would: to each consumer group through
+its subscriber for the topic (FastStream's decoder, ack policy and the service's
+`EventPipeline`), with its own partition and offset, and again after each exception
+(NACK_ON_ERROR: Kafka redelivers the record at the same offset, to that group alone).
+`Cluster.start_relays` runs the services' real outbox relays, their producer delivering each
+record so, so one service's events reach the others.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import faststream.kafka.testing as fs_testing
 from aiokafka import ConsumerRecord
@@ -33,6 +33,9 @@ from tests.middle.memory_store import MemoryMongo, in_memory
 
 # Fast argon2 (the tests are about the wiring, not the hash) and answers in the clear.
 FAST = {"argon2_memory_kib": 1024, "argon2_time_cost": 1, "portal_input": "any"}
+
+
+MAX_DELIVERIES = 5  # how often a relayed record is delivered to a group that keeps failing it
 
 
 class NotSettled(AssertionError):
@@ -69,6 +72,11 @@ class Node:
     def processed(self) -> int:
         return int(self.collection(PROCESSED).count_documents({}))
 
+    def subscribers(self, topic: str) -> list[Any]:
+        """Its FastStream subscriber(s) of `topic`."""
+        service = self.service
+        return [sub for t, sub in zip(service._consumed_topics, service._subscribers, strict=True) if t == topic]
+
     def attempts(self, topic: str) -> dict[Any, Any]:
         """The pipeline's failure counts for `topic` (empty once every record settled)."""
         return dict(self.service.pipelines[topic]._attempts)
@@ -88,7 +96,9 @@ class BrokerProducer:
         done.set_result(None)
         self.cluster.published[topic] += 1
         try:
-            await self.cluster.deliver(topic, value, key=key, headers={k: v.decode() for k, v in headers})
+            await self.cluster.deliver(
+                topic, value, key=key, headers={k: v.decode() for k, v in headers}, max_deliveries=MAX_DELIVERIES
+            )
         except NotSettled as exc:
             self.cluster.failures.append((self.name, topic, str(exc)))
         return done
@@ -103,8 +113,7 @@ class Cluster:
     broker: KafkaBroker | None = None  # the first node's broker, under TestKafkaBroker
     offsets: Counter[tuple[str, int]] = field(default_factory=Counter)
     published: Counter[str] = field(default_factory=Counter)  # records the relays produced, by topic
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # records no consumer settled
-    _next: dict[tuple[str, int], int] = field(default_factory=dict)  # offsets of records being built
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # records a consumer never settled
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -118,35 +127,32 @@ class Cluster:
         partition: int = 0,
         headers: dict[str, str] | None = None,
         max_deliveries: int = 1,
+        to: str | None = None,
     ) -> int:
-        """Produce one record to `topic` and have every subscribed service handle it, again after
-        each exception (at the same offset), as Kafka redelivers; the delivery count that
-        settled it. Raises NotSettled if a delivery still fails after `max_deliveries`."""
-        assert self.broker is not None
+        """Produce one record to `topic` (the next offset of its partition) and have each
+        subscribed service (or only `to`), that is each consumer group, handle it through its
+        subscriber; again after each exception, at the same offset, as Kafka redelivers.
+        Returns the delivery count that settled it (the highest over the groups); raises
+        NotSettled if a group still fails after `max_deliveries`."""
         offset = self.offsets[(topic, partition)]
         self.offsets[(topic, partition)] += 1
-        errors: list[str] = []
-        for n in range(1, max_deliveries + 1):
-            self._next[(topic, partition)] = offset
-            try:
-                await self.broker.publish(raw, topic, key=key, partition=partition, headers=headers)
-                return n
-            except Exception as exc:
-                errors.append(exc.__class__.__name__)
-        raise NotSettled(f"{topic}/{partition}/{offset} not settled after {max_deliveries} deliveries: {errors}")
+        record = await fs_testing.build_message(
+            raw, topic, partition=partition, key=key, headers=headers, serializer=None
+        )
+        record.offset = offset  # TestKafkaBroker numbers every record 0; Kafka gives each its own
+        settled = 0
+        for node in self.nodes.values():
+            if to is not None and node.name != to:
+                continue
+            for subscriber in node.subscribers(topic):
+                settled = max(settled, await _handle(subscriber, record, max_deliveries, node.name))
+        return settled
 
-    def _numbered(self, build: Callable[..., Awaitable[ConsumerRecord[Any, Any]]]) -> Callable[..., Any]:
-        """TestKafkaBroker gives every record offset 0; Kafka gives each its own (the pipeline
-        keys failure counts and dead letters by position)."""
-
-        async def numbered(*args: Any, **kwargs: Any) -> ConsumerRecord[Any, Any]:
-            record = await build(*args, **kwargs)
-            offset = self._next.pop((record.topic, record.partition), None)
-            if offset is not None:
-                record.offset = offset
-            return record
-
-        return numbered
+    async def publish(self, topic: str, raw: bytes, *, key: bytes | None = b"") -> None:
+        """Through the broker's own publish (FastStream routes it to every group's subscriber;
+        TestKafkaBroker gives it offset 0)."""
+        assert self.broker is not None
+        await self.broker.publish(raw, topic, key=key)
 
     async def start_relays(self) -> None:
         """Run every service's outbox relay (the real one) with a producer into the test broker."""
@@ -156,6 +162,20 @@ class Cluster:
     async def stop_relays(self) -> None:
         for node in self.nodes.values():
             await node.service.relay.stop()
+
+
+async def _handle(subscriber: Any, record: ConsumerRecord[Any, Any], max_deliveries: int, group: str) -> int:
+    errors: list[str] = []
+    for n in range(1, max_deliveries + 1):
+        try:
+            # What TestKafkaBroker's producer does for a published record: FastStream's decoder,
+            # ack policy and middlewares, then the service's handler (its EventPipeline).
+            await subscriber.process_message(record)
+            return n
+        except Exception as exc:
+            errors.append(exc.__class__.__name__)
+    where = f"{record.topic}/{record.partition}/{record.offset}"
+    raise NotSettled(f"{group}: {where} not settled after {max_deliveries} deliveries: {errors}")
 
 
 @contextlib.asynccontextmanager
@@ -168,19 +188,17 @@ async def running(*services: Service) -> AsyncIterator[Cluster]:
         await service.store.ensure_indexes()
         nodes[service.name] = Node(service, mongo)
     cluster = Cluster(nodes)
-    numbered = cluster._numbered(fs_testing.build_message)
-    with mock.patch.object(fs_testing, "build_message", numbered):
-        async with TestKafkaBroker(*(s.broker for s in services)):
-            cluster.broker = services[0].broker  # patched in place: any of them reaches all
-            try:
-                yield cluster
-            finally:
-                with contextlib.suppress(Exception):
-                    await cluster.stop_relays()
-                for node in nodes.values():
-                    for fn in node.service._stoppers:
-                        with contextlib.suppress(Exception):
-                            await fn()
+    async with TestKafkaBroker(*(s.broker for s in services)):
+        cluster.broker = services[0].broker  # patched in place: it reaches every service
+        try:
+            yield cluster
+        finally:
+            with contextlib.suppress(Exception):
+                await cluster.stop_relays()
+            for node in nodes.values():
+                for fn in node.service._stoppers:
+                    with contextlib.suppress(Exception):
+                        await fn()
 
 
 def settings(cls: type[PlatformSettings], **overrides: Any) -> Any:

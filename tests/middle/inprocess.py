@@ -128,14 +128,18 @@ class Cluster:
         headers: dict[str, str] | None = None,
         max_deliveries: int = 1,
         to: str | None = None,
+        offset: int | None = None,
+        after_failure: Callable[[int], None] | None = None,
     ) -> int:
         """Produce one record to `topic` (the next offset of its partition) and have each
         subscribed service (or only `to`), that is each consumer group, handle it through its
         subscriber; again after each exception, at the same offset, as Kafka redelivers.
         Returns the delivery count that settled it (the highest over the groups); raises
-        NotSettled if a group still fails after `max_deliveries`."""
-        offset = self.offsets[(topic, partition)]
-        self.offsets[(topic, partition)] += 1
+        NotSettled if a group still fails after `max_deliveries`. `offset`: a record delivered
+        before, again (Kafka never moved past it). `after_failure(n)`: called after failed delivery n."""
+        if offset is None:
+            offset = self.offsets[(topic, partition)]
+            self.offsets[(topic, partition)] += 1
         record = await fs_testing.build_message(
             raw, topic, partition=partition, key=key, headers=headers, serializer=None
         )
@@ -145,7 +149,7 @@ class Cluster:
             if to is not None and node.name != to:
                 continue
             for subscriber in node.subscribers(topic):
-                settled = max(settled, await _handle(subscriber, record, max_deliveries, node.name))
+                settled = max(settled, await _handle(subscriber, record, max_deliveries, node.name, after_failure))
         return settled
 
     async def publish(self, topic: str, raw: bytes, *, key: bytes | None = b"") -> None:
@@ -164,7 +168,13 @@ class Cluster:
             await node.service.relay.stop()
 
 
-async def _handle(subscriber: Any, record: ConsumerRecord[Any, Any], max_deliveries: int, group: str) -> int:
+async def _handle(
+    subscriber: Any,
+    record: ConsumerRecord[Any, Any],
+    max_deliveries: int,
+    group: str,
+    after_failure: Callable[[int], None] | None,
+) -> int:
     errors: list[str] = []
     for n in range(1, max_deliveries + 1):
         try:
@@ -174,6 +184,8 @@ async def _handle(subscriber: Any, record: ConsumerRecord[Any, Any], max_deliver
             return n
         except Exception as exc:
             errors.append(exc.__class__.__name__)
+            if after_failure is not None:
+                after_failure(n)
     where = f"{record.topic}/{record.partition}/{record.offset}"
     raise NotSettled(f"{group}: {where} not settled after {max_deliveries} deliveries: {errors}")
 

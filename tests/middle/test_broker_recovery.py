@@ -92,8 +92,8 @@ def the_secrets(issued: dict[str, Any]) -> dict[str, Any]:
     return opened
 
 
-def reset(request_id: str, token: str) -> bytes:
-    data = {"request_id": request_id, "token": token, "new_password": NEW_KEY, "client_ip": "203.0.113.9"}
+def reset(request_id: str, token: str, new_password: str = NEW_KEY) -> bytes:
+    data = {"request_id": request_id, "token": token, "new_password": new_password, "client_ip": "203.0.113.9"}
     return new_event(
         type=EventType.RESET_SUBMITTED, source="/portal/tests", data=data, correlationid=request_id
     ).to_bytes()

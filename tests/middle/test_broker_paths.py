@@ -1,7 +1,8 @@
 """More of the recovery's paths through the services' wiring, in one process on TestKafkaBroker
 and the in-memory store, with the real relays: a declined request gets a decoy, a lockout
 mails the account, a weak new key is refused back to the portal, and a login check is answered
-at once (the reply sent after the commit, before the relay's copy)."""
+at once (the reply sent after the commit, before the relay's copy), and portal input that
+cannot be processed is answered as each app.py wires it."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ from services.tokens.app import build as build_tokens
 from services.tokens.settings import TokensSettings
 from shared import consumer
 from shared.crypto import Purpose, SecretBox, initial_key_context
-from shared.envelope import new_event
+from shared.envelope import DeadLetterReason, new_event
 from shared.topics import (
+    CONTACT_RESULTS,
+    CONTACT_UPDATES,
     IDENTITY_ACCOUNT_REGISTERED,
     IDENTITY_DECLINED,
     IDENTITY_LOCKED,
     LOGIN_CHECKS,
     LOGIN_RESULTS,
     PASSWORD_REJECTED,
+    RECOVERY_OUTCOMES,
     RECOVERY_REQUESTS,
     RECOVERY_RESETS,
     TOKENS_ISSUED,
@@ -136,3 +140,53 @@ async def test_a_login_check_is_answered_at_once_then_relayed(clave: Cluster) ->
     assert results == {key: "valid", "Otra2026Clave": "invalid"}
     assert clave.published[LOGIN_RESULTS] == 2, "sent at once after each commit"
     assert password.collection("outbox").count_documents({"topic": LOGIN_RESULTS, "sent": False}) == 2
+
+
+# ---- portal input that cannot be processed is answered besides its letter ----------------------
+
+ANSWERED = {
+    # topic: (service, the id field, the answer's topic, the answer's data for id "in-1")
+    RECOVERY_RESETS: (
+        "tokens",
+        "request_id",
+        RECOVERY_OUTCOMES,
+        {"request_id": "in-1", "stage": "reset", "status": "rejected", "reasons": ["reset_invalid"]},
+    ),
+    LOGIN_CHECKS: (
+        "password",
+        "check_id",
+        LOGIN_RESULTS,
+        {"check_id": "in-1", "status": "invalid", "reasons": ["check_invalid"]},
+    ),
+    CONTACT_UPDATES: (
+        "password",
+        "update_id",
+        CONTACT_RESULTS,
+        {"update_id": "in-1", "status": "rejected", "reasons": ["check_invalid"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("topic", sorted(ANSWERED))
+async def test_unprocessable_portal_input_is_answered_as_wired(clave: Cluster, topic: str) -> None:
+    """app.py wires each portal-input topic with its answer: a record dead-lettered there still
+    gets one, keyed by the id it carries (else by its record key)."""
+    service, id_field, answer_topic, expected = ANSWERED[topic]
+    node = clave[service]
+    schema_invalid = new_event(
+        type=SUBMITTED[topic], source="/portal/tests", data={id_field: "in-1", "x": 1}, correlationid="in-1"
+    )
+    await clave.deliver(topic, schema_invalid.to_bytes(), key=b"in-1")
+    await clave.deliver(topic, b"[" * 5000 + b"]" * 5000, key=b"in-2")  # unreadable: the key
+    reasons = [d["headers"]["clave-dlq-reason"] for d in node.letters(topic)]
+    assert reasons == [DeadLetterReason.SCHEMA_INVALID, DeadLetterReason.MALFORMED_JSON]
+    answers = [e["data"] for e in node.events(answer_topic)]
+    assert answers == [expected, {**expected, id_field: "in-2"}]
+    await until(lambda: clave.published[answer_topic] == 2, 10, "answers relayed")
+
+
+SUBMITTED = {
+    RECOVERY_RESETS: EventType.RESET_SUBMITTED,
+    LOGIN_CHECKS: EventType.LOGIN_CHECK_REQUESTED,
+    CONTACT_UPDATES: EventType.CONTACT_UPDATE_REQUESTED,
+}

@@ -7,7 +7,11 @@ its subscriber for the topic (FastStream's decoder, ack policy and the service's
 `EventPipeline`), with its own partition and offset, and again after each exception
 (NACK_ON_ERROR: Kafka redelivers the record at the same offset, to that group alone).
 `Cluster.start_relays` runs the services' real outbox relays, their producer delivering each
-record so, so one service's events reach the others.
+record in the same way, so one service's events reach the others.
+
+TestKafkaBroker's own `publish` gives every record offset 0. The pipeline keys a dead letter
+by the record's position (a redelivered bad record is parked once), so through it a second bad
+record on a partition would get no letter: hence records built here, each with its offset.
 """
 
 from __future__ import annotations
@@ -33,13 +37,11 @@ from tests.middle.memory_store import MemoryMongo, in_memory
 
 # Fast argon2 (the tests are about the wiring, not the hash) and answers in the clear.
 FAST = {"argon2_memory_kib": 1024, "argon2_time_cost": 1, "portal_input": "any"}
-
-
 MAX_DELIVERIES = 5  # how often a relayed record is delivered to a group that keeps failing it
 
 
 class NotSettled(AssertionError):
-    pass
+    """A consumer group failed a record at every delivery."""
 
 
 @dataclass
@@ -83,9 +85,9 @@ class Node:
 
 
 class BrokerProducer:
-    """The relay's producer: each record goes to the test broker, so every service subscribed
-    to its topic handles it at once. Like Kafka, producing succeeds whatever the consumers do:
-    a consumer's failure is kept (`failures`), not raised to the relay."""
+    """The relay's producer: each record is delivered (`Cluster.deliver`) to every service
+    subscribed to its topic, at once. Like Kafka, producing succeeds whatever the consumers do:
+    a record a consumer never settles is kept in `Cluster.failures`, not raised to the relay."""
 
     def __init__(self, cluster: Cluster, name: str) -> None:
         self.cluster = cluster

@@ -45,7 +45,12 @@ Make = Callable[[str, str], dict[str, Any]]
 CASES: dict[str, tuple[str, Make]] = {
     "email_missing": ("schema_invalid", lambda nid, m: request_event(nid, m, email=None)),
     "bad_client_ip": ("schema_invalid", lambda nid, m: request_event(nid, m, client_ip="999.1.1.1")),
-    "answers_and_sealed_answers": ("schema_invalid", lambda nid, m: request_event(nid, m, sealed_answers="AAAA")),
+    # A sealed field that is not even base64url (the marker goes in the e-mail: a record with a
+    # sealed field must hold no secret in the clear, tests/e2e/test_zz_secrets_scan.py).
+    "sealed_answers_malformed": (
+        "schema_invalid",
+        lambda nid, m: request_event(nid, m, answers=None, sealed_answers="not base64!", email=f"{m}@example.org"),
+    ),
     "unknown_field": ("schema_invalid", lambda nid, m: request_event(nid, m, favourite_colour="blue")),
     "wrong_specversion": ("wrong_specversion", lambda nid, m: {**request_event(nid, m), "specversion": "0.3"}),
     "unknown_type": ("unknown_type", lambda nid, m: {**request_event(nid, m), "type": "ec.clave.nope.v1"}),

@@ -12,7 +12,13 @@ migration killed midway leaves no marker and simply runs again from the start.
 
 A store with no marker is migrated whatever its entries hold (version 1, or entries written
 between 454e64b and the marker, which may hold those false breaks): the log decides. A store
-with no data at all is new: it gets the marker and nothing else."""
+with no data at all is new: it gets the marker and nothing else.
+
+A rolling upgrade runs an instance of the old version beside this one for a while: it goes on
+consuming (from where the group's offsets are) and writes version 1 entries and heads, which
+this migration did not cover. The live handler follows on from such a head (handlers.py), and
+the marker keeps the version 1 heads as they were when the migration began: if they have moved
+since, the next start projects the read model again."""
 
 from __future__ import annotations
 
@@ -56,8 +62,11 @@ class ReadModelMigration:
 
     async def run(self) -> None:
         """Bring the store to FORMAT_VERSION; a no-op when it is there already."""
-        found = await self.store.format_version()
-        if found == FORMAT_VERSION:
+        marker = await self.store.format_marker()
+        found = int(marker["version"]) if marker is not None else None
+        if found == FORMAT_VERSION and marker is not None and await self._old_writer_since(marker):
+            await self._reproject(found, "an older version wrote to it after the migration (a rolling upgrade)")
+        elif found == FORMAT_VERSION:
             log.info("audit read model: format %d, nothing to migrate", found)
         elif found is not None and found > FORMAT_VERSION:
             raise OlderCodeError(
@@ -68,19 +77,22 @@ class ReadModelMigration:
             await self.store.write_format({"created_at": _now()})
             log.info("audit read model: new store, format %d", FORMAT_VERSION)
         else:
-            await self._reproject(found)
+            await self._reproject(found, f"format {found or 1} found, no version marker")
         self.format.set(FORMAT_VERSION)
 
-    async def _reproject(self, found: int | None) -> None:
+    async def _old_writer_since(self, marker: dict[str, Any]) -> bool:
+        return bool(await self.store.old_heads() != marker.get("v1_heads", {}))
+
+    async def _reproject(self, found: int | None, why: str) -> None:
         old = found or 1
         log.warning(
-            "audit read model: format %d found (no version marker): projecting it again from audit.events "
-            "before consuming (not ready until done)",
-            old,
+            "audit read model: %s: projecting it again from audit.events before consuming (not ready until done)",
+            why,
         )
         t0 = time.monotonic()
         self.running.set(1)
         try:
+            v1_heads = await self.store.old_heads()  # before the replay: a move after it is seen
             replay = replay_for(self.settings)
             await self._write(replay)
             await self._report(replay, old, time.monotonic() - t0)
@@ -90,6 +102,7 @@ class ReadModelMigration:
                     "migrated_at": _now(),
                     "events": replay.events,
                     "breaks": len(replay.broken),
+                    "v1_heads": v1_heads,
                 }
             )
         finally:

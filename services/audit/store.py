@@ -66,9 +66,12 @@ class AuditStore(ServiceStore):
             ops = [ReplaceOne({"_id": e["_id"]}, e, upsert=True) for e in entries]
             await self.db[EVENTS].bulk_write(ops, ordered=False)
 
+    async def format_marker(self) -> dict[str, Any] | None:
+        """The version marker ({version, ...}), None when none was written."""
+        return await self.db[META].find_one({"_id": FORMAT_ID})
+
     async def format_version(self) -> int | None:
-        """The read model's format version, None when no version marker was written."""
-        doc = await self.db[META].find_one({"_id": FORMAT_ID})
+        doc = await self.format_marker()
         return int(doc["version"]) if doc is not None else None
 
     async def write_format(self, details: dict[str, Any]) -> None:
@@ -80,6 +83,15 @@ class AuditStore(ServiceStore):
         if await self.db[EVENTS].find_one({}, {"_id": 1}) is not None:
             return True
         return bool({OLD_HEADS, OLD_BREAKS} & set(await self.db.list_collection_names()))
+
+    async def old_heads(self) -> dict[str, int]:
+        """producer -> seq of version 1's heads (`chain_heads`): an older version still running
+        (a rolling upgrade) moves them."""
+        return {str(d["_id"]): int(d["seq"]) async for d in self.db[OLD_HEADS].find({}, {"seq": 1})}
+
+    async def old_head(self, producer: str) -> dict[str, Any] | None:
+        """The head an older version recorded for this producer (version 1's `chain_heads`)."""
+        return await self.db[OLD_HEADS].find_one({"_id": producer})
 
     async def old_breaks(self) -> dict[str, str]:
         """event id -> reason, for the breaks a version 1 read model recorded (`chain_breaks`)."""

@@ -266,19 +266,30 @@ async def next_live_event(world: World, producer: str, store: AuditStore) -> str
 # ---- tests -------------------------------------------------------------------------------------
 
 
-async def test_the_old_format_without_migration_gives_a_false_break_per_producer(world: World) -> None:
-    """The bug, reproduced: the handler reads heads from the events alone, finds none on a
-    version 1 store and takes every chain to restart at 0."""
+async def test_the_old_format_without_migration_is_wrong(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug, reproduced on this test's version 1 store: the handler as 454e64b left it reads
+    heads from the events alone, finds none and takes every chain to restart at 0; the breaks
+    recorded before are not seen, and every old entry differs from a rebuild."""
     await write_old_format(world)
+    old_entries = len({json.loads(r.value)["id"] for r in world.log.records()})
     store = make_store(world.settings)
     try:
-        for producer in PRODUCERS:
-            event_id = await next_live_event(world, producer, store)
-            problem = (await store.db[EVENTS].find_one({"_id": event_id}) or {}).get(BREAK, {}).get("problem", "")
-            assert re.match(rf"sequence {world.chains[producer].seq} after 0\b", problem), problem
-        assert set(world.real_breaks).isdisjoint(await breaks(store))  # and the real ones are not seen
+        report = await rebuild(world.settings, wait_for_live=0, log=world.log.reader())
+        assert len(report.different) == old_entries and set(report.breaks_differ) == set(world.real_breaks)
+        with monkeypatch.context() as m:
+            m.setattr(AuditStore, "old_head", lambda self, producer: _none())  # no rolling-upgrade fallback
+            for producer in PRODUCERS:
+                event_id = await next_live_event(world, producer, store)
+                entry = await store.db[EVENTS].find_one({"_id": event_id}) or {}
+                problem = entry.get(BREAK, {}).get("problem", "")
+                assert re.match(rf"sequence {world.chains[producer].seq} after 0\b", problem), problem
+        assert set(world.real_breaks).isdisjoint(await breaks(store))
     finally:
         await store.close()
+
+
+async def _none() -> None:
+    return None
 
 
 async def test_an_old_read_model_is_projected_again_before_consuming(world: World) -> None:
@@ -395,3 +406,33 @@ async def test_a_new_store_is_marked_without_reading_the_log(world: World) -> No
         assert marker is not None and marker["version"] == FORMAT_VERSION and "migrated_from" not in marker
     finally:
         await client.close()
+
+
+async def test_an_old_instance_still_consuming_during_a_rolling_upgrade(world: World) -> None:
+    """The chart rolls one pod at a time: the old version's pod goes on consuming (in version 1)
+    while the new one migrates, until the new one is ready. Its events are no break for the
+    new one, and its next start projects the read model again."""
+    await write_old_format(world)
+    await stop(await start(world, world.log.reader()))
+    for _ in range(2):  # handled by the old version's instance after the migration
+        world.log.append(world.partition["identity"], world.chains["identity"].next())
+    await write_old_format(world)
+    store = make_store(world.settings)
+    try:
+        await next_live_event(world, "identity", store)  # then the new instance has the partition
+        assert await breaks(store) == world.real_breaks  # not "sequence 8 after 5"
+        head = await store.head("identity")
+        assert head is not None and head["seq"] == world.chains["identity"].seq
+        report = await rebuild(world.settings, wait_for_live=0, log=world.log.reader())
+        assert len(report.different) == 2 and not report.breaks_differ  # the old instance's entries
+
+        reads = world.log.reads
+        await stop(await start(world, world.log.reader()))
+        assert world.log.reads == reads + 1  # the old heads moved after the migration: projected again
+        report = await rebuild(world.settings, wait_for_live=0, log=world.log.reader())
+        assert report.identical, report
+        reads = world.log.reads
+        await stop(await start(world, world.log.reader()))
+        assert world.log.reads == reads  # and only once
+    finally:
+        await store.close()

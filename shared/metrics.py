@@ -69,6 +69,21 @@ class ServiceMetrics:
         self.tasks_up = Gauge(
             "clave_background_task_up", "1 while a background task runs, 0 once it died", ["task"], registry=r
         )
+        self.producer_events = Counter(
+            "clave_producer_events_total",
+            "Kafka producers replaced after aiokafka's idempotence broke them (event=replaced), "
+            "sends retried (event=retried)",
+            ["producer", "event", "error"],
+            registry=r,
+        )
+
+    def count_producer_event(self, producer: str) -> Callable[[str, BaseException], None]:
+        """The metrics hook of a shared.producer.Producer named `producer`."""
+
+        def count(event: str, exc: BaseException) -> None:
+            self.producer_events.labels(producer, event, exc.__class__.__name__).inc()
+
+        return count
 
     def count_store_commands(self, counts: Mapping[str, int]) -> None:
         """Expose the store client's command counts (shared.store.CommandCounter), read at

@@ -67,7 +67,7 @@ class Message:
 def is_retriable(exc: BaseException) -> bool:
     """An error a later try of the same send may not meet (the broker away, restarting or
     moving a partition), or the broken producer that `recover` replaces."""
-    if isinstance(exc, PRODUCER_BROKEN | KafkaTimeoutError | OSError | TimeoutError):
+    if isinstance(exc, (*PRODUCER_BROKEN, KafkaTimeoutError, OSError, TimeoutError)):
         return True
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
@@ -170,7 +170,7 @@ class Producer:
             log.warning("%s: %s; %d send(s) again in %.2fs", self.name, _name(exc), len(failed), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
-            pending = {i: pending[i] for i in failed}
+            pending = {i: pending[i] for i in sorted(failed)}  # in their order again
         return [results[i] for i in sorted(results)]
 
     async def _try(self, pending: dict[int, Message], results: dict[int, Any]) -> dict[int, BaseException]:

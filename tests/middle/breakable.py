@@ -82,6 +82,11 @@ class Recording:
         future.set_result((topic, len(self.sent) - 1))  # stands for RecordMetadata
         return future
 
+    async def send_and_wait(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, headers: Any = None
+    ) -> Any:
+        return await (await self.send(topic, value, key, headers))
+
     async def stop(self) -> None:
         self.stopped = True
 

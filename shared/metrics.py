@@ -71,19 +71,15 @@ class ServiceMetrics:
         )
         self.producer_events = Counter(
             "clave_producer_events_total",
-            "Kafka producers replaced after aiokafka's idempotence broke them (event=replaced), "
-            "sends retried (event=retried)",
-            ["producer", "event", "error"],
+            "The relay's Kafka producer replaced after aiokafka's idempotence broke it (kind=replaced), "
+            "sends retried (kind=retried)",
+            ["kind", "error"],
             registry=r,
         )
 
-    def count_producer_event(self, producer: str) -> Callable[[str, BaseException], None]:
-        """The metrics hook of a shared.producer.Producer named `producer`."""
-
-        def count(event: str, exc: BaseException) -> None:
-            self.producer_events.labels(producer, event, exc.__class__.__name__).inc()
-
-        return count
+    def count_producer_event(self, kind: str, exc: BaseException) -> None:
+        """The metrics hook of the service's shared.producer.Producer (the relay's)."""
+        self.producer_events.labels(kind, exc.__class__.__name__).inc()
 
     def count_store_commands(self, counts: Mapping[str, int]) -> None:
         """Expose the store client's command counts (shared.store.CommandCounter), read at

@@ -161,7 +161,7 @@ class OutboxRelay:
         self._producer = Producer(
             new_producer or self._kafka_producer,
             name=f"{self.service}-relay",
-            on_event=self.metrics.count_producer_event("relay"),
+            on_event=self.metrics.count_producer_event,
             first=producer,
         )
         await self._producer.start()

@@ -159,14 +159,14 @@ async def test_an_error_that_retrying_cannot_help_is_raised_at_once() -> None:
 async def test_replacements_and_retries_are_counted() -> None:
     metrics = ServiceMetrics("test")
     make = Factory()
-    producer = Producer(make, on_event=metrics.count_producer_event("relay"), **FAST)
+    producer = Producer(make, on_event=metrics.count_producer_event, **FAST)
     await producer.start()
     make.made[0].break_with(OutOfOrderSequenceNumber())
 
     await producer.send_and_wait("t", b"x")
 
     def sample(event: str) -> Any:
-        labels = {"producer": "relay", "event": event, "error": "OutOfOrderSequenceNumber"}
+        labels = {"kind": event, "error": "OutOfOrderSequenceNumber"}
         return metrics.registry.get_sample_value("clave_producer_events_total", labels)
 
     assert sample("replaced") == 1 and sample("retried") == 1

@@ -161,9 +161,12 @@ class Producer:
             failed = await self._try(pending, results)
             if not failed:
                 break
-            exc = failed[min(failed)]
-            last = attempt == self.attempts or asyncio.get_running_loop().time() + delay > give_up_at
-            if last or not all(is_retriable(e) for e in failed.values()):
+            errors = [failed[i] for i in sorted(failed)]
+            final = next((e for e in errors if not is_retriable(e)), None)
+            if final is not None:
+                raise final
+            exc = next((e for e in errors if isinstance(e, PRODUCER_BROKEN)), errors[0])
+            if attempt == self.attempts or asyncio.get_running_loop().time() + delay > give_up_at:
                 raise exc
             await self.recover(exc, producer)
             self._event("retried", exc)

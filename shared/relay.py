@@ -120,6 +120,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._producer: Producer | None = None
+        self._sent_with: Any = None  # the aiokafka producer of the last publish (the one that failed)
         self._stopping = False
         self._held_until = 0.0  # loop time until which our lease is valid (0: not ours)
         self._other_until = 0.0  # loop time until which another relay's lease was seen valid
@@ -220,7 +221,7 @@ class OutboxRelay:
                     # A new producer (new producer id, sequences from 0) for one that broke; what
                     # the old one had not had acknowledged is published again (consumers drop
                     # redeliveries by id). The broker still away: the next round tries again.
-                    await self._producer.recover(exc)
+                    await self._producer.recover(exc, self._sent_with)  # unless a reply (send_now) did
             except Exception as exc:
                 # Not an item's (those are parked in publish_pending) and not an outage: a bug.
                 # The relay must outlive it, loudly, or every later event would wait for ever.
@@ -440,6 +441,7 @@ class OutboxRelay:
         """Send each document; park those refused as records. Returns what the broker
         acknowledged, and the first outage error (the rest is published again later)."""
         assert self._producer is not None
+        self._sent_with = self._producer.current
         sending: list[tuple[dict[str, Any], Any]] = []
         outage: BaseException | None = None
         for doc in docs:

@@ -71,6 +71,7 @@ class Service:
         self._periodic: list[tuple[str, float, Periodic]] = []
         self._consumed_topics: list[str] = []
         self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
+        self.pipelines: dict[str, EventPipeline] = {}  # by topic (tests read their state)
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
@@ -101,6 +102,7 @@ class Service:
             answer=answer,
             send_now=self.relay.send_now,
         )
+        self.pipelines[topic] = pipeline
 
         subscriber = self.broker.subscriber(
             topic,

@@ -182,6 +182,14 @@ async def send_and_wait(
         return await watcher.wait({e.correlationid for _, e in events}, timeout)
 
 
+# What to do about a refused approval or cancellation (the reason code alone says what).
+_REFUSAL_HINTS = {
+    "change_unknown": "no e-mail change has this id: give the command id that update-email printed",
+    "change_already_applied": "the change already took effect: a new update-email (and its approval) reverts it",
+    "change_already_cancelled": "the change was already cancelled: nothing left to do",
+}
+
+
 def describe(result: CommandResult) -> str:
     parts: list[str] = [result.status]
     if result.effect:
@@ -194,8 +202,13 @@ def describe(result: CommandResult) -> str:
         when = f" and not before {result.effective_at:%Y-%m-%d %H:%M} UTC" if result.effective_at else ""
         parts.append(
             f"- takes effect once another operator approves it (clave accounts approve {result.change_id}){when}; "
-            "both addresses have been told"
+            f"both addresses have been told; any operator can stop it (clave accounts cancel {result.change_id})"
         )
+    if result.status != "rejected" and result.effect == "cancelled":
+        parts.append(f"- e-mail change {result.change_id} will not take effect; both addresses are being told")
+    hint = _REFUSAL_HINTS.get(result.reasons[0]) if result.status == "rejected" and result.reasons else None
+    if hint:
+        parts.append(f"- {hint}")
     return " ".join(parts)
 
 

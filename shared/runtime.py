@@ -116,6 +116,12 @@ class Service:
             # heartbeat (aiokafka's default: every 3 s). A shorter interval lets the group
             # settle in about a second (the broker's own initial delay is already 0).
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            # Replies go through the outbox and the relay's producer (shared.producer), never
+            # FastStream's: a record's `reply_to` header (any writer of the topic sets it) would
+            # have the service write an empty record to the topic it names, or fail after the
+            # handler and be redelivered for ever (a topic it may not write, or the broker's own
+            # idempotent producer broken: aio-libs/aiokafka#1017, which nothing here replaces).
+            no_reply=True,
         )
 
         @subscriber

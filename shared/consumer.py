@@ -161,18 +161,20 @@ class InvalidAnswer:
     """How a consumer of portal input answers a record it dead-letters: the portal is waiting
     for an answer keyed by the record's id (`id_field` of its data, else its record key), so
     it gets one besides the dead letter (`recovery.outcomes`: `rejected` / `reset_invalid`).
-    A redelivered event (`duplicate_event`) is not answered again: its first copy was."""
+    A redelivered event (`duplicate_event`) is not answered again: its first copy was.
+    `from_key=False` for a topic keyed by something else (the national ID): never echoed."""
 
     id_field: str
     topic: str
     event_type: str
     payload: Callable[[str], Payload]  # the answer for that id
+    from_key: bool = True  # the record key is that id too (recovery.resets), so it may stand in
 
     def readable_id(self, data: dict[str, Any] | None, key: Any) -> str | None:
         value = data.get(self.id_field) if isinstance(data, dict) else None
         if isinstance(value, str) and _ANSWER_ID.fullmatch(value):
             return value
-        if isinstance(key, bytes | bytearray):
+        if self.from_key and isinstance(key, bytes | bytearray):
             text = bytes(key).decode("utf-8", "replace")
             if _ANSWER_ID.fullmatch(text):
                 return text

@@ -40,6 +40,12 @@ def invalid_update(update_id: str) -> ContactResult:
     return ContactResult(update_id=update_id, status="rejected", reasons=[LoginReason.CHECK_INVALID])
 
 
+# A check or an update that cannot be read is answered too, by the id in its data; never by its
+# record key (the national ID: not an id of the portal's, and not to be echoed).
+CHECK_ANSWER = InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check, from_key=False)
+UPDATE_ANSWER = InvalidAnswer("update_id", CONTACT_RESULTS, EventType.CONTACT_RESULT, invalid_update, from_key=False)
+
+
 def build(settings: PasswordSettings | None = None) -> Service:
     settings = settings or load(PasswordSettings)
     limits = settings.login_limits()
@@ -59,13 +65,13 @@ def build(settings: PasswordSettings | None = None) -> Service:
         LOGIN_CHECKS,
         {EventType.LOGIN_CHECK_REQUESTED: Route(LoginCheckRequested, h.login_checked)},
         hot=True,
-        answer=InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check),
+        answer=CHECK_ANSWER,
     )
     # Contact updates: the key checked as a login's; one that cannot be read is answered too.
     service.consume(
         CONTACT_UPDATES,
         {EventType.CONTACT_UPDATE_REQUESTED: Route(ContactUpdateRequested, h.contact_update_requested)},
-        answer=InvalidAnswer("update_id", CONTACT_RESULTS, EventType.CONTACT_RESULT, invalid_update),
+        answer=UPDATE_ANSWER,
     )
 
     async def close_hasher() -> None:

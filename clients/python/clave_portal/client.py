@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from clave_portal import events as ev
 from clave_portal.errors import ClaveError, ClaveTimeout
-from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome
+from clave_portal.models import ContactResult, KeyChange, Locale, LoginResult, Outcome, Profile
 from clave_portal.producer import Producer
 from clave_portal.sealing import InputSealer, PlainInput
 from clave_portal.settings import PortalSettings
@@ -299,13 +299,15 @@ class PortalClient:
         answers: dict[str, str],
         client_ip: str,
         captcha_passed: bool,
-        profile: str = "affiliate",
+        profile: Profile = "affiliate",
         representative_id: str | None = None,
-        locale: str = "es",
+        locale: Locale = "es",
         request_id: str | None = None,
     ) -> str:
-        """Ask for a recovery e-mail; returns the request_id (the link carries it back). The
-        answer (`request_outcome`) is always `accepted`, whatever the account."""
+        """Ask for a recovery e-mail; returns the request_id (the link carries it back). Its
+        answer (`request_outcome`) is `accepted` whatever the account; `rejected` only for a
+        repeated request_id (`duplicate_request`) or a request Clave could not process
+        (`request_invalid`, `plaintext_refused`, `sealed_invalid`)."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         data: dict[str, Any] = {
             "request_id": request_id,
@@ -324,7 +326,9 @@ class PortalClient:
         return request_id
 
     async def request_outcome(self, request_id: str, *, timeout: float | None = None) -> Outcome:
-        """The answer to a recovery request (`accepted`, or `rejected` for a repeated id)."""
+        """The answer to a recovery request: `accepted`, or `rejected` with one reason
+        (`duplicate_request`, `request_invalid`, `plaintext_refused`, `sealed_invalid`: see
+        `Outcome.invalid`). Raises ClaveTimeout when none came within the deadline."""
         event = await self._answers.wait(
             request_id, lambda e: e["data"].get("stage") == "request", after=0, timeout=timeout or self.timeout
         )

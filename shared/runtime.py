@@ -23,11 +23,13 @@ from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
 from shared.settings import PlatformSettings
 from shared.store import ServiceStore
+from shared.topics import PORTAL_INPUTS
 
 log = logging.getLogger(__name__)
 
 Periodic = Callable[[], Awaitable[None]]
 HEARTBEAT_INTERVAL_MS = 500
+FETCH_MAX_WAIT_MS = 500  # aiokafka's default
 
 
 def consumer_has_joined(consumer: Any) -> bool:
@@ -90,6 +92,8 @@ class Service:
         `answer`: portal input whose dead-lettered records still get an answer."""
         self._consumed_topics.append(topic)
         workers = self.settings.consumer_workers if hot else 1
+        # aiokafka's default (500 ms) for what no one waits on; less for portal input.
+        fetch_wait_ms = self.settings.portal_fetch_max_wait_ms if topic in PORTAL_INPUTS else FETCH_MAX_WAIT_MS
         pipeline = EventPipeline(
             service=self.name,
             topic=topic,
@@ -114,6 +118,7 @@ class Service:
             # heartbeat (aiokafka's default: every 3 s). A shorter interval lets the group
             # settle in about a second (the broker's own initial delay is already 0).
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            fetch_max_wait_ms=fetch_wait_ms,
         )
 
         @subscriber

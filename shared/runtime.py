@@ -141,7 +141,7 @@ class Service:
         """Ready means it would handle a request now: no background task has died, the store and
         the broker answer and every consumer has its partitions (a fresh consumer group settles
         for seconds after start)."""
-        if not self.supervisor.alive():
+        if not self.alive():
             return False
         if not self.consumers_assigned():
             return False
@@ -151,6 +151,16 @@ class Service:
             return bool(await self.broker.ping(timeout=2.0))
         except Exception:
             return False
+
+    def alive(self) -> bool:
+        """No background task and no consume loop has died. FastStream runs one loop per
+        consumer; one that ended while the service runs leaves its consumer in the group,
+        heartbeating, with partitions no one serves (and FastStream does not restart a loop
+        that ended cancelled)."""
+        return self.supervisor.alive() and (self.supervisor.stopping or self.consumers_running())
+
+    def consumers_running(self) -> bool:
+        return not any(task.done() for s in self._subscribers for task in getattr(s, "tasks", ()))
 
     def consumers_assigned(self) -> bool:
         """Has every consumer of every subscription completed its group join, and is none of
@@ -167,9 +177,7 @@ class Service:
 
     async def _startup(self) -> None:
         port = self.settings.metrics_port(self.name)
-        self._health = HealthServer(
-            self.metrics, self.ready, self.settings.metrics_host, port, live=self.supervisor.alive
-        )
+        self._health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, port, live=self.alive)
         await self._health.start()
         await self._wait_for_store()
         await self.store.ensure_indexes()

@@ -58,6 +58,7 @@ HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same wa
 # retries; longer than a transaction left by a crashed process blocks (MongoDB: 60 s).
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
+REPLY_TIMEOUT_S = 5.0  # an immediate reply not sent by then is left to the relay (its outbox copy)
 DLQ_DETAIL_CHARS = 500
 
 
@@ -330,7 +331,10 @@ class EventPipeline:
         if self.send_now is None:
             return
         try:
-            await self.send_now(replies)
+            # Bounded: a producer whose sender died can leave its delivery futures pending for
+            # ever, and this consumer's partitions would wait with them.
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                await self.send_now(replies)
         except (Exception, asyncio.CancelledError) as exc:
             not_a_stop(exc)
             log.warning("%s: immediate reply failed (%s); the relay sends it", self.consumer, exc.__class__.__name__)

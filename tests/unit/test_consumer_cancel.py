@@ -126,3 +126,23 @@ async def test_a_dead_consume_loop_makes_the_service_not_alive_nor_ready() -> No
     assert service.alive()
     running.cancel()
     await service.store.close()
+
+
+async def test_an_immediate_reply_that_never_completes_does_not_hold_the_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared import consumer
+
+    monkeypatch.setattr(consumer, "REPLY_TIMEOUT_S", 0.05)
+
+    async def answer(ctx: HandlerContext, data: ResetSubmitted) -> None:
+        ctx.reply(RECOVERY_OUTCOMES, data.request_id, EventType.RECOVERY_OUTCOME, invalid_reset(data.request_id))
+
+    async def never(outgoing: list[Outgoing]) -> None:
+        await asyncio.get_running_loop().create_future()  # a delivery future no one completes
+
+    h = Harness(answer)
+    h.pipeline.send_now = never
+    async with asyncio.timeout(5):
+        assert await h.deliver(reset_bytes()) == 1  # settled: the outbox copy goes with the relay
+    assert [o.topic for o in h.store.outbox] == [RECOVERY_OUTCOMES]

@@ -73,6 +73,7 @@ class Service:
         self._periodic: list[tuple[str, float, Periodic]] = []
         self._consumed_topics: list[str] = []
         self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
+        self.pipelines: dict[str, EventPipeline] = {}  # by topic (tests read their state)
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
@@ -105,6 +106,7 @@ class Service:
             answer=answer,
             send_now=self.relay.send_now,
         )
+        self.pipelines[topic] = pipeline
 
         subscriber = self.broker.subscriber(
             topic,
@@ -119,6 +121,12 @@ class Service:
             # settle in about a second (the broker's own initial delay is already 0).
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             fetch_max_wait_ms=fetch_wait_ms,
+            # Replies go through the outbox and the relay's producer (shared.producer), never
+            # FastStream's: a record's `reply_to` header (any writer of the topic sets it) would
+            # have the service write an empty record to the topic it names, or fail after the
+            # handler and be redelivered for ever (a topic it may not write, or the broker's own
+            # idempotent producer broken: aio-libs/aiokafka#1017, which nothing here replaces).
+            no_reply=True,
         )
 
         @subscriber

@@ -53,6 +53,12 @@ class ServiceMetrics:
         self.consumer_lag = Gauge(
             "clave_consumer_lag_messages", "Messages behind the log end, per topic", ["topic"], registry=r
         )
+        self.stalled_partitions = Gauge(
+            "clave_consumer_stalled_partitions",
+            "Partitions with records waiting and no commit for a minute (shared.lag.STALL_S)",
+            ["topic"],
+            registry=r,
+        )
         # Background loops (shared.loops): what escaped a run, what was set aside, what is running.
         self.loop_errors = Counter(
             "clave_loop_errors_total",

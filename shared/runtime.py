@@ -23,11 +23,13 @@ from shared.metrics import HealthServer, ServiceMetrics
 from shared.relay import OutboxRelay
 from shared.settings import PlatformSettings
 from shared.store import ServiceStore
+from shared.topics import PORTAL_INPUTS
 
 log = logging.getLogger(__name__)
 
 Periodic = Callable[[], Awaitable[None]]
 HEARTBEAT_INTERVAL_MS = 500
+FETCH_MAX_WAIT_MS = 500  # aiokafka's default
 
 
 def consumer_has_joined(consumer: Any) -> bool:
@@ -91,6 +93,8 @@ class Service:
         `answer`: portal input whose dead-lettered records still get an answer."""
         self._consumed_topics.append(topic)
         workers = self.settings.consumer_workers if hot else 1
+        # aiokafka's default (500 ms) for what no one waits on; less for portal input.
+        fetch_wait_ms = self.settings.portal_fetch_max_wait_ms if topic in PORTAL_INPUTS else FETCH_MAX_WAIT_MS
         pipeline = EventPipeline(
             service=self.name,
             topic=topic,
@@ -116,6 +120,7 @@ class Service:
             # heartbeat (aiokafka's default: every 3 s). A shorter interval lets the group
             # settle in about a second (the broker's own initial delay is already 0).
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            fetch_max_wait_ms=fetch_wait_ms,
             # Replies go through the outbox and the relay's producer (shared.producer), never
             # FastStream's: a record's `reply_to` header (any writer of the topic sets it) would
             # have the service write an empty record to the topic it names, or fail after the
@@ -144,7 +149,7 @@ class Service:
         """Ready means it would handle a request now: no background task has died, the store and
         the broker answer and every consumer has its partitions (a fresh consumer group settles
         for seconds after start)."""
-        if not self.supervisor.alive():
+        if not self.alive():
             return False
         if not self.consumers_assigned():
             return False
@@ -154,6 +159,16 @@ class Service:
             return bool(await self.broker.ping(timeout=2.0))
         except Exception:
             return False
+
+    def alive(self) -> bool:
+        """No background task and no consume loop has died. FastStream runs one loop per
+        consumer; one that ended while the service runs leaves its consumer in the group,
+        heartbeating, with partitions no one serves (and FastStream does not restart a loop
+        that ended cancelled)."""
+        return self.supervisor.alive() and (self.supervisor.stopping or self.consumers_running())
+
+    def consumers_running(self) -> bool:
+        return not any(task.done() for s in self._subscribers for task in getattr(s, "tasks", ()))
 
     def consumers_assigned(self) -> bool:
         """Has every consumer of every subscription completed its group join, and is none of
@@ -170,9 +185,7 @@ class Service:
 
     async def _startup(self) -> None:
         port = self.settings.metrics_port(self.name)
-        self._health = HealthServer(
-            self.metrics, self.ready, self.settings.metrics_host, port, live=self.supervisor.alive
-        )
+        self._health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, port, live=self.alive)
         await self._health.start()
         await self._wait_for_store()
         await self.store.ensure_indexes()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Periodic = Callable[[], Awaitable[None]]
 HEARTBEAT_INTERVAL_MS = 500
+MAIN_LANE = "main"
 
 
 def consumer_has_joined(consumer: Any) -> bool:
@@ -71,6 +72,8 @@ class Service:
         self._periodic: list[tuple[str, float, Periodic]] = []
         self._consumed_topics: list[str] = []
         self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
+        self.pipelines: dict[str, EventPipeline] = {}  # by topic (tests read their state)
+        self._lanes: dict[str, list[tuple[str, int]]] = {}  # lane -> (topic, workers), in order
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
@@ -83,14 +86,25 @@ class Service:
         return f"clave-{self.name}"
 
     def consume(
-        self, topic: str, routes: dict[str, Route], *, hot: bool = False, answer: InvalidAnswer | None = None
+        self,
+        topic: str,
+        routes: dict[str, Route],
+        *,
+        hot: bool = False,
+        answer: InvalidAnswer | None = None,
+        lane: str = MAIN_LANE,
     ) -> None:
-        """Subscribe `routes` to `topic`. A `hot` topic (on the recovery's critical path) gets
-        CONSUMER_WORKERS consumers in the group: partitions in parallel, each still in order.
+        """Subscribe `routes` to `topic`. The topics of one `lane` share one Kafka consumer
+        (one fetch loop, one heartbeat, one group member), one record at a time: every extra
+        consumer costs the broker and the service CPU even when idle, and on 2 cores the
+        lanes' parallelism bought nothing but that cost (issue 10). A topic whose answer
+        someone waits on behind an argon2 hash (logins) gets its own lane. A `hot` topic
+        (on the recovery's critical path) with CONSUMER_WORKERS > 1 gets that many consumers
+        of its own: partitions in parallel, each still in order.
         `answer`: portal input whose dead-lettered records still get an answer."""
         self._consumed_topics.append(topic)
         workers = self.settings.consumer_workers if hot else 1
-        pipeline = EventPipeline(
+        self.pipelines[topic] = EventPipeline(
             service=self.name,
             topic=topic,
             routes=routes,
@@ -101,13 +115,28 @@ class Service:
             answer=answer,
             send_now=self.relay.send_now,
         )
+        self._lanes.setdefault(f"{topic}:workers" if workers > 1 else lane, []).append((topic, workers))
 
+    def subscribe(self) -> None:
+        """Create one FastStream subscriber per lane (once every topic is declared; `app()`
+        calls it). `_subscribers[i]` is the subscriber of `_consumed_topics[i]`."""
+        if self._subscribers or not self._consumed_topics:
+            return
+        by_topic: dict[str, Any] = {}
+        for name, members in self._lanes.items():
+            topics = [topic for topic, _ in members]
+            subscriber = self._subscriber(name, topics, max(workers for _, workers in members))
+            by_topic.update(dict.fromkeys(topics, subscriber))
+        self._subscribers = [by_topic[topic] for topic in self._consumed_topics]
+
+    def _subscriber(self, lane: str, topics: list[str], workers: int) -> Any:
+        pipelines = {topic: self.pipelines[topic] for topic in topics}
         subscriber = self.broker.subscriber(
-            topic,
+            *topics,
             group_id=self.group_id,
             auto_offset_reset="earliest",
             decoder=_raw_body,
-            title=f"{self.name}:{topic}",
+            title=f"{self.name}:{lane}",
             max_workers=workers if workers > 1 else None,
             # A service's consumers all join one group, one after another at start-up; each
             # join makes the members already in rejoin, and they learn of it from their next
@@ -118,9 +147,10 @@ class Service:
 
         @subscriber
         async def handle(msg: KafkaMessage) -> None:
-            await pipeline.process(msg.raw_message, msg.body)  # type: ignore[arg-type]
+            record = msg.raw_message
+            await pipelines[record.topic].process(record, msg.body)  # type: ignore[union-attr,arg-type]
 
-        self._subscribers.append(subscriber)
+        return subscriber
 
     def every(self, name: str, seconds: float, job: Periodic) -> None:
         """Run `job` every `seconds` while the service is up (sweepers, senders)."""
@@ -208,6 +238,7 @@ class Service:
         await self.store.close()
 
     def app(self) -> FastStream:
+        self.subscribe()
         return FastStream(
             self.broker,
             on_startup=[self._startup],

@@ -10,11 +10,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from faststream import FastStream
+from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 
+from shared.commits import Committers
 from shared.consumer import EventPipeline, InvalidAnswer, Route
 from shared.kafka import make_broker
 from shared.lag import LagMonitor
@@ -74,6 +75,7 @@ class Service:
         self._subscribers: list[Any] = []  # FastStream Kafka subscribers, for readiness
         self.pipelines: dict[str, EventPipeline] = {}  # by topic (tests read their state)
         self._lanes: dict[str, list[tuple[str, int]]] = {}  # lane -> (topic, workers), in order
+        self._committers: list[Committers] = []  # one per subscriber
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
@@ -131,6 +133,8 @@ class Service:
 
     def _subscriber(self, lane: str, topics: list[str], workers: int) -> Any:
         pipelines = {topic: self.pipelines[topic] for topic in topics}
+        committers = Committers()
+        self._committers.append(committers)
         subscriber = self.broker.subscriber(
             *topics,
             group_id=self.group_id,
@@ -143,12 +147,23 @@ class Service:
             # heartbeat (aiokafka's default: every 3 s). A shorter interval lets the group
             # settle in about a second (the broker's own initial delay is already 0).
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            # Offsets are committed by `committers` (shared/commits.py), a moment after the
+            # records were handled and together, not one OffsetCommit per record.
+            ack_policy=AckPolicy.MANUAL,
+            listener=committers.listener(),
         )
 
         @subscriber
         async def handle(msg: KafkaMessage) -> None:
             record = msg.raw_message
-            await pipelines[record.topic].process(record, msg.body)  # type: ignore[union-attr,arg-type]
+            try:
+                await pipelines[record.topic].process(record, msg.body)  # type: ignore[union-attr,arg-type]
+            except BaseException:
+                # Not handled (an outage: the pipeline backed off already): read it again.
+                with contextlib.suppress(Exception):  # a partition taken away: its new owner reads it
+                    await msg.nack()
+                raise
+            committers.of(msg.consumer).handled(record.topic, record.partition, record.offset)  # type: ignore[union-attr]
 
         return subscriber
 
@@ -232,6 +247,9 @@ class Service:
                 await task
         for fn in self._stoppers:
             await fn()
+        for committers in self._committers:
+            with contextlib.suppress(Exception):  # not committed: redelivered, dropped as duplicates
+                await committers.close()
         await self.relay.stop()
         if self._health is not None:
             await self._health.stop()

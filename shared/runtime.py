@@ -10,6 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from aiokafka import AIOKafkaConsumer
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -163,7 +164,8 @@ class Service:
                 with contextlib.suppress(Exception):  # a partition taken away: its new owner reads it
                     await msg.nack()
                 raise
-            committers.of(msg.consumer).handled(record.topic, record.partition, record.offset)  # type: ignore[union-attr]
+            if isinstance(msg.consumer, AIOKafkaConsumer):  # (FastStream's test broker keeps no offsets)
+                committers.of(msg.consumer).handled(record.topic, record.partition, record.offset)  # type: ignore[union-attr]
 
         return subscriber
 

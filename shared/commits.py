@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -32,9 +33,12 @@ COMMIT_DELAY_S = 0.5
 class OffsetCommitter:
     """The handled positions of one aiokafka consumer, committed in the background."""
 
-    def __init__(self, consumer: Any, delay_s: float = COMMIT_DELAY_S) -> None:
+    def __init__(
+        self, consumer: Any, delay_s: float = COMMIT_DELAY_S, on_commit: Callable[[], None] | None = None
+    ) -> None:
         self.consumer = consumer
         self.delay_s = delay_s
+        self.on_commit = on_commit
         self._handled: dict[TopicPartition, int] = {}  # partition -> offset of the next record
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -63,6 +67,8 @@ class OffsetCommitter:
                 return
             try:
                 self.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit()
                 await self.consumer.commit(offsets)
             except Exception as exc:
                 # Keep what is still ours for the next commit; a newer position wins.
@@ -85,14 +91,15 @@ class Committers:
     """One OffsetCommitter per consumer of a subscription (FastStream gives one consumer per
     worker); also its rebalance listener, which commits before partitions are taken away."""
 
-    def __init__(self, delay_s: float = COMMIT_DELAY_S) -> None:
+    def __init__(self, delay_s: float = COMMIT_DELAY_S, on_commit: Callable[[], None] | None = None) -> None:
         self.delay_s = delay_s
+        self.on_commit = on_commit  # counts OffsetCommit requests (clave_offset_commits_total)
         self._by_consumer: dict[int, OffsetCommitter] = {}
 
     def of(self, consumer: Any) -> OffsetCommitter:
         committer = self._by_consumer.get(id(consumer))
         if committer is None or committer.consumer is not consumer:
-            committer = self._by_consumer[id(consumer)] = OffsetCommitter(consumer, self.delay_s)
+            committer = self._by_consumer[id(consumer)] = OffsetCommitter(consumer, self.delay_s, self.on_commit)
         return committer
 
     def all(self) -> list[OffsetCommitter]:

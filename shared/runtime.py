@@ -77,6 +77,9 @@ class Service:
         self.pipelines: dict[str, EventPipeline] = {}  # by topic (tests read their state)
         self._lanes: dict[str, list[tuple[str, int]]] = {}  # lane -> (topic, workers), in order
         self._committers: list[Committers] = []  # one per subscriber
+        self._offset_commits = self.metrics.counter(
+            "clave_offset_commits_total", "OffsetCommit requests sent to Kafka by the consumers"
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = TaskSupervisor(name, self.metrics)
         self._health: HealthServer | None = None
@@ -134,7 +137,7 @@ class Service:
 
     def _subscriber(self, lane: str, topics: list[str], workers: int) -> Any:
         pipelines = {topic: self.pipelines[topic] for topic in topics}
-        committers = Committers()
+        committers = Committers(on_commit=self._offset_commits.inc)
         self._committers.append(committers)
         subscriber = self.broker.subscriber(
             *topics,

@@ -198,6 +198,13 @@ TYPE_SUMMARIES: dict[str, str] = {
     "operator): live tokens are revoked, every address on file before is told.",
     EventType.OPERATOR_APPROVE: "A second, different operator approves a pending command (an e-mail change) by "
     "its id (`approves`).",
+    EventType.OPERATOR_CANCEL: "Any registered operator (the requester too) cancels a pending e-mail change, "
+    "approved or not, by its id (`cancels`): it never takes effect and both addresses are told. An unknown, applied "
+    "or already cancelled change is refused (`change_unknown`, `change_already_applied`, `change_already_cancelled`).",
+    EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: "An e-mail change was requested: the old address (the new one masked) "
+    "and the new address are told.",
+    EventType.IDENTITY_EMAIL_CHANGE_CANCELLED: "An operator cancelled a pending e-mail change: both addresses are told "
+    "it will not take effect.",
     EventType.OPERATOR_ACCOUNT_IMPORT: "One line of the registry import: the account's fields, its answers and "
     "initial key sealed for identity. A changed e-mail needs an approval; an unchanged record is a no-op.",
     EventType.OPERATOR_KEY_REGISTERED: "`admin` registers an operator's Ed25519 public key.",

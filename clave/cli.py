@@ -6,6 +6,7 @@
     clave accounts unlock ID             lift a lockout
     clave accounts send-recovery ID      send a recovery e-mail to the registered address
     clave accounts approve COMMAND_ID    second operator's approval of an e-mail change
+    clave accounts cancel COMMAND_ID     stop a pending e-mail change (any operator)
     clave operators keygen|register|revoke  operator keys (register/revoke: admin only)
     clave audit replay|verify|timeline   read the audit log (public keys only, no secret)
     clave audit heads|keygen|rebuild     signed chain heads, signing keys, read-model check
@@ -55,7 +56,7 @@ from services.audit.settings import AuditorSettings
 from shared.audit import ACTIONS, ChainVerifier, check_seal
 from shared.auditkeys import AuditKeyError, KeyRing, PublicKeyEntry, kid_of, load_signing_key, private_pem
 from shared.kafka import connection
-from shared.schemas import OperatorApproval, OperatorCommand
+from shared.schemas import OperatorApproval, OperatorCancel, OperatorCommand
 from shared.settings import ClientSettings, PlatformSettings, load
 from shared.topics import EventType
 
@@ -196,7 +197,10 @@ def import_accounts(
 
 
 def _run(event_type: str, sign: operators.Signer, data: Any, settings: PlatformSettings, wait: float) -> None:
-    key_field = "approves" if event_type == EventType.OPERATOR_APPROVE else "national_id"
+    # An approval or a cancellation is keyed by the change it concerns: one partition, in order.
+    key_field = {EventType.OPERATOR_APPROVE: "approves", EventType.OPERATOR_CANCEL: "cancels"}.get(
+        event_type, "national_id"
+    )
     event = sign.event(event_type, data, key_field)
     results = asyncio.run(operators.send_and_wait(settings, [event], wait))
     command_id = event[1].correlationid
@@ -278,6 +282,34 @@ def approve(command_id: str, operator: Operator, reason: Reason, key_file: KeyFi
             f"{first['loc'][0] if first['loc'] else ''}: {first['msg']}", "see `clave accounts --help`"
         ) from None
     _run(EventType.OPERATOR_APPROVE, sign, data, settings, wait)
+
+
+@accounts.command("cancel")
+def cancel(
+    command_id: str,
+    operator: Operator,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="Why (audited), e.g. the citizen's call or the office case.")
+    ] = "no reason given",
+    key_file: KeyFile = None,
+    wait: Wait = 30,
+) -> None:
+    """Cancel a pending e-mail change by its id (the id update-email printed), approved or not,
+    until it takes effect. Any operator may, the requester too. It never takes effect then, and
+    both addresses are told. Exit 1 if it is unknown, already applied or already cancelled."""
+    operator = _not_empty(operator, "--operator", "op-17")
+    reason = _not_empty(reason, "--reason", '"citizen called: not theirs"')
+    try:
+        data = OperatorCancel(
+            command_id=operators.new_command_id(), operator_id=operator, reason=reason, cancels=command_id
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = {"operator_id": "--operator", "reason": "--reason", "cancels": "COMMAND_ID"}.get(field, field)
+        raise Usage(f"{option}: {first['msg']}", "see `clave accounts cancel --help`") from None
+    settings = _load(operators.OperatorSettings, "clave")
+    _run(EventType.OPERATOR_CANCEL, _signer(settings, operator, key_file), data, settings, wait)
 
 
 @accounts.command("update-contact")

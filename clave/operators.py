@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
@@ -34,6 +34,7 @@ from shared import operator_keys
 from shared.crypto import SecretBox
 from shared.envelope import CONTENT_TYPE, CloudEvent, describe_errors, new_event, parse_event
 from shared.kafka import client_kwargs
+from shared.producer import Message, kafka_producer
 from shared.schemas import (
     AccountImport,
     CommandResult,
@@ -112,14 +113,11 @@ def new_command_id() -> str:
 
 
 async def publish_all(settings: PlatformSettings, topic: str, events: Iterable[tuple[str, CloudEvent]]) -> None:
-    producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
+    producer = kafka_producer(settings, name="clave")
     await producer.start()
     try:
-        sends = [
-            await producer.send(topic, e.to_bytes(), key=k.encode(), headers=[("content-type", CONTENT_TYPE.encode())])
-            for k, e in events
-        ]
-        await asyncio.gather(*sends)
+        headers = [("content-type", CONTENT_TYPE.encode())]
+        await producer.send_many(Message(topic, e.to_bytes(), k.encode(), headers) for k, e in events)
     finally:
         await producer.stop()
 
@@ -184,6 +182,14 @@ async def send_and_wait(
         return await watcher.wait({e.correlationid for _, e in events}, timeout)
 
 
+# What to do about a refused approval or cancellation (the reason code alone says what).
+_REFUSAL_HINTS = {
+    "change_unknown": "no e-mail change has this id: give the command id that update-email printed",
+    "change_already_applied": "the change already took effect: a new update-email (and its approval) reverts it",
+    "change_already_cancelled": "the change was already cancelled: nothing left to do",
+}
+
+
 def describe(result: CommandResult) -> str:
     parts: list[str] = [result.status]
     if result.effect:
@@ -196,8 +202,13 @@ def describe(result: CommandResult) -> str:
         when = f" and not before {result.effective_at:%Y-%m-%d %H:%M} UTC" if result.effective_at else ""
         parts.append(
             f"- takes effect once another operator approves it (clave accounts approve {result.change_id}){when}; "
-            "both addresses have been told"
+            f"both addresses have been told; any operator can stop it (clave accounts cancel {result.change_id})"
         )
+    if result.status != "rejected" and result.effect == "cancelled":
+        parts.append(f"- e-mail change {result.change_id} will not take effect; both addresses are being told")
+    hint = _REFUSAL_HINTS.get(result.reasons[0]) if result.status == "rejected" and result.reasons else None
+    if hint:
+        parts.append(f"- {hint}")
     return " ".join(parts)
 
 

@@ -76,6 +76,7 @@ ACTIONS: frozenset[str] = frozenset(
         "email_change_requested",
         "email_change_approved",
         "email_change_applied",
+        "email_change_cancelled",  # by an operator, before it took effect
         "account_import_unchanged",
         "account_import_refused",
         # tokens

@@ -238,8 +238,10 @@ TOPICS: dict[str, TopicContract] = {
             EventType.OPERATOR_CONTACT_UPDATE,
             EventType.OPERATOR_APPROVE,
             EventType.OPERATOR_ACCOUNT_IMPORT,
+            EventType.OPERATOR_CANCEL,
         ),
-        "The national ID the command is about (an approval: the id of the command it approves).",
+        "The national ID the command is about (an approval or a cancellation: the id of the command it "
+        "approves or cancels).",
         "Operator commands from the `clave` command, each signed with the operator's Ed25519 key (with an "
         "operator id and a reason). Unsigned, badly signed, unknown-operator, expired or replayed commands are "
         "dead-lettered with their reason.",
@@ -257,10 +259,11 @@ TOPICS: dict[str, TopicContract] = {
         "operator reads instead of the audit log.",
     ),
     t.IDENTITY_EMAIL_CHANGE_REQUESTED: TopicContract(
-        (EventType.IDENTITY_EMAIL_CHANGE_REQUESTED,),
+        (EventType.IDENTITY_EMAIL_CHANGE_REQUESTED, EventType.IDENTITY_EMAIL_CHANGE_CANCELLED),
         "The internal `account_id`.",
         "An e-mail change was requested: tell the old and the new address before it takes effect (after a "
-        "second operator's approval and the cooling-off period).",
+        "second operator's approval and the cooling-off period). Or an operator cancelled a pending one: tell "
+        "both addresses it will not take effect.",
     ),
     t.IDENTITY_DECLINED: TopicContract(
         (EventType.IDENTITY_DECLINED,),

@@ -69,6 +69,17 @@ class ServiceMetrics:
         self.tasks_up = Gauge(
             "clave_background_task_up", "1 while a background task runs, 0 once it died", ["task"], registry=r
         )
+        self.producer_events = Counter(
+            "clave_producer_events_total",
+            "The relay's Kafka producer replaced after aiokafka's idempotence broke it (kind=replaced), "
+            "sends retried (kind=retried)",
+            ["kind", "error"],
+            registry=r,
+        )
+
+    def count_producer_event(self, kind: str, exc: BaseException) -> None:
+        """The metrics hook of the service's shared.producer.Producer (the relay's)."""
+        self.producer_events.labels(kind, exc.__class__.__name__).inc()
 
     def count_store_commands(self, counts: Mapping[str, int]) -> None:
         """Expose the store client's command counts (shared.store.CommandCounter), read at

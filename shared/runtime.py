@@ -155,6 +155,12 @@ class Service:
             # records were handled and together, not one OffsetCommit per record.
             ack_policy=AckPolicy.MANUAL,
             listener=committers.listener(),
+            # Replies go through the outbox and the relay's producer (shared.producer), never
+            # FastStream's: a record's `reply_to` header (any writer of the topic sets it) would
+            # have the service write an empty record to the topic it names, or fail after the
+            # handler and be redelivered for ever (a topic it may not write, or the broker's own
+            # idempotent producer broken: aio-libs/aiokafka#1017, which nothing here replaces).
+            no_reply=True,
         )
 
         @subscriber

@@ -318,6 +318,19 @@ class OperatorApproval(Payload):
     signature: str | None = Signature
 
 
+class OperatorCancel(Payload):
+    """An operator cancels a pending e-mail change, by its id (the requesting command's id).
+    Any registered operator may, the requester too; it never takes effect then."""
+
+    command_id: str = CommandId
+    operator_id: str = OperatorId
+    reason: str = Field(min_length=3, max_length=500)
+    cancels: str = CommandId
+    issued_at: datetime | None = None
+    key_id: str | None = KeyId
+    signature: str | None = Signature
+
+
 class AccountImport(Payload):
     """One line of the registry import, as a signed operator command. The answers and the
     initial key travel sealed for identity (IMPORT_KEYS), bound to this command and ID."""
@@ -383,6 +396,17 @@ class EmailChangeRequested(InternalPayload):
     new_recipient: Recipient
     operator_id: str
     not_before: datetime  # the end of the cooling-off period; a second operator must approve too
+
+
+class EmailChangeCancelled(InternalPayload):
+    """A pending e-mail change was cancelled by an operator: both addresses are told it will not
+    take effect (on identity.email_change_requested, after its request notice)."""
+
+    change_id: str
+    account_id: str = AccountId
+    old_recipient: Recipient  # the registered address, which stays
+    new_recipient: Recipient  # the proposed address, which will not be used
+    operator_id: str  # who cancelled it
 
 
 # ---- tokens ----------------------------------------------------------------------------------
@@ -495,6 +519,8 @@ SCHEMAS: dict[str, type[Payload]] = {
     EventType.OPERATOR_KEY_REVOKED: OperatorKeyRevoked,
     EventType.OPERATOR_COMMAND_RESULT: CommandResult,
     EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: EmailChangeRequested,
+    EventType.OPERATOR_CANCEL: OperatorCancel,
+    EventType.IDENTITY_EMAIL_CHANGE_CANCELLED: EmailChangeCancelled,
     EventType.TOKENS_ISSUED: TokensIssued,
     EventType.TOKENS_REDEEMED: TokensRedeemed,
     EventType.TOKENS_CODE_REJECTED: CodeRejected,

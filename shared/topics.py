@@ -195,6 +195,10 @@ class EventType:
     OPERATOR_KEY_REVOKED = "ec.clave.operator.key_revoked.v1"
     OPERATOR_COMMAND_RESULT = "ec.clave.operator.command_result.v1"
     IDENTITY_EMAIL_CHANGE_REQUESTED = "ec.clave.identity.email_change_requested.v1"
+    # Added: an operator cancels a pending e-mail change; both addresses are told (on the topic
+    # of the request notice, keyed alike, so it follows that notice).
+    OPERATOR_CANCEL = "ec.clave.operator.cancel.v1"
+    IDENTITY_EMAIL_CHANGE_CANCELLED = "ec.clave.identity.email_change_cancelled.v1"
     TOKENS_ISSUED = "ec.clave.tokens.issued.v1"
     TOKENS_REDEEMED = "ec.clave.tokens.redeemed.v1"
     TOKENS_CODE_REJECTED = "ec.clave.tokens.code_rejected.v1"

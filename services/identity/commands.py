@@ -1,6 +1,6 @@
 """Identity's operator side: the registry of operator keys (identity.operator_keys, written by
 `admin` alone), the signed operator commands (identity.commands) and the timer that applies
-approved e-mail changes once their cooling-off period has passed.
+approved e-mail changes once their cooling-off period has passed (never a cancelled one).
 
 Every command is verified first (operator_domain.check_signed): a refusal is dead-lettered
 with its reason, audited (`operator_command_refused`) and reported on
@@ -38,10 +38,12 @@ from shared.schemas import (
     AccountRegistered,
     AuditRecord,
     CommandResult,
+    EmailChangeCancelled,
     EmailChanged,
     EmailChangeRequested,
     IdentityVerified,
     OperatorApproval,
+    OperatorCancel,
     OperatorCommand,
     OperatorKeyRegistered,
     OperatorKeyRevoked,
@@ -58,7 +60,7 @@ from shared.topics import (
 
 log = logging.getLogger(__name__)
 SOURCE = "/clave/identity"
-Signed = OperatorCommand | OperatorApproval | AccountImport
+Signed = OperatorCommand | OperatorApproval | OperatorCancel | AccountImport
 
 
 class OperatorHandlers:
@@ -398,6 +400,46 @@ class OperatorHandlers:
         await self._commit(ctx, cmd, self.store.approve_email_change(decision, effective))
         self.wake_applier()
 
+    async def cancel(self, ctx: HandlerContext, cmd: OperatorCancel) -> None:
+        """Any registered operator stops a pending e-mail change (the requester too): it never
+        takes effect, and both addresses are told. An unknown, applied or already cancelled
+        change is refused with its reason."""
+        await self._verify(ctx, cmd)
+        action = "email_change_cancelled"
+        change = await self.store.email_change(cmd.cancels)
+        decision = operator_domain.cancel(change, cmd.operator_id, datetime.now(UTC))
+        if isinstance(decision, str):
+            self._done(
+                ctx, cmd, action, "rejected", account_id=change.account_id if change else None,
+                reasons=[decision], change_id=cmd.cancels, cancelled_change=cmd.cancels,
+            )  # fmt: skip
+            return await self._commit(ctx, cmd)
+        assert change is not None  # the rule refuses an unknown change
+        account = await self.store.by_id(decision.account_id)
+        if account is not None:
+            ctx.emit(
+                IDENTITY_EMAIL_CHANGE_REQUESTED,  # after the request's notice: same topic and key
+                account.account_id,
+                EventType.IDENTITY_EMAIL_CHANGE_CANCELLED,
+                EmailChangeCancelled(
+                    change_id=decision.change_id,
+                    account_id=account.account_id,
+                    old_recipient=recipient(account),
+                    new_recipient=recipient(account, decision.new_email),
+                    operator_id=cmd.operator_id,
+                ),
+            )
+        else:
+            log.warning("e-mail change %s cancelled: its account is gone, no one to tell", decision.change_id)
+        self._done(
+            ctx, cmd, action, "success", account_id=decision.account_id, effect="cancelled",
+            change_id=decision.change_id, cancelled_change=decision.change_id, requested_by=decision.requested_by,
+            approved_by=decision.approved_by, was=change.status, new_email_masked=domain.mask_email(decision.new_email),
+        )  # fmt: skip
+        # Only on the state decided on: a change applied meanwhile (StaleChange) makes the command
+        # fail and be redelivered, then refused as applied.
+        await self._commit(ctx, cmd, self.store.cancel_email_change(decision, change.status))
+
     async def account_import(self, ctx: HandlerContext, cmd: AccountImport) -> None:
         """One registry line: create the account, update what changed (an e-mail change needs
         an approval, like update-email), or nothing at all when nothing changed."""
@@ -597,11 +639,13 @@ class EmailChangeApplier:
         return applied
 
     async def apply(self, change: EmailChange) -> bool:
+        now = datetime.now(UTC)
+        if not operator_domain.is_due(change, now):
+            return False  # not approved (cancelled, say) or not yet due: never applied
         account = await self.store.by_id(change.account_id)
         if account is None:
             log.warning("e-mail change %s: its account is gone", change.change_id)
             return False
-        now = datetime.now(UTC)
         outgoing = self._outgoing(change, account)
         writes = [
             self.store.mark_change_applied(change.change_id, now),
@@ -610,7 +654,7 @@ class EmailChangeApplier:
         try:
             await self.store.commit(consumer=None, event_id=None, writes=writes, outgoing=outgoing)
         except StaleChange:
-            return False  # another instance applied it
+            return False  # another instance applied it, or an operator cancelled it meanwhile
         return True
 
     def _outgoing(self, change: EmailChange, account: Account) -> list[Outgoing]:

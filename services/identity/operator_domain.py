@@ -9,6 +9,8 @@ functions and state, no I/O (the part of identity's domain that concerns operato
   it takes effect once a second, different operator approved it AND the cooling-off period
   (`EMAIL_CHANGE_COOLING_OFF_S`, 24 h by default) since the request has passed. One change may
   be pending per account.
+- Any registered operator (the requester too) may cancel a change until it is applied: a
+  cancelled change never takes effect, and a new one may then be requested.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class CommandReason:
     CHANGE_PENDING = "email_change_pending"  # the account already has an e-mail change waiting
     CHANGE_UNKNOWN = "change_unknown"  # approve: no pending change with that id
     CHANGE_NOT_PENDING = "change_not_pending"  # approve: already approved, applied or cancelled
+    CHANGE_APPLIED = "change_already_applied"  # cancel: the change already took effect
+    CHANGE_CANCELLED = "change_already_cancelled"  # cancel: someone cancelled it before
     APPROVER_IS_REQUESTER = "approver_is_requester"  # approve: the second operator must be another
     RECORD_INVALID = "record_invalid"  # import: the record breaks a rule (its detail says which)
     RATE_LIMITED = "rate_limited"
@@ -131,6 +135,7 @@ class ChangeStatus:
     PENDING = "pending"  # requested, waiting for a second operator
     APPROVED = "approved"  # approved, waiting for the end of the cooling-off period
     APPLIED = "applied"
+    CANCELLED = "cancelled"  # by an operator before it was applied: it never takes effect
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,8 @@ class EmailChange:
     status: str = ChangeStatus.PENDING
     approved_by: str | None = None
     approved_at: datetime | None = None
+    cancelled_by: str | None = None
+    cancelled_at: datetime | None = None
 
 
 def request_email_change(
@@ -174,6 +181,20 @@ def approve(change: EmailChange | None, approver: str, now: datetime) -> EmailCh
     if approver == change.requested_by:
         return CommandReason.APPROVER_IS_REQUESTER
     return replace(change, status=ChangeStatus.APPROVED, approved_by=approver, approved_at=now)
+
+
+def cancel(change: EmailChange | None, operator: str, now: datetime) -> EmailChange | str:
+    """The change cancelled by `operator`, or why not. Any registered operator may cancel, the
+    requester included: stopping a change needs no second person, only applying one does. A
+    change is cancellable until it is applied, even past its effective time: until the applier
+    stored the new address, nothing took effect."""
+    if change is None:
+        return CommandReason.CHANGE_UNKNOWN
+    if change.status == ChangeStatus.APPLIED:
+        return CommandReason.CHANGE_APPLIED
+    if change.status == ChangeStatus.CANCELLED:
+        return CommandReason.CHANGE_CANCELLED
+    return replace(change, status=ChangeStatus.CANCELLED, cancelled_by=operator, cancelled_at=now)
 
 
 def effective_at(change: EmailChange) -> datetime:

@@ -28,7 +28,7 @@ COUNTERS = "counters"
 REQUESTS = "requests"
 OPERATOR_KEYS = "operator_keys"  # the registry of operator public keys (from identity.operator_keys)
 COMMANDS = "commands"  # operator command ids already processed (replays are refused)
-EMAIL_CHANGES = "email_changes"  # requested e-mail changes, until applied
+EMAIL_CHANGES = "email_changes"  # requested e-mail changes and what became of them
 # A command older than its lifetime (minutes) is refused as expired, so its id need not be kept
 # for ever: a month is far beyond any lifetime.
 COMMANDS_KEEP_S = 30 * 24 * 3600
@@ -41,7 +41,8 @@ class StaleContact(Exception):
 
 
 class StaleChange(Exception):
-    """The e-mail change is no longer in the state the decision saw (approved or applied meanwhile)."""
+    """The e-mail change is no longer in the state the decision saw (approved, applied or
+    cancelled meanwhile)."""
 
 
 def _change_doc(change: EmailChange) -> dict[str, Any]:
@@ -69,6 +70,8 @@ def _to_change(doc: dict[str, Any]) -> EmailChange:
         status=doc["status"],
         approved_by=doc.get("approved_by"),
         approved_at=doc.get("approved_at"),
+        cancelled_by=doc.get("cancelled_by"),
+        cancelled_at=doc.get("cancelled_at"),
     )
 
 
@@ -230,6 +233,25 @@ class AccountStore(ServiceStore):
                     "approved_by": change.approved_by,
                     "approved_at": change.approved_at,
                     "effective_at": effective_at,
+                }
+            },
+            stale=lambda: StaleChange(change_id),
+            must_match=True,
+        )
+
+    def cancel_email_change(self, change: EmailChange, seen_status: str) -> Write:
+        """Record the cancellation, only on a change still in the state it was decided on (else
+        StaleChange: applied or approved meanwhile, decided again). Applying filters on
+        `approved`, so a cancelled change is never applied, whichever commits first."""
+        change_id = change.change_id
+        return self.update(
+            EMAIL_CHANGES,
+            {"_id": change_id, "status": seen_status},
+            {
+                "$set": {
+                    "status": ChangeStatus.CANCELLED,
+                    "cancelled_by": change.cancelled_by,
+                    "cancelled_at": change.cancelled_at,
                 }
             },
             stale=lambda: StaleChange(change_id),

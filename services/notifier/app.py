@@ -9,6 +9,7 @@ from shared.consumer import Route
 from shared.runtime import Service
 from shared.schemas import (
     ContactChanged,
+    EmailChangeCancelled,
     EmailChanged,
     EmailChangeRequested,
     IdentityLocked,
@@ -41,7 +42,10 @@ def build(settings: NotifierSettings | None = None) -> Service:
     service.consume(IDENTITY_EMAIL_CHANGED, {EventType.IDENTITY_EMAIL_CHANGED: Route(EmailChanged, h.email_changed)})
     service.consume(
         IDENTITY_EMAIL_CHANGE_REQUESTED,
-        {EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: Route(EmailChangeRequested, h.email_change_requested)},
+        {
+            EventType.IDENTITY_EMAIL_CHANGE_REQUESTED: Route(EmailChangeRequested, h.email_change_requested),
+            EventType.IDENTITY_EMAIL_CHANGE_CANCELLED: Route(EmailChangeCancelled, h.email_change_cancelled),
+        },
     )
     service.consume(
         IDENTITY_CONTACT_CHANGED, {EventType.IDENTITY_CONTACT_CHANGED: Route(ContactChanged, h.contact_changed)}

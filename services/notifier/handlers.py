@@ -26,6 +26,7 @@ from shared.metrics import ServiceMetrics
 from shared.schemas import (
     AuditRecord,
     ContactChanged,
+    EmailChangeCancelled,
     EmailChanged,
     EmailChangeRequested,
     IdentityLocked,
@@ -220,6 +221,31 @@ class NotifierHandlers:
                     account_id=evt.account_id,
                     request_id=None,
                     context=context,
+                ),
+            ],
+        )
+
+    async def email_change_cancelled(self, ctx: HandlerContext, evt: EmailChangeCancelled) -> None:
+        """Both addresses are told that a pending change was cancelled and will not take effect."""
+        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
+        await self._queue(
+            ctx,
+            [
+                self._doc(
+                    ctx,
+                    "email_change_cancelled_old",
+                    evt.old_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={"cancelled_at": when, "new_email_masked": mask_email(evt.new_recipient.email)},
+                ),
+                self._doc(
+                    ctx,
+                    "email_change_cancelled_new",
+                    evt.new_recipient,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={"cancelled_at": when},
                 ),
             ],
         )

@@ -42,6 +42,9 @@ KINDS: Final[Mapping[str, frozenset[str]]] = {
     "email_changed_new": frozenset({"name"}),
     "email_change_requested_old": frozenset({"name", "new_email_masked", "requested_at", "not_before"}),
     "email_change_requested_new": frozenset({"name", "requested_at", "not_before"}),
+    # A pending change an operator cancelled: both addresses are told it will not take effect.
+    "email_change_cancelled_old": frozenset({"name", "new_email_masked", "cancelled_at"}),
+    "email_change_cancelled_new": frozenset({"name", "cancelled_at"}),
     # A recovery sent to the backup address, told to the registered one.
     "recovery_elsewhere": frozenset({"name", "sent_to_masked", "sent_at"}),
     # Contact data changed (after a login): told to every address on file before the change.

@@ -3,8 +3,9 @@ catcher: every command on identity.commands is signed with the operator's own Ed
 verified against identity's registry; unsigned, forged, unknown, expired and replayed commands
 are refused, audited and dead-lettered with their reason (and reported to the operator); an
 e-mail change needs a second operator and the cooling-off period, both addresses are told, live
-tokens are revoked; the import is signed commands (no-op when unchanged, a policy-breaking
-initial key refused). The operator reads its results on identity.command_results.
+tokens are revoked; any operator can cancel it before it takes effect (both addresses told); the
+import is signed commands (no-op when unchanged, a policy-breaking initial key refused). The
+operator reads its results on identity.command_results.
 
 Commands the CLI would never send (unsigned, forged...) are published raw with the operator's
 Kafka principal: what an attacker holding produce rights on identity.commands could do."""
@@ -191,6 +192,8 @@ SUBJECTS = {
     "requested_new": "se propuso esta dirección para una cuenta",
     "changed_old": "se cambió su correo electrónico registrado",
     "changed_new": "su nuevo correo electrónico está registrado",
+    "cancelled_old": "se canceló el cambio de su correo electrónico registrado",
+    "cancelled_new": "se canceló la propuesta de esta dirección",
 }
 
 
@@ -334,6 +337,167 @@ async def test_a_second_change_waits_for_the_first(world: World, results: TopicW
         "accounts", "update-email", c.national_id, "b@example.org", "-o", "op-2", "-r", "again", check=False
     )
     assert out.returncode == 1 and "email_change_pending" in out.stdout
+
+
+# ---- cancelling a pending change -------------------------------------------------------------
+
+
+def signed_data(operator: str, event_type: str, data: Any, key_field: str = "national_id") -> dict[str, Any]:
+    """The `data` of a command signed as the CLI signs it (sent raw: no CLI start-up in between)."""
+    from clave.operators import Signer
+
+    _, event = Signer(operator, key_of(operator)).event(event_type, data, key_field)
+    return event.data
+
+
+async def told_of_cancel(world: World, old_email: str, new_email: str) -> None:
+    """Both addresses are told the change will not happen; the old one sees the new only masked."""
+    [old] = await world.mailbox.wait_for(lambda m: m in mails(world, old_email, "cancelled_old"))
+    assert new_email not in body_text(old) and "***" in body_text(old)
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email, "cancelled_new"))
+
+
+async def cancel_audited(world: World, change_id: str, outcome: str = "success") -> dict[str, Any]:
+    found = await world.audit_log.wait(
+        lambda _t, _h, d: (
+            d["data"].get("action") == "email_change_cancelled"
+            and d["data"].get("outcome") == outcome
+            and d["data"].get("details", {}).get("cancelled_change") == change_id
+        )
+    )
+    return found[0]["data"]  # type: ignore[no-any-return]
+
+
+async def test_a_change_cancelled_inside_the_cooling_off_never_takes_effect(
+    world: World, operator_publisher: OperatorPublisher, results: TopicWatcher
+) -> None:
+    """Requested, approved by a second operator, then cancelled (by the approver) before the
+    cooling-off ends. A control change requested and approved just after it is applied when its
+    own cooling-off ends: by then the applier had the cancelled one due too, and left it alone."""
+    from shared.schemas import OperatorApproval, OperatorCancel, OperatorCommand
+
+    victim, control = new_citizen(), new_citizen()
+    await world.register(victim, control)
+    new_email = {c.national_id: f"nuevo.{uuid.uuid4().hex[:8]}@example.org" for c in (victim, control)}
+    changes: dict[str, dict[str, Any]] = {}
+    for c in (victim, control):  # one after the other: the control falls due no earlier than the victim
+        ask = OperatorCommand(
+            command_id=uuid.uuid4().hex, operator_id="op-1", reason="cédula checked", national_id=c.national_id,
+            new_email=new_email[c.national_id],
+        )  # fmt: skip
+        await operator_publisher.send(
+            signed_data("op-1", EventType.OPERATOR_EMAIL_UPDATE, ask), EventType.OPERATOR_EMAIL_UPDATE
+        )
+        changes[c.national_id] = await result_of(results, ask.command_id)
+        assert changes[c.national_id]["status"] == "pending"
+    cooling_off_or_skip(changes[victim.national_id])
+    effective: dict[str, datetime] = {}
+    for c in (victim, control):
+        change_id = changes[c.national_id]["change_id"]
+        ok = OperatorApproval(
+            command_id=uuid.uuid4().hex, operator_id="op-2", reason="second check", approves=change_id
+        )
+        await operator_publisher.send(
+            signed_data("op-2", EventType.OPERATOR_APPROVE, ok, "approves"), EventType.OPERATOR_APPROVE, key=change_id
+        )
+        approved = await result_of(results, ok.command_id)
+        assert approved["status"] == "succeeded", approved
+        effective[c.national_id] = datetime.fromisoformat(approved["effective_at"])
+    assert effective[control.national_id] >= effective[victim.national_id]
+    # The approver cancels the victim's change (the citizen called: it was not them).
+    victim_change = changes[victim.national_id]["change_id"]
+    stop = OperatorCancel(
+        command_id=uuid.uuid4().hex, operator_id="op-2", reason="citizen called: not theirs", cancels=victim_change
+    )
+    await operator_publisher.send(
+        signed_data("op-2", EventType.OPERATOR_CANCEL, stop, "cancels"), EventType.OPERATOR_CANCEL, key=victim_change
+    )
+    cancelled = await result_of(results, stop.command_id)
+    if cancelled["reasons"] == ["change_already_applied"]:
+        pytest.skip("the cancel came after the cooling-off period (a very slow machine): nothing left to check")
+    assert (cancelled["status"], cancelled["effect"], cancelled["change_id"]) == (
+        "succeeded",
+        "cancelled",
+        victim_change,
+    )
+    record = await cancel_audited(world, victim_change)
+    assert record["actor"] == "op-2" and record["account_id"]
+    details = record["details"]
+    assert details["reason"] == "citizen called: not theirs" and details["command_id"] == stop.command_id
+    assert (details["requested_by"], details["approved_by"], details["was"]) == ("op-1", "op-2", "approved")
+    assert new_email[victim.national_id] not in json.dumps(record)  # masked only
+    await told_of_cancel(world, victim.email, new_email[victim.national_id])
+    # The positive event: the control change is applied once its (later) cooling-off is over.
+    await world.audit_log.wait(
+        lambda _t, _h, d: (
+            d["data"].get("action") == "email_change_applied"
+            and d["data"].get("details", {}).get("change_id") == changes[control.national_id]["change_id"]
+        )
+    )
+    await world.mailbox.wait_for(lambda m: m in mails(world, new_email[control.national_id], "changed_new"))
+    await world.mail_barrier()
+    # The victim's change did not take effect: not applied, no notice of it, mail still goes home.
+    assert not world.audit_log.matching(
+        lambda _t, _h, d: (
+            d["data"].get("action") == "email_change_applied"
+            and d["data"].get("details", {}).get("change_id") == victim_change
+        )
+    )
+    assert not results.matching(
+        lambda _t, _h, d: d["data"].get("command_id") == victim_change and d["data"]["status"] == "applied"
+    )
+    assert not mails(world, victim.email, "changed_old")
+    assert not mails(world, new_email[victim.national_id], "changed_new")
+    mail, _ = await world.recovery_mail(await world.request(victim))
+    assert mail["To"] == victim.email
+    # Cancelling it again, or cancelling the applied control change, is refused with its reason.
+    again = await cli("accounts", "cancel", victim_change, "-o", "op-1", "-r", "twice", check=False)
+    assert again.returncode == 1 and "change_already_cancelled" in again.stdout, again.stdout + again.stderr
+    late = await cli(
+        "accounts", "cancel", changes[control.national_id]["change_id"], "-o", "op-1", "-r", "too late", check=False
+    )
+    assert late.returncode == 1 and "change_already_applied" in late.stdout, late.stdout + late.stderr
+    refused = await cancel_audited(world, victim_change, "rejected")
+    assert refused["reasons"] == ["change_already_cancelled"] and refused["actor"] == "op-1"
+    # A cancelled change no longer blocks the account: a new request is taken.
+    anew = OperatorCommand(
+        command_id=uuid.uuid4().hex, operator_id="op-1", reason="the real citizen came", national_id=victim.national_id,
+        new_email=f"otro.{uuid.uuid4().hex[:8]}@example.org",
+    )  # fmt: skip
+    await operator_publisher.send(
+        signed_data("op-1", EventType.OPERATOR_EMAIL_UPDATE, anew), EventType.OPERATOR_EMAIL_UPDATE
+    )
+    assert (await result_of(results, anew.command_id))["status"] == "pending"
+
+
+async def test_the_requester_cancels_with_the_cli_and_refusals_are_one_line(
+    world: World, results: TopicWatcher
+) -> None:
+    """The operator who asked may cancel (stopping needs no second person); a second cancel, an
+    approval after it and an unknown id are refused (exit 1, the reason); a malformed id is a
+    usage error (exit 2), one line."""
+    c = await world.citizen()
+    new_email = f"nuevo.{uuid.uuid4().hex[:8]}@example.org"
+    pending = await request_change(world, c, new_email, results)
+    change_id = pending["change_id"]
+    out = await cli("accounts", "cancel", change_id, "-o", "op-1", "-r", "citizen called: not theirs")
+    assert "succeeded cancelled" in out.stdout and "will not take effect" in out.stdout, out.stdout
+    result = await result_of(results, sent_id(out.stdout))
+    assert (result["status"], result["effect"], result["change_id"]) == ("succeeded", "cancelled", change_id)
+    record = await cancel_audited(world, change_id)
+    assert record["actor"] == "op-1" and record["details"]["was"] == "pending"
+    assert record["details"]["approved_by"] is None
+    await told_of_cancel(world, c.email, new_email)
+    again = await cli("accounts", "cancel", change_id, "-o", "op-2", "-r", "again", check=False)
+    assert again.returncode == 1 and "change_already_cancelled" in again.stdout, again.stdout + again.stderr
+    approve = await cli("accounts", "approve", change_id, "-o", "op-2", "-r", "too late", check=False)
+    assert approve.returncode == 1 and "change_not_pending" in approve.stdout, approve.stdout + approve.stderr
+    unknown = await cli("accounts", "cancel", uuid.uuid4().hex, "-o", "op-2", "-r", "typo", check=False)
+    assert unknown.returncode == 1 and "change_unknown" in unknown.stdout, unknown.stdout + unknown.stderr
+    malformed = await cli("accounts", "cancel", "not an id!", "-o", "op-2", check=False)
+    assert malformed.returncode == 2 and "COMMAND_ID" in malformed.stderr, malformed.stderr
+    assert len(malformed.stderr.strip().splitlines()) == 1 and "Traceback" not in malformed.stderr
+    await cancel_audited(world, change_id, "rejected")
 
 
 # ---- the import: signed commands ---------------------------------------------------------------

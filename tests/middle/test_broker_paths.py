@@ -37,7 +37,7 @@ from shared.topics import (
     TOKENS_ISSUED,
     EventType,
 )
-from tests.middle.inprocess import BrokerProducer, Cluster, running, settings, until
+from tests.middle.inprocess import Cluster, relay_producer, running, settings, until
 from tests.middle.test_broker_identity import ANSWERS, KEY, NATIONAL_ID, raw, request, seed_account
 from tests.middle.test_broker_recovery import outcomes, reset, the_secrets
 
@@ -126,7 +126,7 @@ async def test_a_login_check_is_answered_at_once_then_relayed(clave: Cluster) ->
 
     await password.service.relay.stop()  # its relay away: the answer must not wait for it
     relay = password.service.relay
-    relay._producer = BrokerProducer(clave, "password")  # send_now's producer, no relay loop
+    relay._producer = relay_producer(clave, "password")  # send_now's producer, no relay loop
     results: dict[str, str] = {}
     for typed in (key, "Otra2026Clave"):
         check_id = f"chk-{uuid.uuid4().hex[:12]}"

@@ -113,9 +113,13 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
     ("unknown command", ["audit", "nope"], {}, USAGE, "clave audit: No such command 'nope'"),
     ("unknown option", ["audit", "replay", "--bogus"], {}, USAGE, "No such option: --bogus"),
     ("import missing", ["accounts", "import", "missing.jsonl"], {}, USAGE, "'missing.jsonl' does not exist"),
+    ("cancel bad id", ["accounts", "cancel", "not an id!", "-o", "op-1"], {}, USAGE, "COMMAND_ID: String should"),
+    ("cancel empty reason", ["accounts", "cancel", "5f0c1e", "-o", "op-1", "-r", " "], {}, USAGE, "--reason is empty"),
+    ("cancel no operator", ["accounts", "cancel", "5f0c1e"], {}, USAGE, "Missing option '--operator'"),
     ("down: replay", ["audit", "replay"], {}, UNREACHABLE, "cannot reach Kafka at 127.0.0.1:"),
     ("down: replay json", ["audit", "replay", "--json"], {}, UNREACHABLE, "cannot reach Kafka at 127.0.0.1:"),
     ("down: command", ["accounts", "unlock", VALID_ID, "-o", "op-1", "-r", "case 1"], {}, UNREACHABLE, "reach Kafka"),
+    ("down: cancel", ["accounts", "cancel", "5f0c1e", "-o", "op-1"], {}, UNREACHABLE, "reach Kafka"),
     ("down: timeline", ["audit", "timeline", "req-x"], {}, UNREACHABLE, "cannot reach the store at mongodb://"),
     ("down: verify", ["audit", "verify"], {}, UNREACHABLE, "cannot read the chain heads"),
     ("down: account by ID", ["audit", "replay", "--account", VALID_ID], {}, UNREACHABLE, "cannot reach the store"),
@@ -174,3 +178,27 @@ def test_the_command_line_itself_prints_one_line_and_the_traceback_only_with_deb
 def test_times_people_give_are_accepted(value: str, ok: bool) -> None:
     when = cli._when(value)
     assert when is not None and when.tzinfo is not None
+
+
+def test_a_cancel_result_says_what_became_of_the_change_and_a_refusal_what_to_do() -> None:
+    from clave.operators import describe
+    from shared.schemas import CommandResult
+    from shared.topics import EventType
+
+    def result(status: str, **fields: object) -> CommandResult:
+        fields.setdefault("command", EventType.OPERATOR_CANCEL)
+        return CommandResult(command_id="c9", operator_id="op-2", status=status, **fields)  # type: ignore[arg-type]
+
+    done = describe(result("succeeded", effect="cancelled", change_id="5f0c1e"))
+    assert done.startswith("succeeded cancelled") and "5f0c1e will not take effect" in done
+    for reason, hint in [
+        ("change_unknown", "no e-mail change has this id"),
+        ("change_already_applied", "already took effect"),
+        ("change_already_cancelled", "already cancelled"),
+    ]:
+        line = describe(result("rejected", reasons=[reason], change_id="5f0c1e"))
+        assert line.startswith(f"rejected ({reason})") and hint in line and "\n" not in line
+    pending = describe(
+        result("pending", effect="approval_needed", change_id="5f0c1e", command=EventType.OPERATOR_EMAIL_UPDATE)
+    )
+    assert "clave accounts cancel 5f0c1e" in pending

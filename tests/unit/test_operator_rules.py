@@ -4,6 +4,7 @@ secrets (services/identity/operator_domain.py, registry.py). Pure: no broker, no
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -161,6 +162,84 @@ def test_an_approved_change_takes_effect_after_the_cooling_off_or_at_a_late_appr
     late = od.approve(change, "op-2", NOW + timedelta(hours=30))
     assert isinstance(late, od.EmailChange)
     assert od.effective_at(late) == NOW + timedelta(hours=30)
+
+
+def approved_change() -> od.EmailChange:
+    change = request()
+    assert isinstance(change, od.EmailChange)
+    approved = od.approve(change, "op-2", NOW + timedelta(hours=1))
+    assert isinstance(approved, od.EmailChange)
+    return approved
+
+
+@pytest.mark.parametrize("who", ["op-1", "op-2", "op-3"])  # the requester, the approver, anyone else
+def test_any_operator_may_cancel_a_requested_or_approved_change(who: str) -> None:
+    requested = request()
+    assert isinstance(requested, od.EmailChange)
+    for change in (requested, approved_change()):
+        cancelled = od.cancel(change, who, NOW + timedelta(hours=2))
+        assert isinstance(cancelled, od.EmailChange)
+        assert cancelled.status == od.ChangeStatus.CANCELLED
+        assert (cancelled.cancelled_by, cancelled.cancelled_at) == (who, NOW + timedelta(hours=2))
+        assert (cancelled.change_id, cancelled.new_email, cancelled.requested_by) == (
+            change.change_id, change.new_email, change.requested_by,
+        )  # fmt: skip
+
+
+def test_a_cancelled_change_never_takes_effect_nor_can_be_approved() -> None:
+    cancelled = od.cancel(approved_change(), "op-3", NOW + timedelta(hours=2))
+    assert isinstance(cancelled, od.EmailChange)
+    assert od.effective_at(cancelled) == NOW + timedelta(hours=24)  # it was due then...
+    assert not od.is_due(cancelled, NOW + timedelta(days=365))  # ...and is never due now
+    assert od.approve(cancelled, "op-4", NOW) == od.CommandReason.CHANGE_NOT_PENDING
+    # It no longer blocks a new request for the account (the store looks up pending ones only).
+    assert isinstance(request(None), od.EmailChange)
+
+
+def test_a_change_is_cancellable_until_applied_even_past_its_effective_time() -> None:
+    """Due but not yet applied: nothing took effect, so it can still be stopped (the applier
+    only applies a change still approved)."""
+    due = approved_change()
+    assert od.is_due(due, NOW + timedelta(hours=25))
+    cancelled = od.cancel(due, "op-1", NOW + timedelta(hours=25))
+    assert isinstance(cancelled, od.EmailChange) and cancelled.status == od.ChangeStatus.CANCELLED
+
+
+def test_cancelling_an_unknown_applied_or_cancelled_change_is_refused_with_its_reason() -> None:
+    assert od.cancel(None, "op-1", NOW) == od.CommandReason.CHANGE_UNKNOWN
+    applied = replace(approved_change(), status=od.ChangeStatus.APPLIED)
+    assert od.cancel(applied, "op-1", NOW) == od.CommandReason.CHANGE_APPLIED
+    cancelled = od.cancel(approved_change(), "op-1", NOW)
+    assert isinstance(cancelled, od.EmailChange)
+    assert od.cancel(cancelled, "op-2", NOW) == od.CommandReason.CHANGE_CANCELLED
+
+
+def test_a_cancellation_is_signed_and_checked_like_every_command() -> None:
+    cancel_type = EventType.OPERATOR_CANCEL
+    data = signed(KEY, cancel_type, cancels="c1", national_id=None, new_email=None)
+    assert check(data, [registered("op-1", KEY)], cancel_type) is None
+    assert check({**data, "cancels": "c2"}, [registered("op-1", KEY)], cancel_type) == R.SIGNATURE_INVALID
+    # A signed approval of the same change is not a cancellation: the type is signed too.
+    approval = signed(KEY, EventType.OPERATOR_APPROVE, cancels="c1", national_id=None, new_email=None)
+    assert check(approval, [registered("op-1", KEY)], cancel_type) == R.SIGNATURE_INVALID
+
+
+async def test_the_applier_never_applies_a_cancelled_change() -> None:
+    """The sweep checks the rule too (besides its query and the store's conditional write): a
+    cancelled change handed to it is neither read further nor committed."""
+    from services.identity.commands import EmailChangeApplier
+
+    class NoStore:
+        async def by_id(self, account_id: str) -> None:
+            raise AssertionError("a cancelled change must not be looked at")
+
+        async def commit(self, **_: Any) -> None:
+            raise AssertionError("a cancelled change must not be applied")
+
+    due_then_cancelled = od.cancel(replace(approved_change(), not_before=NOW - timedelta(days=1)), "op-1", NOW)
+    assert isinstance(due_then_cancelled, od.EmailChange)
+    applier = EmailChangeApplier(NoStore(), on_outbox=lambda: None)  # type: ignore[arg-type]
+    assert await applier.apply(due_then_cancelled) is False
 
 
 def test_import_names_the_changed_fields() -> None:

@@ -42,6 +42,9 @@ CONTEXT: dict[str, dict[str, Any]] = {
                                    "requested_at": "2026-11-25 13:14 UTC", "not_before": "2026-11-26 13:14 UTC"},
     "email_change_requested_new": {"name": "María Pérez", "requested_at": "2026-11-25 13:14 UTC",
                                    "not_before": "2026-11-26 13:14 UTC"},
+    "email_change_cancelled_old": {"name": "María Pérez", "new_email_masked": "m***z@example.org",
+                                   "cancelled_at": "2026-11-25 18:02 UTC"},
+    "email_change_cancelled_new": {"name": "María Pérez", "cancelled_at": "2026-11-25 18:02 UTC"},
 }
 
 RENDERER = MailRenderer()

@@ -16,7 +16,6 @@ from shared.producer import ATTEMPTS, Producer, kafka_producer
 from shared.schemas import RecoveryRequested, ResetSubmitted
 from shared.settings import PlatformSettings
 from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS, EventType
-from tools.mail import extract_link as extract_link  # for tools/bench.py until it imports tools.mail
 from tools.watch import TopicWatcher
 
 SOURCE = "/portal/tests"

@@ -30,6 +30,9 @@ from shared.topics import (
 )
 
 NAME = "password"
+# The portal waits for these answers (a login, a contact update), each behind an argon2 check:
+# their own consumer, so they never queue behind a reset's hashing on the main one.
+ANSWERS_LANE = "answers"
 
 
 def invalid_check(check_id: str) -> LoginResult:
@@ -66,12 +69,14 @@ def build(settings: PasswordSettings | None = None) -> Service:
         {EventType.LOGIN_CHECK_REQUESTED: Route(LoginCheckRequested, h.login_checked)},
         hot=True,
         answer=CHECK_ANSWER,
+        lane=ANSWERS_LANE,
     )
     # Contact updates: the key checked as a login's; one that cannot be read is answered too.
     service.consume(
         CONTACT_UPDATES,
         {EventType.CONTACT_UPDATE_REQUESTED: Route(ContactUpdateRequested, h.contact_update_requested)},
         answer=UPDATE_ANSWER,
+        lane=ANSWERS_LANE,
     )
 
     async def close_hasher() -> None:

@@ -212,6 +212,8 @@ async def running(*services: Service) -> AsyncIterator[Cluster]:
         await service.store.ensure_indexes()
         nodes[service.name] = Node(service, mongo)
     cluster = Cluster(nodes)
+    for service in services:
+        service.subscribe()  # its consumers, one per lane, as app() makes them
     async with TestKafkaBroker(*(s.broker for s in services)):
         cluster.broker = services[0].broker  # patched in place: it reaches every service
         try:

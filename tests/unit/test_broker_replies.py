@@ -30,6 +30,7 @@ async def test_a_record_asking_for_a_reply_gets_none(monkeypatch: Any) -> None:
     settings = PlatformSettings(clave_env="development")
     service = Service("test", ServiceStore(settings.mongodb_uri, "clave_unit_replies"), settings)
     service.consume("test.in", {})
+    service.subscribe()  # its consumers, one per lane, as app() makes them
     replies: list[bytes] = []
 
     @service.broker.subscriber("test.elsewhere")

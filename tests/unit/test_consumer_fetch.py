@@ -26,10 +26,26 @@ ROUTES = {"ec.clave.test.v1": Route(Payload, _nothing)}
 
 
 def fetch_waits(settings: PlatformSettings) -> dict[str, int]:
+    """Each topic's fetch wait, as its lane's consumer was built (PASSWORD_UPDATED on a lane of
+    its own, portal input on the main lane)."""
     service = Service("test", ServiceStore(settings.mongodb_uri, "clave_unit_fetch"), settings)
-    for topic in (*PORTAL_INPUTS, PASSWORD_UPDATED):
+    for topic in PORTAL_INPUTS:
         service.consume(topic, ROUTES, hot=topic in (LOGIN_CHECKS, RECOVERY_RESETS))
-    return {s.topics[0].name: s._connection_args["fetch_max_wait_ms"] for s in service._subscribers}
+    service.consume(PASSWORD_UPDATED, ROUTES, lane="internal")
+    service.subscribe()
+    return {
+        topic: subscriber._connection_args["fetch_max_wait_ms"]
+        for topic, subscriber in zip(service._consumed_topics, service._subscribers, strict=True)
+    }
+
+
+def test_a_lane_with_portal_input_shares_its_short_wait() -> None:
+    settings = PlatformSettings(clave_env="development")
+    service = Service("test", ServiceStore(settings.mongodb_uri, "clave_unit_fetch"), settings)
+    service.consume(PASSWORD_UPDATED, ROUTES)
+    service.consume(LOGIN_CHECKS, ROUTES)
+    service.subscribe()
+    assert [s._connection_args["fetch_max_wait_ms"] for s in service._subscribers] == [50, 50]
 
 
 def test_portal_inputs_wait_briefly_at_the_broker_and_other_topics_the_default() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from services.identity.domain import ContactReason
+from services.identity.domain import ContactReason, OutcomeReason
 from services.identity.domain import Reason as RequestReason
 from services.password.domain import LoginReason
 from services.password.policy import Reason as PasswordReason
@@ -113,9 +113,10 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "stage": "`request`: the answer to `recovery.requests`; `reset`: the answer to `recovery.resets`.",
         "status": "`accepted` (every request, whatever the account: no enumeration), `completed` (the key was "
         "changed) or `rejected` (the reset was refused; the same link works again unless a reason says "
-        "otherwise).",
+        "otherwise. A request only when its `request_id` repeats or it cannot be processed).",
         "reasons": "`rejected` only: every reason that applies (`ResetReason`s; a repeated request: "
-        "`duplicate_request`; at either stage, input refused for how its secrets came: `plaintext_refused`, "
+        "`duplicate_request`; a request that cannot be processed: `request_invalid`; at either stage, input refused "
+        "for how its secrets came: `plaintext_refused`, "
         "`sealed_invalid`, never anything about the account).",
     },
     "LoginCheckRequested": {
@@ -139,9 +140,9 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "`clave-portal-input/v1|account.contact_updates|key|<update_id>`.",
         "email": "Optional: the new registered e-mail (recoveries go there).",
         "backup_email": "Optional: the new backup e-mail (a recovery goes there when the citizen types it; the "
-        "registered address is then told); `\"\"` removes it.",
+        'registered address is then told); `""` removes it.',
         "phone": "Optional: the new phone number, E.164 (`+593991234567`) or Ecuadorian national format; stored "
-        "as E.164; `\"\"` removes it. At least one of `email`, `backup_email`, `phone`.",
+        'as E.164; `""` removes it. At least one of `email`, `backup_email`, `phone`.',
         "client_ip": "The citizen's IP address: wrong keys are throttled per address block, as logins.",
     },
     "ContactResult": {
@@ -164,6 +165,7 @@ PORTAL_FIELDS: dict[str, dict[str, str]] = {
         "request_id": "The recovery that changed it (`cause` `recovery`).",
     },
 }
+
 
 # Rules a model enforces in a validator, stated in JSON Schema.
 def _one_of(*fields: str) -> dict[str, Any]:
@@ -194,7 +196,7 @@ TYPE_SUMMARIES: dict[str, str] = {
     EventType.OPERATOR_UNLOCK: "An operator unlocks an account.",
     EventType.OPERATOR_SEND_RECOVERY: "An operator sends the recovery e-mail to the registered address.",
     EventType.OPERATOR_CONTACT_UPDATE: "An operator changes an account's backup e-mail and phone "
-    "(`new_backup_email`, `new_phone`; `\"\"` removes one; the registered e-mail is update-email's, with a second "
+    '(`new_backup_email`, `new_phone`; `""` removes one; the registered e-mail is update-email\'s, with a second '
     "operator): live tokens are revoked, every address on file before is told.",
     EventType.OPERATOR_APPROVE: "A second, different operator approves a pending command (an e-mail change) by "
     "its id (`approves`).",
@@ -263,6 +265,15 @@ REQUEST_REASONS: dict[str, str] = {
     RequestReason.RATE_LIMITED: "Too many failed requests from the client address, or too many recovery "
     "e-mails for the account.",
     RequestReason.DUPLICATE_REQUEST: "The same `request_id` again.",
+}
+REQUEST_OUTCOME_REASONS: dict[str, str] = {
+    OutcomeReason.DUPLICATE_REQUEST: "The same `request_id` again: the first request's answer stands; "
+    "nothing else happened.",
+    OutcomeReason.REQUEST_INVALID: "The request could not be processed at all (not a valid event, a field "
+    "missing or malformed): besides its dead letter on `recovery.requests.dlq`, keyed by the `request_id` read "
+    "from its `data` (never by its record key; a record with no readable `request_id` gets no answer). Decided "
+    "from the record alone, before any lookup: the same for a known and an unknown ID. Nothing happened: no "
+    "e-mail, nothing counted.",
 }
 DLQ_REASONS: dict[str, str] = {
     DeadLetterReason.TOO_LARGE: "Larger than `MAX_EVENT_BYTES` (64 KiB).",
@@ -338,11 +349,8 @@ def reason_schemas() -> dict[str, dict[str, Any]]:
         "RequestOutcomeReason": _reason_schema(
             "RequestOutcomeReason",
             "Why a request got `rejected` on `recovery.outcomes` (stage `request`) rather than `accepted`.",
-            {
-                RequestReason.DUPLICATE_REQUEST: "The same `request_id` again: the first request's answer stands; "
-                "nothing else happened."
-            },
-            [RequestReason.DUPLICATE_REQUEST],
+            REQUEST_OUTCOME_REASONS,
+            codes(OutcomeReason),
         ),
         "LoginReason": _reason_schema(
             "LoginReason",
@@ -615,8 +623,8 @@ ACLs are what prove them.
 
 **Delivery.** At least once. Consumers drop an event `id` they already processed; the portal
 should do the same on `recovery.outcomes`, `login.results` and `account.key_changed`.
-Every reset and every credential check gets an answer, even one that cannot be processed
-(`reset_invalid`, `check_invalid`), keyed by the id read from it.
+Every request, reset and credential check gets an answer, even one that cannot be processed
+(`request_invalid`, `reset_invalid`, `check_invalid`), keyed by the id read from it.
 
 **Compatibility.** The portal-facing contract is only ever added to. Portal input and operator
 commands refuse unknown fields; events between services ignore them, so a producer may add an

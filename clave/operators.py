@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
@@ -34,6 +34,7 @@ from shared import operator_keys
 from shared.crypto import SecretBox
 from shared.envelope import CONTENT_TYPE, CloudEvent, describe_errors, new_event, parse_event
 from shared.kafka import client_kwargs
+from shared.producer import Message, kafka_producer
 from shared.schemas import (
     AccountImport,
     CommandResult,
@@ -112,14 +113,11 @@ def new_command_id() -> str:
 
 
 async def publish_all(settings: PlatformSettings, topic: str, events: Iterable[tuple[str, CloudEvent]]) -> None:
-    producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
+    producer = kafka_producer(settings, name="clave")
     await producer.start()
     try:
-        sends = [
-            await producer.send(topic, e.to_bytes(), key=k.encode(), headers=[("content-type", CONTENT_TYPE.encode())])
-            for k, e in events
-        ]
-        await asyncio.gather(*sends)
+        headers = [("content-type", CONTENT_TYPE.encode())]
+        await producer.send_many(Message(topic, e.to_bytes(), k.encode(), headers) for k, e in events)
     finally:
         await producer.stop()
 

@@ -58,6 +58,7 @@ HANDLER_ERROR = DeadLetterReason.HANDLER_ERROR  # the handler failed the same wa
 # retries; longer than a transaction left by a crashed process blocks (MongoDB: 60 s).
 UNEXPLAINED_OUTAGE_ATTEMPTS = 20
 DLQ_KEY_BYTES = 256
+REPLY_TIMEOUT_S = 5.0  # an immediate reply not sent by then is left to the relay (its outbox copy)
 DLQ_DETAIL_CHARS = 500
 
 
@@ -161,18 +162,20 @@ class InvalidAnswer:
     """How a consumer of portal input answers a record it dead-letters: the portal is waiting
     for an answer keyed by the record's id (`id_field` of its data, else its record key), so
     it gets one besides the dead letter (`recovery.outcomes`: `rejected` / `reset_invalid`).
-    A redelivered event (`duplicate_event`) is not answered again: its first copy was."""
+    A redelivered event (`duplicate_event`) is not answered again: its first copy was.
+    `from_key=False` for a topic keyed by something else (the national ID): never echoed."""
 
     id_field: str
     topic: str
     event_type: str
     payload: Callable[[str], Payload]  # the answer for that id
+    from_key: bool = True  # the record key is that id too (recovery.resets), so it may stand in
 
     def readable_id(self, data: dict[str, Any] | None, key: Any) -> str | None:
         value = data.get(self.id_field) if isinstance(data, dict) else None
         if isinstance(value, str) and _ANSWER_ID.fullmatch(value):
             return value
-        if isinstance(key, bytes | bytearray):
+        if self.from_key and isinstance(key, bytes | bytearray):
             text = bytes(key).decode("utf-8", "replace")
             if _ANSWER_ID.fullmatch(text):
                 return text
@@ -228,11 +231,14 @@ class EventPipeline:
         settled = False  # handled or parked: nothing about this record is kept
         relay = True  # something went to the outbox: the relay has work
         try:
-            parsed = self._parse(raw)
-            if isinstance(parsed, BadInput):
-                await self._park(record, raw, parsed)
-            else:
-                relay = await self._handle(record, raw, parsed)
+            try:
+                parsed = self._parse(raw)
+                if isinstance(parsed, BadInput):
+                    await self._park(record, raw, parsed)
+                else:
+                    relay = await self._handle(record, raw, parsed)
+            except asyncio.CancelledError as cancelled:
+                raise not_a_stop(cancelled) from cancelled
             settled = True
         except Exception as exc:
             # Store or broker trouble (or a handler failure not yet counted out): back off,
@@ -299,9 +305,12 @@ class EventPipeline:
             bad = BadInput(DeadLetterReason.DUPLICATE_EVENT, f"event {event.id} already processed")
         except BadInput as raised:
             bad = raised
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as caught:
+            exc = not_a_stop(caught)
             if not await self._counted_out(record, exc):
-                raise
+                if exc is caught:
+                    raise
+                raise exc from caught
             # Deterministic failure (a bug, not an outage): retrying forever would block the
             # partition. Park the record, with the error class, and go on.
             self.metrics.failures.labels(self.topic, exc.__class__.__name__).inc()
@@ -324,8 +333,12 @@ class EventPipeline:
         if self.send_now is None:
             return
         try:
-            await self.send_now(replies)
-        except Exception as exc:
+            # Bounded: a producer whose sender died can leave its delivery futures pending for
+            # ever, and this consumer's partitions would wait with them.
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                await self.send_now(replies)
+        except (Exception, asyncio.CancelledError) as exc:
+            not_a_stop(exc)
             log.warning("%s: immediate reply failed (%s); the relay sends it", self.consumer, exc.__class__.__name__)
 
     async def _counted_out(self, record: ConsumerRecord[Any, Any], exc: Exception) -> bool:
@@ -488,6 +501,26 @@ def open_sealed(
         raise BadInput(DeadLetterReason.SEALED_EXPIRED, f"{what}: {exc}") from None
     except SealError:
         raise BadInput(DeadLetterReason.UNDECRYPTABLE, f"{what} does not open with our keys") from None
+
+
+class StrayCancellation(Exception):
+    """A future the handler awaited was cancelled by someone else (a producer or connection
+    closed under it) while this consumer is not being stopped."""
+
+
+def not_a_stop(exc: BaseException) -> Exception:
+    """`exc` as a failure to retry (or count out). A CancelledError that is not this task's own
+    cancellation becomes a StrayCancellation: propagated as it is, it would end FastStream's
+    consume loop for good (a task that ends cancelled is not restarted) while the consumer
+    stays in its group and heartbeats, and its partitions would wait for ever, silently.
+    This task's own cancellation (the service stopping) is re-raised."""
+    if not isinstance(exc, asyncio.CancelledError):
+        assert isinstance(exc, Exception)
+        return exc
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        raise exc
+    return StrayCancellation("an awaited operation was cancelled")
 
 
 def backoff(streak: int) -> float:

@@ -47,7 +47,7 @@ SERVICES: dict[str, ServiceTopics] = {
             t.IDENTITY_OPERATOR_KEYS,  # the registry of operator public keys (written by `admin` only)
         ),
         produces=(
-            t.RECOVERY_OUTCOMES,  # "accepted" for every request
+            t.RECOVERY_OUTCOMES,  # "accepted" for every request ("rejected": a repeat, or unreadable)
             t.IDENTITY_VERIFIED,
             t.IDENTITY_DECLINED,  # every request not verified: the tokens service keeps a decoy
             t.IDENTITY_LOCKED,
@@ -171,7 +171,8 @@ TOPICS: dict[str, TopicContract] = {
     t.RECOVERY_OUTCOMES: TopicContract(
         (EventType.RECOVERY_OUTCOME,),
         "The `request_id`.",
-        "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset.",
+        "Clave's answer to the portal: `accepted` for every request, `completed` or `rejected` for a reset; "
+        "`rejected` for a request only when it repeats a `request_id` or cannot be processed (`request_invalid`).",
     ),
     t.LOGIN_CHECKS: TopicContract(
         (EventType.LOGIN_CHECK_REQUESTED,),

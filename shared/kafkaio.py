@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shared.envelope import CONTENT_TYPE, CloudEvent
 from shared.kafka import client_kwargs
+from shared.producer import kafka_producer
 from shared.settings import PlatformSettings
 
 
@@ -44,8 +45,8 @@ def record_of(msg: ConsumerRecord[Any, Any]) -> Record:
 
 
 async def publish(settings: PlatformSettings, topic: str, key: str, event: CloudEvent) -> None:
-    producer = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
-    await _started(producer)
+    producer = kafka_producer(settings, name="publish")
+    await producer.start()
     try:
         await producer.send_and_wait(
             topic, event.to_bytes(), key=key.encode(), headers=[("content-type", CONTENT_TYPE.encode())]
@@ -55,8 +56,8 @@ async def publish(settings: PlatformSettings, topic: str, key: str, event: Cloud
 
 
 async def publish_raw(settings: PlatformSettings, topic: str, key: bytes | None, value: bytes) -> None:
-    producer = AIOKafkaProducer(**client_kwargs(settings))
-    await _started(producer)
+    producer = kafka_producer(settings, name="publish-raw", enable_idempotence=False)  # as it always was
+    await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key)
     finally:
@@ -125,7 +126,7 @@ async def read_topic(
             await consumer.stop()
 
 
-async def _started(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+async def _started(client: AIOKafkaConsumer) -> None:
     """Start a client; one that cannot start (no broker) is closed before the error goes up, so
     the caller sees the error alone, not also an "Unclosed AIOKafka..." warning."""
     try:

@@ -1,9 +1,14 @@
-"""Consumer lag per topic: how far a service's consumer group is behind the log end."""
+"""Consumer lag per topic: how far a service's consumer group is behind the log end; and
+stalled partitions: records waiting while the group's committed offset stays put (a consumer
+that is in the group and heartbeats yet serves a partition no more is otherwise invisible)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -12,12 +17,28 @@ from shared.kafka import client_kwargs
 from shared.metrics import ServiceMetrics
 from shared.settings import PlatformSettings
 
+log = logging.getLogger(__name__)
+
 MEASURE_TIMEOUT_S = 30.0  # a broker that never answers must not hold the lag loop for ever
+# Records waiting and no commit on their partition for this long: stalled. Longer than any
+# handler takes, shorter than anyone waiting at the portal would accept.
+STALL_S = 60.0
 
 
 class LagMonitor:
-    def __init__(self, settings: PlatformSettings, group_id: str, topics: list[str], metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        group_id: str,
+        topics: list[str],
+        metrics: ServiceMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
+        self.clock = clock
+        # Per partition: the position last measured and since when it has not moved.
+        self._positions: dict[TopicPartition, tuple[int, float]] = {}
+        self._stalled: set[TopicPartition] = set()
         self.group_id = group_id
         self.topics = topics
         self.metrics = metrics
@@ -51,12 +72,37 @@ class LagMonitor:
         ends = await self._consumer.end_offsets(partitions)
         starts = await self._consumer.beginning_offsets(partitions)
         for topic in self.topics:
-            lag = 0
+            lag = stalled = 0
             for tp in (tp for tp in partitions if tp.topic == topic):
                 offset = committed.get(tp)
                 position = offset.offset if offset is not None and offset.offset >= 0 else starts[tp]
-                lag += max(ends[tp] - position, 0)
+                waiting = max(ends[tp] - position, 0)
+                lag += waiting
+                stalled += self._is_stalled(tp, position, waiting)
             self.metrics.consumer_lag.labels(topic).set(lag)
+            self.metrics.stalled_partitions.labels(topic).set(stalled)
+
+    def _is_stalled(self, tp: TopicPartition, position: int, waiting: int) -> bool:
+        """Records wait on `tp` and its committed offset has not moved for STALL_S."""
+        now = self.clock()
+        last = self._positions.get(tp)
+        since = last[1] if last is not None and last[0] == position else now
+        self._positions[tp] = (position, since)
+        stalled = waiting > 0 and now - since >= STALL_S
+        if stalled and tp not in self._stalled:
+            log.warning(
+                "%s: %s/%d has %d records waiting and no commit for %.0f s",
+                self.group_id,
+                tp.topic,
+                tp.partition,
+                waiting,
+                now - since,
+            )
+        if stalled:
+            self._stalled.add(tp)
+        else:
+            self._stalled.discard(tp)
+        return stalled
 
     async def close(self) -> None:
         clients, self._consumer, self._admin = (self._consumer, self._admin), None, None

@@ -53,6 +53,12 @@ class ServiceMetrics:
         self.consumer_lag = Gauge(
             "clave_consumer_lag_messages", "Messages behind the log end, per topic", ["topic"], registry=r
         )
+        self.stalled_partitions = Gauge(
+            "clave_consumer_stalled_partitions",
+            "Partitions with records waiting and no commit for a minute (shared.lag.STALL_S)",
+            ["topic"],
+            registry=r,
+        )
         # Background loops (shared.loops): what escaped a run, what was set aside, what is running.
         self.loop_errors = Counter(
             "clave_loop_errors_total",
@@ -69,6 +75,17 @@ class ServiceMetrics:
         self.tasks_up = Gauge(
             "clave_background_task_up", "1 while a background task runs, 0 once it died", ["task"], registry=r
         )
+        self.producer_events = Counter(
+            "clave_producer_events_total",
+            "The relay's Kafka producer replaced after aiokafka's idempotence broke it (kind=replaced), "
+            "sends retried (kind=retried)",
+            ["kind", "error"],
+            registry=r,
+        )
+
+    def count_producer_event(self, kind: str, exc: BaseException) -> None:
+        """The metrics hook of the service's shared.producer.Producer (the relay's)."""
+        self.producer_events.labels(kind, exc.__class__.__name__).inc()
 
     def count_store_commands(self, counts: Mapping[str, int]) -> None:
         """Expose the store client's command counts (shared.store.CommandCounter), read at

@@ -47,17 +47,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     CorruptRecordException,
-    InvalidProducerEpoch,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
-    OutOfOrderSequenceNumber,
-    ProducerFenced,
     RecordListTooLargeError,
-    UnknownProducerId,
 )
 from bson import ObjectId
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -66,9 +61,9 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from shared import audit
 from shared.auditkeys import load_signing_key
 from shared.envelope import CONTENT_TYPE
-from shared.kafka import client_kwargs
 from shared.loops import describe, is_outage
 from shared.metrics import ServiceMetrics
+from shared.producer import PRODUCER_BROKEN, Producer, started_kafka_producer
 from shared.settings import PlatformSettings
 from shared.store import DUPLICATE_KEY, LEASES, OUTBOX, Outgoing, ServiceStore, Write
 
@@ -86,11 +81,11 @@ BATCH = 500
 CHAIN_ID = "audit-chain"
 # The store cannot run change streams (a standalone server): no use retrying them.
 NO_CHANGE_STREAMS = frozenset({40573, 40324, 115})
+# PRODUCER_BROKEN (shared.producer): what leaves aiokafka's idempotent producer unusable; after
+# a broker restart the password relay met OutOfOrderSequenceNumber and retried it for ever, so
+# the relay replaces its producer then (Producer.recover).
+__all__ = ["PRODUCER_BROKEN", "OutboxRelay", "owner_is_dead", "unpublishable"]
 # Broker or client refusals of one record as such: retrying the same bytes cannot help.
-# What leaves aiokafka's idempotent producer unusable: its sender task ends on them, and every
-# later send fails the same way (the Java client bumps the epoch instead). After a broker
-# restart the password relay met OutOfOrderSequenceNumber and retried it for ever.
-PRODUCER_BROKEN = (OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId, InvalidProducerEpoch)
 RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, CorruptRecordException)
 
 
@@ -124,8 +119,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._producer: Any = None  # AIOKafkaProducer, or what a test hands to start()
-        self._new_producer: Callable[[], Awaitable[Any]] | None = None  # a fresh one, when it breaks
+        self._producer: Producer | None = None
+        self._sent_with: Any = None  # the aiokafka producer of the last publish (the one that failed)
         self._stopping = False
         self._held_until = 0.0  # loop time until which our lease is valid (0: not ours)
         self._other_until = 0.0  # loop time until which another relay's lease was seen valid
@@ -164,32 +159,23 @@ class OutboxRelay:
     async def start(self, producer: Any = None, new_producer: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Start publishing (and watching the outbox). `producer`, `new_producer`: tests pass
         a stand-in and what replaces it when it breaks."""
-        self._new_producer = new_producer or (self._kafka_producer if producer is None else None)
-        if producer is None:
-            producer = await self._kafka_producer()
-        self._producer = producer
+        self._producer = Producer(
+            new_producer or self._kafka_producer,
+            name=f"{self.service}-relay",
+            on_event=self.metrics.count_producer_event,
+            first=producer,
+        )
+        await self._producer.start()
         self._task = asyncio.create_task(self._run(), name=f"{self.service}-relay")
         self._watcher = asyncio.create_task(self._watch(), name=f"{self.service}-relay-watch")
 
-    async def _kafka_producer(self) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            **client_kwargs(self.settings),
+    async def _kafka_producer(self) -> Any:
+        return await started_kafka_producer(
+            self.settings,
             client_id=f"clave-{self.service}-relay",
             enable_idempotence=True,  # forces acks=all
             linger_ms=2,
         )
-        await producer.start()
-        return producer
-
-    async def _renew_producer(self) -> None:
-        """A new producer (a new producer id, sequences from 0) for one that broke; what the old
-        one had not had acknowledged is published again (consumers drop redeliveries by id)."""
-        if self._new_producer is None:
-            return
-        old, self._producer = self._producer, await self._new_producer()
-        log.warning("relay: producer replaced")
-        with contextlib.suppress(Exception):
-            await old.stop()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -231,9 +217,11 @@ class OutboxRelay:
                 log.warning("relay: %s; retrying in %.1fs", exc.__class__.__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                if isinstance(exc, PRODUCER_BROKEN):
-                    with contextlib.suppress(KafkaError, OSError):  # the broker away: next round
-                        await self._renew_producer()
+                if self._producer is not None:
+                    # A new producer (new producer id, sequences from 0) for one that broke; what
+                    # the old one had not had acknowledged is published again (consumers drop
+                    # redeliveries by id). The broker still away: the next round tries again.
+                    await self._producer.recover(exc, self._sent_with)  # unless a reply (send_now) did
             except Exception as exc:
                 # Not an item's (those are parked in publish_pending) and not an outage: a bug.
                 # The relay must outlive it, loudly, or every later event would wait for ever.
@@ -379,17 +367,25 @@ class OutboxRelay:
         ids, so a failure here loses nothing. Not for audit events (they are sealed in order)."""
         if self._producer is None:
             return
-        futures = [
-            await self._producer.send(
-                o.topic,
-                value=o.event.to_bytes(),
-                key=o.key.encode(),
-                headers=[("content-type", CONTENT_TYPE.encode()), *((k, v.encode()) for k, v in o.headers.items())],
-            )
-            for o in outgoing
-            if not o.event.type.startswith("ec.clave.audit.")
-        ]
-        await asyncio.gather(*futures)
+        producer = self._producer.current
+        try:
+            futures = [
+                await self._producer.send(
+                    o.topic,
+                    o.event.to_bytes(),
+                    key=o.key.encode(),
+                    headers=[
+                        ("content-type", CONTENT_TYPE.encode()),
+                        *((k, v.encode()) for k, v in o.headers.items()),
+                    ],
+                )
+                for o in outgoing
+                if not o.event.type.startswith("ec.clave.audit.")
+            ]
+            await asyncio.gather(*futures)
+        except PRODUCER_BROKEN as exc:
+            await self._producer.recover(exc, producer)  # the outbox copies go with the new one
+            raise
 
     async def publish_pending(self) -> int:
         """Publish one batch of the outbox; the number published. Without the lease, look
@@ -445,13 +441,14 @@ class OutboxRelay:
         """Send each document; park those refused as records. Returns what the broker
         acknowledged, and the first outage error (the rest is published again later)."""
         assert self._producer is not None
+        self._sent_with = self._producer.current
         sending: list[tuple[dict[str, Any], Any]] = []
         outage: BaseException | None = None
         for doc in docs:
             headers = [(k, str(v).encode()) for k, v in doc["headers"].items()]
             try:
                 future = await self._producer.send(
-                    doc["topic"], value=bytes(doc["value"]), key=doc["key"].encode(), headers=headers
+                    doc["topic"], bytes(doc["value"]), key=doc["key"].encode(), headers=headers
                 )
             except Exception as exc:
                 if is_outage(exc) and not isinstance(exc, RECORD_REFUSED):

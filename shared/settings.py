@@ -78,7 +78,13 @@ class PlatformSettings(BaseSettings):
     max_event_bytes: int = Field(default=64 * 1024)
     # Consumers per hot topic and service instance (<= partitions). 1: on 2 cores, 3 cost Kafka
     # 52 instead of 32 ms of CPU a recovery (more fetch loops) and were slower (make bench).
-    consumer_workers: int = 1
+    consumer_workers: int = Field(default=1, ge=1)
+    # How long a fetch of a portal-input consumer (shared.topics.PORTAL_INPUTS: someone waits
+    # for the answer) may wait at the broker for data. While a consumer handles a record, its
+    # next fetch leaves that record's partition out; a record that then arrives there waits
+    # for that fetch to come back: up to this long (aiokafka's default, 500 ms, made login's
+    # p99 miss 100 ms). Each idle consumer sends 1000 / this many fetches a second.
+    portal_fetch_max_wait_ms: int = Field(default=50, ge=10, le=500)
 
     # Platform keys: every consumer dead-letters, every relay signs its audit chain with the
     # service's own Ed25519 key (a PEM file path; empty: the public development key).

@@ -11,27 +11,26 @@ import secrets
 import uuid
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from shared.envelope import CONTENT_TYPE, new_event
-from shared.kafka import client_kwargs
+from shared.producer import ATTEMPTS, Producer, kafka_producer
 from shared.schemas import RecoveryRequested, ResetSubmitted
 from shared.settings import PlatformSettings
 from shared.topics import RECOVERY_OUTCOMES, RECOVERY_REQUESTS, RECOVERY_RESETS, EventType
-from tools.mail import extract_link as extract_link  # for tools/bench.py until it imports tools.mail
 from tools.watch import TopicWatcher
 
 SOURCE = "/portal/tests"
 
 
 class Portal:
+    producer_attempts = ATTEMPTS  # tries per send (shared.producer)
+
     def __init__(self, settings: PlatformSettings) -> None:
         self.settings = settings
         self.watcher = TopicWatcher(settings, [RECOVERY_OUTCOMES])
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: Producer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
+        self._producer = kafka_producer(self.settings, name="portal", attempts=self.producer_attempts)
         await self._producer.start()
         await self.watcher.start()
 

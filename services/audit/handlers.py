@@ -69,6 +69,9 @@ class AuditHandlers:
             # A rotation publishes the new public key before the producer uses it: read them again.
             step = domain.follow(head, event, self.keys.ring, self.legacy_key)
 
+        if step.reason == "sequence" and producer is not None:
+            head, step = await self._older_writer(producer, head, step, event)
+
         if step.problem is not None and await self._redelivered(doc):
             ctx.settled()  # projected already (a relay's republish): nothing new to record or count
             self._handled(ctx, producer, head)
@@ -80,6 +83,27 @@ class AuditHandlers:
         if step.problem is not None:
             self.breaks.labels(step.reason).inc()
             log.warning("audit chain break (%s): event %s of %r: %s", step.reason, doc["_id"], producer, step.problem)
+
+    async def _older_writer(
+        self, producer: str, head: dict[str, Any] | None, step: domain.ChainStep, event: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, domain.ChainStep]:
+        """During a rolling upgrade an instance of the version before 454e64b may still consume
+        (after this one's start-up migration) and record its heads in `chain_heads` only: an
+        event that continues such a head is no break. Read only on a sequence break."""
+        older = await self.store.old_head(producer)
+        if older is None or int(older["seq"]) <= (int(head["seq"]) if head else 0):
+            return head, step
+        retry = domain.follow(older, event, self.keys.ring, self.legacy_key)
+        if retry.problem is not None:
+            return head, step
+        log.warning(
+            "audit event %s of %r continues the head an older version of the read model recorded (seq %s; a "
+            "rolling upgrade): followed from it; the next start of the audit service projects the read model again",
+            event.get("id"),
+            producer,
+            older["seq"],
+        )
+        return older, retry
 
     async def _redelivered(self, doc: dict[str, Any]) -> bool:
         """An event that seems to break its chain may be one already projected, delivered again

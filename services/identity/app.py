@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from services.identity.commands import EmailChangeApplier, OperatorHandlers
+from services.identity.domain import OutcomeReason
 from services.identity.handlers import IdentityHandlers
 from services.identity.settings import IdentitySettings
 from services.identity.store import AccountStore
-from shared.consumer import Route
+from shared.consumer import InvalidAnswer, Route
 from shared.hashing import SecretHasher
 from shared.runtime import Service
 from shared.schemas import (
@@ -19,6 +20,7 @@ from shared.schemas import (
     OperatorKeyRegistered,
     OperatorKeyRevoked,
     PasswordUpdated,
+    RecoveryOutcome,
     RecoveryRequested,
 )
 from shared.settings import load
@@ -27,12 +29,27 @@ from shared.topics import (
     IDENTITY_OPERATOR_KEYS,
     PASSWORD_CONTACT_AUTHORIZED,
     PASSWORD_UPDATED,
+    RECOVERY_OUTCOMES,
     RECOVERY_REQUESTS,
     TOKENS_CODE_REJECTED,
     EventType,
 )
 
 NAME = "identity"
+
+
+def invalid_request(request_id: str) -> RecoveryOutcome:
+    return RecoveryOutcome(
+        request_id=request_id, stage="request", status="rejected", reasons=[OutcomeReason.REQUEST_INVALID]
+    )
+
+
+# Every request gets an answer: one that cannot be processed is `rejected` / `request_invalid`,
+# keyed by the request_id read from its data. Never by its record key: that is the national ID,
+# not an id of the portal's to echo. Built before any store lookup, so the same for every ID.
+REQUEST_ANSWER = InvalidAnswer(
+    "request_id", RECOVERY_OUTCOMES, EventType.RECOVERY_OUTCOME, invalid_request, from_key=False
+)
 
 
 def make_store(settings: IdentitySettings) -> AccountStore:
@@ -52,6 +69,7 @@ def build(settings: IdentitySettings | None = None) -> Service:
         RECOVERY_REQUESTS,
         {EventType.RECOVERY_REQUESTED: Route(RecoveryRequested, handlers.recovery_requested)},
         hot=True,
+        answer=REQUEST_ANSWER,
     )
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})
     # Wrong codes count towards the lockout like failed requests.

@@ -46,6 +46,16 @@ class Reason:
     DUPLICATE_REQUEST = "duplicate_request"
 
 
+class OutcomeReason:
+    """Why a request was answered `rejected` rather than `accepted` on recovery.outcomes (public,
+    unlike `Reason`): about the request itself, never about the account it names."""
+
+    DUPLICATE_REQUEST = Reason.DUPLICATE_REQUEST  # the same request_id again: the first answer stands
+    # The request could not be processed at all (its dead letter says why): answered from the
+    # record's bytes alone, before any lookup, so alike for a known and an unknown ID.
+    REQUEST_INVALID = "request_invalid"
+
+
 # Failures that count towards the lockout (a guess at the citizen's secrets).
 COUNTED_FAILURES = {Reason.ANSWERS_WRONG, Reason.EMAIL_MISMATCH, Reason.REPRESENTATIVE_MISMATCH}
 

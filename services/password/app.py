@@ -30,6 +30,9 @@ from shared.topics import (
 )
 
 NAME = "password"
+# The portal waits for these answers (a login, a contact update), each behind an argon2 check:
+# their own consumer, so they never queue behind a reset's hashing on the main one.
+ANSWERS_LANE = "answers"
 
 
 def invalid_check(check_id: str) -> LoginResult:
@@ -38,6 +41,12 @@ def invalid_check(check_id: str) -> LoginResult:
 
 def invalid_update(update_id: str) -> ContactResult:
     return ContactResult(update_id=update_id, status="rejected", reasons=[LoginReason.CHECK_INVALID])
+
+
+# A check or an update that cannot be read is answered too, by the id in its data; never by its
+# record key (the national ID: not an id of the portal's, and not to be echoed).
+CHECK_ANSWER = InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check, from_key=False)
+UPDATE_ANSWER = InvalidAnswer("update_id", CONTACT_RESULTS, EventType.CONTACT_RESULT, invalid_update, from_key=False)
 
 
 def build(settings: PasswordSettings | None = None) -> Service:
@@ -59,13 +68,15 @@ def build(settings: PasswordSettings | None = None) -> Service:
         LOGIN_CHECKS,
         {EventType.LOGIN_CHECK_REQUESTED: Route(LoginCheckRequested, h.login_checked)},
         hot=True,
-        answer=InvalidAnswer("check_id", LOGIN_RESULTS, EventType.LOGIN_RESULT, invalid_check),
+        answer=CHECK_ANSWER,
+        lane=ANSWERS_LANE,
     )
     # Contact updates: the key checked as a login's; one that cannot be read is answered too.
     service.consume(
         CONTACT_UPDATES,
         {EventType.CONTACT_UPDATE_REQUESTED: Route(ContactUpdateRequested, h.contact_update_requested)},
-        answer=InvalidAnswer("update_id", CONTACT_RESULTS, EventType.CONTACT_RESULT, invalid_update),
+        answer=UPDATE_ANSWER,
+        lane=ANSWERS_LANE,
     )
 
     async def close_hasher() -> None:

@@ -5,19 +5,15 @@ folder are read with the workbench's readers (tools/watch.py, tools/mail.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from shared.envelope import CONTENT_TYPE, new_event
-from shared.kafka import client_kwargs
-from shared.relay import PRODUCER_BROKEN
 from tools.portal import Portal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,10 +34,14 @@ def var_dir() -> Path:
 
 class RetryingPortal(Portal):
     """The portal stand-in, re-sending the SAME event (same id) while the broker is away,
-    as a real portal with an at-least-once producer would."""
+    as a real portal with an at-least-once producer would. Its producer (shared.producer)
+    replaces itself when aiokafka's idempotence broke it (aio-libs/aiokafka#1017; the Kafka
+    restart fault made 21 sends fail with OutOfOrderSequenceNumber before it did, `recover`);
+    this loop retries for the whole window."""
 
     send_retries = 0
     retry_window_s = 120.0
+    producer_attempts = 1  # the retries are this loop's, over the whole window
 
     async def _send(self, topic: str, key: str, event_type: str, data: dict[str, Any], request_id: str) -> str:
         assert self._producer is not None
@@ -59,21 +59,7 @@ class RetryingPortal(Portal):
                     raise
                 RetryingPortal.send_retries += 1
                 await asyncio.sleep(0.5)  # back-off before re-sending the same bytes
-                if isinstance(exc, PRODUCER_BROKEN):
-                    await self._renew_producer()
-
-    async def _renew_producer(self) -> None:
-        """aiokafka's idempotent producer is dead after these (aio-libs/aiokafka#1017; the
-        Kafka restart fault made 21 sends fail with OutOfOrderSequenceNumber): a new one."""
-        producer = AIOKafkaProducer(**client_kwargs(self.settings), enable_idempotence=True)
-        try:
-            await producer.start()
-        except KafkaError:
-            return  # the broker still away: the next failed send tries again
-        old, self._producer = self._producer, producer
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.stop()
+                await self._producer.recover(exc)  # a broken one replaced (the broker back by now)
 
 
 # ---------------------------------------------------------------------------- stack

@@ -29,6 +29,7 @@ import faststream.kafka.testing as fs_testing
 from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 
+from shared.producer import Producer
 from shared.runtime import Service
 from shared.settings import PlatformSettings
 from shared.store import OUTBOX, PROCESSED
@@ -107,6 +108,15 @@ class BrokerProducer:
 
     async def stop(self) -> None:
         return None
+
+
+def relay_producer(cluster: Cluster, name: str) -> Producer:
+    """A relay's producer (shared.producer.Producer, as the relay holds it) into the test broker."""
+
+    async def make() -> BrokerProducer:
+        return BrokerProducer(cluster, name)
+
+    return Producer(make, name=name, first=BrokerProducer(cluster, name))
 
 
 @dataclass
@@ -202,6 +212,8 @@ async def running(*services: Service) -> AsyncIterator[Cluster]:
         await service.store.ensure_indexes()
         nodes[service.name] = Node(service, mongo)
     cluster = Cluster(nodes)
+    for service in services:
+        service.subscribe()  # its consumers, one per lane, as app() makes them
     async with TestKafkaBroker(*(s.broker for s in services)):
         cluster.broker = services[0].broker  # patched in place: it reaches every service
         try:

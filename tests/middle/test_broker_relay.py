@@ -27,7 +27,7 @@ from shared.metrics import ServiceMetrics
 from shared.relay import OutboxRelay
 from shared.store import LEASES, OUTBOX
 from shared.topics import IDENTITY_VERIFIED, TOKENS_ISSUED, EventType
-from tests.middle.inprocess import BrokerProducer, Cluster, running, settings
+from tests.middle.inprocess import Cluster, relay_producer, running, settings
 
 LEASE_S = 1.0  # the relay's lease, shortened so a handover is seen in about a second
 
@@ -49,7 +49,7 @@ def instances(c: Cluster) -> tuple[OutboxRelay, OutboxRelay]:
     b = OutboxRelay("tokens", node.service.store, node.service.settings, ServiceMetrics("tokens"))
     a.owner, b.owner = "host-a:101:aaaa", "host-b:202:bbbb"
     # Driven cycle by cycle (publish_pending), not by their loops: the test decides who runs.
-    a._producer, b._producer = BrokerProducer(c, "tokens-a"), BrokerProducer(c, "tokens-b")
+    a._producer, b._producer = relay_producer(c, "tokens-a"), relay_producer(c, "tokens-b")
     return a, b
 
 

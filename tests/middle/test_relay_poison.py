@@ -21,10 +21,10 @@ from aiokafka.errors import (
 from bson import ObjectId
 
 from shared.audit import audit_event
-from shared.relay import CHAIN_ID, unpublishable
+from shared.relay import CHAIN_ID, PRODUCER_BROKEN, unpublishable
 from shared.schemas import AuditRecord
 from shared.store import LEASES, OUTBOX, Outgoing
-from tests.middle.test_relay import FakeProducer, Instance, all_sent, instances, until
+from tests.middle.test_relay import FakeProducer, Instance, all_sent, instances, outgoing, until
 
 __all__ = ["instances"]  # the fixture, used by name
 
@@ -196,26 +196,31 @@ def test_a_well_formed_outbox_document_is_publishable() -> None:
 
 class BrokenProducer(FakeProducer):
     """aiokafka's idempotent producer after a broker restart lost its sequence state: its
-    sender task has ended and every send fails with OutOfOrderSequenceNumber, for ever."""
+    sender task has ended and every send fails with OutOfOrderSequenceNumber (or another of
+    PRODUCER_BROKEN), for ever."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: type[Exception] = OutOfOrderSequenceNumber) -> None:
         super().__init__()
+        self.error = error
         self.stopped = False
 
     async def send(self, topic: str, *, value: bytes, key: bytes, headers: list[Any]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_exception(OutOfOrderSequenceNumber())
+        future.set_exception(self.error())
         return future
 
     async def stop(self) -> None:
         self.stopped = True
 
 
-async def test_a_producer_broken_by_a_broker_restart_is_replaced(instances: Callable[[], Instance]) -> None:
+@pytest.mark.parametrize("error", PRODUCER_BROKEN, ids=lambda e: e.__name__)
+async def test_a_producer_broken_by_a_broker_restart_is_replaced(
+    instances: Callable[[], Instance], error: type[Exception]
+) -> None:
     """The fault suite's Kafka restart left the password relay retrying OutOfOrderSequenceNumber
     for ever (13 recoveries never completed): the relay now replaces the broken producer."""
     inst = instances()
-    broken, fresh = BrokenProducer(), FakeProducer()
+    broken, fresh = BrokenProducer(error), FakeProducer()
 
     async def new_producer() -> FakeProducer:
         return fresh
@@ -226,3 +231,29 @@ async def test_a_producer_broken_by_a_broker_restart_is_replaced(instances: Call
     await until(lambda: fresh.ids() == published, 15, "published by the new producer")
     assert broken.stopped and broken.sent == []
     assert await inst.store.db[OUTBOX].count_documents({"parked": {"$exists": True}}) == 0
+
+
+async def test_an_immediate_reply_on_a_broken_producer_goes_out_from_the_outbox(
+    instances: Callable[[], Instance],
+) -> None:
+    """A service's replies are sent at once by the relay's producer (send_now); when that
+    producer is broken the reply fails (the consumer pipeline logs it and goes on:
+    tests/unit/test_consumer.py::test_a_failed_immediate_reply_changes_nothing), the producer is
+    replaced, and the reply's outbox copy is published by the new one."""
+    inst = instances()
+    broken, fresh = BrokenProducer(), FakeProducer()
+
+    async def new_producer() -> FakeProducer:
+        return fresh
+
+    await inst.store.ensure_indexes()
+    await inst.relay.start(broken, new_producer)
+    replies = outgoing(1)
+    # The reply first, its commit after: committed first, the outbox change stream could wake
+    # the relay, whose own publish would meet the broken producer before the reply does.
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await inst.relay.send_now(replies)
+    assert broken.stopped, "replaced by the failed reply itself"
+    await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=replies)
+    inst.relay.wake()
+    await until(lambda: fresh.ids() == [replies[0].event.id], 15, "the outbox copy published")

@@ -37,6 +37,9 @@ class Store:
     async def record(self, entry: dict[str, Any]) -> None:
         self.entries[entry["_id"]] = entry
 
+    async def old_head(self, producer: str) -> dict[str, Any] | None:
+        return None  # no older version of the read model wrote here
+
 
 def chain(n: int) -> list[bytes]:
     prev, out = GENESIS, []

@@ -19,6 +19,8 @@ def point(concurrency: int, rate: float, p99: float) -> dict[str, Any]:
         "store_round_trips_per_recovery": 70.0,
         "store_round_trips_by_service": {"identity": 20.0},
         "kafka_records_per_recovery": 17.0,
+        "kafka_records_consumed_per_recovery": 15.0,
+        "kafka_offset_commits_per_recovery": 4.0,
     }
 
 
@@ -36,6 +38,8 @@ def test_headline_takes_the_half_peak_point_at_the_lowest_concurrency() -> None:
     assert latest["half_peak"]["concurrency"] == 4 and latest["half_peak"]["request_to_mail_ms"]["p99"] == 400
     assert latest["argon2_share_of_stack_cpu"] == 95.0 / 190.0
     assert [p["concurrency"] for p in latest["sweep"]] == [1, 4, 10]
+    assert latest["kafka_offset_commits_per_recovery"] == 4.0
+    assert latest["kafka_records_consumed_per_recovery"] == 15.0
 
 
 def test_write_keeps_the_previous_run_and_draws_the_chart(tmp_path: Path) -> None:

@@ -353,7 +353,11 @@ def test_reason_enumerations_are_the_codes_of_the_code(document: dict[str, Any])
         "duplicate_request",
     } | set(asyncapi.codes(RequestReason))
     assert schemas["DeadLetterReason"]["enum"] == asyncapi.codes(DeadLetterReason)
-    for name in ("ResetReason", "PasswordReason", "RequestReason", "DeadLetterReason"):
+    # What a request may be `rejected` with (added to, never renamed): a repeat, or unreadable.
+    assert schemas["RequestOutcomeReason"]["enum"] == ["duplicate_request", "request_invalid"]
+    outcome_reasons = schemas["RecoveryOutcome"]["properties"]["reasons"]["items"]["anyOf"]
+    assert {"$ref": "#/components/schemas/RequestOutcomeReason"} in outcome_reasons
+    for name in ("ResetReason", "PasswordReason", "RequestReason", "RequestOutcomeReason", "DeadLetterReason"):
         for code in schemas[name]["enum"]:
             assert f"| `{code}` |" in schemas[name]["description"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from clave_page.app import create_app
-from clave_page.backend import ResetAnswer
+from clave_page.backend import RequestAnswer, ResetAnswer
 from clave_page.settings import PageSettings
 from fastapi.testclient import TestClient
 from stdnum.ec import ci
@@ -27,12 +27,18 @@ class FakeBackend:
     requests: list[dict[str, Any]] = field(default_factory=list)
     resets: list[dict[str, Any]] = field(default_factory=list)
     reset_answer: ResetAnswer = ResetAnswer("completed")
+    request_answers: dict[str, RequestAnswer] = field(default_factory=dict)
     valid_keys: dict[str, str] = field(default_factory=dict)
     timeout: bool = False
 
     async def request_recovery(self, **fields: Any) -> str:
         self.requests.append(fields)
         return f"req-{len(self.requests)}"
+
+    async def request_answer(self, request_id: str) -> RequestAnswer:
+        if self.timeout:
+            raise TimeoutError
+        return self.request_answers.get(request_id, RequestAnswer("accepted"))
 
     async def submit_reset(self, request_id: str, **fields: Any) -> ResetAnswer:
         if self.timeout:
@@ -96,6 +102,29 @@ def test_a_request_is_published_and_answered_with_the_same_page(page: TestClient
     assert sent["national_id"] == CEDULA and sent["profile"] == "affiliate" and sent["captcha_passed"] is True
     assert sent["answers"] == dict.fromkeys(QUESTIONS, "x") and sent["representative_id"] is None
     assert sent["client_ip"] == "testclient" or sent["client_ip"]
+
+
+def test_a_request_clave_could_not_process_says_so_plainly(page: TestClient, backend: FakeBackend) -> None:
+    backend.request_answers["req-1"] = RequestAnswer("rejected", ("request_invalid",))
+    response = page.post(
+        "/solicitar", data=request_fields(page, **{"answers.mother_surname": "Secreto"}), follow_redirects=False
+    )
+    assert response.status_code == 422
+    assert "No pudimos procesar su solicitud" in response.text and 'role="alert"' in response.text
+    assert "Secreto" not in response.text  # the answers are never echoed back
+    assert f'value="{CEDULA}"' in response.text  # the rest is kept, to correct and send again
+
+
+def test_a_repeated_request_id_keeps_the_first_answer(page: TestClient, backend: FakeBackend) -> None:
+    backend.request_answers["req-1"] = RequestAnswer("rejected", ("duplicate_request",))
+    response = page.post("/solicitar", data=request_fields(page), follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/revise-su-correo?request_id=req-1"
+
+
+def test_no_answer_to_a_request_in_time_is_said_plainly(page: TestClient, backend: FakeBackend) -> None:
+    backend.timeout = True
+    response = page.post("/solicitar", data=request_fields(page))
+    assert response.status_code == 503 and "No recibimos respuesta a tiempo" in response.text
 
 
 def test_an_employer_request_carries_the_ruc_and_the_representative(page: TestClient, backend: FakeBackend) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clave_portal import ClaveError, ClaveTimeout, HpkeSealer, PortalClient, PortalSettings
+from clave_portal import ClaveError, ClaveTimeout, HpkeSealer, PortalClient, PortalSettings, Reason
 from clave_portal import events as ev
 
 from shared import topics as t
@@ -103,6 +103,38 @@ async def test_a_reset_returns_its_own_outcome_not_an_earlier_or_anothers() -> N
     answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, done)
     outcome = await asyncio.wait_for(task, 2)
     assert outcome.completed and outcome.request_id == rid and outcome.reasons == ()
+
+
+async def test_a_request_clave_could_not_process_is_its_outcome_request_invalid() -> None:
+    c, _ = client()
+    rejected = {"request_id": "req-bad", "stage": "request", "status": "rejected", "reasons": ["request_invalid"]}
+    RecoveryOutcome.model_validate(rejected)  # what identity sends (services/identity/app.py)
+    answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, rejected)
+    outcome = await c.request_outcome("req-bad")
+    assert outcome.status == "rejected" and outcome.reasons == (Reason.REQUEST_INVALID,)
+    assert outcome.invalid and not outcome.accepted and not outcome.completed
+    accepted = {"request_id": "req-ok", "stage": "request", "status": "accepted"}
+    answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, accepted)
+    ok = await c.request_outcome("req-ok")
+    assert ok.accepted and not ok.invalid
+    repeat = {**rejected, "request_id": "req-again", "reasons": ["duplicate_request"]}
+    answer(c, ev.RECOVERY_OUTCOMES, ev.RECOVERY_OUTCOME, repeat)
+    assert not (await c.request_outcome("req-again")).invalid  # the first answer stands
+
+
+def test_the_clients_reason_codes_are_the_contracts() -> None:
+    """Every code clave_portal.Reason names is one the contract document lists for the portal."""
+    from clave.asyncapi import reason_schemas
+
+    schemas = reason_schemas()
+    portal_codes = {
+        code
+        for name in ("RequestOutcomeReason", "ResetReason", "LoginReason", "ContactResultReason")
+        for code in schemas[name]["enum"]
+    }
+    named = {v for k, v in vars(Reason).items() if k.isupper() and isinstance(v, str)}
+    assert named <= portal_codes and Reason.REQUEST_INVALID in named
+    assert Reason.INPUT_REFUSED <= named
 
 
 async def test_no_answer_within_the_deadline_raises() -> None:

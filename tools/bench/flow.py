@@ -2,76 +2,23 @@
 request after the services start."""
 
 import asyncio
-import email
-import email.policy
-import email.utils
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 from shared.topics import IDENTITY_ACCOUNT_REGISTERED
 from tools.bench.common import STACK_SH, console, ratio
 from tools.bench.probes import machine_cpu, sample_sum, scrape, scrape_all, stack_cpu
-from tools.mail import extract_link
+from tools.mail import Mailbox
 from tools.portal import Portal
 from tools.testdata import Citizen, new_citizen, new_key, write_jsonl
 from tools.workbench import WorkbenchSettings as Settings
 
 # ------------------------------------------------------------------------------ 2. end to end
-
-
-class MailWatch:
-    """One poller for the mail catcher's folder (20 waiters polling it each would cost more
-    CPU than the services): recovery e-mails by request_id, other mail by recipient.
-    Capture time is the file's mtime (written, then renamed, by the mail catcher)."""
-
-    def __init__(self, mail_dir: str) -> None:
-        self.dir = Path(mail_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.seen = {p.name for p in self.dir.glob("*.eml")}
-        self.links: dict[str, asyncio.Future[tuple[str, float]]] = {}
-        self.other: dict[str, float] = {}  # recipient -> capture time of the latest non-recovery mail
-        self.parsed = 0
-
-    def _link(self, request_id: str) -> asyncio.Future[tuple[str, float]]:
-        fut = self.links.get(request_id)
-        if fut is None:
-            fut = self.links[request_id] = asyncio.get_running_loop().create_future()
-        return fut
-
-    def scan(self) -> None:
-        with os.scandir(self.dir) as entries:
-            fresh = sorted(
-                (e.name, e.stat().st_mtime) for e in entries if e.name.endswith(".eml") and e.name not in self.seen
-            )
-        for name, mtime in fresh:
-            self.seen.add(name)
-            with (self.dir / name).open("rb") as fh:
-                msg: EmailMessage = email.message_from_binary_file(fh, policy=email.policy.default)  # type: ignore[assignment]
-            self.parsed += 1
-            try:
-                _, request_id, token = extract_link(msg)
-            except (ValueError, KeyError):
-                for _, address in email.utils.getaddresses([str(msg["To"] or "")]):
-                    self.other[address.lower()] = mtime
-                continue
-            fut = self._link(request_id)
-            if not fut.done():
-                fut.set_result((token, mtime))
-
-    async def run(self) -> None:
-        while True:
-            self.scan()
-            await asyncio.sleep(0.02)
-
-    async def link(self, request_id: str, timeout: float) -> tuple[str, float]:
-        return await asyncio.wait_for(asyncio.shield(self._link(request_id)), timeout)
 
 
 @dataclass
@@ -118,7 +65,13 @@ async def wait_metric(
         await asyncio.sleep(0.1)
 
 
-async def drive(portal: Portal, mails: MailWatch, rec: Recovery, step_timeout: float) -> None:
+def mailbox(settings: Settings) -> Mailbox:
+    """One poller for the mail catcher's folder, shared by every driver (20 waiters polling
+    it each would cost more CPU than the services); earlier runs' mail left out."""
+    return Mailbox(settings.mail_dir, ignore_existing=True, poll_s=0.02)
+
+
+async def drive(portal: Portal, mails: Mailbox, rec: Recovery, step_timeout: float) -> None:
     c = rec.citizen
     rec.started = time.monotonic()
     wall0 = time.time()
@@ -131,7 +84,8 @@ async def drive(portal: Portal, mails: MailWatch, rec: Recovery, step_timeout: f
             representative_id=c.representative_id,
             locale=c.locale,
         )
-        token, captured = await mails.link(rec.request_id, step_timeout)
+        mail = await mails.recovery_mail(rec.request_id, timeout=step_timeout)
+        token, captured = mail.token or "", mail.captured
         rec.to_mail_seen_s = time.monotonic() - rec.started
         rec.to_mail_s = max(0.0, captured - wall0)
         t1 = time.monotonic()
@@ -199,10 +153,10 @@ async def end_to_end(
         f"{'-' if initial_keys_s is None else f'{initial_keys_s:.1f}s'} more"
     )
 
-    mails = MailWatch(settings.mail_dir)
+    mails = mailbox(settings)
     portal = Portal(settings)
     await portal.start()
-    poller = asyncio.create_task(mails.run())
+    await mails.start()
     recoveries = [Recovery(c) for c in citizens]
     queue: asyncio.Queue[Recovery] = asyncio.Queue()
     for rec in recoveries:
@@ -237,18 +191,17 @@ async def end_to_end(
         # The flow's last step, the "key changed" mail, is part of a recovery's cost too.
         wanted = {r.citizen.email.lower() for r in recoveries if r.status == "completed"}
         drain_t0, drain_s = time.monotonic(), None
-        while time.monotonic() - drain_t0 < 30:
-            if wanted <= mails.other.keys():
-                drain_s = time.monotonic() - drain_t0
-                break
-            await asyncio.sleep(0.1)
+        try:
+            await mails.wait_until(lambda: wanted <= mails.notices.keys(), timeout=30, what="every key-changed mail")
+            drain_s = time.monotonic() - drain_t0
+        except TimeoutError:
+            pass  # reported as no drain time
         await asyncio.sleep(0.5)  # let the last relays and commits finish before reading CPU
         cpu1, bench_cpu1, machine1 = stack_cpu(), time.process_time(), machine_cpu()
         cpu_window_s = time.monotonic() - cpu_t0
         after = await scrape_all(settings)
     finally:
-        poller.cancel()
-        await asyncio.gather(poller, return_exceptions=True)
+        await mails.stop()
         await portal.stop()
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0}
     return EndToEnd(
@@ -280,8 +233,8 @@ async def first_request_to_mail(settings: Settings, step_timeout: float) -> dict
     await wait_metric(settings, "password", consumed, registered0 + 1, timeout=60, topic=topic)
     portal = Portal(settings)
     await portal.start()  # before the restart: the portal's own start-up is not the stack's
-    mails = MailWatch(settings.mail_dir)
-    poller = asyncio.create_task(mails.run())
+    mails = mailbox(settings)
+    await mails.start()
     try:
         for command in ("services-down", "services-up"):
             t0 = time.perf_counter()
@@ -305,9 +258,8 @@ async def first_request_to_mail(settings: Settings, step_timeout: float) -> dict
             representative_id=citizen.representative_id,
             locale=citizen.locale,
         )
-        _, captured = await mails.link(rec.request_id, step_timeout)
+        captured = (await mails.recovery_mail(rec.request_id, timeout=step_timeout)).captured
     finally:
-        poller.cancel()
-        await asyncio.gather(poller, return_exceptions=True)
+        await mails.stop()
         await portal.stop()
     return {"first_request_to_mail_ms": max(0.0, captured - wall0) * 1000, "services_up_s": services_up_s}

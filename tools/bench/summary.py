@@ -39,6 +39,8 @@ def point(e2e: EndToEnd, concurrency: int) -> dict[str, Any]:
     to_mail = [r.to_mail_s * 1000 for r in done if r.to_mail_s is not None]
     commands = counter_delta(e2e, STORE_COMMANDS)
     published = counter_delta(e2e, PUBLISHED)
+    consumed = counter_delta(e2e, "clave_events_consumed_total")
+    commits = counter_delta(e2e, "clave_offset_commits_total")
     return {
         "concurrency": concurrency,
         "completed": len(done),
@@ -48,6 +50,9 @@ def point(e2e: EndToEnd, concurrency: int) -> dict[str, Any]:
         "store_round_trips_per_recovery": sum(commands.values()) / per,
         "store_round_trips_by_service": {k: v / per for k, v in commands.items()},
         "kafka_records_per_recovery": sum(published.values()) / per + PORTAL_RECORDS,
+        # Records the services handled; before shared/commits.py, one OffsetCommit each.
+        "kafka_records_consumed_per_recovery": sum(consumed.values()) / per,
+        "kafka_offset_commits_per_recovery": sum(commits.values()) / per,
     }
 
 
@@ -68,6 +73,8 @@ def headline(results: dict[str, Any], main: dict[str, Any], sweep: list[dict[str
         "store_round_trips_per_recovery": main["store_round_trips_per_recovery"],
         "store_round_trips_by_service": main["store_round_trips_by_service"],
         "kafka_records_per_recovery": main["kafka_records_per_recovery"],
+        "kafka_records_consumed_per_recovery": main.get("kafka_records_consumed_per_recovery"),
+        "kafka_offset_commits_per_recovery": main.get("kafka_offset_commits_per_recovery"),
         "request_to_mail_ms": main["request_to_mail_ms"],
         "first_request_to_mail_ms": results.get("first_request_to_mail_ms"),
         "peak_recoveries_per_s": peak,
@@ -91,6 +98,7 @@ FIGURES = [
     ("argon2_share_of_stack_cpu", "argon2 share of stack CPU", None),
     ("store_round_trips_per_recovery", "store round trips/recovery", None),
     ("kafka_records_per_recovery", "Kafka records/recovery", None),
+    ("kafka_offset_commits_per_recovery", "Kafka offset commits/recovery", None),
     ("request_to_mail_ms", "request->mail p50 ms", "p50"),
     ("request_to_mail_ms", "request->mail p99 ms", "p99"),
     ("first_request_to_mail_ms", "first request->mail ms", None),

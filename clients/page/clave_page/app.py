@@ -30,6 +30,7 @@ from clave_page.settings import PageSettings
 log = logging.getLogger("clave_page")
 HERE = Path(__file__).parent
 FORM_COOKIE = "clave_form"
+DUPLICATE_REQUEST = "duplicate_request"  # the first copy's `accepted` stands
 LANG_COOKIE = "clave_lang"
 
 SECURITY_HEADERS = {
@@ -175,7 +176,17 @@ class Pages:
             locale=self._lang(request),
             client_ip=client_ip,
         )
-        # The same page whatever the outcome: nothing here says whether the data matched.
+        values = {k: v for k, v in fields.items() if not k.startswith("answers.")}
+        try:
+            answer = await self.backend.request_answer(request_id)
+        except TimeoutError:
+            return self._request_page(request, values, {"form": "error.timeout"}, status=503)
+        if answer.status == "rejected" and DUPLICATE_REQUEST not in answer.reasons:
+            # Clave could not process what was sent (request_invalid, plaintext_refused...): about
+            # the request, never the account (Clave answers it before any lookup).
+            return self._request_page(request, values, {"form": "error.request_invalid"}, status=422)
+        # `accepted` (or a repeat of one): the same page whatever the account, nothing here says
+        # whether the data matched.
         return RedirectResponse(f"/revise-su-correo?{urlencode({'request_id': request_id})}", status_code=303)
 
     async def check_mail(self, request: Request) -> HTMLResponse:

@@ -17,6 +17,15 @@ class ResetAnswer:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class RequestAnswer:
+    """Clave's answer to a recovery request: `accepted` whatever the account, or `rejected` for
+    the request itself (`request_invalid`, `duplicate_request`, `plaintext_refused`, ...)."""
+
+    status: Literal["accepted", "rejected"]
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
 class RecoveryBackend(Protocol):
     async def request_recovery(
         self,
@@ -31,6 +40,10 @@ class RecoveryBackend(Protocol):
         client_ip: str,
     ) -> str:
         """Publish the request; returns its request_id (the answer is always "check your e-mail")."""
+        ...
+
+    async def request_answer(self, request_id: str) -> RequestAnswer:
+        """Wait for Clave's answer to a request (TimeoutError when none comes in time)."""
         ...
 
     async def submit_reset(

@@ -73,6 +73,8 @@ _ES: Final[dict[str, str]] = {
     "error.captcha": "Confirme que no es un robot.",
     "error.form_expired": "El formulario venció. Vuelva a enviarlo.",
     "error.timeout": "No recibimos respuesta a tiempo. Intente de nuevo en unos minutos.",
+    "error.request_invalid": "No pudimos procesar su solicitud: algún dato no tiene el formato esperado. "
+    "Revise los datos y vuelva a enviarla.",
     "error.no_token": "Falta el enlace o el código. Abra el enlace del correo o escriba el código.",
     "reason.token_invalid": "El enlace o el código no es válido. Revise el último correo que le enviamos.",
     "reason.token_expired": "El enlace o el código venció. Solicite uno nuevo.",
@@ -151,6 +153,8 @@ _EN: Final[dict[str, str]] = {
     "error.captcha": "Confirm that you are not a robot.",
     "error.form_expired": "The form expired. Please send it again.",
     "error.timeout": "We got no answer in time. Please try again in a few minutes.",
+    "error.request_invalid": "We could not process your request: some data is not in the expected format. "
+    "Check the data and send it again.",
     "error.no_token": "The link or the code is missing. Open the link in the e-mail or type the code.",
     "reason.token_invalid": "The link or code is not valid. Check the latest e-mail we sent you.",
     "reason.token_expired": "The link or code has expired. Request a new one.",

@@ -7,7 +7,7 @@ from typing import Literal
 
 from clave_portal import PortalClient, PortalSettings
 
-from clave_page.backend import ResetAnswer
+from clave_page.backend import RequestAnswer, ResetAnswer
 
 
 class PortalBackend:
@@ -40,6 +40,10 @@ class PortalBackend:
             national_id=national_id, email=email, answers=answers, client_ip=client_ip,
             captcha_passed=captcha_passed, profile=profile, representative_id=representative_id, locale=locale,
         )
+
+    async def request_answer(self, request_id: str) -> RequestAnswer:
+        outcome = await self.client.request_outcome(request_id)
+        return RequestAnswer("accepted" if outcome.accepted else "rejected", outcome.reasons)
 
     async def submit_reset(
         self, request_id: str, *, token: str | None, code: str | None, new_password: str, client_ip: str

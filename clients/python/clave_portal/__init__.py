@@ -15,7 +15,7 @@ async with PortalClient(PortalSettings.from_properties("portal.properties"), sea
 from clave_portal.client import PortalClient
 from clave_portal.errors import ClaveError, ClaveTimeout
 from clave_portal.events import CONTENT_TYPE, cloud_event
-from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome
+from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome, Reason
 from clave_portal.sealing import HpkeSealer, InputSealer, PlainInput
 from clave_portal.settings import PortalSettings
 
@@ -32,5 +32,6 @@ __all__ = [
     "PlainInput",
     "PortalClient",
     "PortalSettings",
+    "Reason",
     "cloud_event",
 ]

@@ -26,7 +26,8 @@ from aiokafka.errors import KafkaError
 
 from clave_portal import events as ev
 from clave_portal.errors import ClaveError, ClaveTimeout
-from clave_portal.models import ContactResult, KeyChange, LoginResult, Outcome
+from clave_portal.models import ContactResult, KeyChange, Locale, LoginResult, Outcome, Profile
+from clave_portal.producer import Producer
 from clave_portal.sealing import InputSealer, PlainInput
 from clave_portal.settings import PortalSettings
 
@@ -223,7 +224,9 @@ class PortalClient:
     `settings`: the portal principal's Kafka connection (`PortalSettings.from_properties`).
     `source`: the CloudEvents `source` the portal names itself with.
     `sealer`: what seals secret input before it is sent (`PlainInput`: development only).
-    `timeout`: the default deadline, in seconds, for an answer."""
+    `timeout`: the default deadline, in seconds, for an answer.
+    `on_producer_event(event, error)`: told when the producer is replaced ("replaced": aiokafka's
+    idempotence broke it) or a send is retried ("retried"), e.g. to count them."""
 
     def __init__(
         self,
@@ -232,22 +235,34 @@ class PortalClient:
         source: str = "/portal",
         sealer: InputSealer | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        on_producer_event: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
         self.sealer: InputSealer = sealer or PlainInput()
         self.timeout = timeout
-        self._producer: AIOKafkaProducer | None = None
+        self.on_producer_event = on_producer_event
+        self._producer: Producer | None = None
         self._answers = _Answers(
             settings,
             {ev.RECOVERY_OUTCOMES: "request_id", ev.LOGIN_RESULTS: "check_id", ev.CONTACT_RESULTS: "update_id"},
         )
 
     async def start(self) -> None:
-        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), enable_idempotence=True, acks="all")
+        producer = Producer(self._new_producer, on_event=self.on_producer_event)
         await producer.start()
         self._producer = producer
         await self._answers.start()
+
+    async def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), enable_idempotence=True, acks="all")
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()  # no "Unclosed AIOKafkaProducer" besides the error
+            raise
+        return producer
 
     async def stop(self) -> None:
         await self._answers.stop()
@@ -284,13 +299,15 @@ class PortalClient:
         answers: dict[str, str],
         client_ip: str,
         captcha_passed: bool,
-        profile: str = "affiliate",
+        profile: Profile = "affiliate",
         representative_id: str | None = None,
-        locale: str = "es",
+        locale: Locale = "es",
         request_id: str | None = None,
     ) -> str:
-        """Ask for a recovery e-mail; returns the request_id (the link carries it back). The
-        answer (`request_outcome`) is always `accepted`, whatever the account."""
+        """Ask for a recovery e-mail; returns the request_id (the link carries it back). Its
+        answer (`request_outcome`) is `accepted` whatever the account; `rejected` only for a
+        repeated request_id (`duplicate_request`) or a request Clave could not process
+        (`request_invalid`, `plaintext_refused`, `sealed_invalid`)."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         data: dict[str, Any] = {
             "request_id": request_id,
@@ -309,7 +326,9 @@ class PortalClient:
         return request_id
 
     async def request_outcome(self, request_id: str, *, timeout: float | None = None) -> Outcome:
-        """The answer to a recovery request (`accepted`, or `rejected` for a repeated id)."""
+        """The answer to a recovery request: `accepted`, or `rejected` with one reason
+        (`duplicate_request`, `request_invalid`, `plaintext_refused`, `sealed_invalid`: see
+        `Outcome.invalid`). Raises ClaveTimeout when none came within the deadline."""
         event = await self._answers.wait(
             request_id, lambda e: e["data"].get("stage") == "request", after=0, timeout=timeout or self.timeout
         )

@@ -4,19 +4,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, cast
+
+Stage = Literal["request", "reset"]
+Status = Literal["accepted", "completed", "rejected"]
+Profile = Literal["affiliate", "employer"]
+Locale = Literal["es", "en"]
+
+
+class Reason:
+    """The reason codes the portal may see (docs/asyncapi.yaml: `RequestOutcomeReason`,
+    `ResetReason`, `LoginReason`, `ContactResultReason`), those a portal acts on by name.
+    Stable codes, only ever added to: show an unknown one as a generic failure."""
+
+    # A request, `rejected` (else it is always `accepted`, whatever the account).
+    DUPLICATE_REQUEST = "duplicate_request"  # the same request_id again: the first answer stands
+    REQUEST_INVALID = "request_invalid"  # Clave could not process it (a field missing or malformed)
+    # Either stage: a secret refused for how it came.
+    PLAINTEXT_REFUSED = "plaintext_refused"  # in the clear while Clave wants it sealed
+    SEALED_INVALID = "sealed_invalid"  # sealed, but not to Clave's key for this record
+    # A reset, `rejected` (the password policy's `password_*` codes besides).
+    TOKEN_INVALID = "token_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_USED = "token_used"
+    CODE_ATTEMPTS_EXCEEDED = "code_attempts_exceeded"
+    RESET_INVALID = "reset_invalid"  # Clave could not process it: the link works as before
+    # A login or the key check of a contact update, `invalid`.
+    KEY_INVALID = "key_invalid"  # alike for a wrong key and an unknown ID
+    ID_INVALID = "id_invalid"
+    THROTTLED = "throttled"
+    CHECK_INVALID = "check_invalid"
+
+    # Nothing was done with the input: the portal sent something Clave cannot process (a bug on
+    # the portal's side, or a field the citizen typed that the portal did not check).
+    INPUT_REFUSED = frozenset({REQUEST_INVALID, RESET_INVALID, CHECK_INVALID, PLAINTEXT_REFUSED, SEALED_INVALID})
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """An answer on `recovery.outcomes`. A request is always `accepted` (whatever the account:
-    no enumeration), or `rejected` with `duplicate_request` for a repeated request_id. A reset is
-    `completed` (the key was changed) or `rejected` with every reason; after a rejection the same
-    link works again unless a reason says otherwise (see the reason table)."""
+    """An answer on `recovery.outcomes`. A request is `accepted` (whatever the account: no
+    enumeration), or `rejected` with `duplicate_request` for a repeated request_id, or with
+    `request_invalid` when Clave could not process it at all (the same whatever the ID). A reset
+    is `completed` (the key was changed) or `rejected` with every reason; after a rejection the
+    same link works again unless a reason says otherwise (see the reason table)."""
 
     request_id: str
-    stage: str  # "request" or "reset"
-    status: str  # "accepted", "completed" or "rejected"
+    stage: Stage
+    status: Status
     reasons: tuple[str, ...] = ()
     event_id: str = ""
 
@@ -24,10 +58,26 @@ class Outcome:
     def completed(self) -> bool:
         return self.status == "completed"
 
+    @property
+    def accepted(self) -> bool:
+        """A request Clave took: the citizen should check their e-mail."""
+        return self.status == "accepted"
+
+    @property
+    def invalid(self) -> bool:
+        """Clave could not process the input at all (`Reason.INPUT_REFUSED`): nothing was done."""
+        return self.status == "rejected" and any(r in Reason.INPUT_REFUSED for r in self.reasons)
+
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Outcome:
         data = event["data"]
-        return cls(data["request_id"], data["stage"], data["status"], tuple(data.get("reasons", ())), event["id"])
+        return cls(
+            data["request_id"],
+            cast(Stage, data["stage"]),
+            cast(Status, data["status"]),
+            tuple(data.get("reasons", ())),
+            event["id"],
+        )
 
 
 @dataclass(frozen=True)

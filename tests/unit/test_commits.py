@@ -1,0 +1,77 @@
+"""Offsets committed together, after the records were handled (shared/commits.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from shared.commits import Committers, OffsetCommitter
+
+A0, A1, B0 = TopicPartition("a", 0), TopicPartition("a", 1), TopicPartition("b", 0)
+
+
+class FakeConsumer:
+    def __init__(self, *assigned: TopicPartition) -> None:
+        self.assigned = set(assigned)
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.fail: Exception | None = None
+        self.committed = asyncio.Event()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.commits.append(dict(offsets))
+        self.committed.set()
+
+
+async def test_records_handled_together_are_committed_once_past_the_last() -> None:
+    consumer = FakeConsumer(A0, A1, B0)
+    committer = OffsetCommitter(consumer, delay_s=0.05)
+    for tp, offset in ((A0, 4), (A0, 5), (B0, 9), (A1, 0), (A0, 3)):
+        committer.handled(tp.topic, tp.partition, offset)
+    assert consumer.commits == []  # not per record
+    await asyncio.wait_for(consumer.committed.wait(), 5)
+    assert consumer.commits == [{A0: 6, B0: 10, A1: 1}]  # the next record to read; never backwards
+    await committer.close()
+    assert len(consumer.commits) == 1  # nothing pending: no empty commit
+
+
+async def test_a_failed_commit_keeps_the_positions_still_assigned() -> None:
+    consumer = FakeConsumer(A0, B0)
+    committer = OffsetCommitter(consumer, delay_s=3600)
+    committer.handled("a", 0, 1)
+    committer.handled("b", 0, 7)
+    consumer.fail = RuntimeError("rebalancing")
+    await committer.flush()
+    consumer.fail = None
+    consumer.assigned = {A0}  # b/0 went to another consumer meanwhile: its records go there again
+    committer.handled("a", 0, 2)
+    await committer.close()
+    assert consumer.commits == [{A0: 3}]
+
+
+async def test_a_partition_taken_away_is_not_committed() -> None:
+    consumer = FakeConsumer(A0)
+    committer = OffsetCommitter(consumer, delay_s=3600)
+    committer.handled("a", 0, 1)
+    committer.handled("b", 0, 1)  # handled, then b/0 was revoked
+    await committer.close()
+    assert consumer.commits == [{A0: 2}]
+
+
+async def test_positions_are_committed_before_partitions_are_taken_away() -> None:
+    committers = Committers(delay_s=3600)
+    first, second = FakeConsumer(A0), FakeConsumer(B0)
+    committers.of(first).handled("a", 0, 3)
+    committers.of(second).handled("b", 0, 8)
+    assert committers.of(first) is committers.of(first)
+    listener: Any = committers.listener()
+    await listener.on_partitions_revoked({A0})
+    assert first.commits == [{A0: 4}] and second.commits == [{B0: 9}]
+    await committers.close()
+    assert len(first.commits) == 1 and len(second.commits) == 1

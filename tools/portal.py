@@ -100,7 +100,7 @@ class Portal:
         try:
             await self.watcher.wait_until(enough, timeout=timeout, what=f"outcome {count} of {request_id}/{stage}")
         except TimeoutError:
-            raise TimeoutError(f"{len(found)}/{count} {stage} outcomes of {request_id} on {RECOVERY_OUTCOMES}") from None
+            raise TimeoutError(f"{len(found)}/{count} {stage} outcomes of {request_id}") from None
         return found[count - 1]
 
     def outcomes(self, request_id: str) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ async def test_an_acknowledged_reply_is_not_published_again(instances: Callable[
 
 async def test_what_was_committed_with_a_reply_waits_for_it(instances: Callable[[], Instance]) -> None:
     inst = instances()
-    inst.producer = HeldProducer()
+    inst.producer = producer = HeldProducer()
     await inst.start()
     reply, follower = outgoing(2)
     await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=[reply, follower])
@@ -62,13 +62,13 @@ async def test_what_was_committed_with_a_reply_waits_for_it(instances: Callable[
 
     inst.relay._after_replies = watched  # type: ignore[method-assign]
     replying = asyncio.create_task(inst.relay.send_now([reply]))
-    await until(lambda: inst.producer.held is not None, 5, "the reply handed to the producer")
+    await until(lambda: producer.held is not None, 5, "the reply handed to the producer")
     inst.relay.wake()
     # A relay that did not wait would have handed the follower over in the same step (the
     # stand-in's send never suspends) before this test runs again.
     await asyncio.wait_for(reached.wait(), 10)
     assert inst.producer.ids() == [reply.event.id]
-    inst.producer.release()
+    producer.release()
     await replying
     await until(lambda: all_sent(inst), 15, "the outbox published")
     assert inst.producer.ids() == [reply.event.id, follower.event.id], "the reply first, once"
@@ -77,14 +77,14 @@ async def test_what_was_committed_with_a_reply_waits_for_it(instances: Callable[
 async def test_a_reply_that_failed_goes_out_from_the_outbox(instances: Callable[[], Instance]) -> None:
     """A reply whose send failed is not taken for delivered: its copy is published."""
     inst = instances()
-    inst.producer = HeldProducer()
+    inst.producer = producer = HeldProducer()
     await inst.start()
     reply, follower = outgoing(2)
     await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=[reply, follower])
     replying = asyncio.create_task(inst.relay.send_now([reply]))
-    await until(lambda: inst.producer.held is not None, 5, "the reply handed to the producer")
-    assert inst.producer.held is not None
-    inst.producer.held.set_exception(TimeoutError())
+    await until(lambda: producer.held is not None, 5, "the reply handed to the producer")
+    assert producer.held is not None
+    producer.held.set_exception(TimeoutError())
     try:
         await replying
     except TimeoutError:

@@ -192,6 +192,7 @@ class IdentityHandlers:
                 raise
             log.info("counters changed under a decision (attempt %d): deciding again", attempt)
             ctx.outgoing.clear()
+            ctx.replies.clear()  # never send the answer of a decision that was not stored
             return False
 
     def _stage_request(

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -166,6 +167,10 @@ async def test_a_wake_with_nothing_to_publish_costs_one_read(instances: Callable
     assert a.commands.on(LEASES, "update", t0) == 0 and a.commands.on(LEASES, "delete", t0) == 0, dict(sent)
 
 
+def published(inst: Instance, n: int) -> bool:
+    return len(inst.producer.ids()) == n
+
+
 def asleep(relay: OutboxRelay) -> bool:
     """The relay waits for a wake: the wake was taken (cleared at the start of a turn) and
     the turn ended in its wait (asyncio.Event keeps its waiters)."""
@@ -213,9 +218,9 @@ async def test_the_lease_is_renewed_on_a_timer_not_per_cycle(instances: Callable
     await quiet(a)
     t0 = time.monotonic()
     ids: list[str] = []
-    for i in range(1, 21):  # 20 separate commits, each waking the relay, each published
+    for _ in range(20):  # 20 separate commits, each waking the relay, each published
         ids += await a.commit()
-        await until(lambda i=i: len(a.producer.ids()) == i, 5, "commit published")
+        await until(partial(published, a, len(ids)), 5, "commit published")
     busy_s = time.monotonic() - t0
     assert a.producer.ids() == ids
     lease_writes = a.commands.on(LEASES, "update", t0)

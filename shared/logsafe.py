@@ -144,7 +144,7 @@ class BrokerLogger:
         position = _position(self.context.get_local("message")) if self.context is not None else None
         if position is not None:
             fields[POSITION] = position
-        self.logger.log(level, msg, exc_info=exc_info, extra=fields, stacklevel=2)
+        self.logger.log(level, msg, exc_info=exc_info, extra=fields)
 
 
 def safe_logger(name: str = LOGGER_NAME) -> logging.Logger:

@@ -143,6 +143,10 @@ def make_broker(settings: PlatformSettings, service: str) -> KafkaBroker:
         enable_idempotence=True,
         acks="all",
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        # Topics are provisioned (deploy/local/create_topics.py, the chart's provision job) and a
+        # service's principal may not create them: FastStream's attempt at every subscriber's
+        # start was a refused admin request and a warning per topic.
+        allow_auto_create_topics=False,
         logger=logger,
         log_level=logging.DEBUG,
     )

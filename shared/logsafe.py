@@ -47,6 +47,8 @@ KNOWN = tuple(
     )
 )
 WITHHELD = "(FastStream message withheld: it may quote input)"
+# FastStream's warnings about what make_broker chose on purpose: not logged.
+CHOSEN = frozenset({"Auto create topics is disabled. Make sure the topics exist."})
 _TOPICS = re.compile(r"[\w.\-]+(,[\w.\-]+)*")
 _MESSAGE_ID = re.compile(r"(\d+)-\d+")  # FastStream's Kafka message id: "<offset>-<timestamp>"
 
@@ -86,7 +88,8 @@ def position_of(record: logging.LogRecord) -> tuple[str | None, int | None, int 
 
 class SafeRecords(logging.Filter):
     """Rewrites a record in place to the event, the exception's class and the position; drops
-    the message text, its args, the exception (message, args, traceback) and any stack."""
+    the message text, its args, the exception (message, args, traceback) and any stack. Drops
+    the record itself when it only reports a choice of make_broker's (CHOSEN)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -94,6 +97,8 @@ class SafeRecords(logging.Filter):
             text = record.getMessage()
         except Exception:  # a message that does not format is not one of FastStream's own
             text = ""
+        if text in CHOSEN:
+            return False
         line = event(text, exc)
         if exc is not None:
             line += f": {describe(exc)}"

@@ -196,3 +196,14 @@ def test_faststream_texts_without_input_are_kept_the_rest_withheld() -> None:
 def test_a_topic_or_position_that_is_not_one_is_left_out() -> None:
     text = rewritten(record("Kafka error occurred", topic=f"t {NATIONAL_ID}", message_id=ANSWER))
     assert text.endswith(": Kafka error occurred")
+
+
+async def test_a_subscriber_starts_without_creating_topics_or_warning_about_it(output: io.StringIO) -> None:
+    # Topics are provisioned; a service's principal may not create them.
+    broker = make_broker(PlatformSettings(clave_env="development"), "test")
+    assert broker.config.allow_auto_create_topics is False
+    broker._setup_logger()
+    subscriber: Any = broker.subscriber("t", group_id="clave-test")
+    await subscriber._ensure_topics()  # what a subscriber's start does first
+    assert output.getvalue() == ""
+    assert not SafeRecords().filter(record("Auto create topics is disabled. Make sure the topics exist."))

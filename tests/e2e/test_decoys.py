@@ -13,9 +13,7 @@ themselves, so the tokens side is proven on its own."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import secrets
-import statistics
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 
 from shared.crypto import keyed_hash
 from tests.e2e.conftest import Publisher, World
-from tests.e2e.timing import gap, new_rid_on, settled, summary
+from tests.e2e.timing import PairedTiming, balanced_orders, new_rid_on
 from tools.mail import body_text, extract_code
 from tools.testdata import Citizen, new_citizen, new_key, random_cedula
 
@@ -222,32 +220,34 @@ async def test_wrong_codes_take_as_long_on_a_decoy_as_on_a_real_token(world: Wor
     on an account of its own (a later real request of its account would revoke it, and a
     revoked token counts nothing), and no token gets its last allowed attempt. Two groups (a
     real token, a decoy of a known ID, a decoy of an unknown ID, each) are measured at a
-    time, while their codes live; their six request ids sit on the six partitions, and each
-    round walks the partitions in turn (see tests/e2e/timing.py), with the kinds placed on
-    the partitions by a rotation, so no kind is favoured by its place in the order."""
+    time, while their codes live: their six request ids sit on the six partitions, each
+    group's three on three partitions in a row, in an order of timing.balanced_orders (which
+    so rotates the kinds over the partitions too). Each round of wrong codes walks the
+    partitions in turn (see tests/e2e/timing.py), so it times one group's three kinds back to
+    back, then the other's: two cycles, judged on the per-cycle ratios to the real token
+    (timing.PairedTiming states the rule). The bound: 15 % of the real token's time, or 5 ms."""
     partitions = world.settings.kafka_topic_partitions
     kinds = ("real", "known_id", "unknown_id")
-    placements = list(itertools.permutations(range(2 * len(kinds))))
-    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    orders = balanced_orders(*kinds)
     rounds = world.settings.code_max_attempts - 1  # every sample counted, none kills its token
-    pairs, most = 6, 12  # at least 48 samples of each kind, up to 96 until the gaps can be judged
+    per_pair = 2 * rounds  # cycles: each round times each group's three kinds
+    least, most = 6, 12  # pairs of groups: at least 48 cycles, up to 96 until the gaps can be judged
+    timing = PairedTiming(
+        kinds, "real", 0.15, least=least * per_pair, most=most * per_pair, every=3 * per_pair, floor_ms=5.0
+    )  # judged after every 3 pairs: all of `orders` once
     citizens = [new_citizen() for _ in range(4 * most)]  # a real one and a spare one per group
     ids = await world.register(*citizens)
 
-    def limit() -> float:  # 15 % of the real token's median, or 5 ms
-        return max(0.15, 5.0 / statistics.median(samples["real"]))
-
     for pair in range(most):
-        if pair >= pairs and settled(samples, "real", limit()):
+        if timing.done():
             break
-        # Which of the six slots (one per partition) each group's kinds take this time.
-        slots = placements[(pair * 7919) % len(placements)]
         ring: list[tuple[str, str, str]] = []  # (kind, request_id, wrong code), by partition
         groups: list[dict[str, str]] = []
         for g in range(2):
             n = 4 * pair + 2 * g
             real, spare, spare_id = citizens[n], citizens[n + 1], ids[n + 1]
-            on = {kind: slots[3 * g + k] % partitions for k, kind in enumerate(kinds)}
+            order = orders[(2 * pair + g) % len(orders)]
+            on = {kind: (3 * g + place) % partitions for place, kind in enumerate(order)}
             group = {kind: new_rid_on(publisher, on[kind]) for kind in kinds}
             await world.request(real, request_id=group["real"])
             spare_ref = keyed_hash(world.settings.pseudonym_key, spare.national_id)
@@ -263,14 +263,16 @@ async def test_wrong_codes_take_as_long_on_a_decoy_as_on_a_real_token(world: Wor
             ring += [(kind, group[kind], wrong) for kind in kinds]
         ring.sort(key=lambda entry: publisher.partition_of(entry[1]))
         for n in range(1, rounds + 1):
+            cycle: dict[str, float] = {}
             for kind, rid, wrong in ring:
                 started = time.perf_counter()
                 await world.portal.submit_reset(rid, new_key(), code=wrong)
                 outcome = await world.portal.wait_outcome(rid, "reset", count=n)
-                samples[kind].append((time.perf_counter() - started) * 1000)
+                cycle[kind] = (time.perf_counter() - started) * 1000
                 assert outcome["reasons"] == ["token_invalid"], (kind, n)
-    medians = {kind: statistics.median(values) for kind, values in samples.items()}
-    print(f"\nwrong code -> outcome: {summary(samples)}")
-    for kind in ("known_id", "unknown_id"):
-        # Same code path, same writes; the bound leaves room for a shared 2-core machine's noise only.
-        assert gap(medians[kind], medians["real"]) <= limit(), summary(samples)
+                if len(cycle) == len(kinds):  # one group's three, back to back
+                    timing.add(cycle)
+                    cycle = {}
+    print(f"\nwrong code -> outcome: {timing.report()}")
+    # Same code path, same writes; the bound leaves room for a shared 2-core machine's noise only.
+    assert not timing.failed(), timing.report()

@@ -152,7 +152,7 @@ async def test_a_store_outage_is_not_blamed_on_the_mail(running: Sender, smtp: t
         calls += 1
         raise AutoReconnect("store away")
 
-    sender.store.mark_accepted = away  # type: ignore[method-assign]
+    sender.store.mark_accepted = away  # type: ignore[method-assign,assignment]
     import services.notifier.handlers as handlers
 
     handlers_patience = handlers.RECORD_PATIENCE_S

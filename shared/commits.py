@@ -54,6 +54,9 @@ class OffsetCommitter:
 
     async def _later(self) -> None:
         await asyncio.sleep(self.delay_s)
+        # Positions handled while this commit awaits the broker get a timer of their own (left
+        # to the next record, an idle consumer would never commit them: a stalled partition).
+        self._task = None
         await self.flush()
 
     async def flush(self) -> None:

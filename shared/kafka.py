@@ -8,6 +8,7 @@ principal: the local stack writes one per principal in `var/secrets/kafka/`.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -16,6 +17,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from shared.logsafe import BrokerLogger
 from shared.settings import PlatformSettings
 
 S = TypeVar("S", bound=PlatformSettings)
@@ -129,12 +131,24 @@ def make_broker(settings: PlatformSettings, service: str) -> KafkaBroker:
     # At-least-once: offsets are committed only after a handler returned (NACK_ON_ERROR
     # seeks back on an exception), never on receipt (ACK_FIRST would auto-commit).
     settings = connection(settings)
-    return KafkaBroker(
+    # FastStream's log lines (a failing handler, a consume loop that died, a failed commit, the
+    # partitions assigned) go to `clave.broker` rewritten without message text or exception
+    # messages, which may quote input (shared/logsafe.py). Its per-record "Received" and
+    # "Processed" lines are DEBUG.
+    logger = BrokerLogger()
+    broker = KafkaBroker(
         settings.kafka_bootstrap_servers,
         client_id=f"clave-{service}",
         security=_security(settings),
         enable_idempotence=True,
         acks="all",
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        logger=None,
+        # Topics are provisioned (deploy/local/create_topics.py, the chart's provision job) and a
+        # service's principal may not create them: FastStream's attempt at every subscriber's
+        # start was a refused admin request and a warning per topic.
+        allow_auto_create_topics=False,
+        logger=logger,
+        log_level=logging.DEBUG,
     )
+    logger.context = broker.context
+    return broker

@@ -36,8 +36,9 @@ class LagMonitor:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        # Per partition: the position last measured and since when it has not moved.
-        self._positions: dict[TopicPartition, tuple[int, float]] = {}
+        # Per partition: the position last measured, since when records have waited behind it
+        # unmoved, and whether any waited then.
+        self._positions: dict[TopicPartition, tuple[int, float, bool]] = {}
         self._stalled: set[TopicPartition] = set()
         self.group_id = group_id
         self.topics = topics
@@ -83,11 +84,14 @@ class LagMonitor:
             self.metrics.stalled_partitions.labels(topic).set(stalled)
 
     def _is_stalled(self, tp: TopicPartition, position: int, waiting: int) -> bool:
-        """Records wait on `tp` and its committed offset has not moved for STALL_S."""
+        """Records have waited on `tp` for STALL_S and its committed offset has not moved. The
+        clock starts when records are first seen waiting, not when the offset last moved: a
+        partition quiet for minutes that has just got a record (committed a moment later) has
+        not stalled."""
         now = self.clock()
         last = self._positions.get(tp)
-        since = last[1] if last is not None and last[0] == position else now
-        self._positions[tp] = (position, since)
+        since = last[1] if last is not None and last[0] == position and last[2] else now
+        self._positions[tp] = (position, since, waiting > 0)
         stalled = waiting > 0 and now - since >= STALL_S
         if stalled and tp not in self._stalled:
             log.warning(

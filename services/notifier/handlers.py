@@ -500,7 +500,9 @@ class MailSender:
             self.sent.labels(doc["kind"]).inc()
             self.latency.labels(doc["kind"]).observe((datetime.now(UTC) - doc["event_time"]).total_seconds())
             return
-        state, next_at = self.retry.after_failure(doc["attempts"], domain.is_permanent(code), now)
+        # The backoff counts from the failure, not from the start of the attempt: an attempt
+        # that took longer than the backoff (a slow server, a timeout) still waits it out.
+        state, next_at = self.retry.after_failure(doc["attempts"], domain.is_permanent(code), datetime.now(UTC))
         log.warning("mail %s attempt %d: %s -> %s", doc["_id"], doc["attempts"], error, state)
         if state == State.PENDING:
             self.retried.labels(doc["kind"]).inc()

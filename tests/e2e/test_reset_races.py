@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from shared.topics import PASSWORD_UPDATED, RECOVERY_RESETS, TOKENS_REDEEMED
 from tests.e2e.conftest import Publisher, World, fetch, metric_value, metrics_url
 from tools.mail import body_text, extract_code
 from tools.testdata import new_key
-from tools.watch import TopicWatcher
+from tools.watch import DocPredicate, TopicWatcher
 
 pytestmark = pytest.mark.e2e
 
@@ -28,17 +29,24 @@ async def one_key_change(world: World, events: TopicWatcher, rid: str, email: st
     )
     # A later positive event before counting "only one": the key-changed mail has arrived.
     await world.mailbox.wait_for(lambda m: email in str(m["To"]) and "recuperar?" not in body_text(m))
+
+    def on_topic(topic: str) -> DocPredicate:
+        return lambda t, _h, d: t == topic and d["data"]["request_id"] == rid
+
+    def key_changed(_t: str, _h: Any, d: dict[str, Any]) -> bool:
+        return bool(d["data"].get("request_id") == rid and d["data"].get("action") == "key_changed")
+
+    # The test's own consumers may trail the mail: each copy counted below is waited for first.
+    for topic in (TOKENS_REDEEMED, PASSWORD_UPDATED):
+        await events.wait(on_topic(topic))
+    await world.audit_log.wait(key_changed)
     await world.mail_barrier()
     results = sorted((d["data"]["status"], tuple(d["data"]["reasons"])) for d in found)
     assert results == [("completed", ())] + [("rejected", ("token_used",))] * (outcomes - 1), results
     assert len(world.portal.outcomes(rid)) == outcomes + 1  # the request's `accepted`, then these
     for topic in (TOKENS_REDEEMED, PASSWORD_UPDATED):
-        copies = events.matching(lambda t, _h, d, topic=topic: t == topic and d["data"]["request_id"] == rid)
-        assert len(copies) == 1, topic
-    changed = world.audit_log.matching(
-        lambda _t, _h, d: d["data"].get("request_id") == rid and d["data"].get("action") == "key_changed"
-    )
-    assert len(changed) == 1
+        assert len(events.matching(on_topic(topic))) == 1, topic
+    assert len(world.audit_log.matching(key_changed)) == 1
     assert len([m for m in world.mails_to(email) if "recuperar?" not in body_text(m)]) == 1
 
 

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -31,9 +32,11 @@ class FakeProducer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.sent_at: list[float] = []  # time.monotonic() of each send
 
     async def send(self, topic: str, *, value: bytes, key: bytes, headers: list[Any]) -> asyncio.Future[None]:
         self.sent.append((topic, value))
+        self.sent_at.append(time.monotonic())
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -157,11 +160,21 @@ async def test_a_wake_with_nothing_to_publish_costs_one_read(instances: Callable
     t0 = time.monotonic()
     for _ in range(5):  # e.g. the tokens sweeper wakes the relay every 5 s, most often for nothing
         a.relay.wake()
-        await until(lambda: not a.relay._wake.is_set(), 5, "wake handled")
-    await asyncio.sleep(0.3)  # let a (wrong) lease write show up before counting
+        # Back asleep: its turn for this wake is over, with whatever (wrong) write it made.
+        await until(lambda: asleep(a.relay), 5, "wake handled")
     sent = a.commands.since(t0)
     assert sent.get("find", 0) <= 5, dict(sent)
     assert a.commands.on(LEASES, "update", t0) == 0 and a.commands.on(LEASES, "delete", t0) == 0, dict(sent)
+
+
+def published(inst: Instance, n: int) -> bool:
+    return len(inst.producer.ids()) == n
+
+
+def asleep(relay: OutboxRelay) -> bool:
+    """The relay waits for a wake: the wake was taken (cleared at the start of a turn) and
+    the turn ended in its wait (asyncio.Event keeps its waiters)."""
+    return not relay._wake.is_set() and bool(getattr(relay._wake, "_waiters", None))
 
 
 async def test_another_process_commit_is_published_without_a_wake(instances: Callable[[], Instance]) -> None:
@@ -205,9 +218,9 @@ async def test_the_lease_is_renewed_on_a_timer_not_per_cycle(instances: Callable
     await quiet(a)
     t0 = time.monotonic()
     ids: list[str] = []
-    for i in range(1, 21):  # 20 separate commits, each waking the relay, each published
+    for _ in range(20):  # 20 separate commits, each waking the relay, each published
         ids += await a.commit()
-        await until(lambda i=i: len(a.producer.ids()) == i, 5, "commit published")
+        await until(partial(published, a, len(ids)), 5, "commit published")
     busy_s = time.monotonic() - t0
     assert a.producer.ids() == ids
     lease_writes = a.commands.on(LEASES, "update", t0)
@@ -240,15 +253,15 @@ async def test_a_dead_holder_on_this_host_is_taken_over_at_once(instances: Calla
 async def test_a_live_holder_elsewhere_is_waited_out_then_taken_over(instances: Callable[[], Instance]) -> None:
     a = instances()
     await a.store.ensure_indexes()
-    await a.store.db[LEASES].insert_one(
-        {"_id": "relay", "owner": "another-host:1:cafe", "expires_at": datetime.now(UTC) + timedelta(seconds=2)}
-    )
+    expires = datetime.now(UTC) + timedelta(seconds=2)
+    await a.store.db[LEASES].insert_one({"_id": "relay", "owner": "another-host:1:cafe", "expires_at": expires})
     ids = await a.commit(wake=False)
     await a.start()
-    await asyncio.sleep(1.0)  # within the other holder's lease: nothing may be published
-    assert a.producer.ids() == []
     # Not polled every 0.5 s any more: retried when the other lease would run out.
     await until(lambda: a.producer.ids() == ids, 5, "published once the other lease ran out")
+    # Nothing within the other holder's lease (timed by what happened, not by a wait).
+    ran_out = expires.timestamp() - (time.time() - time.monotonic())
+    assert a.producer.sent_at[0] >= ran_out - 0.01, f"published {ran_out - a.producer.sent_at[0]:.2f}s too early"
     assert os.getpid() and a.relay.holding
     # Marked sent once the broker acknowledged them, just after the producer saw them.
     await until(lambda: all_sent(a), 5, "marked sent")
@@ -284,15 +297,21 @@ async def test_a_busy_relay_seals_with_one_bulk_write_and_the_commit(instances: 
     await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(2))
     a.relay.committed()
     await until(lambda: len(a.producer.sent) == 2, 5, "first audit events published")
+    # The first batch is marked sent just after the producer saw it: wait for that write, or
+    # it would land inside the window counted below.
+    await until(lambda: all_sent(a), 5, "first audit events marked sent")
     assert a.relay.holding
     t0 = time.monotonic()
     await a.store.commit(consumer=None, event_id=None, writes=None, outgoing=audits(3))
     a.relay.committed()
     await until(lambda: len(a.producer.sent) == 5, 5, "second audit events published")
+    await until(lambda: all_sent(a), 5, "second audit events marked sent")
     sent = a.commands.since(t0)
     # The commit (bulkWrite, commitTransaction), then the relay: its read of the outbox, the
     # seal (bulkWrite, commitTransaction) and marking them sent; the chain head is not read.
-    assert sent["bulkWrite"] == 2 and sent["commitTransaction"] == 2 and sent["update"] == 1, dict(sent)
+    # (Updates are counted on the outbox only: the lease's renewal runs on its own timer.)
+    marked = a.commands.on(OUTBOX, "update", t0)
+    assert sent["bulkWrite"] == 2 and sent["commitTransaction"] == 2 and marked == 1, dict(sent)
     assert a.commands.on(LEASES, "find", t0) == 0, dict(sent)
     assert chain(a) == [1, 2, 3, 4, 5]
 

@@ -75,3 +75,30 @@ async def test_positions_are_committed_before_partitions_are_taken_away() -> Non
     assert first.commits == [{A0: 4}] and second.commits == [{B0: 9}]
     await committers.close()
     assert len(first.commits) == 1 and len(second.commits) == 1
+
+
+async def test_a_record_handled_while_a_commit_is_in_flight_is_committed_too() -> None:
+    """A position handled while the timer's commit awaits the broker gets a timer of its own:
+    left pending, it would wait for the next record on this consumer, and an idle consumer's
+    partition would show records waiting and no commit (a stalled partition) for ever."""
+    consumer = FakeConsumer(A0)
+    started, release, both = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    plain_commit = consumer.commit
+
+    async def slow_commit(offsets: dict[TopicPartition, int]) -> None:
+        started.set()
+        await release.wait()
+        await plain_commit(offsets)
+        if len(consumer.commits) == 2:
+            both.set()
+
+    consumer.commit = slow_commit  # type: ignore[method-assign]
+    committer = OffsetCommitter(consumer, delay_s=0.01)
+    committer.handled("a", 0, 1)
+    await asyncio.wait_for(started.wait(), 5)  # the timer's commit awaits the broker
+    committer.handled("a", 0, 2)
+    release.set()
+    await asyncio.wait_for(both.wait(), 5)
+    assert consumer.commits == [{A0: 2}, {A0: 3}]
+    await committer.close()
+    assert len(consumer.commits) == 2

@@ -81,7 +81,7 @@ async def test_stopping_the_service_still_cancels_a_handler() -> None:
 async def test_faststream_never_restarts_a_consume_loop_that_ended_cancelled() -> None:
     """Why the pipeline must not let a stray cancellation out: FastStream (pinned) restarts a
     subscriber task that failed, but not one that ended cancelled."""
-    broker = KafkaBroker(logger=None)  # as shared.kafka.make_broker builds it
+    broker = KafkaBroker(logger=None)  # (the supervisor's log lines: tests/unit/test_logsafe.py)
     broker._setup_logger()  # what connecting does
     subscriber: Any = broker.subscriber("t", group_id="g")
     runs = {"failed": 0, "cancelled": 0}

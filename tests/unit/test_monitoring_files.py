@@ -319,6 +319,7 @@ def test_alerts_cover_what_operators_must_hear_about() -> None:
         "clave_mails_sent_total",
         "clave_mails_retried_total",
         "clave_consumer_lag_messages",
+        "clave_consumer_stalled_partitions",
         "clave_outbox_pending",
         "clave_identity_lockouts_total",
         "clave_identity_requests_total",
@@ -379,6 +380,9 @@ QUIET_DAY = [
     s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="unknown_key"', "0x40"),
     s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="sequence"', "0x40"),
     s("clave_consumer_lag_messages", f'{NOTIFIER}, topic="tokens.issued"', "10x40"),
+    # The lag monitor reports every consumed topic, at 0 while its partitions make progress.
+    s("clave_consumer_stalled_partitions", f'{NOTIFIER}, topic="tokens.issued"', "0x40"),
+    s("clave_consumer_stalled_partitions", f'{IDENTITY}, topic="recovery.requests"', "0x40"),
     *buckets(
         "clave_event_to_mail_seconds",
         f"{NOTIFIER}, {LINK}",
@@ -403,6 +407,19 @@ BREAK_AT_RESTART = [
     *(s("up", svc, "1x40") for svc in (IDENTITY, TOKENS, NOTIFIER, PASSWORD)),
     s("up", AUDIT, "1x19 0x2 1x19"),
     s("clave_audit_chain_breaks_total", f'{AUDIT}, reason="bad_signature"', "0x19 _x2 1x19"),
+]
+
+# A consumer of tokens stops serving one partition of recovery.resets: the lag monitor of
+# both instances reports it from minute 5 (one minute after the last commit) to minute 19,
+# when the stuck instance was restarted.
+STALLED_PARTITION = [
+    s("clave_consumer_stalled_partitions", f'{TOKENS}, topic="recovery.resets"', "0x5 1x14 0x20"),
+    s(
+        "clave_consumer_stalled_partitions",
+        f'{T}, instance="127.0.0.1:19402", service="tokens", topic="recovery.resets"',
+        "0x5 1x14 0x20",
+    ),
+    s("clave_consumer_stalled_partitions", f'{TOKENS}, topic="tokens.redeemed"', "0x40"),
 ]
 
 # (alert, input series, evaluation time, labels of the alert expected to fire then)
@@ -436,6 +453,12 @@ INCIDENTS: list[tuple[str, list[dict[str, str]], str, dict[str, str]]] = [
         [s("clave_consumer_lag_messages", f'{NOTIFIER}, topic="t"', "10x5 5000x20")],
         "15m",
         {"service": "notifier", "topic": "t"},
+    ),
+    (
+        "ClaveConsumerStalled",  # one partition stops being served at minute 5
+        STALLED_PARTITION,
+        "9m",
+        {"service": "tokens", "topic": "recovery.resets"},
     ),
     (
         "ClaveOutboxBacklog",  # still publishing, but not keeping up
@@ -608,6 +631,19 @@ def test_alerts_fire_on_their_incidents_and_stay_quiet_otherwise(tmp_path: Path)
             "input_series": FIRST_DEAD_LETTER,
             "alert_rule_test": [
                 {"eval_time": "35m", "alertname": "ClaveDeadLetters", "exp_alerts": []}
+            ],
+        }
+    )
+    # A stalled partition pages only once it has stayed stalled for the rule's `for:` (a
+    # consumer that catches up within it does not), and stops once it is served again.
+    tests.append(
+        {
+            "name": "ClaveConsumerStalled waits for its duration, then resolves",
+            "interval": "1m",
+            "input_series": STALLED_PARTITION,
+            "alert_rule_test": [
+                {"eval_time": at, "alertname": "ClaveConsumerStalled", "exp_alerts": []}
+                for at in ("4m", "7m", "21m")
             ],
         }
     )

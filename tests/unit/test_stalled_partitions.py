@@ -21,6 +21,7 @@ class Offsets:
     """What the broker answers: committed offsets per partition (the test moves them)."""
 
     committed = {0: 3, 1: 3}
+    end = END
 
 
 async def _noop() -> None:
@@ -52,7 +53,7 @@ class Consumer:
         return {0, 1}
 
     async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
-        return dict.fromkeys(partitions, END)
+        return dict.fromkeys(partitions, Offsets.end)
 
     async def beginning_offsets(self, partitions: list[Any]) -> dict[Any, int]:
         return dict.fromkeys(partitions, 0)
@@ -104,3 +105,27 @@ async def test_a_caught_up_partition_is_not_a_stall_however_long_it_is_quiet(mon
         await monitor.measure()
         now[0] += lag.STALL_S
     assert stalled(metrics) == 0
+
+
+async def test_a_quiet_partition_that_just_got_records_is_not_a_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock starts when records are first seen waiting, not when the offset last moved: a
+    partition caught up for minutes that gets a record just before a measurement (handled and
+    committed a moment later) has not stalled. Seen in the e2e runs: quiet partitions flagged
+    with 1 to 5 records "waiting and no commit for 60-75 s", all committed moments later."""
+    monkeypatch.setattr(lag, "AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr(lag, "AIOKafkaConsumer", Consumer)
+    monkeypatch.setattr(Offsets, "committed", {0: END, 1: END})
+    monkeypatch.setattr(Offsets, "end", END)
+    now = [0.0]
+    metrics = ServiceMetrics("test")
+    monitor = lag.LagMonitor(PlatformSettings(clave_env="development"), "g", ["t"], metrics, clock=lambda: now[0])
+    for _ in range(3):
+        await monitor.measure()
+        now[0] += lag.STALL_S
+    monkeypatch.setattr(Offsets, "end", END + 2)  # two records arrive, not committed yet
+    await monitor.measure()
+    assert stalled(metrics) == 0
+    # Still waiting, still no commit, STALL_S later: now it is a stall.
+    now[0] += lag.STALL_S
+    await monitor.measure()
+    assert stalled(metrics) == 2

@@ -78,6 +78,7 @@ WATCH_AWAIT_S = 10.0  # how long one change-stream getMore may wait in the store
 WATCH_MIN_GAP_S = 1.0  # between two getMores that came back empty (see _watch)
 SEEN_MAX = 20_000  # outbox ids this relay already read, so their change events wake nobody
 BATCH = 500
+REPLY_WAIT_S = 5.0  # a batch waits this long at most for a reply in flight (the consumer's own bound)
 CHAIN_ID = "audit-chain"
 # The store cannot run change streams (a standalone server): no use retrying them.
 NO_CHANGE_STREAMS = frozenset({40573, 40324, 115})
@@ -128,6 +129,11 @@ class OutboxRelay:
         self._released = asyncio.Event()  # set when this relay gives its lease back
         self._seen: OrderedDict[ObjectId, None] = OrderedDict()
         self._unparkable: set[Any] = set()  # outbox ids whose parking itself failed: skipped
+        # Replies (send_now): those in flight, which the relay waits for before publishing
+        # anything of theirs (the answer leaves before the work it causes), and those the
+        # broker acknowledged, whose outbox copies are marked sent without a second record.
+        self._replying: dict[str, asyncio.Future[None]] = {}
+        self._replied: OrderedDict[str, None] = OrderedDict()
         self._work_known = False  # woken by a commit of this process: there is something to publish
         # The audit chain's head (seq, hash) as this relay last wrote it: valid only while it
         # holds the lease and no sealing failed (nobody else seals meanwhile), so a seal needs
@@ -363,10 +369,16 @@ class OutboxRelay:
 
     async def send_now(self, outgoing: list[Outgoing]) -> None:
         """Send committed events at once, outside the outbox order (replies someone waits for:
-        HandlerContext.reply). Their outbox copies are published as usual later, with the same
-        ids, so a failure here loses nothing. Not for audit events (they are sealed in order)."""
+        HandlerContext.reply). Their outbox copies go through the relay as usual, with the same
+        ids, so a failure here loses nothing: a copy whose reply the broker acknowledged is
+        marked sent without being published again, and a batch holding a reply still in flight
+        waits for it. Not for audit events (they are sealed in order)."""
         if self._producer is None:
             return
+        replies = [o for o in outgoing if not o.event.type.startswith("ec.clave.audit.")]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for o in replies:  # before any await: a relay cycle starting now sees them
+            self._replying[o.event.id] = done
         producer = self._producer.current
         try:
             futures = [
@@ -379,13 +391,29 @@ class OutboxRelay:
                         *((k, v.encode()) for k, v in o.headers.items()),
                     ],
                 )
-                for o in outgoing
-                if not o.event.type.startswith("ec.clave.audit.")
+                for o in replies
             ]
             await asyncio.gather(*futures)
+            for o in replies:
+                self._replied[o.event.id] = None
+            while len(self._replied) > SEEN_MAX:  # copies another relay published are never looked for
+                self._replied.popitem(last=False)
         except PRODUCER_BROKEN as exc:
             await self._producer.recover(exc, producer)  # the outbox copies go with the new one
             raise
+        finally:
+            for o in replies:
+                self._replying.pop(o.event.id, None)
+            done.set_result(None)
+
+    async def _after_replies(self, docs: list[dict[str, Any]]) -> None:
+        """Wait (bounded) for the replies of these documents still in flight, so that what a
+        handler committed with its reply reaches the broker after it: for an accepted recovery
+        request, the answer is on its way before the mail it causes can start being made (a
+        portal timing answers must not see that work: no enumeration in timing)."""
+        waiting = {id(f): f for d in docs if (f := self._replying.get(d.get("event_id", ""))) is not None}
+        if waiting:
+            await asyncio.wait(list(waiting.values()), timeout=REPLY_WAIT_S)
 
     async def publish_pending(self) -> int:
         """Publish one batch of the outbox; the number published. Without the lease, look
@@ -444,7 +472,13 @@ class OutboxRelay:
         self._sent_with = self._producer.current
         sending: list[tuple[dict[str, Any], Any]] = []
         outage: BaseException | None = None
+        await self._after_replies(docs)
+        replied: list[dict[str, Any]] = []
         for doc in docs:
+            if doc.get("event_id") in self._replied:
+                del self._replied[doc["event_id"]]
+                replied.append(doc)  # on the topic already as a reply (same event id): no second record
+                continue
             headers = [(k, str(v).encode()) for k, v in doc["headers"].items()]
             try:
                 future = await self._producer.send(
@@ -458,7 +492,7 @@ class OutboxRelay:
                 continue
             sending.append((doc, future))
         results = await asyncio.gather(*(f for _, f in sending), return_exceptions=True)
-        published = []
+        published = replied
         for (doc, _), result in zip(sending, results, strict=True):
             if not isinstance(result, BaseException):
                 published.append(doc)

@@ -90,17 +90,28 @@ class Portal:
 
     async def wait_outcome(self, request_id: str, stage: str, timeout: float = 60.0, count: int = 1) -> dict[str, Any]:
         """The `count`-th outcome of `stage` for the request, waiting up to `timeout` seconds."""
-        found = await self.watcher.wait(
-            lambda _t, _h, doc: (
-                doc.get("data", {}).get("request_id") == request_id and doc["data"].get("stage") == stage
-            ),
-            timeout=timeout,
-            count=count,
-        )
-        return found[count - 1]["data"]  # type: ignore[no-any-return]
+        found: list[dict[str, Any]] = []
+
+        def enough() -> bool:
+            nonlocal found
+            found = [o for o in self.outcomes(request_id) if o.get("stage") == stage]
+            return len(found) >= count
+
+        try:
+            await self.watcher.wait_until(enough, timeout=timeout, what=f"outcome {count} of {request_id}/{stage}")
+        except TimeoutError:
+            raise TimeoutError(f"{len(found)}/{count} {stage} outcomes of {request_id}") from None
+        return found[count - 1]
 
     def outcomes(self, request_id: str) -> list[dict[str, Any]]:
-        return [
-            d["data"]
-            for d in self.watcher.matching(lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id)
-        ]
+        """The request's outcomes in arrival order, each event once: an answer sent as a reply
+        has its outbox copy (the same event id) published too when the relay could not know
+        the reply had gone (another instance's relay, a failed reply)."""
+        docs = self.watcher.matching(lambda _t, _h, doc: doc.get("data", {}).get("request_id") == request_id)
+        seen: set[Any] = set()
+        unique = []
+        for doc in docs:
+            if doc.get("id") not in seen:
+                seen.add(doc.get("id"))
+                unique.append(doc["data"])
+        return unique

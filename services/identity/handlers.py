@@ -192,6 +192,7 @@ class IdentityHandlers:
                 raise
             log.info("counters changed under a decision (attempt %d): deciding again", attempt)
             ctx.outgoing.clear()
+            ctx.replies.clear()  # never send the answer of a decision that was not stored
             return False
 
     def _stage_request(
@@ -205,8 +206,11 @@ class IdentityHandlers:
         account = decision.account
         account_id = account.account_id if account else None
         if Emit.ACCEPTED in decision.emit:
-            # Whatever happened, the portal sees the same answer (no account enumeration).
-            ctx.emit(
+            # Whatever happened, the portal sees the same answer (no account enumeration), and
+            # sees it as soon as it is committed: a reply, sent before the relay publishes what
+            # follows (the token and the mail of a verified request must not run while the
+            # answer is still on its way: no enumeration in timing either).
+            ctx.reply(
                 RECOVERY_OUTCOMES,
                 req.request_id,
                 EventType.RECOVERY_OUTCOME,
@@ -214,7 +218,7 @@ class IdentityHandlers:
             )
         if Emit.DUPLICATE in decision.emit:
             # Its own reason: the portal knows the first copy's answer stands (no account is named).
-            ctx.emit(
+            ctx.reply(
                 RECOVERY_OUTCOMES,
                 req.request_id,
                 EventType.RECOVERY_OUTCOME,

@@ -199,8 +199,11 @@ async def test_a_race_for_the_counters_decides_again_on_the_new_counters(
     store.blocks[("a:acc-1", block_ref)] = BlockState(failures=(now,) * 3)
     store.races = 1
     req = request(answers={**ANSWERS, "birth_date": "1900-01-01"})
-    await handlers.recovery_requested(context(store, req.model_dump()), req)
+    ctx = context(store, req.model_dump())
+    await handlers.recovery_requested(ctx, req)
     assert len(store.commits) == 1  # the first staging was dropped, not committed
+    # The answer sent at once is the committed one alone (the dropped decision's is never sent).
+    assert [r.event.id for r in ctx.replies] == [store.commits[0][0].event.id]
     assert topics(store) == [RECOVERY_OUTCOMES, IDENTITY_DECLINED, "audit.events", "audit.events", IDENTITY_LOCKED]
     assert len(store.blocks[("a:acc-1", block_ref)].failures) == 5
     assert store.blocks[("a:acc-1", block_ref)].locked_until is not None
@@ -297,8 +300,13 @@ async def test_unknown_id_wrong_answer_and_all_right_do_the_same_work(
     seen: dict[str, tuple[list[str], list[int]]] = {}
     for name, req in paths.items():
         work.clear()
-        await handlers.recovery_requested(context(store, req.model_dump()), req)
+        ctx = context(store, req.model_dump())
+        await handlers.recovery_requested(ctx, req)
         seen[name] = (list(work), [len(event.to_bytes()) for event in (o.event for o in store.commits[-1])])
+        # On every path the answer is a reply (sent right after the commit, before the relay
+        # publishes the token's or the decoy's event): the same path to the portal.
+        assert [(r.topic, r.event.data["status"]) for r in ctx.replies] == [(RECOVERY_OUTCOMES, "accepted")]
+        assert ctx.replies[0].event.id == store.commits[-1][0].event.id
     (unknown_work, unknown_sizes), (wrong_work, wrong_sizes), (right_work, right_sizes) = seen.values()
     assert unknown_work == wrong_work == right_work
     assert unknown_work.count("argon2") == len(SETTINGS.question_ids())

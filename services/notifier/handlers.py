@@ -203,73 +203,39 @@ class NotifierHandlers:
             "requested_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
             "not_before": evt.not_before.strftime("%Y-%m-%d %H:%M UTC"),
         }
+        await self._tell_both_addresses(ctx, "email_change_requested", evt, context)
+
+    async def email_change_cancelled(self, ctx: HandlerContext, evt: EmailChangeCancelled) -> None:
+        """Both addresses are told that a pending change was cancelled and will not take effect."""
+        context = {"cancelled_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        await self._tell_both_addresses(ctx, "email_change_cancelled", evt, context)
+
+    async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
+        context = {"changed_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        await self._tell_both_addresses(ctx, "email_changed", evt, context)
+
+    async def _tell_both_addresses(
+        self,
+        ctx: HandlerContext,
+        kind: str,
+        evt: EmailChangeRequested | EmailChangeCancelled | EmailChanged,
+        context: dict[str, str],
+    ) -> None:
+        """An e-mail change's notice to both addresses (`<kind>_old`, `<kind>_new`); the old
+        address sees the new one masked."""
         await self._queue(
             ctx,
             [
                 self._doc(
                     ctx,
-                    "email_change_requested_old",
+                    f"{kind}_old",
                     evt.old_recipient,
                     account_id=evt.account_id,
                     request_id=None,
                     context={**context, "new_email_masked": mask_email(evt.new_recipient.email)},
                 ),
                 self._doc(
-                    ctx,
-                    "email_change_requested_new",
-                    evt.new_recipient,
-                    account_id=evt.account_id,
-                    request_id=None,
-                    context=context,
-                ),
-            ],
-        )
-
-    async def email_change_cancelled(self, ctx: HandlerContext, evt: EmailChangeCancelled) -> None:
-        """Both addresses are told that a pending change was cancelled and will not take effect."""
-        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
-        await self._queue(
-            ctx,
-            [
-                self._doc(
-                    ctx,
-                    "email_change_cancelled_old",
-                    evt.old_recipient,
-                    account_id=evt.account_id,
-                    request_id=None,
-                    context={"cancelled_at": when, "new_email_masked": mask_email(evt.new_recipient.email)},
-                ),
-                self._doc(
-                    ctx,
-                    "email_change_cancelled_new",
-                    evt.new_recipient,
-                    account_id=evt.account_id,
-                    request_id=None,
-                    context={"cancelled_at": when},
-                ),
-            ],
-        )
-
-    async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
-        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
-        await self._queue(
-            ctx,
-            [
-                self._doc(
-                    ctx,
-                    "email_changed_old",
-                    evt.old_recipient,
-                    account_id=evt.account_id,
-                    request_id=None,
-                    context={"changed_at": when, "new_email_masked": mask_email(evt.new_recipient.email)},
-                ),
-                self._doc(
-                    ctx,
-                    "email_changed_new",
-                    evt.new_recipient,
-                    account_id=evt.account_id,
-                    request_id=None,
-                    context={"changed_at": when},
+                    ctx, f"{kind}_new", evt.new_recipient, account_id=evt.account_id, request_id=None, context=context
                 ),
             ],
         )

@@ -415,25 +415,16 @@ class TokenHandlers:
 
     async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
         """A contact change moves where recoveries go: no link sent before it may still work."""
-        count = await self.store.revocable_count(evt.account_id)
-        ctx.audit(
-            "tokens_revoked",
-            "info",
-            account_id=evt.account_id,
-            details={"count": count, "cause": "contact_changed", "change_id": evt.change_id},
-        )
-        await ctx.commit(self.store.revoke_account(evt.account_id))
+        await self._revoke_all(ctx, evt.account_id, {"cause": "contact_changed", "change_id": evt.change_id})
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
-        count = await self.store.revocable_count(evt.account_id)
-        ctx.audit(
-            "tokens_revoked",
-            "info",
-            account_id=evt.account_id,
-            details={"count": count, "cause": "email_changed", "command_id": evt.command_id},
-        )
+        await self._revoke_all(ctx, evt.account_id, {"cause": "email_changed", "command_id": evt.command_id})
 
-        await ctx.commit(self.store.revoke_account(evt.account_id))
+    async def _revoke_all(self, ctx: HandlerContext, account_id: str, cause: dict[str, str]) -> None:
+        """Revoke every live token of the account, audited with how many and why."""
+        count = await self.store.revocable_count(account_id)
+        ctx.audit("tokens_revoked", "info", account_id=account_id, details={"count": count, **cause})
+        await ctx.commit(self.store.revoke_account(account_id))
 
     # ---- a reservation nobody answered is released ---------------------------------------------
 

@@ -10,9 +10,11 @@ At-least-once is kept: only the offset after a record whose handling returned (h
 dead-lettered) is ever committed, never the position of one still being handled; a crash
 redelivers the records handled since the last commit, and the consumers drop them as
 `duplicate_event` (their processed-event record), as they already did for the one record
-in flight. A failed commit (the broker away, a rebalance under way) keeps the positions for
-the next one, for the partitions still assigned; the others' records go to their new owner
-again, as duplicates.
+in flight. A failed commit (the broker away, a rebalance under way) keeps the positions of
+the partitions still assigned and is tried again on a timer of its own, each time a little
+later (up to RETRY_MAX_S): an idle consumer would otherwise leave them uncommitted until its
+next record, and its lag would show records waiting that were handled long ago. The others'
+records go to their new owner again, as duplicates.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 log = logging.getLogger(__name__)
 
 COMMIT_DELAY_S = 0.5
+RETRY_MAX_S = 30.0  # the longest wait between tries of a commit that keeps failing
 
 
 class OffsetCommitter:
@@ -42,6 +45,8 @@ class OffsetCommitter:
         self._handled: dict[TopicPartition, int] = {}  # partition -> offset of the next record
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._failures = 0  # commits failed in a row: the next try waits longer
+        self._closing = False
         self.commits = 0  # OffsetCommit requests made (tests)
 
     def handled(self, topic: str, partition: int, offset: int) -> None:
@@ -49,11 +54,14 @@ class OffsetCommitter:
         tp = TopicPartition(topic, partition)
         if offset + 1 > self._handled.get(tp, -1):
             self._handled[tp] = offset + 1
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._later(), name="offset-commit")
+        self._schedule(self.delay_s)
 
-    async def _later(self) -> None:
-        await asyncio.sleep(self.delay_s)
+    def _schedule(self, delay_s: float) -> None:
+        if not self._closing and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._later(delay_s), name="offset-commit")
+
+    async def _later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         # Positions handled while this commit awaits the broker get a timer of their own (left
         # to the next record, an idle consumer would never commit them: a stalled partition).
         self._task = None
@@ -74,15 +82,23 @@ class OffsetCommitter:
                     self.on_commit()
                 await self.consumer.commit(offsets)
             except Exception as exc:
-                # Keep what is still ours for the next commit; a newer position wins.
+                # Keep what is still ours for the next try; a newer position wins.
                 assigned = set(self.consumer.assignment())
                 for tp, offset in offsets.items():
                     if tp in assigned and offset > self._handled.get(tp, -1):
                         self._handled[tp] = offset
-                log.warning("offset commit failed (%s); retried with the next one", exc.__class__.__name__)
+                self._failures += 1
+                retry_s = min(RETRY_MAX_S, self.delay_s * 2**self._failures)
+                log.warning("offset commit failed (%s); tried again in %.1f s", exc.__class__.__name__, retry_s)
+                if self._handled:
+                    self._schedule(retry_s)
+            else:
+                self._failures = 0
 
     async def close(self) -> None:
-        """Commit what is pending and stop the timer."""
+        """Commit what is pending and stop the timer (a commit failing now is not tried again:
+        the next owner of these partitions reads their records again, as duplicates)."""
+        self._closing = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

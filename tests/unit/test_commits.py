@@ -102,3 +102,32 @@ async def test_a_record_handled_while_a_commit_is_in_flight_is_committed_too() -
     assert consumer.commits == [{A0: 2}, {A0: 3}]
     await committer.close()
     assert len(consumer.commits) == 2
+
+
+async def test_a_failed_commit_is_tried_again_without_a_next_record() -> None:
+    """An idle consumer whose commit failed (the broker away a moment) commits its positions on a
+    timer of its own: left for the next record, its partitions would show handled records as
+    waiting (a stalled partition) until traffic came back."""
+    consumer = FakeConsumer(A0)
+    consumer.fail = RuntimeError("coordinator not available")
+    committer = OffsetCommitter(consumer, delay_s=0.01)
+    committer.handled("a", 0, 4)
+    deadline = asyncio.get_running_loop().time() + 5
+    while committer.commits < 2:  # the first try, and at least one more on the timer
+        assert asyncio.get_running_loop().time() < deadline, "no second try"
+        await asyncio.sleep(0.005)
+    consumer.fail = None
+    await asyncio.wait_for(consumer.committed.wait(), 5)  # no record handled meanwhile
+    assert consumer.commits == [{A0: 5}]
+    await committer.close()
+    assert len(consumer.commits) == 1
+
+
+async def test_a_commit_failing_at_close_is_not_tried_again() -> None:
+    consumer = FakeConsumer(A0)
+    committer = OffsetCommitter(consumer, delay_s=0.01)
+    committer.handled("a", 0, 1)
+    consumer.fail = RuntimeError("broker gone")
+    await committer.close()
+    assert committer.commits == 1
+    assert committer._task is None or committer._task.done()  # noqa: SLF001 - no timer left behind

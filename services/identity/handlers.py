@@ -132,7 +132,7 @@ class IdentityHandlers:
                     request_id=req.request_id, stage="request", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
@@ -191,8 +191,7 @@ class IdentityHandlers:
             if attempt == STALE_RETRIES:
                 raise
             log.info("counters changed under a decision (attempt %d): deciding again", attempt)
-            ctx.outgoing.clear()
-            ctx.replies.clear()  # never send the answer of a decision that was not stored
+            ctx.unstage()
             return False
 
     def _stage_request(
@@ -462,5 +461,5 @@ class IdentityHandlers:
             except StaleContact:
                 if attempt == STALE_RETRIES:
                     raise
-                ctx.outgoing.clear()  # another change came first: decide again on what it left
+                ctx.unstage()  # another change came first: decide again on what it left
         raise AssertionError("unreachable")

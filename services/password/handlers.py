@@ -141,8 +141,7 @@ class KeyChecker:
                 if attempt == STALE_RETRIES:
                     raise
                 log.info("key-check counters changed under a decision (attempt %d): deciding again", attempt)
-                ctx.outgoing.clear()
-                ctx.replies.clear()  # never send the answer of a decision that was not stored
+                ctx.unstage()
         self.checks.labels("valid" if verdict.valid else verdict.reasons[0]).inc()
         if decision.locked:
             self.lockouts.inc()
@@ -373,7 +372,7 @@ class PasswordHandlers:
             return self.portal_input.secret(plain, sealed, topic=topic, field="key", ref=ref)
         except InputRefused as refused:
             refuse(refused.portal_reason)
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     # ---- account.contact_updates: a logged-in citizen's new contact data ----------------------

@@ -69,7 +69,7 @@ async def decide_on_fresh_state(ctx: HandlerContext, attempt: Callable[[], Await
         except StaleToken:
             if n == DECIDE_ATTEMPTS:
                 raise
-            ctx.outgoing.clear()  # staged for a state that no longer holds
+            ctx.unstage()  # staged for a state that no longer holds
 
 
 class TokenHandlers:
@@ -210,7 +210,7 @@ class TokenHandlers:
                     request_id=reset.request_id, stage="reset", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted, new_password: str) -> None:

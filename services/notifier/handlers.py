@@ -112,7 +112,7 @@ class NotifierHandlers:
                     request_id=evt.request_id,
                     context={
                         "sent_to_masked": mask_email(evt.recipient.email),
-                        "sent_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
+                        "sent_at": domain.mail_time(ctx.event.time),
                     },
                 )
             )
@@ -148,13 +148,13 @@ class NotifierHandlers:
                     evt.recipient,
                     account_id=evt.account_id,
                     request_id=evt.request_id,
-                    context={"changed_at": evt.changed_at.strftime("%Y-%m-%d %H:%M UTC")},
+                    context={"changed_at": domain.mail_time(evt.changed_at)},
                 )
             ],
         )
 
     async def identity_locked(self, ctx: HandlerContext, evt: IdentityLocked) -> None:
-        minutes = max(1, int((evt.locked_until - datetime.now(UTC)).total_seconds() // 60))
+        minutes = domain.unlock_minutes(datetime.now(UTC), evt.locked_until)
         await self._queue(
             ctx,
             [
@@ -171,7 +171,7 @@ class NotifierHandlers:
 
     async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
         """Every address on file before the change is told (new values masked)."""
-        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
+        when = domain.mail_time(ctx.event.time)
         changes = [(c.field, c.masked) for c in evt.changes]
         await self._queue(
             ctx,
@@ -192,18 +192,18 @@ class NotifierHandlers:
     async def email_change_requested(self, ctx: HandlerContext, evt: EmailChangeRequested) -> None:
         """Both addresses are told as soon as a change is requested, before it can take effect."""
         context = {
-            "requested_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
-            "not_before": evt.not_before.strftime("%Y-%m-%d %H:%M UTC"),
+            "requested_at": domain.mail_time(ctx.event.time),
+            "not_before": domain.mail_time(evt.not_before),
         }
         await self._tell_both_addresses(ctx, "email_change_requested", evt, context)
 
     async def email_change_cancelled(self, ctx: HandlerContext, evt: EmailChangeCancelled) -> None:
         """Both addresses are told that a pending change was cancelled and will not take effect."""
-        context = {"cancelled_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        context = {"cancelled_at": domain.mail_time(ctx.event.time)}
         await self._tell_both_addresses(ctx, "email_change_cancelled", evt, context)
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
-        context = {"changed_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        context = {"changed_at": domain.mail_time(ctx.event.time)}
         await self._tell_both_addresses(ctx, "email_changed", evt, context)
 
     async def _tell_both_addresses(

@@ -186,6 +186,7 @@ class TokenView:
     subject_ref: str | None = None
     decoy: bool = False
     reserved_by: str | None = None
+    recipient: dict[str, Any] | None = None  # where its mail went (None: a decoy)
 
     @property
     def guard_key(self) -> str | None:

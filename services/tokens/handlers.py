@@ -17,7 +17,7 @@ from typing import Any
 from services.tokens import domain
 from services.tokens.domain import By, Reason, State, TokenView
 from services.tokens.settings import TokensSettings
-from services.tokens.store import StaleToken, TokenStore, to_view
+from services.tokens.store import StaleToken, TokenStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SecretBox, new_key_context, recovery_secrets_context
@@ -218,12 +218,10 @@ class TokenHandlers:
         by: By = "token" if reset.token is not None else "code"
         failures = 0
         if reset.token is not None:
-            doc = await self.store.by_hash(domain.token_hash(reset.token))
-            token = to_view(doc) if doc else None
+            token = await self.store.by_hash(domain.token_hash(reset.token))
             verdict = domain.redeem_by_token(token, now, reset.request_id)
         else:
-            doc = await self.store.by_request(reset.request_id)
-            token = to_view(doc) if doc else None
+            token = await self.store.by_request(reset.request_id)
             if token is not None and token.guard_key is not None:
                 failures = await self.store.code_failures(token.guard_key, now - self.account_window)
             verdict = domain.redeem_by_code(
@@ -238,21 +236,23 @@ class TokenHandlers:
         if not verdict.ok:
             await self._refuse(ctx, reset, token, verdict, by, now)
             return
-        assert token is not None and doc is not None and not token.decoy
+        # A real token (the domain redeems no decoy) always names its account and recipient.
+        assert token is not None and not token.decoy and token.account_id is not None
+        account_id = token.account_id
         ctx.emit(
             TOKENS_REDEEMED,
-            doc["account_id"],
+            account_id,
             EventType.TOKENS_REDEEMED,
             TokensRedeemed(
                 request_id=reset.request_id,
-                account_id=doc["account_id"],
+                account_id=account_id,
                 token_id=token.token_id,
-                recipient=Recipient.model_validate(doc["recipient"]),
+                recipient=Recipient.model_validate(token.recipient),
                 sealed_new_key=self.password_box.seal(
                     {"new_password": new_password},
                     purpose=Purpose.NEW_KEY,
                     context=new_key_context(
-                        token_id=token.token_id, account_id=doc["account_id"], request_id=reset.request_id
+                        token_id=token.token_id, account_id=account_id, request_id=reset.request_id
                     ),
                 ),
                 submitted_at=ctx.event.time,
@@ -261,7 +261,7 @@ class TokenHandlers:
         ctx.audit(
             "token_reserved",
             "success",
-            account_id=doc["account_id"],
+            account_id=account_id,
             request_id=reset.request_id,
             details={"token_id": token.token_id, "by": by},
         )
@@ -348,8 +348,7 @@ class TokenHandlers:
         await decide_on_fresh_state(ctx, lambda: self._key_changed(ctx, evt))
 
     async def _key_changed(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
-        doc = await self.store.by_id(evt.token_id)
-        token = to_view(doc) if doc else None
+        token = await self.store.by_id(evt.token_id)
         settlement = domain.settle_key_changed(token.state if token else None)
         # A key change by link proves the mailbox: the account's wrong codes are forgiven.
         clears = token is not None and token.reserved_by == "token" and token.guard_key is not None
@@ -383,8 +382,7 @@ class TokenHandlers:
         # The portal hears "rejected" only now, with the token live again; or token_invalid if it
         # was revoked meanwhile (it never comes back); or spent, if the password service had
         # already used it (a late answer after a timed-out reservation).
-        doc = await self.store.by_id(evt.token_id)
-        token = to_view(doc) if doc else None
+        token = await self.store.by_id(evt.token_id)
         settlement = domain.settle_key_refused(token.state if token else None, evt.reasons)
         ctx.audit(
             settlement.action,

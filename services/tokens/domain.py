@@ -282,6 +282,14 @@ def settle_key_changed(state: str | None) -> Settlement:
     return Settlement(SPEND, "token_spent", "completed", note=note)
 
 
+def forgiven_code_failures(token: TokenView | None) -> str | None:
+    """Whose wrong codes a key change with this token forgives (the guard key), or None. A
+    change by link proves the mailbox; one by code proves nothing more than the code did."""
+    if token is None or token.reserved_by != "token":
+        return None
+    return token.guard_key
+
+
 def settle_key_refused(state: str | None, reasons: list[str]) -> Settlement:
     """password.rejected: the key was refused. A reserved token is released (the portal's
     "rejected" means "the same link works again"), unless it was revoked or killed meanwhile:

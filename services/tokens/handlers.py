@@ -350,15 +350,14 @@ class TokenHandlers:
     async def _key_changed(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
         token = await self.store.by_id(evt.token_id)
         settlement = domain.settle_key_changed(token.state if token else None)
-        # A key change by link proves the mailbox: the account's wrong codes are forgiven.
-        clears = token is not None and token.reserved_by == "token" and token.guard_key is not None
+        forgiven = domain.forgiven_code_failures(token)
         ctx.audit(
             settlement.action,
             "success",
             account_id=evt.account_id,
             request_id=evt.request_id,
             reasons=[settlement.note] if settlement.note else None,
-            details={"token_id": evt.token_id, "code_failures_cleared": clears},
+            details={"token_id": evt.token_id, "code_failures_cleared": forgiven is not None},
         )
         ctx.emit(
             RECOVERY_OUTCOMES,
@@ -370,8 +369,8 @@ class TokenHandlers:
         writes = []
         if settlement.move is not None and token is not None:
             writes.append(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
-        if clears and token is not None and token.guard_key is not None:
-            writes.append(self.store.clear_code_failures(token.guard_key))
+        if forgiven is not None:
+            writes.append(self.store.clear_code_failures(forgiven))
         await ctx.commit(*writes)
         self.settled.labels("spent").inc()
 

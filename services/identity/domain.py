@@ -371,6 +371,11 @@ class Decision:
     locked_until: datetime | None = None  # the block's lock, for the notice
     mail_to: str | None = None  # verified: the address the recovery goes to (registered or backup)
 
+    @property
+    def to_backup(self) -> bool:
+        """The recovery goes to the backup address the citizen typed: the registered one is told."""
+        return self.account is not None and self.mail_to is not None and self.mail_to != self.account.email
+
 
 def cheap_refusal(facts: RequestFacts, limits: Limits, now: datetime) -> str | None:
     """The checks on the requester's own input, made before any hashing: skipping the work

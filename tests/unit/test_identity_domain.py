@@ -938,3 +938,15 @@ def test_brute_force_stays_capped(attempts: list[tuple[int, int]]) -> None:
     for earlier, later in zip(notice_times, notice_times[1:], strict=False):
         assert later - earlier >= LIMITS.notice_window
     assert not [kind for _, kind in world.mails if kind == "recovery"]
+
+
+# ------------------------------------------------------------------ where a verified recovery goes
+
+
+def test_a_recovery_typed_to_the_backup_address_goes_there_and_says_so() -> None:
+    owner = account(backup_email="maria.backup@example.org")
+    backup = decide_request(facts(account=owner, typed_email="Maria.Backup@example.org"), LIMITS, NOW)
+    registered = decide_request(facts(account=owner, typed_email="maria.perez@example.org"), LIMITS, NOW)
+    assert backup.verified and backup.mail_to == "maria.backup@example.org" and backup.to_backup
+    assert registered.verified and registered.mail_to == owner.email and not registered.to_backup
+    assert not Decision(verified=False, reasons=(Reason.ID_INVALID,)).to_backup

@@ -28,7 +28,6 @@ from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash, n
 from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
-from shared.national_id import InvalidId, normalize_any
 from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
     AccountKeyChanged,
@@ -151,18 +150,12 @@ class KeyChecker:
         """The credential and the counters' keys. Counters are keyed by the ID's keyed hash,
         whether or not it names an account (the same documents, the same writes either way),
         so the handler can read them together with the credential."""
-        try:
-            normalized: str | None = normalize_any(national_id)
-        except InvalidId:
-            normalized = None
+        normalized = domain.login_name(national_id)
         credential = await self.store.by_national_id(normalized) if normalized else None
         return normalized, credential, self.counter_keys(normalized or national_id, client_ip)
 
     async def _counters(self, national_id: str, client_ip: str) -> ThrottleState:
-        try:
-            key_id = normalize_any(national_id)
-        except InvalidId:
-            key_id = national_id
+        key_id = domain.login_name(national_id) or national_id
         return await self.store.key_counters(self.counter_keys(key_id, client_ip))
 
     def principal(self, national_id: str) -> str:

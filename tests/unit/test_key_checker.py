@@ -139,3 +139,10 @@ async def test_an_outdated_hash_is_replaced_after_a_right_key() -> None:
     store = Store(stored(hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)))
     await login(store, key="Otra2024x")
     assert store.rehashed == []  # a wrong key never rehashes
+
+
+@pytest.mark.parametrize(
+    ("typed", "name"), [("1710034065", "1710034065"), ("171003406-5", "1710034065"), ("1710034066", None)]
+)
+def test_a_login_names_the_normalised_id_or_none_when_its_check_digits_fail(typed: str, name: str | None) -> None:
+    assert domain.login_name(typed) == name

@@ -83,7 +83,8 @@ class Outcome:
 @dataclass(frozen=True)
 class LoginResult:
     """An answer on `login.results`: `valid`, or `invalid` with a reason (`key_invalid` alike
-    for a wrong key and an unknown ID; `id_invalid`, `throttled`, `check_invalid`)."""
+    for a wrong key and an unknown ID; `id_invalid`, `throttled`, `check_invalid`; `plaintext_refused`
+    or `sealed_invalid` for how the key came)."""
 
     check_id: str
     valid: bool

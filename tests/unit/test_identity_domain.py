@@ -46,6 +46,7 @@ from services.identity.domain import (
     within,
 )
 from services.identity.settings import IdentitySettings
+from shared.crypto import constant_time_equal
 from shared.schemas import RecoveryRequested
 
 NOW = datetime(2025, 3, 9, 12, 0, tzinfo=UTC)
@@ -950,3 +951,21 @@ def test_a_recovery_typed_to_the_backup_address_goes_there_and_says_so() -> None
     assert backup.verified and backup.mail_to == "maria.backup@example.org" and backup.to_backup
     assert registered.verified and registered.mail_to == owner.email and not registered.to_backup
     assert not Decision(verified=False, reasons=(Reason.ID_INVALID,)).to_backup
+
+
+def test_the_address_and_the_representative_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both are things a requester must know: an early-exit == would time how much of the
+    # address on file (or the representative's cédula) a guess got right.
+    import services.identity.domain as identity_domain
+
+    compared: list[tuple[str, str]] = []
+
+    def spy(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return constant_time_equal(a, b)
+
+    monkeypatch.setattr(identity_domain, "constant_time_equal", spy)
+    assert same_mailbox("Ana@Example.org", "ana@example.org")
+    employer = account(profile="employer", national_id="1790011674001", representative_id="1710034065")
+    assert not representative_matches(employer, "0926687856")
+    assert compared == [("ana@example.org", "ana@example.org"), ("0926687856", "1710034065")]

@@ -53,6 +53,7 @@ HSTS = {"Strict-Transport-Security": "max-age=31536000; includeSubDomains"}
 
 
 def create_app(settings: PageSettings, backend: RecoveryBackend, captcha: Captcha | None = None) -> FastAPI:
+    refuse_unsafe(settings, captcha)
     app = FastAPI(title="Clave reference page", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     pages = Pages(settings, backend, captcha or StandInCaptcha())
@@ -81,6 +82,21 @@ def create_app(settings: PageSettings, backend: RecoveryBackend, captcha: Captch
     app.add_api_route("/ingresar", pages.login_submit, methods=["POST"])
     app.add_api_route("/healthz", pages.healthz, methods=["GET"])
     return app
+
+
+class UnsafeSettings(ValueError):
+    """The page would serve with a protection missing: it refuses to start instead."""
+
+
+def refuse_unsafe(settings: PageSettings, captcha: Captcha | None) -> None:
+    """Fail closed: PAGE_CAPTCHA=external with no captcha given (or the stand-in given) would
+    serve the development checkbox as if it were the portal's captcha; and what production
+    refuses (PageSettings.problems) is refused here too, whoever builds the app."""
+    problems = settings.problems()
+    if settings.page_captcha == "external" and (captcha is None or isinstance(captcha, StandInCaptcha)):
+        problems.append("PAGE_CAPTCHA=external: give create_app the portal's Captcha (none was given)")
+    if problems:
+        raise UnsafeSettings("; ".join(problems))
 
 
 class Pages:

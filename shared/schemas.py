@@ -187,6 +187,9 @@ class LoginResult(InternalPayload):
     check_id: str = RequestId
     status: Literal["valid", "invalid"]
     reasons: list[str] = Field(default_factory=list)
+    # Added: the right key is a legacy one the import took against the key policy
+    # (`--legacy-keys`); the portal has the citizen choose a new one. Only with `valid`.
+    must_change: bool = False
 
 
 class AccountKeyChanged(InternalPayload):

@@ -71,6 +71,9 @@ class KeyVerdict:
     national_id: str | None  # normalised; None when it fails its check digits
     account_id: str | None  # the account the ID names, when it has a key
     subject_ref: str  # keyed hash of the national ID (audit)
+    # A right key the import took against the policy (--legacy-keys): the portal must have the
+    # citizen change it. Only ever True with `valid`, so it says nothing about a wrong key.
+    must_change: bool = False
 
 
 # What a caller stages for a verdict (events on ctx; returned writes join the one bulk write).
@@ -129,6 +132,7 @@ class KeyChecker:
                 national_id=normalized,
                 account_id=credential.account_id if credential and stored else None,
                 subject_ref=self.ref(normalized or national_id),
+                must_change=decision.valid and credential is not None and credential.must_change,
             )
             self._audit(ctx, verdict, decision, credential, purpose, reference)
             extra = stage(verdict) if stage is not None else None
@@ -333,7 +337,10 @@ class PasswordHandlers:
 
         def answer(verdict: KeyVerdict) -> None:
             result = LoginResult(
-                check_id=evt.check_id, status="valid" if verdict.valid else "invalid", reasons=list(verdict.reasons)
+                check_id=evt.check_id,
+                status="valid" if verdict.valid else "invalid",
+                reasons=list(verdict.reasons),
+                must_change=verdict.must_change,
             )
             ctx.reply(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)  # sent at once after the commit
 

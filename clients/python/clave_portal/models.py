@@ -90,11 +90,20 @@ class LoginResult:
     valid: bool
     reasons: tuple[str, ...] = ()
     event_id: str = ""
+    # The key is right but one the import took against the key policy: have it changed.
+    must_change: bool = False
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> LoginResult:
         data = event["data"]
-        return cls(data["check_id"], data["status"] == "valid", tuple(data.get("reasons", ())), event["id"])
+        valid = data["status"] == "valid"
+        return cls(
+            data["check_id"],
+            valid,
+            tuple(data.get("reasons", ())),
+            event["id"],
+            must_change=valid and bool(data.get("must_change", False)),
+        )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,40 @@ A request that identity did not verify gets a *decoy*: a token no one knows (its
 hashes are of values drawn and thrown away here), with the same lifetimes and
 counters, so its code path answers exactly as a real token's would. A decoy is
 never mailed and never revokes anything.
+
+Wrong codes are counted under guard keys (`code_guard`), and every code, on a real token or
+a decoy, is judged by the same two counts: the *account's* (wrong codes on its real tokens,
+from any address; for an unknown ID, its keyed hash, which no real token feeds) and the
+*subject's from the address block of the reset that typed it* (every wrong code on its
+tokens, real or decoy, from that IPv4 address or IPv6 /64, or one "no address" bucket per
+subject). At 10 in either, no code is accepted. A real token's wrong code adds to both; a
+decoy's only to the block count (and to a tally of the subject's decoys that nothing
+reads, so the write has the same shape). So a stranger's wrong codes on decoys stop codes
+only from the stranger's own block: the owner, from another address, redeems the mailed
+code (they used to stop all of the owner's codes for a day). The account count still
+bounds guessing on real tokens to 10 a day, whatever the addresses.
+
+Why a requester learns nothing from this about whether a request was verified:
+
+- A real token and a decoy read the same two counts and apply the same rule; they differ
+  only in what a wrong code *adds*. Every wrong code the requester types from a block adds
+  to that block's count either way, so from any one block the answers are the same: after
+  5 per token, after 10 per block, `code_attempts_exceeded`.
+- Seeding a block's count with wrong codes on requests the requester *knows* failed (wrong
+  answers on purpose) does not help: the probe, real or decoy, reads the same seeded count.
+  (Had decoys counted under a key that real tokens do not read, exactly this would be an
+  oracle: seed, then probe a guessed request from the same block at the first code.)
+- The owner's own wrong codes reach the account count, which decoys read too: they refuse
+  the stranger's decoy exactly as they would a real token.
+- What a requester's wrong codes add to the account count differs: on a real token they
+  count there, on a decoy not. To see that, the requester must type 10 wrong codes on
+  real tokens from other blocks and then probe, i.e. already hold several verified
+  requests: the right answers and e-mail (and each of those requests mailed the owner).
+  Wrong codes on decoys never reach the account count, so they cannot do it.
+
+The "no address" bucket (a reset without `client_ip`) is shared by every reset of that
+subject without one, the owner's included: a portal that sends no address keeps the old
+behaviour (a stranger can stop codes for a day, never the link).
 """
 
 from __future__ import annotations
@@ -31,6 +65,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from shared.crypto import constant_time_equal, mac, sha256_hex
+from shared.throttle import address_block_or_none
 
 
 class Reason:
@@ -190,8 +225,52 @@ class TokenView:
 
     @property
     def guard_key(self) -> str | None:
-        """Whose wrong codes these are: the account, or (a decoy of an unknown ID) the ID's keyed hash."""
+        """Whose wrong codes these are (the subject): the account, or (a decoy of an unknown ID)
+        the ID's keyed hash. tokens.code_rejected is keyed by it; the counts are `code_guard`'s."""
         return self.account_id or self.subject_ref
+
+
+NO_ADDRESS = "no-address"  # the block of a reset that came without client_ip
+
+
+@dataclass(frozen=True)
+class CodeGuard:
+    """The wrong-code counts a code typed on one token from one block is judged by (`limiting`,
+    the same two for a real token and a decoy) and, if wrong, adds to (`adds`: one record
+    carrying both keys, so the write has the same shape on a real token and a decoy)."""
+
+    subject: str  # whose counts these are: a key change by link clears all of them
+    limiting: tuple[str, str]  # (the account's, the subject's from this block)
+    adds: tuple[str, str]
+
+    def failures(self, counts: dict[str, int]) -> int:
+        """The count the limit applies to: the larger of the two."""
+        return max(counts.get(key, 0) for key in self.limiting)
+
+
+def block_key(subject: str, client_ip: str | None) -> str:
+    """The subject's wrong codes from one address block (the rule of shared/throttle.py)."""
+    return f"{subject}|{address_block_or_none(client_ip) or NO_ADDRESS}"
+
+
+def decoy_tally_key(subject: str) -> str:
+    return f"decoys|{subject}"
+
+
+def code_guard(token: TokenView | None, client_ip: str | None) -> CodeGuard | None:
+    """Which counts a code on this token, typed from `client_ip`, is judged by and adds to.
+
+    Both kinds are judged by the account's count and the (subject, block) count. A real
+    token's wrong code adds to both (the account's bounds guessing on real tokens across all
+    addresses); a decoy's adds to the block count and to the subject's decoy tally (read by
+    nothing that decides), never to the account's: a stranger cannot reach the owner's
+    codes from another block. Why this is no oracle: the module docstring."""
+    if token is None or token.guard_key is None:
+        return None
+    subject = token.guard_key
+    block = block_key(subject, client_ip)
+    adds = (decoy_tally_key(subject), block) if token.decoy else (subject, block)
+    return CodeGuard(subject, (subject, block), adds)
 
 
 @dataclass(frozen=True)
@@ -231,9 +310,10 @@ def redeem_by_code(
     account_failures: int = 0,
     account_limit: int | None = None,
 ) -> Redemption:
-    """The code. `account_failures` are the wrong codes of the token's account (or, for a decoy
-    of an unknown ID, of that ID) in the window; at `account_limit` no code is accepted, but the
-    link still works (it clears the count)."""
+    """The code. `account_failures` are the wrong codes in the window that limit this token
+    (`CodeGuard.failures`: for a real token the account's or its block's, whichever is more;
+    for a decoy its subject's from the block typing); at `account_limit` no code is accepted,
+    but the link still works (a key change by it clears the counts)."""
     if token is None or token.state == State.REVOKED:
         return Redemption(False, Reason.TOKEN_INVALID)
     if token.state == State.DEAD or token.code_attempts >= max_attempts:
@@ -283,8 +363,9 @@ def settle_key_changed(state: str | None) -> Settlement:
 
 
 def forgiven_code_failures(token: TokenView | None) -> str | None:
-    """Whose wrong codes a key change with this token forgives (the guard key), or None. A
-    change by link proves the mailbox; one by code proves nothing more than the code did."""
+    """Whose wrong codes a key change with this token forgives (the subject: the account key
+    and every (account, block) count), or None. A change by link proves the mailbox; one by
+    code proves nothing more than the code did."""
     if token is None or token.reserved_by != "token":
         return None
     return token.guard_key

@@ -222,8 +222,10 @@ class TokenHandlers:
             verdict = domain.redeem_by_token(token, now, reset.request_id)
         else:
             token = await self.store.by_request(reset.request_id)
-            if token is not None and token.guard_key is not None:
-                failures = await self.store.code_failures(token.guard_key, now - self.account_window)
+            guard = domain.code_guard(token, reset.client_ip)
+            if guard is not None:
+                counts = await self.store.code_failures(guard.limiting, now - self.account_window)
+                failures = guard.failures(counts)
             verdict = domain.redeem_by_code(
                 token,
                 reset.code or "",
@@ -292,8 +294,8 @@ class TokenHandlers:
             subject_ref,
             details={"by": by, "decoy": bool(token and token.decoy)},
         )
-        wrong = verdict.count_wrong_code and token is not None and token.guard_key is not None
-        if wrong:
+        guard = domain.code_guard(token, reset.client_ip) if verdict.count_wrong_code else None
+        if guard is not None:
             assert token is not None and token.guard_key is not None
             ctx.emit(
                 TOKENS_CODE_REJECTED,
@@ -307,11 +309,11 @@ class TokenHandlers:
                 ),
             )
 
-        if wrong:
-            assert token is not None and token.guard_key is not None
+        if guard is not None:
+            assert token is not None
             await ctx.commit(
                 self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill),
-                self.store.record_code_failure(token.guard_key, now, now + self.account_window),
+                self.store.record_code_failure(guard, now, now + self.account_window),
             )
         else:
             await ctx.commit()

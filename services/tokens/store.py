@@ -12,11 +12,26 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.tokens.domain import KILL, RELEASE, RESERVE, REVOKE, SPEND, By, Move, NewToken, State, TokenView
+from services.tokens.domain import (
+    KILL,
+    RELEASE,
+    RESERVE,
+    REVOKE,
+    SPEND,
+    By,
+    CodeGuard,
+    Move,
+    NewToken,
+    State,
+    TokenView,
+)
 from shared.store import ServiceStore, Write
 
 TOKENS = "tokens"
-CODE_FAILURES = "code_failures"  # one document per wrong code, by account (or ID keyed hash)
+# One document per wrong code: its subject (account or ID keyed hash) and the guard keys it
+# counts under (domain.code_guard). Documents written before the keys came carry one `key`
+# (the account): they still count, for it, until their TTL removes them.
+CODE_FAILURES = "code_failures"
 # Expired tokens stay a day (so a late click says "expired", not "invalid"), then the TTL index removes them.
 PURGE_GRACE = timedelta(days=1)
 
@@ -68,7 +83,9 @@ class TokenStore(ServiceStore):
         await self.db[TOKENS].create_index([("account_id", 1), ("state", 1)])
         await self.db[TOKENS].create_index([("state", 1), ("reserved_until", 1)])
         await self.db[TOKENS].create_index("purge_at", expireAfterSeconds=0)
-        await self.db[CODE_FAILURES].create_index([("key", 1), ("at", 1)])
+        await self.db[CODE_FAILURES].create_index([("key", 1), ("at", 1)])  # documents from before the keys
+        await self.db[CODE_FAILURES].create_index([("keys", 1), ("at", 1)])
+        await self.db[CODE_FAILURES].create_index("subject")
         await self.db[CODE_FAILURES].create_index("purge_at", expireAfterSeconds=0)
 
     # ---- reads ----------------------------------------------------------------------------
@@ -117,9 +134,16 @@ class TokenStore(ServiceStore):
         until = doc.get("reserved_until") if doc else None
         return until if isinstance(until, datetime) else None
 
-    async def code_failures(self, key: str, since: datetime) -> int:
-        """Wrong codes for this account (or ID) since `since`."""
-        return await self.db[CODE_FAILURES].count_documents({"key": key, "at": {"$gte": since}})
+    async def code_failures(self, keys: tuple[str, ...], since: datetime) -> dict[str, int]:
+        """Wrong codes under each of `keys` since `since`: one read, the same for any token.
+        At most about twice the limit can match (a refused code is not recorded)."""
+        query = {"$or": [{"keys": {"$in": list(keys)}}, {"key": {"$in": list(keys)}}], "at": {"$gte": since}}
+        counts = dict.fromkeys(keys, 0)
+        async for doc in self.db[CODE_FAILURES].find(query, {"keys": 1, "key": 1}):
+            for key in doc.get("keys") or [doc.get("key")]:
+                if key in counts:
+                    counts[key] += 1
+        return counts
 
     # ---- writes: staged, applied by the handler's commit in its transaction -------------------
 
@@ -160,12 +184,20 @@ class TokenStore(ServiceStore):
             must_match=True,
         )
 
-    def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> Write:
+    def record_code_failure(self, guard: CodeGuard, now: datetime, keep_until: datetime) -> Write:
         # An insert per wrong code, never a read-modify-write: parallel guesses are all counted.
-        return self.insert(CODE_FAILURES, {"_id": secrets.token_hex(12), "key": key, "at": now, "purge_at": keep_until})
+        doc = {
+            "_id": secrets.token_hex(12),
+            "subject": guard.subject,
+            "keys": list(guard.adds),
+            "at": now,
+            "purge_at": keep_until,
+        }
+        return self.insert(CODE_FAILURES, doc)
 
-    def clear_code_failures(self, key: str) -> Write:
-        return self.delete(CODE_FAILURES, {"key": key}, many=True)
+    def clear_code_failures(self, subject: str) -> Write:
+        """Every wrong code of the subject: its account count and each of its block counts."""
+        return self.delete(CODE_FAILURES, {"$or": [{"subject": subject}, {"key": subject}]}, many=True)
 
     def park_reservation(self, token_id: Any, reason: str, now: datetime) -> Write:
         """The sweeper could not release this reservation: it no longer looks at it (the token

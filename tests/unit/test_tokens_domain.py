@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from services.tokens.domain import (
     KILL,
     MOVES,
+    NO_ADDRESS,
     RELEASE,
     RESERVE,
     REVOKE,
@@ -24,6 +25,8 @@ from services.tokens.domain import (
     Redemption,
     State,
     TokenView,
+    block_key,
+    code_guard,
     code_hash,
     decoy,
     expiries,
@@ -328,6 +331,123 @@ def test_account_limit_property(attempts: int, failures: int, right: bool) -> No
 
 def test_guard_key_is_the_account_or_the_id_hash() -> None:
     assert view().guard_key == "acc-1"
+
+
+# ------------------------------------------------------------------ whose count a wrong code reaches
+
+STRANGER_IP, OWNER_IP = "203.0.113.9", "198.51.100.4"
+
+
+class Counts:
+    """The code_failures documents (each with the keys it counts under), and one typed code
+    judged as the handler judges it: guard, counts, verdict, record."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, ...]] = []
+
+    def type_code(self, tok: TokenView, guess: str, client_ip: str | None) -> tuple[TokenView, Redemption]:
+        guard = code_guard(tok, client_ip)
+        assert guard is not None
+        counts = {key: sum(key in keys for keys in self.records) for key in guard.limiting}
+        r = by_code(tok, guess, guard.failures(counts))
+        if r.count_wrong_code:
+            self.records.append(guard.adds)
+            tok = replace(tok, code_attempts=tok.code_attempts + 1, state=State.DEAD if r.kill else tok.state)
+        return tok, r
+
+
+def token(n: int, *, is_decoy: bool, account_id: str | None = "acc-1", subject_ref: str | None = None) -> TokenView:
+    token_id = f"tok-{n}"
+    return view(
+        token_id=token_id,
+        request_id=f"req-{n}",
+        code_hash=code_hash(KEY, token_id, CODE),
+        decoy=is_decoy,
+        account_id=account_id,
+        subject_ref=subject_ref,
+    )
+
+
+def wrong_codes(counts: Counts, toks: list[TokenView], client_ip: str | None) -> list[str | None]:
+    """MAX wrong codes on each token, from one address: the answers, in order."""
+    reasons = []
+    for tok in toks:
+        for _ in range(MAX):
+            tok, r = counts.type_code(tok, "999999", client_ip)
+            reasons.append(r.reason)
+    return reasons
+
+
+def test_a_strangers_wrong_codes_on_decoys_do_not_stop_the_owners_code() -> None:
+    """The attack: two failed requests for the owner's ID, 5 + 5 wrong codes from one address."""
+    counts = Counts()
+    wrong_codes(counts, [token(1, is_decoy=True), token(2, is_decoy=True)], STRANGER_IP)
+    assert len(counts.records) == ACCOUNT_LIMIT
+    # The owner, from home, with the mailed code: accepted.
+    _, r = counts.type_code(token(3, is_decoy=False), CODE, OWNER_IP)
+    assert r.ok
+    # Without an address the owner would be judged by the "no address" count: untouched too.
+    assert counts.type_code(token(4, is_decoy=False), CODE, None)[1].ok
+
+
+def test_a_requesters_decoys_answer_exactly_as_real_tokens_would() -> None:
+    """The same guesses from one block: the same answers, on decoys and on real tokens."""
+    answers = {}
+    for is_decoy in (True, False):
+        counts = Counts()
+        reasons = wrong_codes(counts, [token(1, is_decoy=is_decoy), token(2, is_decoy=is_decoy)], STRANGER_IP)
+        _, third = counts.type_code(token(3, is_decoy=is_decoy), "123456", STRANGER_IP)
+        answers[is_decoy] = [*reasons, third.reason]
+    tail = [Reason.TOKEN_INVALID] * (MAX - 1) + [Reason.CODE_ATTEMPTS_EXCEEDED]
+    assert answers[True] == answers[False] == [*tail, *tail, Reason.CODE_ATTEMPTS_EXCEEDED]
+
+
+@pytest.mark.parametrize("probe_is_decoy", [True, False])
+def test_seeding_a_block_with_known_decoys_refuses_any_probe_from_it(probe_is_decoy: bool) -> None:
+    """Wrong codes on requests the requester knows failed reach every token typed from that
+    block, real or decoy: no first-code oracle on whether a guessed request was verified."""
+    counts = Counts()
+    wrong_codes(counts, [token(1, is_decoy=True), token(2, is_decoy=True)], STRANGER_IP)
+    _, r = counts.type_code(token(3, is_decoy=probe_is_decoy), CODE, STRANGER_IP)
+    assert r == Redemption(False, Reason.CODE_ATTEMPTS_EXCEEDED)
+
+
+def test_the_real_token_limit_spans_every_address() -> None:
+    """Someone who passed identity but lacks the mailbox: 10 wrong codes on real tokens, each
+    from a different address, and no code is accepted from any address (the link still is)."""
+    counts = Counts()
+    ips = iter(f"192.0.2.{n}" for n in range(1, 100))
+    for n in (1, 2):
+        tok = token(n, is_decoy=False)
+        for _ in range(MAX):
+            tok, r = counts.type_code(tok, "999999", next(ips))
+    assert r.reason == Reason.CODE_ATTEMPTS_EXCEEDED
+    fresh = token(3, is_decoy=False)
+    assert counts.type_code(fresh, CODE, OWNER_IP)[1] == Redemption(False, Reason.CODE_ATTEMPTS_EXCEEDED)
+    assert redeem_by_token(fresh, NOW, "req-3").ok
+
+
+def test_the_accounts_count_refuses_a_decoy_as_it_would_a_real_token() -> None:
+    """The owner's own 10 wrong codes (real tokens, from home) stop codes everywhere, a
+    stranger's decoy included: the decoy answers as a real token would."""
+    counts = Counts()
+    wrong_codes(counts, [token(1, is_decoy=False), token(2, is_decoy=False)], OWNER_IP)
+    for is_decoy in (True, False):
+        _, r = counts.type_code(token(3, is_decoy=is_decoy), "123456", STRANGER_IP)
+        assert r == Redemption(False, Reason.CODE_ATTEMPTS_EXCEEDED)
+
+
+def test_a_decoys_wrong_code_adds_to_its_block_never_to_the_account() -> None:
+    guard = code_guard(token(1, is_decoy=True), "2001:db8:1:2:aaaa::1")
+    assert guard is not None
+    assert guard.limiting == ("acc-1", "acc-1|2001:db8:1:2::/64")
+    assert "acc-1" not in guard.adds and "acc-1|2001:db8:1:2::/64" in guard.adds
+    real = code_guard(token(2, is_decoy=False), "2001:db8:1:2:bbbb::9")
+    assert real is not None and real.adds == real.limiting == guard.limiting  # the same /64
+    unknown = code_guard(token(3, is_decoy=True, account_id=None, subject_ref="ref-9"), None)
+    assert unknown is not None and unknown.limiting == ("ref-9", f"ref-9|{NO_ADDRESS}")
+    assert block_key("acc-1", "::ffff:203.0.113.9") == block_key("acc-1", STRANGER_IP) == "acc-1|203.0.113.9"
+    assert code_guard(None, STRANGER_IP) is None
     assert view(account_id=None, subject_ref="ref-1").guard_key == "ref-1"
 
 

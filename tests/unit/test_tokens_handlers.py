@@ -45,7 +45,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.tokens: dict[str, dict[str, Any]] = {}
-        self.failures: list[tuple[str, datetime]] = []
+        # (subject, the keys it counts under, when): as the store's code_failures documents.
+        self.failures: list[tuple[str, tuple[str, ...], datetime]] = []
         self.commits: list[list[Outgoing]] = []
         # Someone else's write, committed between our read and our commit (the next commit's).
         self.race: Hook | None = None
@@ -74,8 +75,8 @@ class MemoryStore:
     async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
         return self._find(request_id=request_id) is not None, await self.revocable_count(account_id)
 
-    async def code_failures(self, key: str, since: datetime) -> int:
-        return sum(k == key and at >= since for k, at in self.failures)
+    async def code_failures(self, keys: tuple[str, ...], since: datetime) -> dict[str, int]:
+        return {key: sum(key in ks and at >= since for _, ks, at in self.failures) for key in keys}
 
     @staged
     async def insert_token(self, token: NewToken) -> None:
@@ -130,12 +131,12 @@ class MemoryStore:
             token["state"] = State.DEAD
 
     @staged
-    async def record_code_failure(self, key: str, now: datetime, keep_until: datetime) -> None:
-        self.failures.append((key, now))
+    async def record_code_failure(self, guard: domain.CodeGuard, now: datetime, keep_until: datetime) -> None:
+        self.failures.append((guard.subject, guard.adds, now))
 
     @staged
-    async def clear_code_failures(self, key: str) -> None:
-        self.failures = [(k, at) for k, at in self.failures if k != key]
+    async def clear_code_failures(self, subject: str) -> None:
+        self.failures = [f for f in self.failures if f[0] != subject]
 
     async def overdue_reservations(self, now: datetime) -> list[dict[str, Any]]:
         self.reads += 1
@@ -269,7 +270,7 @@ async def test_racing_wrong_codes_are_both_counted(setup: tuple[MemoryStore, Tok
 
     def other_wrong_code_lands(s: MemoryStore) -> None:
         s.tokens[token_id]["code_attempts"] += 1
-        s.failures.append(("acc-1", datetime.now(UTC)))
+        s.failures.append(("acc-1", ("acc-1",), datetime.now(UTC)))
 
     store.race = other_wrong_code_lands
     ctx = await reset(h, store, request_id="req-1", code=f"{(int(code) + 1) % 10**6:06d}")
@@ -460,7 +461,7 @@ async def test_the_account_limit_spans_tokens_and_a_key_change_by_link_clears_it
 ) -> None:
     store, h = setup
     limit = SETTINGS.code_account_max_failures
-    store.failures = [("acc-1", datetime.now(UTC) - timedelta(minutes=1))] * limit
+    store.failures = [("acc-1", ("acc-1",), datetime.now(UTC) - timedelta(minutes=1))] * limit
     token_id, _, code = await issue(h, store)
     refused = await reset(h, store, request_id="req-1", code=code)
     assert outcome(refused)["reasons"] == ["code_attempts_exceeded"]
@@ -475,10 +476,35 @@ async def test_the_account_limit_spans_tokens_and_a_key_change_by_link_clears_it
     assert store.failures == []
 
 
+async def test_a_strangers_wrong_codes_on_decoys_leave_the_owners_code_working(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    """Two failed requests for the owner's ID, the account limit's worth of wrong codes on
+    them from one address; the owner's own request, from home, redeems its code."""
+    store, h = setup
+    per_token, limit = SETTINGS.code_max_attempts, SETTINGS.code_account_max_failures
+    decoys = [f"req-d{n}" for n in range(-(-limit // per_token))]
+    for rid in decoys:
+        await decline(h, store, rid, "acc-1", "ref-1")
+    for n in range(limit):
+        await reset(h, store, request_id=decoys[n // per_token], code="000000", client_ip="203.0.113.9")
+    assert len(store.failures) == limit
+    # Each record has a real one's shape (two keys), none of them the account's.
+    assert all(len(keys) == 2 and "acc-1" not in keys for _, keys, _ in store.failures)
+    stranger_again = await decline(h, store, "req-d9", "acc-1", "ref-1")
+    assert staged(stranger_again) == [("audit", "decoy_stored")]
+    refused = await reset(h, store, request_id="req-d9", code="000000", client_ip="203.0.113.9")
+    assert outcome(refused)["reasons"] == ["code_attempts_exceeded"]  # the stranger's block is stopped
+    token_id, _, code = await issue(h, store, "req-owner", "acc-1")
+    ctx = await reset(h, store, request_id="req-owner", code=code, client_ip="198.51.100.4")
+    assert staged(ctx) == [(TOKENS_REDEEMED, EventType.TOKENS_REDEEMED), ("audit", "token_reserved")]
+    assert store.tokens[token_id]["state"] == State.RESERVED
+
+
 async def test_failures_older_than_the_window_do_not_count(setup: tuple[MemoryStore, TokenHandlers]) -> None:
     store, h = setup
     old = datetime.now(UTC) - timedelta(seconds=SETTINGS.code_account_window_s + 60)
-    store.failures = [("acc-1", old)] * SETTINGS.code_account_max_failures
+    store.failures = [("acc-1", ("acc-1",), old)] * SETTINGS.code_account_max_failures
     token_id, _, code = await issue(h, store)
     ctx = await reset(h, store, request_id="req-1", code=code)
     assert staged(ctx) == [(TOKENS_REDEEMED, EventType.TOKENS_REDEEMED), ("audit", "token_reserved")]

@@ -1,10 +1,12 @@
-"""Wrong codes count per account across its tokens (CODE_ACCOUNT_MAX_FAILURES in
-CODE_ACCOUNT_WINDOW_S), in parallel too; each one is reported on tokens.code_rejected for
-identity's lockout; a key changed by link clears the count.
+"""Wrong codes are limited (CODE_ACCOUNT_MAX_FAILURES in CODE_ACCOUNT_WINDOW_S) per account
+across its real tokens and per (account, address block) across all its tokens, in parallel
+too; each one is reported on tokens.code_rejected for identity's lockout; a key changed by
+link clears the counts. A stranger's wrong codes on decoys stop codes from the stranger's
+own block only: the owner, from another address, redeems the mailed code.
 
 Decoys of the account (published as identity.declined) stand in for failed requests: wrong
-codes on them count for the account exactly as on real tokens, which is what lets these
-tests push the count without mailing the citizen a dozen times."""
+codes on them count for their block exactly as on real tokens typed from there, which is
+what lets these tests push a count without mailing the citizen a dozen times."""
 
 from __future__ import annotations
 
@@ -161,3 +163,43 @@ async def test_wrong_codes_of_an_unknown_id_count_under_its_keyed_hash(
     assert reported[0]["data"]["subject_ref"] == ref
     assert reported[0]["data"].get("account_id") is None
     assert reported[0]["data"]["client_ip"] == "2001:db8::7"
+
+
+async def test_a_strangers_wrong_codes_on_failed_requests_leave_the_owners_code_working(
+    world: World, publisher: Publisher, internal_events: TopicWatcher
+) -> None:
+    """The attack: failed recovery requests for a registered citizen's ID (wrong answers),
+    then the account limit's worth of wrong codes on them from one address. The stranger's
+    block is stopped; the owner, requesting properly from home, redeems the mailed code."""
+    per_token, per_account = world.settings.code_max_attempts, world.settings.code_account_max_failures
+    c = new_citizen()
+    (account_id,) = await world.register(c)
+    stranger_ip, owner_ip = "203.0.113.77", "198.51.100.23"
+    wrong_answers = {k: v + "x" for k, v in c.answers.items()}
+    failed = [await world.request(c, answers=wrong_answers, client_ip=stranger_ip) for _ in range(3)]
+    for rid in failed:
+        await world.audited(rid, "decoy_stored")
+
+    typed = 0
+    for rid in failed[:-1]:
+        for n in range(1, per_token + 1):
+            await publisher.reset(rid, new_key(), code=f"{typed:06d}", client_ip=stranger_ip)
+            reasons = (await world.portal.wait_outcome(rid, "reset", count=n))["reasons"]
+            last = n == per_token or typed + 1 >= per_account
+            assert reasons == ["code_attempts_exceeded" if last else "token_invalid"], (rid, n, reasons)
+            typed += 1
+    assert typed >= per_account
+    # Reported for identity's lockout as before (it counts per account and per block).
+    await internal_events.wait(
+        lambda t, _h, d: t == TOKENS_CODE_REJECTED and d["data"].get("account_id") == account_id, count=typed
+    )
+    # The stranger's own block is stopped: a fresh failed request answers its first code so.
+    await publisher.reset(failed[-1], new_key(), code="123456", client_ip=stranger_ip)
+    assert (await world.portal.wait_outcome(failed[-1], "reset"))["reasons"] == ["code_attempts_exceeded"]
+
+    # The owner, from home: asks properly, gets the mail, and the code in it works.
+    rid = await world.request(c, client_ip=owner_ip)
+    mail, _ = await world.recovery_mail(rid)
+    await publisher.reset(rid, new_key(), code=extract_code(mail), client_ip=owner_ip)
+    outcome = await world.portal.wait_outcome(rid, "reset")
+    assert outcome["status"] == "completed", outcome

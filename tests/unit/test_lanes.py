@@ -83,8 +83,8 @@ def _workers(service: Service, topic: str) -> int:
     return next(w for members in service._lanes.values() for t, w in members if t == topic)
 
 
-async def test_a_hashing_topic_gets_two_consumers_by_default_and_the_rest_one() -> None:
-    service = _service()
+async def test_hashing_workers_go_to_the_hashing_topic_alone() -> None:
+    service = _service(hashing_consumer_workers=2)
     service.consume("requests", ROUTES, hot=True, hashing=True)
     service.consume("verified", ROUTES, hot=True)
     service.consume("c", ROUTES)
@@ -96,8 +96,8 @@ async def test_a_hashing_topic_gets_two_consumers_by_default_and_the_rest_one() 
     await service.store.close()
 
 
-async def test_hashing_workers_are_a_setting_and_consumer_workers_can_raise_them() -> None:
-    one = _service(hashing_consumer_workers=1)
+async def test_one_hashing_worker_by_default_and_consumer_workers_can_raise_them() -> None:
+    one = _service()
     one.consume("requests", ROUTES, hot=True, hashing=True)
     one.consume("c", ROUTES)
     one.subscribe()
@@ -112,8 +112,8 @@ async def test_hashing_workers_are_a_setting_and_consumer_workers_can_raise_them
 
 async def test_identity_requests_and_password_resets_are_the_hashing_topics() -> None:
     services = [
-        identity(IdentitySettings(clave_env="development")),
-        password(PasswordSettings(clave_env="development")),
+        identity(IdentitySettings(clave_env="development", hashing_consumer_workers=2)),
+        password(PasswordSettings(clave_env="development", hashing_consumer_workers=2)),
     ]
     hashing = {t for s in services for members in s._lanes.values() for t, w in members if w == 2}
     assert hashing == {RECOVERY_REQUESTS, TOKENS_REDEEMED}

@@ -547,7 +547,8 @@ def verify(
     """Check every audit event's signature (public keys only: AUDIT_PUBLIC_KEYS) and each
     producer's chain, and that each chain reaches the head the audit service recorded.
     Exit 1 naming the first break (an unknown producer or key fails too), 2 if nothing
-    could be verified, 3 if legacy HMAC-sealed events could not be checked."""
+    could be verified, 3 if the store or Kafka could not be reached, 4 if legacy HMAC-sealed
+    events could not be checked."""
     start, end = _when(since), _when(until, "--until")
     if file is not None and not file.is_file():
         list(_export(file))  # the one-line reason: missing, a folder, unreadable

@@ -137,6 +137,19 @@ class HandlerContext:
         )
         self.committed = True
 
+    def unstage(self) -> None:
+        """Drop what was staged for a decision that was not stored (a lost race: the handler
+        decides again on fresh state), so its events and answer are never sent."""
+        self.outgoing.clear()
+        self.replies.clear()
+
+    def refuse(self, bad: BadInput) -> BadInput:
+        """`bad`, carrying what the handler staged (the answer someone waits for): the dead
+        letter commits it atomically, and nothing stays staged here. Returns `bad`, to raise."""
+        bad.also = list(self.outgoing)
+        self.unstage()
+        return bad
+
     def settled(self) -> None:
         """The handler stored its effect itself, in one idempotent write keyed by the event
         (the audit read model): no transaction, no processed-event record, nothing to relay."""

@@ -94,7 +94,8 @@ class CloudEvent(BaseModel):
         # CloudEvents extension names are lowercase alphanumerics; values must be scalars.
         for name, value in (self.model_extra or {}).items():
             if not _EXTENSION_NAME.match(name) or not isinstance(value, str | int | bool):
-                raise ValueError(f"invalid extension attribute {name!r}")
+                # The name is input too: never echoed (DLQ headers are not sealed).
+                raise ValueError("invalid extension attribute (name or value)")
         return self
 
     def to_bytes(self) -> bytes:

@@ -36,6 +36,16 @@ Sealed = Field(default=None, min_length=1, max_length=8192, pattern=r"^[A-Za-z0-
 MAX_ANSWERS = 16
 
 
+def ip_text(value: str) -> str:
+    """An IP address in its canonical text. The error never quotes the input (ipaddress's own
+    does): validation messages reach the DLQ's unsealed `clave-dlq-detail` header and logs,
+    and a portal that misfiles a field would put a secret there."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("not an IPv4 or IPv6 address") from None
+
+
 def check_answers(value: dict[str, str]) -> dict[str, str]:
     """The bounds of a set of security answers (plain, or opened from `sealed_answers`)."""
     if len(value) > MAX_ANSWERS:
@@ -74,7 +84,7 @@ class RecoveryRequested(Payload):
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
-        return str(ipaddress.ip_address(value))
+        return ip_text(value)
 
     @model_validator(mode="after")
     def _one_form(self) -> RecoveryRequested:
@@ -96,7 +106,7 @@ class ResetSubmitted(Payload):
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str | None) -> str | None:
-        return None if value is None else str(ipaddress.ip_address(value))
+        return None if value is None else ip_text(value)
 
     @model_validator(mode="after")
     def _one_secret(self) -> ResetSubmitted:
@@ -125,7 +135,7 @@ class ContactUpdateRequested(Payload):
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
-        return str(ipaddress.ip_address(value))
+        return ip_text(value)
 
     @model_validator(mode="after")
     def _key_and_change(self) -> ContactUpdateRequested:
@@ -164,7 +174,7 @@ class LoginCheckRequested(Payload):
     @field_validator("client_ip")
     @classmethod
     def _ip(cls, value: str) -> str:
-        return str(ipaddress.ip_address(value))
+        return ip_text(value)
 
     @model_validator(mode="after")
     def _one_key(self) -> LoginCheckRequested:
@@ -177,6 +187,9 @@ class LoginResult(InternalPayload):
     check_id: str = RequestId
     status: Literal["valid", "invalid"]
     reasons: list[str] = Field(default_factory=list)
+    # Added: the right key is a legacy one the import took against the key policy
+    # (`--legacy-keys`); the portal has the citizen choose a new one. Only with `valid`.
+    must_change: bool = False
 
 
 class AccountKeyChanged(InternalPayload):

@@ -146,10 +146,7 @@ class OperatorHandlers:
         )
         self._result(ctx, cmd, "rejected", reasons=[refusal.reason])
         self.operator_commands.labels(ctx.event.type.split(".")[-2], "refused").inc()
-        bad = BadInput(refusal.reason, refusal.detail)
-        bad.also = list(ctx.outgoing)
-        ctx.outgoing.clear()
-        raise bad
+        raise ctx.refuse(BadInput(refusal.reason, refusal.detail))
 
     def _result(
         self,

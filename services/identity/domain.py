@@ -28,6 +28,7 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 # Shared with the password service's credential checks (re-exported: identity's callers use them here).
+from shared.crypto import constant_time_equal
 from shared.national_id import InvalidId, normalize_cedula, normalize_national_id
 from shared.throttle import address_block, address_block_or_none, within
 
@@ -79,7 +80,8 @@ def same_mailbox(typed: str, registered: str) -> bool:
     """Compare ignoring case entirely: providers treat local parts case-insensitively in
     practice, and a citizen typing 'Maria.Perez@' for 'maria.perez@' is not a wrong guess."""
     try:
-        return normalize_email(typed).casefold() == normalize_email(registered).casefold()
+        # Constant time: the address on file is one of the things a requester must know.
+        return constant_time_equal(normalize_email(typed).casefold(), normalize_email(registered).casefold())
     except ValueError:
         return False
 
@@ -371,6 +373,11 @@ class Decision:
     locked_until: datetime | None = None  # the block's lock, for the notice
     mail_to: str | None = None  # verified: the address the recovery goes to (registered or backup)
 
+    @property
+    def to_backup(self) -> bool:
+        """The recovery goes to the backup address the citizen typed: the registered one is told."""
+        return self.account is not None and self.mail_to is not None and self.mail_to != self.account.email
+
 
 def cheap_refusal(facts: RequestFacts, limits: Limits, now: datetime) -> str | None:
     """The checks on the requester's own input, made before any hashing: skipping the work
@@ -481,7 +488,7 @@ def representative_matches(account: Account, typed: str | None) -> bool:
     if typed is None or account.representative_id is None:
         return False
     try:
-        return normalize_cedula(typed) == account.representative_id
+        return constant_time_equal(normalize_cedula(typed), account.representative_id)
     except InvalidId:
         return False
 

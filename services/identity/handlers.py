@@ -132,7 +132,7 @@ class IdentityHandlers:
                     request_id=req.request_id, stage="request", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     async def _request_facts(self, req: RecoveryRequested) -> tuple[RequestFacts, CounterKeys, str]:
@@ -191,8 +191,7 @@ class IdentityHandlers:
             if attempt == STALE_RETRIES:
                 raise
             log.info("counters changed under a decision (attempt %d): deciding again", attempt)
-            ctx.outgoing.clear()
-            ctx.replies.clear()  # never send the answer of a decision that was not stored
+            ctx.unstage()
             return False
 
     def _stage_request(
@@ -203,33 +202,42 @@ class IdentityHandlers:
         subject_ref: str,
         rehashed: dict[str, str],
     ) -> None:
-        account = decision.account
-        account_id = account.account_id if account else None
+        self._answer_request(ctx, req.request_id, decision)
+        self._stage_onward(ctx, req, decision, subject_ref)
+        self._audit_request(ctx, req, decision, subject_ref, rehashed)
+        self._stage_lockout(ctx, decision, req.request_id)
+
+    @staticmethod
+    def _answer_request(ctx: HandlerContext, request_id: str, decision: Decision) -> None:
+        """The portal's answer, a reply: sent as soon as it is committed, before the relay
+        publishes what follows (the token and the mail of a verified request must not run
+        while the answer is still on its way: no enumeration in timing either)."""
         if Emit.ACCEPTED in decision.emit:
-            # Whatever happened, the portal sees the same answer (no account enumeration), and
-            # sees it as soon as it is committed: a reply, sent before the relay publishes what
-            # follows (the token and the mail of a verified request must not run while the
-            # answer is still on its way: no enumeration in timing either).
+            # Whatever happened, the portal sees the same answer (no account enumeration).
             ctx.reply(
                 RECOVERY_OUTCOMES,
-                req.request_id,
+                request_id,
                 EventType.RECOVERY_OUTCOME,
-                RecoveryOutcome(request_id=req.request_id, stage="request", status="accepted"),
+                RecoveryOutcome(request_id=request_id, stage="request", status="accepted"),
             )
         if Emit.DUPLICATE in decision.emit:
             # Its own reason: the portal knows the first copy's answer stands (no account is named).
             ctx.reply(
                 RECOVERY_OUTCOMES,
-                req.request_id,
+                request_id,
                 EventType.RECOVERY_OUTCOME,
                 RecoveryOutcome(
-                    request_id=req.request_id, stage="request", status="rejected", reasons=[Reason.DUPLICATE_REQUEST]
+                    request_id=request_id, stage="request", status="rejected", reasons=[Reason.DUPLICATE_REQUEST]
                 ),
             )
+
+    @staticmethod
+    def _stage_onward(ctx: HandlerContext, req: RecoveryRequested, decision: Decision, subject_ref: str) -> None:
+        """What tokens acts on: a verified request's recipient, or a declined one for its decoy."""
+        account = decision.account
         if Emit.VERIFIED in decision.emit and account is not None:
             # To the registered address, or to the backup address when the citizen typed that:
             # then the registered address is told that a recovery went elsewhere.
-            elsewhere = decision.mail_to is not None and decision.mail_to != account.email
             ctx.emit(
                 IDENTITY_VERIFIED,
                 account.account_id,
@@ -239,11 +247,12 @@ class IdentityHandlers:
                     account_id=account.account_id,
                     recipient=recipient(account, decision.mail_to),
                     requested_at=ctx.event.time,
-                    primary_recipient=recipient(account) if elsewhere else None,
+                    primary_recipient=recipient(account) if decision.to_backup else None,
                 ),
             )
         if Emit.DECLINED in decision.emit:
             # The tokens service keeps a decoy for it: the code path answers as for a real request.
+            account_id = account.account_id if account else None
             ctx.emit(
                 IDENTITY_DECLINED,
                 account_id or subject_ref,
@@ -256,10 +265,16 @@ class IdentityHandlers:
                     requested_at=ctx.event.time,
                 ),
             )
+
+    @staticmethod
+    def _audit_request(
+        ctx: HandlerContext, req: RecoveryRequested, decision: Decision, subject_ref: str, rehashed: dict[str, str]
+    ) -> None:
+        account_id = decision.account.account_id if decision.account else None
         details: dict[str, str | int] = {"profile": req.profile}
         if decision.verified:
             details["answers_rehashed"] = len(rehashed)
-            details["mail_to"] = "backup" if account and decision.mail_to != account.email else "registered"
+            details["mail_to"] = "backup" if decision.to_backup else "registered"
         if decision.reasons == (Reason.DUPLICATE_REQUEST,):
             account_id = None  # as before: a duplicate names nobody
         ctx.audit(
@@ -271,7 +286,6 @@ class IdentityHandlers:
             reasons=list(decision.reasons),
             details=details,
         )
-        self._stage_lockout(ctx, decision, req.request_id)
 
     def _stage_lockout(self, ctx: HandlerContext, decision: Decision, request_id: str) -> None:
         """The audits and the owner's notice that a lock or slowed mode brings."""
@@ -462,5 +476,5 @@ class IdentityHandlers:
             except StaleContact:
                 if attempt == STALE_RETRIES:
                     raise
-                ctx.outgoing.clear()  # another change came first: decide again on what it left
+                ctx.unstage()  # another change came first: decide again on what it left
         raise AssertionError("unreachable")

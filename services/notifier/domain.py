@@ -63,6 +63,16 @@ def minutes_between(start: datetime, end: datetime) -> int:
     return max(0, round((end - start).total_seconds() / 60))
 
 
+def mail_time(when: datetime) -> str:
+    """A moment as every mail states it: '2026-05-01 14:03 UTC'."""
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def unlock_minutes(now: datetime, locked_until: datetime) -> int:
+    """Whole minutes a locked-out owner is told to wait: never 0, a lock still holds."""
+    return max(1, int((locked_until - now).total_seconds() // 60))
+
+
 CONTACT_FIELDS = {
     "es": {"email": "correo principal", "backup_email": "correo alternativo", "phone": "teléfono", "": "eliminado"},
     "en": {"email": "primary e-mail", "backup_email": "backup e-mail", "phone": "phone", "": "removed"},

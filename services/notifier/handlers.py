@@ -16,7 +16,7 @@ from services.notifier.domain import RetryPolicy, State
 from services.notifier.rendering import KINDS, MailRenderer, build_message, mask_email
 from services.notifier.settings import NotifierSettings
 from services.notifier.signing import DkimSigner, Envelope, envelope
-from services.notifier.store import ACCEPTED, NotificationStore
+from services.notifier.store import ACCEPTED, NotificationStore, new_notification
 from shared.audit import audit_event
 from shared.consumer import HandlerContext, open_sealed
 from shared.crypto import Purpose, SealError, SecretBox, recovery_secrets_context
@@ -40,7 +40,6 @@ from shared.topics import NOTIFIER_FAILED, NOTIFIER_SENT, EventType
 
 log = logging.getLogger(__name__)
 SOURCE = "/clave/notifier"
-KEEP_SENT = timedelta(days=30)
 
 
 def secrets_context(token_id: str, account_id: str, request_id: str, email: str) -> dict[str, str]:
@@ -66,29 +65,25 @@ class NotifierHandlers:
         sealed: str | None = None,
         token_id: str | None = None,
         started_at: datetime | None = None,
+        id_kind: str | None = None,
     ) -> dict[str, Any]:
-        now = datetime.now(UTC)
-        return {
-            "_id": domain.notification_id(ctx.event.id, kind),
-            "kind": kind,
-            "to": to.email,
-            "name": to.name,
-            "locale": to.locale,
-            "context": context,
-            "sealed": sealed,  # the link and code, still sealed; removed once sent
-            "token_id": token_id,  # what they are sealed for (with account, request and address)
-            "account_id": account_id,
-            "request_id": request_id,
-            "correlationid": ctx.event.correlationid,
-            "causationid": ctx.event.id,
+        """One mail for this event; `id_kind` names it when the event sends one kind to several
+        addresses (the id is per event and kind otherwise)."""
+        return new_notification(
+            domain.notification_id(ctx.event.id, id_kind or kind),
+            kind,
+            to,
+            account_id=account_id,
+            request_id=request_id,
+            context=context,
+            sealed=sealed,
+            token_id=token_id,
+            correlationid=ctx.event.correlationid,
+            causationid=ctx.event.id,
             # End-to-end latency counts from the portal's request when the chain carried it.
-            "event_time": started_at or ctx.event.time,
-            "state": State.PENDING,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-            "purge_at": now + KEEP_SENT,
-        }
+            event_time=started_at or ctx.event.time,
+            now=datetime.now(UTC),
+        )
 
     async def _queue(self, ctx: HandlerContext, docs: list[dict[str, Any]]) -> None:
         await ctx.commit(*self.store.add(docs))
@@ -117,7 +112,7 @@ class NotifierHandlers:
                     request_id=evt.request_id,
                     context={
                         "sent_to_masked": mask_email(evt.recipient.email),
-                        "sent_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
+                        "sent_at": domain.mail_time(ctx.event.time),
                     },
                 )
             )
@@ -153,13 +148,13 @@ class NotifierHandlers:
                     evt.recipient,
                     account_id=evt.account_id,
                     request_id=evt.request_id,
-                    context={"changed_at": evt.changed_at.strftime("%Y-%m-%d %H:%M UTC")},
+                    context={"changed_at": domain.mail_time(evt.changed_at)},
                 )
             ],
         )
 
     async def identity_locked(self, ctx: HandlerContext, evt: IdentityLocked) -> None:
-        minutes = max(1, int((evt.locked_until - datetime.now(UTC)).total_seconds() // 60))
+        minutes = domain.unlock_minutes(datetime.now(UTC), evt.locked_until)
         await self._queue(
             ctx,
             [
@@ -176,23 +171,20 @@ class NotifierHandlers:
 
     async def contact_changed(self, ctx: HandlerContext, evt: ContactChanged) -> None:
         """Every address on file before the change is told (new values masked)."""
-        when = ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")
+        when = domain.mail_time(ctx.event.time)
         changes = [(c.field, c.masked) for c in evt.changes]
         await self._queue(
             ctx,
             [
-                {
-                    **self._doc(
-                        ctx,
-                        "contact_changed",
-                        to,
-                        account_id=evt.account_id,
-                        request_id=None,
-                        context={"changed_at": when, "changes": domain.describe_changes(changes, to.locale)},
-                    ),
-                    # One notification per old address (the id is per event and kind otherwise).
-                    "_id": domain.notification_id(ctx.event.id, f"contact_changed:{n}"),
-                }
+                self._doc(
+                    ctx,
+                    "contact_changed",
+                    to,
+                    account_id=evt.account_id,
+                    request_id=None,
+                    context={"changed_at": when, "changes": domain.describe_changes(changes, to.locale)},
+                    id_kind=f"contact_changed:{n}",  # one notification per old address
+                )
                 for n, to in enumerate(evt.old_recipients)
             ],
         )
@@ -200,18 +192,18 @@ class NotifierHandlers:
     async def email_change_requested(self, ctx: HandlerContext, evt: EmailChangeRequested) -> None:
         """Both addresses are told as soon as a change is requested, before it can take effect."""
         context = {
-            "requested_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC"),
-            "not_before": evt.not_before.strftime("%Y-%m-%d %H:%M UTC"),
+            "requested_at": domain.mail_time(ctx.event.time),
+            "not_before": domain.mail_time(evt.not_before),
         }
         await self._tell_both_addresses(ctx, "email_change_requested", evt, context)
 
     async def email_change_cancelled(self, ctx: HandlerContext, evt: EmailChangeCancelled) -> None:
         """Both addresses are told that a pending change was cancelled and will not take effect."""
-        context = {"cancelled_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        context = {"cancelled_at": domain.mail_time(ctx.event.time)}
         await self._tell_both_addresses(ctx, "email_change_cancelled", evt, context)
 
     async def email_changed(self, ctx: HandlerContext, evt: EmailChanged) -> None:
-        context = {"changed_at": ctx.event.time.strftime("%Y-%m-%d %H:%M UTC")}
+        context = {"changed_at": domain.mail_time(ctx.event.time)}
         await self._tell_both_addresses(ctx, "email_changed", evt, context)
 
     async def _tell_both_addresses(

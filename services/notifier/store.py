@@ -24,6 +24,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import PyMongoError
 
 from services.notifier.domain import State
+from shared.schemas import Recipient
 from shared.store import ServiceStore, Write
 
 NOTIFICATIONS = "notifications"
@@ -32,6 +33,45 @@ SENDING_LEASE = timedelta(seconds=30)
 # An accepted mail is settled by its sender within milliseconds; after this, by anyone.
 ACCEPTED_GRACE = timedelta(seconds=5)
 ACCEPTED = "accepted"  # SMTP accepted the message; `sent` not yet recorded
+KEEP_SENT = timedelta(days=30)  # a notification's document stays this long, then the TTL index removes it
+
+
+def new_notification(
+    notification_id: str,
+    kind: str,
+    to: Recipient,
+    *,
+    account_id: str,
+    request_id: str | None,
+    context: dict[str, Any],
+    sealed: str | None,
+    token_id: str | None,
+    correlationid: str | None,
+    causationid: str,
+    event_time: datetime,
+    now: datetime,
+) -> dict[str, Any]:
+    """The document of one mail to send, pending and due at once."""
+    return {
+        "_id": notification_id,
+        "kind": kind,
+        "to": to.email,
+        "name": to.name,
+        "locale": to.locale,
+        "context": context,
+        "sealed": sealed,  # the link and code, still sealed; removed once sent
+        "token_id": token_id,  # what they are sealed for (with account, request and address)
+        "account_id": account_id,
+        "request_id": request_id,
+        "correlationid": correlationid,
+        "causationid": causationid,
+        "event_time": event_time,
+        "state": State.PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "purge_at": now + KEEP_SENT,
+    }
 
 
 class NotificationStore(ServiceStore):

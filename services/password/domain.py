@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from services.password.policy import PasswordPolicy, Reason, normalize
+from shared.national_id import InvalidId, normalize_any
 from shared.throttle import Gate, ThrottleLimits, ThrottleState, address_limited, failure_effect, gate
+
+
+def login_name(national_id: str) -> str | None:
+    """The national ID a login names, normalised (a cédula or a RUC); None when it fails its
+    check digits (then the check is counted against the ID as typed, and refused)."""
+    try:
+        return normalize_any(national_id)
+    except InvalidId:
+        return None
 
 
 @dataclass

@@ -28,7 +28,6 @@ from shared.crypto import Purpose, SecretBox, initial_key_context, keyed_hash, n
 from shared.envelope import BadInput, DeadLetterReason
 from shared.hashing import SecretHasher
 from shared.metrics import ServiceMetrics
-from shared.national_id import InvalidId, normalize_any
 from shared.portal_input import InputRefused, PortalInput
 from shared.schemas import (
     AccountKeyChanged,
@@ -72,6 +71,9 @@ class KeyVerdict:
     national_id: str | None  # normalised; None when it fails its check digits
     account_id: str | None  # the account the ID names, when it has a key
     subject_ref: str  # keyed hash of the national ID (audit)
+    # A right key the import took against the policy (--legacy-keys): the portal must have the
+    # citizen change it. Only ever True with `valid`, so it says nothing about a wrong key.
+    must_change: bool = False
 
 
 # What a caller stages for a verdict (events on ctx; returned writes join the one bulk write).
@@ -130,6 +132,7 @@ class KeyChecker:
                 national_id=normalized,
                 account_id=credential.account_id if credential and stored else None,
                 subject_ref=self.ref(normalized or national_id),
+                must_change=decision.valid and credential is not None and credential.must_change,
             )
             self._audit(ctx, verdict, decision, credential, purpose, reference)
             extra = stage(verdict) if stage is not None else None
@@ -141,8 +144,7 @@ class KeyChecker:
                 if attempt == STALE_RETRIES:
                     raise
                 log.info("key-check counters changed under a decision (attempt %d): deciding again", attempt)
-                ctx.outgoing.clear()
-                ctx.replies.clear()  # never send the answer of a decision that was not stored
+                ctx.unstage()
         self.checks.labels("valid" if verdict.valid else verdict.reasons[0]).inc()
         if decision.locked:
             self.lockouts.inc()
@@ -152,18 +154,12 @@ class KeyChecker:
         """The credential and the counters' keys. Counters are keyed by the ID's keyed hash,
         whether or not it names an account (the same documents, the same writes either way),
         so the handler can read them together with the credential."""
-        try:
-            normalized: str | None = normalize_any(national_id)
-        except InvalidId:
-            normalized = None
+        normalized = domain.login_name(national_id)
         credential = await self.store.by_national_id(normalized) if normalized else None
         return normalized, credential, self.counter_keys(normalized or national_id, client_ip)
 
     async def _counters(self, national_id: str, client_ip: str) -> ThrottleState:
-        try:
-            key_id = normalize_any(national_id)
-        except InvalidId:
-            key_id = national_id
+        key_id = domain.login_name(national_id) or national_id
         return await self.store.key_counters(self.counter_keys(key_id, client_ip))
 
     def principal(self, national_id: str) -> str:
@@ -341,7 +337,10 @@ class PasswordHandlers:
 
         def answer(verdict: KeyVerdict) -> None:
             result = LoginResult(
-                check_id=evt.check_id, status="valid" if verdict.valid else "invalid", reasons=list(verdict.reasons)
+                check_id=evt.check_id,
+                status="valid" if verdict.valid else "invalid",
+                reasons=list(verdict.reasons),
+                must_change=verdict.must_change,
             )
             ctx.reply(LOGIN_RESULTS, evt.check_id, EventType.LOGIN_RESULT, result)  # sent at once after the commit
 
@@ -373,7 +372,7 @@ class PasswordHandlers:
             return self.portal_input.secret(plain, sealed, topic=topic, field="key", ref=ref)
         except InputRefused as refused:
             refuse(refused.portal_reason)
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     # ---- account.contact_updates: a logged-in citizen's new contact data ----------------------

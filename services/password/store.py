@@ -36,6 +36,7 @@ class Credential:
     account_id: str
     national_id: str | None  # the login name (from the registry import)
     history: KeyHistory
+    must_change: bool = False  # a legacy key the import took against the policy: to be changed
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def _credential(doc: dict[str, Any]) -> Credential:
         account_id=doc["_id"],
         national_id=doc.get("national_id"),
         history=KeyHistory(current=doc.get("hash"), previous=list(doc.get("previous", []))),
+        must_change=bool(doc.get("must_change", False)),
     )
 
 

@@ -186,6 +186,7 @@ class TokenView:
     subject_ref: str | None = None
     decoy: bool = False
     reserved_by: str | None = None
+    recipient: dict[str, Any] | None = None  # where its mail went (None: a decoy)
 
     @property
     def guard_key(self) -> str | None:
@@ -279,6 +280,14 @@ def settle_key_changed(state: str | None) -> Settlement:
         return Settlement(None, "token_spent", "completed", note="already_spent")
     note = None if state == State.RESERVED else f"{state}_while_reserved"
     return Settlement(SPEND, "token_spent", "completed", note=note)
+
+
+def forgiven_code_failures(token: TokenView | None) -> str | None:
+    """Whose wrong codes a key change with this token forgives (the guard key), or None. A
+    change by link proves the mailbox; one by code proves nothing more than the code did."""
+    if token is None or token.reserved_by != "token":
+        return None
+    return token.guard_key
 
 
 def settle_key_refused(state: str | None, reasons: list[str]) -> Settlement:

@@ -17,7 +17,7 @@ from typing import Any
 from services.tokens import domain
 from services.tokens.domain import By, Reason, State, TokenView
 from services.tokens.settings import TokensSettings
-from services.tokens.store import StaleToken, TokenStore, to_view
+from services.tokens.store import StaleToken, TokenStore
 from shared.audit import audit_event
 from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SecretBox, new_key_context, recovery_secrets_context
@@ -69,7 +69,7 @@ async def decide_on_fresh_state(ctx: HandlerContext, attempt: Callable[[], Await
         except StaleToken:
             if n == DECIDE_ATTEMPTS:
                 raise
-            ctx.outgoing.clear()  # staged for a state that no longer holds
+            ctx.unstage()  # staged for a state that no longer holds
 
 
 class TokenHandlers:
@@ -210,7 +210,7 @@ class TokenHandlers:
                     request_id=reset.request_id, stage="reset", status="rejected", reasons=[refused.portal_reason]
                 ),
             )
-            refused.also = list(ctx.outgoing)
+            ctx.refuse(refused)
             raise
 
     async def _redeem(self, ctx: HandlerContext, reset: ResetSubmitted, new_password: str) -> None:
@@ -218,12 +218,10 @@ class TokenHandlers:
         by: By = "token" if reset.token is not None else "code"
         failures = 0
         if reset.token is not None:
-            doc = await self.store.by_hash(domain.token_hash(reset.token))
-            token = to_view(doc) if doc else None
+            token = await self.store.by_hash(domain.token_hash(reset.token))
             verdict = domain.redeem_by_token(token, now, reset.request_id)
         else:
-            doc = await self.store.by_request(reset.request_id)
-            token = to_view(doc) if doc else None
+            token = await self.store.by_request(reset.request_id)
             if token is not None and token.guard_key is not None:
                 failures = await self.store.code_failures(token.guard_key, now - self.account_window)
             verdict = domain.redeem_by_code(
@@ -238,21 +236,23 @@ class TokenHandlers:
         if not verdict.ok:
             await self._refuse(ctx, reset, token, verdict, by, now)
             return
-        assert token is not None and doc is not None and not token.decoy
+        # A real token (the domain redeems no decoy) always names its account and recipient.
+        assert token is not None and not token.decoy and token.account_id is not None
+        account_id = token.account_id
         ctx.emit(
             TOKENS_REDEEMED,
-            doc["account_id"],
+            account_id,
             EventType.TOKENS_REDEEMED,
             TokensRedeemed(
                 request_id=reset.request_id,
-                account_id=doc["account_id"],
+                account_id=account_id,
                 token_id=token.token_id,
-                recipient=Recipient.model_validate(doc["recipient"]),
+                recipient=Recipient.model_validate(token.recipient),
                 sealed_new_key=self.password_box.seal(
                     {"new_password": new_password},
                     purpose=Purpose.NEW_KEY,
                     context=new_key_context(
-                        token_id=token.token_id, account_id=doc["account_id"], request_id=reset.request_id
+                        token_id=token.token_id, account_id=account_id, request_id=reset.request_id
                     ),
                 ),
                 submitted_at=ctx.event.time,
@@ -261,7 +261,7 @@ class TokenHandlers:
         ctx.audit(
             "token_reserved",
             "success",
-            account_id=doc["account_id"],
+            account_id=account_id,
             request_id=reset.request_id,
             details={"token_id": token.token_id, "by": by},
         )
@@ -348,18 +348,16 @@ class TokenHandlers:
         await decide_on_fresh_state(ctx, lambda: self._key_changed(ctx, evt))
 
     async def _key_changed(self, ctx: HandlerContext, evt: PasswordUpdated) -> None:
-        doc = await self.store.by_id(evt.token_id)
-        token = to_view(doc) if doc else None
+        token = await self.store.by_id(evt.token_id)
         settlement = domain.settle_key_changed(token.state if token else None)
-        # A key change by link proves the mailbox: the account's wrong codes are forgiven.
-        clears = token is not None and token.reserved_by == "token" and token.guard_key is not None
+        forgiven = domain.forgiven_code_failures(token)
         ctx.audit(
             settlement.action,
             "success",
             account_id=evt.account_id,
             request_id=evt.request_id,
             reasons=[settlement.note] if settlement.note else None,
-            details={"token_id": evt.token_id, "code_failures_cleared": clears},
+            details={"token_id": evt.token_id, "code_failures_cleared": forgiven is not None},
         )
         ctx.emit(
             RECOVERY_OUTCOMES,
@@ -371,8 +369,8 @@ class TokenHandlers:
         writes = []
         if settlement.move is not None and token is not None:
             writes.append(self.store.spend(evt.token_id, token.state, datetime.now(UTC)))
-        if clears and token is not None and token.guard_key is not None:
-            writes.append(self.store.clear_code_failures(token.guard_key))
+        if forgiven is not None:
+            writes.append(self.store.clear_code_failures(forgiven))
         await ctx.commit(*writes)
         self.settled.labels("spent").inc()
 
@@ -383,8 +381,7 @@ class TokenHandlers:
         # The portal hears "rejected" only now, with the token live again; or token_invalid if it
         # was revoked meanwhile (it never comes back); or spent, if the password service had
         # already used it (a late answer after a timed-out reservation).
-        doc = await self.store.by_id(evt.token_id)
-        token = to_view(doc) if doc else None
+        token = await self.store.by_id(evt.token_id)
         settlement = domain.settle_key_refused(token.state if token else None, evt.reasons)
         ctx.audit(
             settlement.action,

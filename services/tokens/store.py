@@ -38,6 +38,7 @@ def to_view(doc: dict[str, Any]) -> TokenView:
         subject_ref=doc.get("subject_ref"),
         decoy=doc.get("decoy", False),
         reserved_by=doc.get("reserved_by"),
+        recipient=doc.get("recipient"),
     )
 
 
@@ -72,14 +73,18 @@ class TokenStore(ServiceStore):
 
     # ---- reads ----------------------------------------------------------------------------
 
-    async def by_hash(self, token_hash: str) -> dict[str, Any] | None:
-        return await self.db[TOKENS].find_one({"token_hash": token_hash})
+    async def by_hash(self, token_hash: str) -> TokenView | None:
+        return await self._view({"token_hash": token_hash})
 
-    async def by_request(self, request_id: str) -> dict[str, Any] | None:
-        return await self.db[TOKENS].find_one({"request_id": request_id})
+    async def by_request(self, request_id: str) -> TokenView | None:
+        return await self._view({"request_id": request_id})
 
-    async def by_id(self, token_id: str) -> dict[str, Any] | None:
-        return await self.db[TOKENS].find_one({"_id": token_id})
+    async def by_id(self, token_id: str) -> TokenView | None:
+        return await self._view({"_id": token_id})
+
+    async def _view(self, query: dict[str, Any]) -> TokenView | None:
+        doc = await self.db[TOKENS].find_one(query)
+        return to_view(doc) if doc else None
 
     async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
         """Has this request a token already, and how many of the account's tokens could still

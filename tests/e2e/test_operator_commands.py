@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from clave_portal import PortalClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import operator_keys
@@ -33,7 +34,7 @@ from shared.crypto import keyed_hash
 from shared.envelope import CONTENT_TYPE, new_event
 from shared.kafka import client_kwargs
 from shared.topics import IDENTITY_COMMAND_RESULTS, IDENTITY_COMMANDS, EventType, dlq
-from tests.e2e.conftest import World, clave_cli
+from tests.e2e.conftest import World, citizen_ip, clave_cli
 from tools.mail import body_text
 from tools.testdata import Citizen, new_citizen, write_jsonl
 from tools.watch import TopicWatcher
@@ -541,7 +542,7 @@ async def test_import_unchanged_is_a_noop_changes_are_named_and_email_needs_appr
 
 
 async def test_import_refuses_a_policy_breaking_initial_key_unless_migrating(
-    world: World, results: TopicWatcher, tmp_path: Path
+    world: World, results: TopicWatcher, tmp_path: Path, client: PortalClient
 ) -> None:
     weak = new_citizen()
     weak.password = "abc"
@@ -561,6 +562,11 @@ async def test_import_refuses_a_policy_breaking_initial_key_unless_migrating(
         lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") == account_id
     )
     assert key_set[0]["data"]["details"] == {"must_change": True, "meets_policy": False}
+    # The mark reaches the portal: the right key logs in, and must be changed.
+    login = await client.login(weak.national_id, "abc", client_ip=citizen_ip())
+    assert login.valid and login.must_change, login
+    wrong = await client.login(weak.national_id, "abd", client_ip=citizen_ip())
+    assert not wrong.valid and not wrong.must_change
 
 
 async def test_the_password_service_refuses_a_policy_breaking_initial_key_the_cli_did_not_check(

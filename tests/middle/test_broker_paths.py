@@ -160,7 +160,7 @@ ANSWERED = {
         "password",
         "check_id",
         LOGIN_RESULTS,
-        {"check_id": "in-1", "status": "invalid", "reasons": ["check_invalid"]},
+        {"check_id": "in-1", "status": "invalid", "reasons": ["check_invalid"], "must_change": False},
     ),
     CONTACT_UPDATES: (
         "password",

@@ -19,9 +19,9 @@ from services.tokens.app import invalid_reset
 from shared import consumer
 from shared.consumer import HANDLER_ATTEMPTS, EventPipeline, HandlerContext, InvalidAnswer, Route
 from shared.crypto import SecretBox
-from shared.envelope import BadInput, DeadLetterReason, new_event
+from shared.envelope import BadInput, CloudEvent, DeadLetterReason, new_event
 from shared.metrics import ServiceMetrics
-from shared.schemas import ResetSubmitted
+from shared.schemas import RecoveryOutcome, ResetSubmitted
 from shared.settings import PlatformSettings
 from shared.store import DuplicateEvent, Outgoing
 from shared.topics import RECOVERY_OUTCOMES, RECOVERY_RESETS, EventType, dlq
@@ -464,3 +464,26 @@ async def test_a_failed_immediate_reply_changes_nothing() -> None:
     h.pipeline.send_now = broken
     assert await h.deliver(reset_bytes()) == 1  # settled: the outbox copy will go
     assert [o.topic for o in h.store.outbox] == [RECOVERY_OUTCOMES] and h.store.letters() == []
+
+
+def staged_context() -> HandlerContext:
+    event = CloudEvent.model_validate(reset_doc())
+    ctx = HandlerContext("tokens", f"tokens:{TOPIC}", TOPIC, event, FakeStore())  # type: ignore[arg-type]
+    outcome = RecoveryOutcome(request_id="req-1", stage="reset", status="rejected", reasons=["token_invalid"])
+    ctx.reply(RECOVERY_OUTCOMES, "req-1", EventType.RECOVERY_OUTCOME, outcome)
+    ctx.audit("reset_rejected", "rejected")
+    return ctx
+
+
+def test_unstage_drops_the_staged_events_and_the_answer() -> None:
+    ctx = staged_context()
+    ctx.unstage()
+    assert ctx.outgoing == [] and ctx.replies == []
+
+
+def test_refuse_hands_what_was_staged_to_the_dead_letter() -> None:
+    ctx = staged_context()
+    staged = list(ctx.outgoing)
+    bad = ctx.refuse(BadInput(DeadLetterReason.SCHEMA_INVALID, "refused"))
+    assert bad.also == staged and len(staged) == 2
+    assert ctx.outgoing == [] and ctx.replies == []

@@ -20,7 +20,7 @@ from shared.envelope import (
     new_event,
     parse_event,
 )
-from shared.schemas import RecoveryRequested, ResetSubmitted
+from shared.schemas import ContactUpdateRequested, LoginCheckRequested, RecoveryRequested, ResetSubmitted
 from shared.topics import EventType
 
 KNOWN = frozenset({EventType.RECOVERY_REQUESTED, EventType.RESET_SUBMITTED})
@@ -212,6 +212,7 @@ def test_deeply_nested_json_is_bad_input() -> None:
         {"ext": {"password": SECRET}},
         {"ext": [SECRET]},
         {"source": 12345, "time": SECRET, "data": SECRET},
+        {SECRET: "x"},  # an extension *name* is input too
     ],
 )
 def test_not_cloudevent_detail_never_contains_the_input(overrides: dict[str, Any]) -> None:
@@ -233,6 +234,26 @@ def test_describe_errors_names_fields_but_not_values() -> None:
     assert "new_password" in text and "code" in text
     # The raw pydantic message, by contrast, would show the inputs.
     assert SECRET in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (ResetSubmitted, {"request_id": "r-1", "code": "123456", "new_password": "x"}),
+        (RecoveryRequested, {}),  # many errors: the address's must still not show the input
+        (LoginCheckRequested, {"check_id": "c-1", "national_id": "1710034065", "key": "x"}),
+        (ContactUpdateRequested, {"update_id": "u-1", "national_id": "1710034065", "key": "x", "phone": "1"}),
+    ],
+)
+def test_a_bad_client_ip_is_named_but_never_quoted(model: type[Any], fields: dict[str, Any]) -> None:
+    # ipaddress's own error quotes the value ("'...' does not appear to be an IPv4 or IPv6
+    # address"): a portal that misfiles a secret into client_ip would see it in the DLQ header.
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({**fields, "client_ip": SECRET})
+    errors = info.value.errors(include_input=False, include_url=False)
+    assert any(err["loc"] == ("client_ip",) for err in errors)
+    assert all(SECRET not in str(err["msg"]) for err in errors)
+    assert SECRET not in describe_errors(info.value)
 
 
 def test_describe_errors_limits_to_five_errors() -> None:

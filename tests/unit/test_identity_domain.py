@@ -46,6 +46,7 @@ from services.identity.domain import (
     within,
 )
 from services.identity.settings import IdentitySettings
+from shared.crypto import constant_time_equal
 from shared.schemas import RecoveryRequested
 
 NOW = datetime(2025, 3, 9, 12, 0, tzinfo=UTC)
@@ -938,3 +939,33 @@ def test_brute_force_stays_capped(attempts: list[tuple[int, int]]) -> None:
     for earlier, later in zip(notice_times, notice_times[1:], strict=False):
         assert later - earlier >= LIMITS.notice_window
     assert not [kind for _, kind in world.mails if kind == "recovery"]
+
+
+# ------------------------------------------------------------------ where a verified recovery goes
+
+
+def test_a_recovery_typed_to_the_backup_address_goes_there_and_says_so() -> None:
+    owner = account(backup_email="maria.backup@example.org")
+    backup = decide_request(facts(account=owner, typed_email="Maria.Backup@example.org"), LIMITS, NOW)
+    registered = decide_request(facts(account=owner, typed_email="maria.perez@example.org"), LIMITS, NOW)
+    assert backup.verified and backup.mail_to == "maria.backup@example.org" and backup.to_backup
+    assert registered.verified and registered.mail_to == owner.email and not registered.to_backup
+    assert not Decision(verified=False, reasons=(Reason.ID_INVALID,)).to_backup
+
+
+def test_the_address_and_the_representative_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both are things a requester must know: an early-exit == would time how much of the
+    # address on file (or the representative's cédula) a guess got right.
+    import services.identity.domain as identity_domain
+
+    compared: list[tuple[str, str]] = []
+
+    def spy(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return constant_time_equal(a, b)
+
+    monkeypatch.setattr(identity_domain, "constant_time_equal", spy)
+    assert same_mailbox("Ana@Example.org", "ana@example.org")
+    employer = account(profile="employer", national_id="1790011674001", representative_id="1710034065")
+    assert not representative_matches(employer, "0926687856")
+    assert compared == [("ana@example.org", "ana@example.org"), ("0926687856", "1710034065")]

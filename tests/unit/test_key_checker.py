@@ -108,9 +108,22 @@ async def test_right_key_is_valid_and_answered_at_once() -> None:
     store = Store(stored())
     ctx, verdict = await login(store)
     assert verdict.valid and verdict.account_id == "acc-1"
-    assert results(ctx) == [{"check_id": "chk-1", "status": "valid", "reasons": []}]
+    assert results(ctx) == [{"check_id": "chk-1", "status": "valid", "reasons": [], "must_change": False}]
     assert [o.topic for o in ctx.replies] == [LOGIN_RESULTS]
     assert KEY not in str([o.event.to_bytes() for o in ctx.outgoing])  # audit without the key
+
+
+async def test_a_legacy_key_is_right_but_must_be_changed_and_a_wrong_key_says_nothing_of_it() -> None:
+    # The import's --legacy-keys took a key against the policy and marked it must-change; the
+    # mark was stored but never read, so such a key stayed good for ever without a word.
+    legacy = stored("abc")  # breaks the seed policy (too short, no digit)
+    legacy[NID] = Credential("acc-1", NID, legacy[NID].history, must_change=True)
+    ctx, verdict = await login(Store(legacy), key="abc")
+    assert verdict.valid and verdict.must_change
+    assert results(ctx) == [{"check_id": "chk-1", "status": "valid", "reasons": [], "must_change": True}]
+    ctx, verdict = await login(Store(legacy), key="Otra2024x")
+    assert not verdict.valid and not verdict.must_change
+    assert results(ctx)[0]["must_change"] is False  # as for any wrong key or unknown ID
 
 
 async def test_an_unknown_id_reads_and_writes_what_a_known_one_does() -> None:
@@ -139,3 +152,10 @@ async def test_an_outdated_hash_is_replaced_after_a_right_key() -> None:
     store = Store(stored(hasher=PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)))
     await login(store, key="Otra2024x")
     assert store.rehashed == []  # a wrong key never rehashes
+
+
+@pytest.mark.parametrize(
+    ("typed", "name"), [("1710034065", "1710034065"), ("171003406-5", "1710034065"), ("1710034066", None)]
+)
+def test_a_login_names_the_normalised_id_or_none_when_its_check_digits_fail(typed: str, name: str | None) -> None:
+    assert domain.login_name(typed) == name

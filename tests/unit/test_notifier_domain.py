@@ -16,9 +16,11 @@ from services.notifier.domain import (
     RetryPolicy,
     State,
     is_permanent,
+    mail_time,
     message_id,
     notification_id,
     recovery_link,
+    unlock_minutes,
 )
 
 NOW = datetime(2025, 3, 9, 12, 0, tzinfo=UTC)
@@ -160,3 +162,17 @@ def test_message_id_parses_as_header_without_defects() -> None:
     header = msg["Message-ID"]
     assert str(header) == mid
     assert not header.defects
+
+
+# ------------------------------------------------------------------ what a mail states
+
+
+def test_a_mail_states_a_moment_to_the_minute_in_utc() -> None:
+    assert mail_time(NOW + timedelta(seconds=59)) == "2025-03-09 12:00 UTC"
+
+
+@pytest.mark.parametrize(
+    ("left", "told"), [(timedelta(minutes=15), 15), (timedelta(minutes=15, seconds=59), 15), (timedelta(seconds=5), 1)]
+)
+def test_a_locked_out_owner_is_told_whole_minutes_never_zero(left: timedelta, told: int) -> None:
+    assert unlock_minutes(NOW, NOW + left) == told

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from clave_page.app import create_app
+from clave_page.app import UnsafeSettings, create_app
 from clave_page.backend import RequestAnswer, ResetAnswer
+from clave_page.captcha import StandInCaptcha
 from clave_page.settings import PageSettings
 from fastapi.testclient import TestClient
 from stdnum.ec import ci
@@ -259,3 +261,53 @@ def test_no_token_reaches_the_log(page: TestClient, caplog: pytest.LogCaptureFix
 def test_production_refuses_the_stand_in_captcha() -> None:
     assert PageSettings(clave_env="production", page_captcha="stand-in").problems()
     assert PageSettings(clave_env="production", page_captcha="external").problems() == []
+
+
+def test_production_pins_https_and_a_host_only_form_cookie(backend: FakeBackend) -> None:
+    # HSTS: the token-bearing reset page is never fetched over plain HTTP again. The form
+    # cookie is a __Host- cookie (Secure, Path=/, no Domain): a sibling subdomain cannot plant
+    # its own value and so forge the double-submit pair.
+    settings = PageSettings(clave_env="production", page_captcha="external")
+    client = TestClient(create_app(settings, backend, PortalCaptcha()), base_url="https://portal.example.org")
+    answer = client.get("/ingresar")
+    assert answer.headers["strict-transport-security"].startswith("max-age=31536000")
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith("__Host-clave_form=")
+    assert "secure" in cookie.lower() and "path=/" in cookie.lower() and "domain=" not in cookie.lower()
+    backend.valid_keys[CEDULA] = "Nueva2025x"
+    token = form_token(client, "/ingresar")
+    good = client.post("/ingresar", data={"form_token": token, "national_id": CEDULA, "key": "Nueva2025x"})
+    assert good.status_code == 200  # the double-submit check reads the __Host- cookie
+    # A plain-named cookie planted by a sibling subdomain is not the form's cookie.
+    client.cookies.clear()
+    client.cookies.set("clave_form", "planted")
+    forged = client.post("/ingresar", data={"form_token": "planted", "national_id": CEDULA, "key": "Nueva2025x"})
+    assert forged.status_code == 422
+
+
+def test_development_sends_no_hsts(page: TestClient) -> None:
+    assert "strict-transport-security" not in page.get("/ingresar").headers
+
+
+class PortalCaptcha:
+    """A portal's own captcha (what PAGE_CAPTCHA=external expects create_app to be given)."""
+
+    def fields(self) -> str:
+        return '<input type="hidden" name="portal_captcha" value="ok">'
+
+    async def passed(self, form: Mapping[str, str], client_ip: str) -> bool:
+        return form.get("portal_captcha") == "ok"
+
+
+def test_an_external_captcha_that_was_not_given_stops_the_page(backend: FakeBackend) -> None:
+    # Before: PAGE_CAPTCHA=external passed the settings check and the page then served the
+    # development checkbox in its place (python -m clave_page gives no captcha).
+    external = PageSettings(clave_env="production", page_captcha="external")
+    with pytest.raises(UnsafeSettings, match="PAGE_CAPTCHA=external"):
+        create_app(external, backend)
+    with pytest.raises(UnsafeSettings, match="PAGE_CAPTCHA=external"):
+        create_app(external, backend, StandInCaptcha())
+    with pytest.raises(UnsafeSettings, match="stand-in captcha"):
+        create_app(PageSettings(clave_env="production", page_captcha="stand-in"), backend, StandInCaptcha())
+    page = TestClient(create_app(external, backend, PortalCaptcha()), base_url="https://portal.example.org")
+    assert 'name="portal_captcha"' in page.get("/solicitar").text

@@ -166,6 +166,19 @@ async def test_a_login_check_is_valid_input_and_its_result_is_correlated() -> No
     assert not got.valid and got.reasons == ("throttled",)
 
 
+def test_a_login_result_says_when_the_right_key_must_be_changed() -> None:
+    from clave_portal.models import LoginResult as PortalLoginResult
+
+    legacy = {"check_id": "chk-1", "status": "valid", "reasons": [], "must_change": True}
+    LoginResult.model_validate(legacy)
+    assert PortalLoginResult.from_event({"id": "e1", "data": legacy}).must_change
+    # Never with an invalid answer, and an older Clave that does not send the field means False.
+    invalid = {**legacy, "status": "invalid", "reasons": ["key_invalid"]}
+    assert not PortalLoginResult.from_event({"id": "e2", "data": invalid}).must_change
+    older = {"check_id": "chk-1", "status": "valid", "reasons": []}
+    assert not PortalLoginResult.from_event({"id": "e3", "data": older}).must_change
+
+
 async def test_the_sealing_seam_sees_every_payload_before_it_is_sent() -> None:
     class Sealer:
         def __init__(self) -> None:

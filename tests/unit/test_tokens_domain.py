@@ -27,6 +27,7 @@ from services.tokens.domain import (
     code_hash,
     decoy,
     expiries,
+    forgiven_code_failures,
     issue,
     new_secrets,
     redeem_by_code,
@@ -472,3 +473,20 @@ def test_timeout_releases_only_a_reservation() -> None:
     assert settle_timeout(State.RESERVED) is RELEASE
     for state in (State.REVOKED, State.LIVE, State.SPENT, State.DEAD):
         assert settle_timeout(state) is None
+
+
+# ---- a key change by link forgives the wrong codes ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "forgiven"),
+    [
+        (None, None),
+        (view(state=State.RESERVED, reserved_by="token"), "acc-1"),
+        (view(state=State.RESERVED, reserved_by="code"), None),
+        (view(state=State.RESERVED, reserved_by="token", account_id=None, subject_ref="s-1"), "s-1"),
+        (view(state=State.RESERVED, reserved_by="token", account_id=None), None),
+    ],
+)
+def test_only_a_key_change_by_link_forgives_the_wrong_codes(token: TokenView | None, forgiven: str | None) -> None:
+    assert forgiven_code_failures(token) == forgiven

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from services.tokens import domain
-from services.tokens.domain import By, NewToken, State
+from services.tokens.domain import By, NewToken, State, TokenView
 from services.tokens.handlers import TokenHandlers
 from services.tokens.settings import TokensSettings
-from services.tokens.store import StaleToken
+from services.tokens.store import StaleToken, to_view
 from shared.consumer import HandlerContext
 from shared.crypto import Purpose, SealMismatch, new_key_context, recovery_secrets_context
 from shared.envelope import new_event
@@ -55,14 +55,18 @@ class MemoryStore:
     def _find(self, **match: Any) -> dict[str, Any] | None:
         return next((t for t in self.tokens.values() if all(t.get(k) == v for k, v in match.items())), None)
 
-    async def by_hash(self, token_hash: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self._find(token_hash=token_hash))
+    async def by_hash(self, token_hash: str) -> TokenView | None:
+        return self._view(self._find(token_hash=token_hash))
 
-    async def by_request(self, request_id: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self._find(request_id=request_id))
+    async def by_request(self, request_id: str) -> TokenView | None:
+        return self._view(self._find(request_id=request_id))
 
-    async def by_id(self, token_id: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.tokens.get(token_id))
+    async def by_id(self, token_id: str) -> TokenView | None:
+        return self._view(self.tokens.get(token_id))
+
+    @staticmethod
+    def _view(doc: dict[str, Any] | None) -> TokenView | None:
+        return to_view(copy.deepcopy(doc)) if doc else None
 
     async def revocable_count(self, account_id: str) -> int:
         return sum(t["account_id"] == account_id and domain.REVOKE.allows(t["state"]) for t in self.tokens.values())

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
-from clave_page.app import create_app
+from clave_page.app import UnsafeSettings, create_app
 from clave_page.portal_backend import PortalBackend
 from clave_page.settings import PageSettings
 
@@ -40,7 +40,11 @@ def main() -> None:
         finally:
             await backend.stop()
 
-    app = create_app(settings, backend)
+    try:
+        app = create_app(settings, backend)  # the stand-alone page has only the stand-in captcha
+    except UnsafeSettings as unsafe:
+        print(f"clave-page: refusing to start: {unsafe}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
     app.router.lifespan_context = lifespan
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(app, host=settings.page_host, port=settings.page_port, access_log=False, log_config=None)

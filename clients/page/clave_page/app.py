@@ -30,6 +30,9 @@ from clave_page.settings import PageSettings
 log = logging.getLogger("clave_page")
 HERE = Path(__file__).parent
 FORM_COOKIE = "clave_form"
+# In production the form cookie is a __Host- cookie: only this host, over HTTPS, may set it, so
+# a sibling subdomain cannot plant a value of its own and defeat the double-submit check.
+HOST_FORM_COOKIE = f"__Host-{FORM_COOKIE}"
 DUPLICATE_REQUEST = "duplicate_request"  # the first copy's `accepted` stands
 LANG_COOKIE = "clave_lang"
 
@@ -44,18 +47,23 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
+# Production only (the local page is plain HTTP): the browser never again asks for the page,
+# and the token-bearing link in it, over plain HTTP.
+HSTS = {"Strict-Transport-Security": "max-age=31536000; includeSubDomains"}
 
 
 def create_app(settings: PageSettings, backend: RecoveryBackend, captcha: Captcha | None = None) -> FastAPI:
+    refuse_unsafe(settings, captcha)
     app = FastAPI(title="Clave reference page", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     pages = Pages(settings, backend, captcha or StandInCaptcha())
+    headers = {**SECURITY_HEADERS, **(HSTS if settings.clave_env == "production" else {})}
 
     @app.middleware("http")
     async def headers_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
+        response.headers.update(headers)
         # The path only: the reset link's query string carries the token.
         log.info(
             "%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
@@ -76,6 +84,21 @@ def create_app(settings: PageSettings, backend: RecoveryBackend, captcha: Captch
     return app
 
 
+class UnsafeSettings(ValueError):
+    """The page would serve with a protection missing: it refuses to start instead."""
+
+
+def refuse_unsafe(settings: PageSettings, captcha: Captcha | None) -> None:
+    """Fail closed: PAGE_CAPTCHA=external with no captcha given (or the stand-in given) would
+    serve the development checkbox as if it were the portal's captcha; and what production
+    refuses (PageSettings.problems) is refused here too, whoever builds the app."""
+    problems = settings.problems()
+    if settings.page_captcha == "external" and (captcha is None or isinstance(captcha, StandInCaptcha)):
+        problems.append("PAGE_CAPTCHA=external: give create_app the portal's Captcha (none was given)")
+    if problems:
+        raise UnsafeSettings("; ".join(problems))
+
+
 class Pages:
     def __init__(self, settings: PageSettings, backend: RecoveryBackend, captcha: Captcha) -> None:
         self.settings = settings
@@ -83,6 +106,8 @@ class Pages:
         self.captcha = captcha
         self.questions = settings.question_ids()
         self.templates = Jinja2Templates(directory=HERE / "templates")
+        self.secure = settings.clave_env == "production"
+        self.form_cookie = HOST_FORM_COOKIE if self.secure else FORM_COOKIE
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -101,7 +126,7 @@ class Pages:
 
     def _render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         lang = self._lang(request)
-        form_token = request.cookies.get(FORM_COOKIE) or secrets.token_urlsafe(32)
+        form_token = request.cookies.get(self.form_cookie) or secrets.token_urlsafe(32)
         other = "en" if lang == "es" else "es"
         switch_query = urlencode({**dict(request.query_params), "lang": other})
         response = self.templates.TemplateResponse(
@@ -119,8 +144,8 @@ class Pages:
             },
             status_code=status,
         )
-        secure = self.settings.clave_env == "production"
-        response.set_cookie(FORM_COOKIE, form_token, httponly=True, samesite="lax", secure=secure)
+        secure = self.secure
+        response.set_cookie(self.form_cookie, form_token, httponly=True, samesite="lax", secure=secure, path="/")
         if request.query_params.get("lang") in LANGS:
             response.set_cookie(LANG_COOKIE, lang, samesite="lax", secure=secure, max_age=365 * 24 * 3600)
         return response
@@ -129,7 +154,7 @@ class Pages:
         """The posted fields, and whether the form came from this page (double-submit token)."""
         data = await request.form()
         fields = {k: v for k, v in data.items() if isinstance(v, str)}
-        cookie = request.cookies.get(FORM_COOKIE, "")
+        cookie = request.cookies.get(self.form_cookie, "")
         fresh = bool(cookie) and hmac.compare_digest(cookie.encode(), fields.get("form_token", "").encode())
         return fields, fresh
 

@@ -83,17 +83,27 @@ class Outcome:
 @dataclass(frozen=True)
 class LoginResult:
     """An answer on `login.results`: `valid`, or `invalid` with a reason (`key_invalid` alike
-    for a wrong key and an unknown ID; `id_invalid`, `throttled`, `check_invalid`)."""
+    for a wrong key and an unknown ID; `id_invalid`, `throttled`, `check_invalid`; `plaintext_refused`
+    or `sealed_invalid` for how the key came)."""
 
     check_id: str
     valid: bool
     reasons: tuple[str, ...] = ()
     event_id: str = ""
+    # The key is right but one the import took against the key policy: have it changed.
+    must_change: bool = False
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> LoginResult:
         data = event["data"]
-        return cls(data["check_id"], data["status"] == "valid", tuple(data.get("reasons", ())), event["id"])
+        valid = data["status"] == "valid"
+        return cls(
+            data["check_id"],
+            valid,
+            tuple(data.get("reasons", ())),
+            event["id"],
+            must_change=valid and bool(data.get("must_change", False)),
+        )
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ class Service:
         routes: dict[str, Route],
         *,
         hot: bool = False,
+        hashing: bool = False,
         answer: InvalidAnswer | None = None,
         lane: str = MAIN_LANE,
     ) -> None:
@@ -108,10 +109,11 @@ class Service:
         lanes' parallelism bought nothing but that cost (issue 10). A topic whose answer
         someone waits on behind an argon2 hash (logins) gets its own lane. A `hot` topic
         (on the recovery's critical path) with CONSUMER_WORKERS > 1 gets that many consumers
-        of its own: partitions in parallel, each still in order.
+        of its own: partitions in parallel, each still in order. A `hashing` hot topic (its
+        handler waits on argon2) gets at least HASHING_CONSUMER_WORKERS.
         `answer`: portal input whose dead-lettered records still get an answer."""
         self._consumed_topics.append(topic)
-        workers = self.settings.consumer_workers if hot else 1
+        workers = self._workers(hot=hot, hashing=hashing)
         self.pipelines[topic] = EventPipeline(
             service=self.name,
             topic=topic,
@@ -124,6 +126,13 @@ class Service:
             send_now=self.relay.send_now,
         )
         self._lanes.setdefault(f"{topic}:workers" if workers > 1 else lane, []).append((topic, workers))
+
+    def _workers(self, *, hot: bool, hashing: bool) -> int:
+        if not hot:
+            return 1
+        if hashing:
+            return max(self.settings.consumer_workers, self.settings.hashing_consumer_workers)
+        return self.settings.consumer_workers
 
     def subscribe(self) -> None:
         """Create one FastStream subscriber per lane (once every topic is declared; `app()`

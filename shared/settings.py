@@ -79,6 +79,12 @@ class PlatformSettings(BaseSettings):
     # Consumers per hot topic and service instance (<= partitions). 1: on 2 cores, 3 cost Kafka
     # 52 instead of 32 ms of CPU a recovery (more fetch loops) and were slower (make bench).
     consumer_workers: int = Field(default=1, ge=1)
+    # Consumers of a hot topic whose handler waits on argon2 (identity's recovery requests,
+    # password's resets), apart from the other hot topics: on a machine with idle cores, 2 let
+    # two recoveries hash at once. 1 by default: on 2 shared cores, 19 paired `make bench` runs
+    # showed no gain beyond noise (the cores were never idle: every run was CPU-bound). The
+    # larger of this and CONSUMER_WORKERS applies.
+    hashing_consumer_workers: int = Field(default=1, ge=1)
     # How long a fetch of a portal-input consumer (shared.topics.PORTAL_INPUTS: someone waits
     # for the answer) may wait at the broker for data. While a consumer handles a record, its
     # next fetch leaves that record's partition out; a record that then arrives there waits

@@ -69,6 +69,7 @@ def build(settings: IdentitySettings | None = None) -> Service:
         RECOVERY_REQUESTS,
         {EventType.RECOVERY_REQUESTED: Route(RecoveryRequested, handlers.recovery_requested)},
         hot=True,
+        hashing=True,
         answer=REQUEST_ANSWER,
     )
     service.consume(PASSWORD_UPDATED, {EventType.PASSWORD_UPDATED: Route(PasswordUpdated, handlers.password_updated)})

@@ -58,7 +58,12 @@ def build(settings: PasswordSettings | None = None) -> Service:
     service = Service(NAME, store, settings)
     hasher = SecretHasher(settings)
     h = PasswordHandlers(store, hasher, policy_from_name(settings.password_policy), settings, service.metrics)
-    service.consume(TOKENS_REDEEMED, {EventType.TOKENS_REDEEMED: Route(TokensRedeemed, h.tokens_redeemed)}, hot=True)
+    service.consume(
+        TOKENS_REDEEMED,
+        {EventType.TOKENS_REDEEMED: Route(TokensRedeemed, h.tokens_redeemed)},
+        hot=True,
+        hashing=True,
+    )
     service.consume(
         IDENTITY_ACCOUNT_REGISTERED,
         {EventType.ACCOUNT_REGISTERED: Route(AccountRegistered, h.account_registered)},

@@ -6,22 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import tempfile
 import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from argon2 import PasswordHasher, extract_parameters
+from clave_page.app import create_app
+from clave_page.portal_backend import PortalBackend
+from clave_page.settings import PageSettings
 from clave_portal import KeyChange, PortalClient
 from clave_portal.client import KeyChanges
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
+from shared.crypto import keyed_hash
 from shared.topics import LOGIN_CHECKS, RECOVERY_RESETS
-from tests.e2e.conftest import Publisher, World, citizen_ip
-from tools.testdata import Citizen, new_citizen, new_key, random_cedula
+from tests.e2e.conftest import Publisher, World, citizen_ip, clave_cli
+from tools.testdata import Citizen, new_citizen, new_key, random_cedula, write_jsonl
 from tools.workbench import WorkbenchSettings
 
 pytestmark = pytest.mark.e2e
@@ -151,6 +159,69 @@ async def test_a_check_that_cannot_be_read_is_answered(world: World, client: Por
     await world.dead_letters.wait(
         lambda _t, h, d: h.get("clave-origin-topic") == LOGIN_CHECKS and d.get("correlationid") == result.check_id
     )
+
+
+# ---- a key the import took with --legacy-keys, through the reference page ----------------------
+
+
+async def import_legacy(world: World, c: Citizen) -> None:
+    """Import a citizen whose key breaks the policy, with the migration option; wait until the
+    password service stored it (marked must-change)."""
+    path = write_jsonl([c], Path(tempfile.mkdtemp()) / "legacy.jsonl")
+    await asyncio.to_thread(clave_cli, "accounts", "import", str(path), "--operator", "op-1", "--legacy-keys")
+    ref = keyed_hash(world.settings.pseudonym_key, c.national_id)
+    [imported] = await world.audit_log.wait(
+        lambda _t, _h, d: d["data"].get("action") == "account_imported" and d["data"].get("subject_ref") == ref
+    )
+    account_id = imported["data"]["account_id"]
+    await world.audit_log.wait(
+        lambda _t, _h, d: d["data"].get("action") == "initial_key_set" and d["data"].get("account_id") == account_id
+    )
+
+
+async def page_login(client: PortalClient, national_id: str, key: str, lang: str = "es") -> httpx2.Response:
+    """The reference page, in process on the real client (the same app `make portal` serves),
+    from a citizen's own address."""
+    app = create_app(PageSettings(clave_env="development", page_captcha="stand-in"), PortalBackend(client))
+    transport = httpx2.ASGITransport(app=app, client=(citizen_ip(), 40000))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as browser:
+        form = await browser.get(f"/ingresar?lang={lang}")
+        token = re.search(r'name="form_token" value="([^"]+)"', form.text)
+        assert token, form.text
+        data = {"form_token": token.group(1), "national_id": national_id, "key": key}
+        return await browser.post(f"/ingresar?lang={lang}", data=data)
+
+
+def login_message(response: httpx2.Response) -> str:
+    found = re.search(r'id="login-result">(.*?)</p>', response.text, re.S)
+    assert found, response.text
+    return found.group(1)
+
+
+async def test_a_legacy_key_is_right_but_must_be_replaced_and_a_wrong_one_reads_as_an_unknown_id(
+    world: World, client: PortalClient
+) -> None:
+    c = new_citizen()
+    c.password = "abc"  # breaks the key policy: only --legacy-keys takes it
+    await import_legacy(world, c)
+    right = await page_login(client, c.national_id, "abc")
+    assert right.status_code == 200, right.text
+    assert "debe reemplazarla por una nueva" in login_message(right)
+    assert '<a href="/solicitar" id="login-forgot">' in login_message(right)
+    english = await page_login(client, c.national_id, "abc", lang="en")
+    assert "you must replace it with a new one" in login_message(english)
+    # No enumeration: a wrong key for this account reads exactly as one for an unknown ID.
+    wrong = await page_login(client, c.national_id, "abd")
+    unknown = await page_login(client, random_cedula(), "abd")
+    assert wrong.status_code == unknown.status_code == 401
+    assert login_message(wrong) == login_message(unknown) == "La cédula o la clave no son correctas."
+    # The public bool is unchanged: the right key is right.
+    assert await client.check_credentials(c.national_id, "abc", client_ip=citizen_ip())
+    # Once replaced through the recovery, the new key is plainly right.
+    new = new_key()
+    await recover(world, client, c, new)
+    replaced = await page_login(client, c.national_id, new)
+    assert replaced.status_code == 200 and login_message(replaced).startswith("Su clave es correcta. Ya puede ingresar")
 
 
 # ---- key changes -------------------------------------------------------------------------------

@@ -6,11 +6,16 @@ from typing import Any
 
 from faststream.kafka import TestKafkaBroker
 
+from services.identity.app import build as identity
+from services.identity.settings import IdentitySettings
+from services.password.app import build as password
+from services.password.settings import PasswordSettings
 from shared.consumer import Route
 from shared.runtime import Service
 from shared.schemas import PasswordUpdated
 from shared.settings import PlatformSettings
 from shared.store import ServiceStore
+from shared.topics import RECOVERY_REQUESTS, TOKENS_REDEEMED
 
 
 async def _nothing(ctx: Any, data: Any) -> None:
@@ -72,3 +77,45 @@ async def test_a_shared_consumer_hands_each_record_to_its_topics_pipeline() -> N
         await broker.publish(b"to-a", "a")
     assert seen == [("c", "c", b"to-c"), ("a", "a", b"to-a")]
     await service.store.close()
+
+
+def _workers(service: Service, topic: str) -> int:
+    return next(w for members in service._lanes.values() for t, w in members if t == topic)
+
+
+async def test_hashing_workers_go_to_the_hashing_topic_alone() -> None:
+    service = _service(hashing_consumer_workers=2)
+    service.consume("requests", ROUTES, hot=True, hashing=True)
+    service.consume("verified", ROUTES, hot=True)
+    service.consume("c", ROUTES)
+    service.subscribe()
+    assert _workers(service, "requests") == 2
+    assert _workers(service, "verified") == 1 and _workers(service, "c") == 1
+    hashing, rest = service._subscribers[0], service._subscribers[1]
+    assert hashing is not rest and _topics(hashing) == ["requests"] and _topics(rest) == ["verified", "c"]
+    await service.store.close()
+
+
+async def test_one_hashing_worker_by_default_and_consumer_workers_can_raise_them() -> None:
+    one = _service()
+    one.consume("requests", ROUTES, hot=True, hashing=True)
+    one.consume("c", ROUTES)
+    one.subscribe()
+    assert _workers(one, "requests") == 1 and one._subscribers[0] is one._subscribers[1]
+    more = _service(consumer_workers=3, hashing_consumer_workers=2)
+    more.consume("requests", ROUTES, hot=True, hashing=True)
+    more.consume("hashing-but-not-hot", ROUTES, hashing=True)
+    assert _workers(more, "requests") == 3 and _workers(more, "hashing-but-not-hot") == 1
+    await one.store.close()
+    await more.store.close()
+
+
+async def test_identity_requests_and_password_resets_are_the_hashing_topics() -> None:
+    services = [
+        identity(IdentitySettings(clave_env="development", hashing_consumer_workers=2)),
+        password(PasswordSettings(clave_env="development", hashing_consumer_workers=2)),
+    ]
+    hashing = {t for s in services for members in s._lanes.values() for t, w in members if w == 2}
+    assert hashing == {RECOVERY_REQUESTS, TOKENS_REDEEMED}
+    for service in services:
+        await service.store.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from clave_page.app import UnsafeSettings, create_app
-from clave_page.backend import RequestAnswer, ResetAnswer
+from clave_page.backend import LoginAnswer, RequestAnswer, ResetAnswer
 from clave_page.captcha import StandInCaptcha
 from clave_page.settings import PageSettings
 from fastapi.testclient import TestClient
@@ -31,6 +31,7 @@ class FakeBackend:
     reset_answer: ResetAnswer = ResetAnswer("completed")
     request_answers: dict[str, RequestAnswer] = field(default_factory=dict)
     valid_keys: dict[str, str] = field(default_factory=dict)
+    must_change: set[str] = field(default_factory=set)  # IDs whose key was imported --legacy-keys
     timeout: bool = False
 
     async def request_recovery(self, **fields: Any) -> str:
@@ -48,8 +49,10 @@ class FakeBackend:
         self.resets.append({"request_id": request_id, **fields})
         return self.reset_answer
 
-    async def check_credentials(self, national_id: str, key: str, client_ip: str) -> bool:
-        return self.valid_keys.get(national_id) == key
+    async def login(self, national_id: str, key: str, client_ip: str) -> LoginAnswer:
+        # As Clave answers: must_change only with a right key.
+        valid = self.valid_keys.get(national_id) == key
+        return LoginAnswer(valid, valid and national_id in self.must_change)
 
 
 @pytest.fixture
@@ -232,6 +235,65 @@ def test_login_checks_the_key(page: TestClient, backend: FakeBackend) -> None:
     assert good.status_code == 200 and "Su clave es correcta" in good.text
     bad = page.post("/ingresar", data={"form_token": token, "national_id": CEDULA, "key": "Otra2025x"})
     assert bad.status_code == 401 and "no son correctas" in bad.text
+
+
+OTHER_CEDULA = "0926687856"
+LOGIN_WORDS = {
+    "es": {"valid": "Su clave es correcta. Ya puede ingresar", "must_change": "debe reemplazarla por una nueva",
+           "invalid": "La cédula o la clave no son correctas", "forgot": "¿Olvidó su clave?"},
+    "en": {"valid": "Your key is correct. You can now sign in", "must_change": "you must replace it with a new one",
+           "invalid": "The ID or the key is not correct", "forgot": "Forgot your key?"},
+}
+
+
+def login_as(page: TestClient, lang: str, national_id: str, key: str) -> Any:
+    token = form_token(page, f"/ingresar?lang={lang}")
+    return page.post(f"/ingresar?lang={lang}", data={"form_token": token, "national_id": national_id, "key": key})
+
+
+@pytest.mark.parametrize("lang", ["es", "en"])
+@pytest.mark.parametrize(
+    ("national_id", "key", "status", "said"),
+    [
+        (CEDULA, "Nueva2025x", 200, "valid"),
+        (OTHER_CEDULA, "abc", 200, "must_change"),  # a right key the import took with --legacy-keys
+        (CEDULA, "Otra2025x", 401, "invalid"),
+        (OTHER_CEDULA, "abd", 401, "invalid"),  # a wrong key for a must-change account
+    ],
+)
+def test_login_says_whether_the_key_is_right_and_whether_it_must_be_changed(
+    page: TestClient, backend: FakeBackend, lang: str, national_id: str, key: str, status: int, said: str
+) -> None:
+    backend.valid_keys.update({CEDULA: "Nueva2025x", OTHER_CEDULA: "abc"})
+    backend.must_change.add(OTHER_CEDULA)
+    response = login_as(page, lang, national_id, key)
+    words = LOGIN_WORDS[lang]
+    assert response.status_code == status and f'<html lang="{lang}">' in response.text
+    assert words[said] in response.text
+    for other in {"valid", "must_change", "invalid"} - {said}:
+        assert words[other] not in response.text
+    # Only a must-change key is offered the way to set a new one.
+    offered = re.search(r'<a href="/solicitar" id="login-forgot">([^<]+)</a>', response.text)
+    assert bool(offered) == (said == "must_change")
+    if offered:
+        assert offered.group(1).startswith(words["forgot"])
+
+
+@pytest.mark.parametrize("lang", ["es", "en"])
+def test_a_wrong_key_for_a_must_change_account_reads_as_an_unknown_id(
+    page: TestClient, backend: FakeBackend, lang: str
+) -> None:
+    backend.valid_keys[OTHER_CEDULA] = "abc"
+    backend.must_change.add(OTHER_CEDULA)
+
+    def shown(response: Any) -> str:  # the page without what differs by design (form token, typed ID)
+        text = re.sub(r'name="form_token" value="[^"]+"', "", response.text)
+        return text.replace(OTHER_CEDULA, "ID").replace(CEDULA, "ID")
+
+    wrong = login_as(page, lang, OTHER_CEDULA, "abd")
+    unknown = login_as(page, lang, CEDULA, "abd")
+    assert wrong.status_code == unknown.status_code == 401
+    assert shown(wrong) == shown(unknown)
 
 
 def test_english_switch_sticks(page: TestClient) -> None:

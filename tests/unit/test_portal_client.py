@@ -23,9 +23,11 @@ from shared.topics import EventType
 class FakeProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
+        self.any_sent = asyncio.Event()
 
     async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> None:
         self.sent.append((topic, value, key, headers))
+        self.any_sent.set()
 
 
 def client(**kwargs: Any) -> tuple[PortalClient, FakeProducer]:
@@ -177,6 +179,33 @@ def test_a_login_result_says_when_the_right_key_must_be_changed() -> None:
     assert not PortalLoginResult.from_event({"id": "e2", "data": invalid}).must_change
     older = {"check_id": "chk-1", "status": "valid", "reasons": []}
     assert not PortalLoginResult.from_event({"id": "e3", "data": older}).must_change
+
+
+async def answer_the_login(c: PortalClient, producer: FakeProducer, result: dict[str, Any]) -> None:
+    """Wait for the client's login check, then answer it as Clave would (its own check_id)."""
+    await asyncio.wait_for(producer.any_sent.wait(), 2)
+    check_id = parsed(producer.sent[-1])[2]["data"]["check_id"]
+    LoginResult.model_validate({"check_id": check_id, **result})
+    answer(c, ev.LOGIN_RESULTS, ev.LOGIN_RESULT, {"check_id": check_id, **result}, event_id=f"e-{check_id}")
+
+
+async def test_login_carries_must_change_and_check_credentials_stays_a_bool() -> None:
+    must_change = {"status": "valid", "reasons": [], "must_change": True}
+    c, producer = client()
+    task = asyncio.create_task(c.login("1710034065", "abc", client_ip="2001:db8::1"))
+    await answer_the_login(c, producer, must_change)
+    got = await asyncio.wait_for(task, 2)
+    assert got.valid and got.must_change and got.reasons == ()
+    # The public bool is unchanged: a right key is True, must-change or not.
+    c, producer = client()
+    checked = asyncio.create_task(c.check_credentials("1710034065", "abc", client_ip="2001:db8::1"))
+    await answer_the_login(c, producer, must_change)
+    assert await asyncio.wait_for(checked, 2) is True
+    c, producer = client()
+    wrong = asyncio.create_task(c.login("1710034065", "abd", client_ip="2001:db8::1"))
+    await answer_the_login(c, producer, {"status": "invalid", "reasons": ["key_invalid"], "must_change": False})
+    got = await asyncio.wait_for(wrong, 2)
+    assert not got.valid and not got.must_change
 
 
 async def test_the_sealing_seam_sees_every_payload_before_it_is_sent() -> None:

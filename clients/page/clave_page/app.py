@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from clave_page import forms
-from clave_page.backend import RecoveryBackend
+from clave_page.backend import LoginAnswer, RecoveryBackend
 from clave_page.captcha import Captcha, StandInCaptcha
 from clave_page.i18n import LANGS, Lang, question_label, reason_text, translator
 from clave_page.settings import PageSettings
@@ -273,10 +273,18 @@ class Pages:
         if errors:
             return self._render(request, "login.html", 422, errors=errors, values={"national_id": national_id})
         try:
-            valid = await self.backend.check_credentials(national_id, key, self._client_ip(request))
+            answer = await self.backend.login(national_id, key, self._client_ip(request))
         except TimeoutError:
             return self._render(request, "login.html", 503, errors={"form": "error.timeout"})
         return self._render(
-            request, "login.html", 200 if valid else 401, result="valid" if valid else "invalid",
+            request, "login.html", 200 if answer.valid else 401, result=login_result(answer),
             values={"national_id": national_id},
         )
+
+
+def login_result(answer: LoginAnswer) -> str:
+    """What the login page says: only a right key may say more than "invalid" (must_change
+    comes only with `valid`), so a wrong key and an unknown ID still read the same."""
+    if not answer.valid:
+        return "invalid"
+    return "must_change" if answer.must_change else "valid"

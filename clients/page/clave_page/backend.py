@@ -26,6 +26,15 @@ class RequestAnswer:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class LoginAnswer:
+    """Clave's answer to a key check: `valid`, and for a right key the import took with
+    `--legacy-keys` also `must_change` (never with a wrong key or an unknown ID, which are alike)."""
+
+    valid: bool
+    must_change: bool = False
+
+
 class RecoveryBackend(Protocol):
     async def request_recovery(
         self,
@@ -52,6 +61,7 @@ class RecoveryBackend(Protocol):
         """Publish the reset and wait for its outcome (TimeoutError when none comes in time)."""
         ...
 
-    async def check_credentials(self, national_id: str, key: str, client_ip: str) -> bool:
-        """Whether the key opens the account (TimeoutError when no answer comes in time)."""
+    async def login(self, national_id: str, key: str, client_ip: str) -> LoginAnswer:
+        """Whether the key opens the account, and whether it must be changed before use
+        (TimeoutError when no answer comes in time)."""
         ...

@@ -63,6 +63,7 @@ _ES: Final[dict[str, str]] = {
     "submit.login": "Ingresar",
     "field.key": "Clave",
     "login.valid": "Su clave es correcta. Ya puede ingresar al portal.",
+    "login.must_change": "Su clave es correcta, pero debe reemplazarla por una nueva antes de usarla en el portal.",
     "login.invalid": "La cédula o la clave no son correctas.",
     "error.required": "Este campo es obligatorio.",
     "error.national_id": "Escriba una cédula de 10 dígitos o un RUC de 13 dígitos válidos.",
@@ -91,6 +92,7 @@ _ES: Final[dict[str, str]] = {
     "reason.unknown": "No pudimos cambiar su clave. Solicite un correo nuevo.",
     "link.start": "Solicitar un correo nuevo",
     "link.login": "Probar mi clave",
+    "link.forgot": "¿Olvidó su clave? Cree una nueva",
 }
 
 _EN: Final[dict[str, str]] = {
@@ -143,6 +145,7 @@ _EN: Final[dict[str, str]] = {
     "submit.login": "Sign in",
     "field.key": "Key",
     "login.valid": "Your key is correct. You can now sign in to the portal.",
+    "login.must_change": "Your key is correct, but you must replace it with a new one before you use it on the portal.",
     "login.invalid": "The ID or the key is not correct.",
     "error.required": "This field is required.",
     "error.national_id": "Type a valid 10-digit ID card or 13-digit RUC.",
@@ -171,6 +174,7 @@ _EN: Final[dict[str, str]] = {
     "reason.unknown": "We could not change your key. Request a new e-mail.",
     "link.start": "Request a new e-mail",
     "link.login": "Try my key",
+    "link.forgot": "Forgot your key? Choose a new one",
 }
 
 CATALOGS: Final[dict[Lang, dict[str, str]]] = {"es": _ES, "en": _EN}

@@ -7,7 +7,7 @@ from typing import Literal
 
 from clave_portal import PortalClient, PortalSettings
 
-from clave_page.backend import RequestAnswer, ResetAnswer
+from clave_page.backend import LoginAnswer, RequestAnswer, ResetAnswer
 
 
 class PortalBackend:
@@ -53,5 +53,7 @@ class PortalBackend:
         )
         return ResetAnswer("completed" if outcome.completed else "rejected", outcome.reasons)
 
-    async def check_credentials(self, national_id: str, key: str, client_ip: str) -> bool:
-        return await self.client.check_credentials(national_id, key, client_ip=client_ip)
+    async def login(self, national_id: str, key: str, client_ip: str) -> LoginAnswer:
+        # The full answer, not check_credentials' bool: the page tells a must-change key apart.
+        result = await self.client.login(national_id, key, client_ip=client_ip)
+        return LoginAnswer(result.valid, result.must_change)

@@ -70,11 +70,13 @@ app.kubernetes.io/component: {{ .service }}
 {{- end -}}
 
 {{/* Refuse values that would leave consumers idle: each instance runs consumerWorkers
-     consumers on a hot topic, and a partition has one consumer per group. */}}
+     consumers on a hot topic (hashingConsumerWorkers on an argon2 one), and a partition has
+     one consumer per group. */}}
 {{- define "clave.checkScale" -}}
 {{- $max := ternary .Values.autoscaling.maxReplicas .Values.replicas .Values.autoscaling.enabled | int -}}
-{{- $consumers := mul $max (.Values.kafka.consumerWorkers | int) -}}
+{{- $workers := max (.Values.kafka.consumerWorkers | int) (.Values.kafka.hashingConsumerWorkers | int) -}}
+{{- $consumers := mul $max $workers -}}
 {{- if gt $consumers (.Values.kafka.topicPartitions | int) -}}
-{{- fail (printf "%d instances x %d consumer workers = %d consumers for %d partitions: raise kafka.topicPartitions (and repartition), or lower the replicas" $max (.Values.kafka.consumerWorkers | int) $consumers (.Values.kafka.topicPartitions | int)) -}}
+{{- fail (printf "%d instances x %d consumer workers = %d consumers for %d partitions: raise kafka.topicPartitions (and repartition), or lower the replicas" $max $workers $consumers (.Values.kafka.topicPartitions | int)) -}}
 {{- end -}}
 {{- end -}}

@@ -93,6 +93,17 @@ class TokenHandlers:
     # ---- identity.verified -> tokens.issued ----------------------------------------------------
 
     async def identity_verified(self, ctx: HandlerContext, evt: IdentityVerified) -> None:
+        """Issue a token and revoke the account's earlier real ones (live or reserved).
+
+        Decoys are not revoked: they end by their lifetime or their attempts, so what a decoy
+        answers never depends on later requests. Were they revoked, a stranger could make a
+        request with wrong answers on purpose (a known decoy), then one with guessed answers,
+        then type wrong codes on the first: `token_invalid` for ever would mean the guess was
+        verified, `code_attempts_exceeded` at the 5th that it was not. What stays is that an
+        earlier request that *was* verified has its real token revoked by a later verified
+        one; telling that apart needs the earlier request to have been verified (the right
+        answers and e-mail; it mailed the owner) and a later verified one (the same again, or
+        the owner's own)."""
         seen, earlier = await self.store.issue_facts(evt.request_id, evt.account_id)
         if seen:
             ctx.audit(
@@ -145,8 +156,8 @@ class TokenHandlers:
             details={"token_id": token.token_id, "revoked_earlier": earlier},
         )
 
-        # Decoys of the account are revoked too, as a real one.
-        await ctx.commit(self.store.revoke_account(evt.account_id), self.store.insert_token(token))
+        # The account's earlier real tokens only, never its decoys (see `revoke_earlier_tokens`).
+        await ctx.commit(self.store.revoke_earlier_tokens(evt.account_id), self.store.insert_token(token))
         self.issued.inc()
 
     # ---- identity.declined -> a decoy, so the code path is no oracle ---------------------------
@@ -420,7 +431,9 @@ class TokenHandlers:
         await self._revoke_all(ctx, evt.account_id, {"cause": "email_changed", "command_id": evt.command_id})
 
     async def _revoke_all(self, ctx: HandlerContext, account_id: str, cause: dict[str, str]) -> None:
-        """Revoke every live token of the account, audited with how many and why."""
+        """Revoke every live token of the account, decoys included, audited with how many and
+        why. No oracle on answers: the change comes from the key holder or an operator, whatever
+        any request's answers were, and a guess cannot make it happen."""
         count = await self.store.revocable_count(account_id)
         ctx.audit("tokens_revoked", "info", account_id=account_id, details={"count": count, **cause})
         await ctx.commit(self.store.revoke_account(account_id))

@@ -76,6 +76,12 @@ def _document(token: NewToken) -> dict[str, Any]:
     }
 
 
+def _earlier_real(account_id: str) -> dict[str, Any]:
+    """The account's real tokens that could still be used (a document without `decoy` is a
+    real one, as `to_view` reads it)."""
+    return {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}, "decoy": {"$ne": True}}
+
+
 class TokenStore(ServiceStore):
     async def ensure_service_indexes(self) -> None:
         await self.db[TOKENS].create_index("token_hash", unique=True)
@@ -104,14 +110,16 @@ class TokenStore(ServiceStore):
         return to_view(doc) if doc else None
 
     async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
-        """Has this request a token already, and how many of the account's tokens could still
-        be used (they are revoked by the new one): one read."""
-        query = {
-            "$or": [{"request_id": request_id}, {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}}]
-        }
-        docs = await self.db[TOKENS].find(query, {"request_id": 1, "account_id": 1, "state": 1}).to_list()
+        """Has this request a token already, and how many of the account's real tokens could
+        still be used (`revoke_earlier_tokens` revokes them for the new one): one read."""
+        query = {"$or": [{"request_id": request_id}, _earlier_real(account_id)]}
+        projection = {"request_id": 1, "account_id": 1, "state": 1, "decoy": 1}
+        docs = await self.db[TOKENS].find(query, projection).to_list()
         seen = any(d.get("request_id") == request_id for d in docs)
-        count = sum(d.get("account_id") == account_id and REVOKE.allows(d.get("state", "")) for d in docs)
+        count = sum(
+            d.get("account_id") == account_id and REVOKE.allows(d.get("state", "")) and d.get("decoy") is not True
+            for d in docs
+        )
         return seen, count
 
     async def revocable_count(self, account_id: str) -> int:
@@ -150,9 +158,25 @@ class TokenStore(ServiceStore):
     def insert_token(self, token: NewToken) -> Write:
         return self.insert(TOKENS, _document(token))
 
+    def revoke_earlier_tokens(self, account_id: str) -> Write:
+        """For a newly issued token: revoke the account's earlier *real* tokens that could still
+        be used, reserved ones included (as `revoke_account`). Never a decoy: a decoy revoked by
+        a verified request would answer `token_invalid` for ever, where one left alone answers
+        `code_attempts_exceeded` at its 5th wrong code, so wrong codes on a known decoy would
+        tell whether a later request (with guessed answers) was verified. A decoy ends by its
+        lifetime or its attempts only."""
+        return self.update(
+            TOKENS,
+            _earlier_real(account_id),
+            {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
+            many=True,
+        )
+
     def revoke_account(self, account_id: str) -> Write:
         """Revoke every token of the account that could still be used, reserved ones included:
-        a reservation revoked now is never released (a key change already made still stands)."""
+        a reservation revoked now is never released (a key change already made still stands).
+        Decoys included: this follows a contact or e-mail change, which a requester cannot make
+        happen by guessing answers, so it is no oracle on them (see the handlers)."""
         return self.update(
             TOKENS,
             {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}},

@@ -73,7 +73,14 @@ class MemoryStore:
         return sum(t["account_id"] == account_id and domain.REVOKE.allows(t["state"]) for t in self.tokens.values())
 
     async def issue_facts(self, request_id: str, account_id: str) -> tuple[bool, int]:
-        return self._find(request_id=request_id) is not None, await self.revocable_count(account_id)
+        return self._find(request_id=request_id) is not None, len(self._earlier_real(account_id))
+
+    def _earlier_real(self, account_id: str) -> list[dict[str, Any]]:
+        return [
+            t
+            for t in self.tokens.values()
+            if t["account_id"] == account_id and domain.REVOKE.allows(t["state"]) and not t["decoy"]
+        ]
 
     async def code_failures(self, keys: tuple[str, ...], since: datetime) -> dict[str, int]:
         return {key: sum(key in ks and at >= since for _, ks, at in self.failures) for key in keys}
@@ -94,6 +101,13 @@ class MemoryStore:
             "code_expires_at": token.code_expires_at,
             "recipient": token.recipient,
         }
+
+    @staged
+    async def revoke_earlier_tokens(self, account_id: str) -> int:
+        hit = self._earlier_real(account_id)
+        for t in hit:
+            t["state"] = State.REVOKED
+        return len(hit)
 
     @staged
     async def revoke_account(self, account_id: str) -> int:
@@ -445,12 +459,26 @@ async def test_a_wrong_code_stages_the_same_on_a_decoy_as_on_a_real_token(
     assert keys == {"acc-1", "acc-2", "ref-3"}
 
 
-async def test_a_verified_request_revokes_the_accounts_decoys(setup: tuple[MemoryStore, TokenHandlers]) -> None:
+async def test_a_verified_request_revokes_the_accounts_real_tokens_and_leaves_its_decoys(
+    setup: tuple[MemoryStore, TokenHandlers],
+) -> None:
+    """A decoy revoked by a later verified request would answer `token_invalid` for ever: wrong
+    codes on it would tell whether that request (guessed answers) was verified."""
     store, h = setup
-    await decline(h, store, "req-1", "acc-1", "ref-1")
-    await issue(h, store, "req-2", "acc-1")
-    decoy = store._find(request_id="req-1")
-    assert decoy is not None and decoy["state"] == State.REVOKED
+    earlier_real, _, _ = await issue(h, store, "req-1", "acc-1")
+    await decline(h, store, "req-2", "acc-1", "ref-1")
+    evt = IdentityVerified(request_id="req-3", account_id="acc-1", recipient=RECIPIENT)
+    ctx = context(store, "identity.verified", EventType.IDENTITY_VERIFIED, evt)
+    await h.identity_verified(ctx, evt)
+    decoy = store._find(request_id="req-2")
+    assert decoy is not None and decoy["state"] == State.LIVE
+    assert store.tokens[earlier_real]["state"] == State.REVOKED
+    (issued,) = [o.event.data for o in ctx.outgoing if o.topic == "audit.events"]
+    assert issued["details"]["revoked_earlier"] == 1  # the real one only
+    # Its code path is untouched: a wrong code counts as on a decoy nobody followed.
+    wrong = await reset(h, store, request_id="req-2", code="000000", client_ip="192.0.2.9")
+    assert outcome(wrong)["reasons"] == ["token_invalid"]
+    assert store.tokens[decoy["_id"]]["code_attempts"] == 1
 
 
 # ------------------------------------------------------------------ the account's code limit

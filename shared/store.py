@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -141,6 +141,12 @@ TRANSIENT_CODES = frozenset({112, 251, 6, 7, 89, 91, 134, 189, 262, 9001, 10058,
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientBulkWriteException):
+        # A client bulkWrite reports what stopped it as its top-level `error` (the connection
+        # lost, the server shutting down) or in its write errors; the exception itself always has
+        # code 65 and no labels. Unread, a store restart in the middle of a bulk write was taken
+        # for a fault of the item (a mail failed for good, a record counted towards its DLQ).
+        return _bulk_write_transient(exc)
     if isinstance(exc, PyMongoError) and (
         exc.has_error_label("TransientTransactionError") or exc.has_error_label("UnknownTransactionCommitResult")
     ):
@@ -148,6 +154,22 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationFailure) and exc.code in TRANSIENT_CODES:
         return True
     return isinstance(exc, ConnectionFailure)
+
+
+def _bulk_write_transient(exc: ClientBulkWriteException) -> bool:
+    error = exc.error
+    if isinstance(error, BaseException):
+        return is_transient(error) or isinstance(error, OSError | TimeoutError)
+    if isinstance(error, Mapping) and _transient_document(error):
+        return True
+    others = [*(exc.write_concern_errors or []), *(exc.write_errors or [])]
+    return bool(others) and all(isinstance(e, Mapping) and _transient_document(e) for e in others)
+
+
+def _transient_document(error: Mapping[str, Any]) -> bool:
+    """A server's error document (a command's `ok: 0` reply, a write error) that says retry."""
+    labels = error.get("errorLabels") or ()
+    return error.get("code") in TRANSIENT_CODES or "TransientTransactionError" in labels
 
 
 class _OutboxCollision(Exception):

@@ -307,10 +307,10 @@ class TokenHandlers:
         )
         guard = domain.code_guard(token, reset.client_ip) if verdict.count_wrong_code else None
         if guard is not None:
-            assert token is not None and token.guard_key is not None
+            assert token is not None  # a guard is drawn only for a token
             ctx.emit(
                 TOKENS_CODE_REJECTED,
-                token.guard_key,
+                guard.subject,
                 EventType.TOKENS_CODE_REJECTED,
                 CodeRejected(
                     request_id=reset.request_id,
@@ -319,9 +319,6 @@ class TokenHandlers:
                     client_ip=reset.client_ip,
                 ),
             )
-
-        if guard is not None:
-            assert token is not None
             await ctx.commit(
                 self.store.count_wrong_code(token.token_id, token.code_attempts, verdict.kill),
                 self.store.record_code_failure(guard, now, now + self.account_window),

@@ -165,23 +165,18 @@ class TokenStore(ServiceStore):
         `code_attempts_exceeded` at its 5th wrong code, so wrong codes on a known decoy would
         tell whether a later request (with guessed answers) was verified. A decoy ends by its
         lifetime or its attempts only."""
-        return self.update(
-            TOKENS,
-            _earlier_real(account_id),
-            {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
-            many=True,
-        )
+        return self._revoke(_earlier_real(account_id))
 
     def revoke_account(self, account_id: str) -> Write:
         """Revoke every token of the account that could still be used, reserved ones included:
         a reservation revoked now is never released (a key change already made still stands).
         Decoys included: this follows a contact or e-mail change, which a requester cannot make
         happen by guessing answers, so it is no oracle on them (see the handlers)."""
+        return self._revoke({"account_id": account_id, "state": {"$in": list(REVOKE.sources)}})
+
+    def _revoke(self, query: dict[str, Any]) -> Write:
         return self.update(
-            TOKENS,
-            {"account_id": account_id, "state": {"$in": list(REVOKE.sources)}},
-            {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}},
-            many=True,
+            TOKENS, query, {"$set": {"state": REVOKE.target}, "$unset": {"reserved_until": ""}}, many=True
         )
 
     def reserve(self, token_id: str, by: By, until: datetime) -> Write:

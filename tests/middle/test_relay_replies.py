@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from shared.store import OUTBOX
+from shared.store import OUTBOX, Outgoing
 from tests.middle.test_relay import FakeProducer, Instance, all_sent, instances, outgoing, until
 
 __all__ = ["instances"]  # the fixture, used by name
@@ -36,6 +36,19 @@ class HeldProducer(FakeProducer):
         self.held.set_result(None)
 
 
+async def committed_with_held_reply(
+    instances: Callable[[], Instance],
+) -> tuple[Instance, HeldProducer, Outgoing, Outgoing]:
+    """A started instance whose producer holds the first acknowledgement back, and a reply and
+    the event that follows it, committed together."""
+    inst = instances()
+    inst.producer = producer = HeldProducer()
+    await inst.start()
+    reply, follower = outgoing(2)
+    await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=[reply, follower])
+    return inst, producer, reply, follower
+
+
 async def test_an_acknowledged_reply_is_not_published_again(instances: Callable[[], Instance]) -> None:
     inst = await instances().start()
     reply, follower = outgoing(2)
@@ -48,11 +61,7 @@ async def test_an_acknowledged_reply_is_not_published_again(instances: Callable[
 
 
 async def test_what_was_committed_with_a_reply_waits_for_it(instances: Callable[[], Instance]) -> None:
-    inst = instances()
-    inst.producer = producer = HeldProducer()
-    await inst.start()
-    reply, follower = outgoing(2)
-    await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=[reply, follower])
+    inst, producer, reply, follower = await committed_with_held_reply(instances)
     reached = asyncio.Event()
     after_replies = inst.relay._after_replies
 
@@ -76,11 +85,7 @@ async def test_what_was_committed_with_a_reply_waits_for_it(instances: Callable[
 
 async def test_a_reply_that_failed_goes_out_from_the_outbox(instances: Callable[[], Instance]) -> None:
     """A reply whose send failed is not taken for delivered: its copy is published."""
-    inst = instances()
-    inst.producer = producer = HeldProducer()
-    await inst.start()
-    reply, follower = outgoing(2)
-    await inst.store.commit(consumer=None, event_id=None, writes=None, outgoing=[reply, follower])
+    inst, producer, reply, follower = await committed_with_held_reply(instances)
     replying = asyncio.create_task(inst.relay.send_now([reply]))
     await until(lambda: producer.held is not None, 5, "the reply handed to the producer")
     assert producer.held is not None
